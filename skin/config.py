@@ -1,0 +1,399 @@
+"""The experiment file and the environment, parsed and validated once.
+
+Everything configurable lives in two frozen dataclasses:
+
+- :class:`Experiment`: the YAML experiment file (``apiVersion: skin/v1``,
+  ``kind: Experiment``), with a few ``SKIN_*`` environment overrides;
+- :class:`Runtime`: per-process settings that only the environment gives
+  (role, oracle address, ports, scratch directory).
+
+Nothing else in the project reads ``os.environ`` for our settings. A bad
+value fails here, before any work starts, with a :class:`ConfigError` that
+names the key path, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from skin.errors import ConfigError
+
+API_VERSION = "skin/v1"
+KIND = "Experiment"
+PACKAGE_EXPERIMENTS = Path(__file__).parent / "experiments"
+DEFAULT_EXPERIMENT_FILE = PACKAGE_EXPERIMENTS / "default.yaml"
+QUICKSTART_EXPERIMENT_FILE = PACKAGE_EXPERIMENTS / "quickstart.yaml"
+
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+
+
+def _spec(default: Any, *, help: str, lo: float | None = None, hi: float | None = None,
+          choices: tuple | None = None, lo_open: bool = False, hi_open: bool = False,
+          pattern: re.Pattern | None = None) -> Any:
+    """A dataclass field with the range or choices that validation enforces."""
+    meta = dict(help=help, lo=lo, hi=hi, choices=choices, lo_open=lo_open,
+                hi_open=hi_open, pattern=pattern)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    bucket: str = _spec("skin-experiments", help="GCS bucket name", pattern=_BUCKET_RE)
+    prefix: str = _spec("experiments", help="object prefix inside the bucket ('' for none)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _spec(
+        "synthetic",
+        help="folder with benign/ and malignant/, a .zip of one, a gs:// prefix, or 'synthetic'")
+    test_source: str = _spec("", help="optional separate labelled folder staged as the test split")
+    test_fraction: float = _spec(0.0, lo=0.0, hi=0.5, hi_open=True,
+                                 help="share of source held out as the test split (grouped)")
+    validation_fraction: float = _spec(0.2, lo=0.0, hi=0.5, lo_open=True, hi_open=True,
+                                       help="share of source used for validation (grouped)")
+    image_size: int = _spec(128, lo=32, hi=512, help="side of the square image the model sees")
+    seed: int = _spec(42, lo=0, help="seed of the split and of the search")
+    shards: int = _spec(4, lo=1, hi=256, help="TFRecord shards per split")
+    near_duplicate_correlation: float = _spec(
+        0.97, lo=0.5, hi=1.0, help="thumbnail correlation at which two images count as one lesion")
+    synthetic_images_per_class: int = _spec(
+        120, lo=8, hi=5000, help="images per class when source is 'synthetic'")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    tuner: str = _spec("hyperband", choices=("hyperband", "bayesian", "random"),
+                       help="keras-tuner algorithm")
+    objective: str = _spec("val_auc", choices=("val_auc", "val_accuracy", "val_loss"),
+                           help="metric the search optimises (val_loss is minimised)")
+    max_trials: int = _spec(30, lo=1, hi=100_000, help="trial budget (bayesian, random)")
+    max_epochs: int = _spec(20, lo=1, hi=1000, help="most epochs one trial trains")
+    hyperband_factor: int = _spec(3, lo=2, hi=10, help="Hyperband reduction factor")
+    hyperband_iterations: int = _spec(1, lo=1, hi=100, help="Hyperband iterations")
+    executions_per_trial: int = _spec(1, lo=1, hi=10, help="models trained per trial")
+    max_consecutive_failed_trials: int = _spec(
+        3, lo=1, hi=1000, help="consecutive failed trials that stop the search")
+    max_trial_retries: int = _spec(2, lo=0, hi=100, help="re-runs of a trial whose worker vanished")
+    lease_seconds: float = _spec(300.0, lo=1.0, hi=86_400.0,
+                                 help="a trial with no report for this long is reclaimed")
+    fixed: dict = _spec({}, help="hyperparameters pinned to one value, by name")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    epochs: int = _spec(0, lo=0, hi=1000,
+                        help="epochs of the final training; 0 = the best trial's epochs")
+    target_sensitivity: float = _spec(0.90, lo=0.0, hi=1.0, lo_open=True,
+                                      help="malignant recall the published threshold keeps")
+    patience: int = _spec(5, lo=0, hi=1000,
+                          help="early-stopping patience on validation (0 = off)")
+
+
+@dataclass(frozen=True)
+class ChiefConfig:
+    oracle_port: int = _spec(8000, lo=1, hi=65535, help="gRPC port of the oracle")
+    metrics_port: int = _spec(9090, lo=0, hi=65535, help="Prometheus port (0 = off)")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str = _spec("skin-cnn", pattern=_NAME_RE,
+                      help="DNS-1123 label: lowercase letters, digits and '-'")
+    workers: int = _spec(2, lo=1, hi=10_000, help="worker processes or pods")
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    chief: ChiefConfig = field(default_factory=ChiefConfig)
+    source_file: str = field(default="", compare=False, metadata=dict(internal=True))
+
+    @property
+    def root_uri(self) -> str:
+        """``gs://<bucket>/<prefix>/<name>``: everything of this experiment lives below."""
+        parts = [p for p in (self.storage.prefix.strip("/"), self.name) if p]
+        return f"gs://{self.storage.bucket}/" + "/".join(parts)
+
+    @property
+    def data_uri(self) -> str:
+        return self.root_uri + "/data"
+
+    @property
+    def tuner_uri(self) -> str:
+        return self.root_uri + "/tuner"
+
+    @property
+    def trials_uri(self) -> str:
+        return self.root_uri + "/trials"
+
+    @property
+    def models_uri(self) -> str:
+        return self.root_uri + "/models"
+
+    def to_dict(self) -> dict:
+        doc = {"apiVersion": API_VERSION, "kind": KIND}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(self, f.name)
+            doc[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return doc
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Experiment keys that the environment may override: variable -> key path.
+ENV_OVERRIDES: dict[str, str] = {
+    "SKIN_EXPERIMENT_NAME": "name",
+    "SKIN_WORKERS": "workers",
+    "SKIN_BUCKET": "storage.bucket",
+    "SKIN_PREFIX": "storage.prefix",
+    "SKIN_DATA_SOURCE": "data.source",
+    "SKIN_TEST_SOURCE": "data.test_source",
+    "SKIN_TEST_FRACTION": "data.test_fraction",
+    "SKIN_IMAGE_SIZE": "data.image_size",
+    "SKIN_SEED": "data.seed",
+    "SKIN_TUNER": "search.tuner",
+    "SKIN_MAX_TRIALS": "search.max_trials",
+    "SKIN_MAX_EPOCHS": "search.max_epochs",
+    "SKIN_LEASE_SECONDS": "search.lease_seconds",
+    "SKIN_RETRAIN_EPOCHS": "retrain.epochs",
+    "SKIN_ORACLE_PORT": "chief.oracle_port",
+}
+
+
+def _describe(f: dataclasses.Field, ftype: type) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in m["choices"])
+    tname = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             dict: "a mapping"}.get(ftype, str(ftype))
+    bounds = []
+    if m.get("lo") is not None:
+        bounds.append((">" if m.get("lo_open") else ">=") + f" {m['lo']}")
+    if m.get("hi") is not None:
+        bounds.append(("<" if m.get("hi_open") else "<=") + f" {m['hi']}")
+    if m.get("pattern") is not None:
+        bounds.append(m["help"])
+    return tname + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _coerce(path: str, value: Any, f: dataclasses.Field, ftype: type, from_env: bool) -> Any:
+    expected = _describe(f, ftype)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{path}: {value!r} is not valid; expected {expected}")
+
+    if from_env and isinstance(value, str) and ftype is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise bad() from None
+    if ftype is bool:
+        if not isinstance(value, bool):
+            raise bad()
+    elif ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif ftype is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        value = float(value)
+        if value != value:  # NaN
+            raise bad()
+    elif ftype is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise bad()
+    elif ftype is dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad()
+        for k, v in value.items():
+            if not isinstance(v, (int, float, str, bool)):
+                raise ConfigError(f"{path}.{k}: {v!r} is not valid; expected a single value "
+                                  "(number, string or boolean)")
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise bad()
+    if m.get("lo") is not None and (value < m["lo"] or (m.get("lo_open") and value == m["lo"])):
+        raise bad()
+    if m.get("hi") is not None and (value > m["hi"] or (m.get("hi_open") and value == m["hi"])):
+        raise bad()
+    if m.get("pattern") is not None and not m["pattern"].match(value):
+        raise bad()
+    return value
+
+
+def _build(cls: type, doc: Any, path: str, env_values: Mapping[str, Any]) -> Any:
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path or '<document>'}: expected a mapping, got {doc!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    for key in doc:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key; expected one of {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key_path = f"{path}.{name}" if path else name
+        ftype = hints[name]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = _build(ftype, doc.get(name), key_path, env_values)
+        elif key_path in env_values:
+            env_name, raw = env_values[key_path]
+            try:
+                kwargs[name] = _coerce(key_path, raw, f, ftype, from_env=True)
+            except ConfigError as e:
+                raise ConfigError(f"{env_name} (overrides {e})") from None
+        elif name in doc:
+            kwargs[name] = _coerce(key_path, doc[name], f, ftype, from_env=False)
+    return cls(**kwargs)
+
+
+def parse_experiment(doc: Any, env: Mapping[str, str] | None = None, source_file: str = "") \
+        -> Experiment:
+    """Validate a parsed YAML document (plus env overrides) into an :class:`Experiment`."""
+    env = os.environ if env is None else env
+    if not isinstance(doc, dict):
+        raise ConfigError(f"<document>: expected a mapping with apiVersion and kind, got {doc!r}")
+    doc = dict(doc)
+    api, kind = doc.pop("apiVersion", None), doc.pop("kind", None)
+    if api != API_VERSION:
+        raise ConfigError(f"apiVersion: {api!r} is not valid; expected {API_VERSION!r}")
+    if kind != KIND:
+        raise ConfigError(f"kind: {kind!r} is not valid; expected {KIND!r}")
+    env_values = {path: (var, env[var]) for var, path in ENV_OVERRIDES.items()
+                  if env.get(var, "") != ""}
+    exp = _build(Experiment, doc, "", env_values)
+    _check_cross_field(exp)
+    return dataclasses.replace(exp, source_file=source_file)
+
+
+def _check_cross_field(exp: Experiment) -> None:
+    d = exp.data
+    if d.test_source and d.test_fraction:
+        raise ConfigError(
+            f"data.test_fraction: {d.test_fraction!r} is not valid with data.test_source set; "
+            "expected 0 (the test split comes from one place)")
+    if d.test_fraction + d.validation_fraction >= 0.9:
+        raise ConfigError(
+            f"data.validation_fraction: {d.validation_fraction!r} is not valid with "
+            f"data.test_fraction {d.test_fraction!r}; expected the two to leave >= 10% for training")
+    if exp.search.tuner == "hyperband" and exp.search.max_epochs < exp.search.hyperband_factor:
+        raise ConfigError(
+            f"search.max_epochs: {exp.search.max_epochs!r} is not valid for hyperband; expected "
+            f">= search.hyperband_factor ({exp.search.hyperband_factor})")
+
+
+def load_experiment(path: str | os.PathLike | None = None,
+                    env: Mapping[str, str] | None = None) -> Experiment:
+    """Read and validate an experiment file (default: ``$SKIN_CONFIG`` or the shipped default)."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("SKIN_CONFIG") or DEFAULT_EXPERIMENT_FILE)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"experiment file {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"experiment file {path}: not valid YAML ({e})") from None
+    try:
+        return parse_experiment(doc, env, source_file=str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Runtime: per-process settings from the environment only.
+
+_TUNER_ID_RE = re.compile(r"^(chief|tuner(0|[1-9][0-9]*))$")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    tuner_id: str = ""  # KERASTUNER_TUNER_ID: 'chief' or 'tuner<N>' ('' outside tuning)
+    oracle_ip: str = "127.0.0.1"  # KERASTUNER_ORACLE_IP: the chief binds 0.0.0.0 whatever this says
+    oracle_port: int | None = None  # KERASTUNER_ORACLE_PORT (None: the experiment's chief.oracle_port)
+    work_dir: Path = Path("/tmp/skin")  # SKIN_WORK_DIR: local scratch (an emptyDir in Kubernetes)
+    metrics_host: str = "0.0.0.0"  # SKIN_METRICS_HOST
+    metrics_port: int | None = None  # SKIN_METRICS_PORT (None: role default; 0: off)
+    retrain_job: str = ""  # SKIN_RETRAIN_JOB: suspended Job the chief starts when the search ends
+    namespace: str = ""  # SKIN_NAMESPACE or POD_NAMESPACE
+    pushgateway: str = ""  # SKIN_PUSHGATEWAY: host:port for batch-job metrics
+    data_wait_seconds: float = 1800.0  # SKIN_DATA_WAIT_SECONDS: worker's bounded wait for staged data
+    log_level: str = "INFO"  # SKIN_LOG_LEVEL
+
+    @property
+    def role(self) -> str:
+        """'chief', 'worker' or '' (not part of a distributed search)."""
+        if not self.tuner_id:
+            return ""
+        return "chief" if self.tuner_id == "chief" else "worker"
+
+    @property
+    def worker_index(self) -> int | None:
+        return int(self.tuner_id[5:]) if self.role == "worker" else None
+
+
+def _env_int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    raw = env.get(name, "")
+    if raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ConfigError(f"{name}: {raw!r} is not valid; expected an integer from {lo} to {hi}")
+    return value
+
+
+def runtime_from_env(env: Mapping[str, str] | None = None) -> Runtime:
+    env = os.environ if env is None else env
+    tuner_id = env.get("KERASTUNER_TUNER_ID", "")
+    if tuner_id and not _TUNER_ID_RE.match(tuner_id):
+        raise ConfigError(f"KERASTUNER_TUNER_ID: {tuner_id!r} is not valid; expected 'chief' or "
+                          "'tuner<N>' (N a non-negative integer without leading zeros)")
+    wait = env.get("SKIN_DATA_WAIT_SECONDS", "")
+    try:
+        data_wait = float(wait) if wait else Runtime.data_wait_seconds
+        if data_wait < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"SKIN_DATA_WAIT_SECONDS: {wait!r} is not valid; expected a number "
+                          ">= 0") from None
+    level = env.get("SKIN_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"SKIN_LOG_LEVEL: {level!r} is not valid; expected one of DEBUG, INFO, "
+                          "WARNING, ERROR")
+    return Runtime(
+        tuner_id=tuner_id,
+        oracle_ip=env.get("KERASTUNER_ORACLE_IP", "") or "127.0.0.1",
+        oracle_port=_env_int(env, "KERASTUNER_ORACLE_PORT", 1, 65535),
+        work_dir=Path(env.get("SKIN_WORK_DIR", "") or "/tmp/skin"),
+        metrics_host=env.get("SKIN_METRICS_HOST", "") or "0.0.0.0",
+        metrics_port=_env_int(env, "SKIN_METRICS_PORT", 0, 65535),
+        retrain_job=env.get("SKIN_RETRAIN_JOB", ""),
+        namespace=env.get("SKIN_NAMESPACE", "") or env.get("POD_NAMESPACE", ""),
+        pushgateway=env.get("SKIN_PUSHGATEWAY", ""),
+        data_wait_seconds=data_wait,
+        log_level=level,
+    )

@@ -1,0 +1,61 @@
+"""Errors typed by intent, and the exit codes they map to.
+
+The exit codes are a contract with Kubernetes: the Jobs' podFailurePolicy
+fails the whole Job on a fatal code and lets the Job retry the pod on a
+retryable one (k8s/tuning). Keep this table, README.md and the manifests in
+step.
+"""
+
+from __future__ import annotations
+
+# 0 and 1 keep their usual meaning (1: an unexpected bug, retried by the Job's backoffLimit).
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2  # fatal: bad experiment file, bad flag, bad environment value
+EXIT_DATA = 3  # fatal: the data cannot be staged or read (nothing usable, manifest mismatch)
+EXIT_SEARCH_FAILED = 4  # fatal: too many consecutive trials failed; the search space is broken
+EXIT_RETRYABLE = 75  # retry: lost connection, storage unavailable, chief gone (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM (the Job treats a disruption as retryable)
+
+FATAL_EXIT_CODES = (EXIT_CONFIG, EXIT_DATA, EXIT_SEARCH_FAILED)
+
+
+class SkinError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class ConfigError(SkinError, ValueError):
+    """The experiment file, a flag or an environment value is wrong. Fatal."""
+
+    exit_code = EXIT_CONFIG
+
+
+class DataError(SkinError):
+    """The data cannot be staged or read. Fatal."""
+
+    exit_code = EXIT_DATA
+
+
+class SearchFailedError(SkinError):
+    """The search stopped: too many consecutive trials failed. Fatal."""
+
+    exit_code = EXIT_SEARCH_FAILED
+
+
+class RetryableError(SkinError):
+    """A transient failure: running the same role again may succeed."""
+
+    exit_code = EXIT_RETRYABLE
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The process exit code for an exception that ends a role."""
+    if isinstance(exc, SkinError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return EXIT_RETRYABLE
+    return EXIT_UNEXPECTED

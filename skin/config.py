@@ -302,9 +302,30 @@ def _check_cross_field(exp: Experiment) -> None:
             f">= search.hyperband_factor ({exp.search.hyperband_factor})")
 
 
+def _apply_overrides(doc: Any, overrides: Mapping[str, Any]) -> Any:
+    """Set key paths (``data.source``) in a parsed document; validation happens after."""
+    if not overrides or not isinstance(doc, dict):
+        return doc
+    doc = dict(doc)
+    for key_path, value in overrides.items():
+        node = doc
+        *parents, leaf = key_path.split(".")
+        for part in parents:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[leaf] = value
+    return doc
+
+
 def load_experiment(path: str | os.PathLike | None = None,
-                    env: Mapping[str, str] | None = None) -> Experiment:
-    """Read and validate an experiment file (default: ``$SKIN_CONFIG`` or the shipped default)."""
+                    env: Mapping[str, str] | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> Experiment:
+    """Read and validate an experiment file (default: ``$SKIN_CONFIG`` or the shipped default).
+
+    ``overrides`` maps key paths to values (command-line flags such as ``--data``); they are
+    validated like the file's own values.
+    """
     env = os.environ if env is None else env
     path = Path(path or env.get("SKIN_CONFIG") or DEFAULT_EXPERIMENT_FILE)
     try:
@@ -316,7 +337,7 @@ def load_experiment(path: str | os.PathLike | None = None,
     except yaml.YAMLError as e:
         raise ConfigError(f"experiment file {path}: not valid YAML ({e})") from None
     try:
-        return parse_experiment(doc, env, source_file=str(path))
+        return parse_experiment(_apply_overrides(doc, overrides or {}), env, source_file=str(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

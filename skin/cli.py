@@ -1,0 +1,200 @@
+"""The ``skin`` command: one entrypoint for every role.
+
+It sets up logging, reads the configuration once, dispatches, and maps
+errors to the exit codes documented in :mod:`skin.errors`. The heavy
+modules (TensorFlow, keras-tuner) are imported only by the commands that
+need them, so ``skin --help`` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from skin import __version__
+from skin.errors import ConfigError, SkinError, exit_code_for
+
+log = logging.getLogger("skin")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="experiment file (default: $SKIN_CONFIG or the shipped default experiment)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skin", description="Distributed hyperparameter tuning of skin-lesion CNNs.")
+    parser.add_argument("--version", action="version", version=f"skin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole pipeline as local processes (no cluster needed)")
+    _add_config(p)
+    p.add_argument("--data", metavar="DIR",
+                   help="images: a folder with benign/ and malignant/, a .zip, or a gs:// prefix "
+                        "(default: the experiment's data.source; 'synthetic' generates a set)")
+    p.add_argument("--test-data", metavar="DIR", help="a separate labelled folder staged as test")
+    p.add_argument("--out", metavar="DIR", help="where logs and the model go (default runs/<name>)")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: experiment)")
+    p.add_argument("--metrics-port", type=int, default=9090, metavar="PORT",
+                   help="chief metrics port; worker i uses PORT+1+i; 0 turns metrics off")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                   help="restarts of a crashed worker or chief, with backoff (as a Job would)")
+
+    p = sub.add_parser("stage", help="check, split and shard the images into the bucket")
+    _add_config(p)
+
+    p = sub.add_parser("tune", help="a distributed-search role: chief or worker "
+                                    "(from KERASTUNER_TUNER_ID)")
+    _add_config(p)
+    p.add_argument("--tuner-id", metavar="ID",
+                   help="'chief' or 'tuner<N>'; overrides KERASTUNER_TUNER_ID (names the role "
+                        "on the process's command line)")
+
+    p = sub.add_parser("retrain", help="train the best configuration, evaluate and publish")
+    _add_config(p)
+
+    p = sub.add_parser("evaluate", help="metrics of a published model on a labelled folder")
+    p.add_argument("--model", required=True, metavar="URI",
+                   help="model version folder, .keras file, gs://…/models/LATEST or OUT/model")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="folder with benign/ and malignant/ image folders")
+    p.add_argument("--out", metavar="FILE", help="write the metrics as JSON here")
+
+    p = sub.add_parser("predict", help="malignant probability and label for images")
+    p.add_argument("--model", required=True, metavar="URI")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    p = sub.add_parser("status", help="where a running search is, from the chief's metrics")
+    p.add_argument("--address", default="127.0.0.1:9090", metavar="HOST:PORT",
+                   help="the chief's metrics endpoint (kubectl port-forward svc/... 9090)")
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=5.0, metavar="SECONDS")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for noisy in ("absl", "urllib3", "google", "tensorflow", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _role_metrics(runtime, exp):
+    """Start the role's Prometheus endpoint; its hooks object (None when metrics are off)."""
+    from prometheus_client import CollectorRegistry
+
+    from skin import metrics as m
+
+    if runtime.role == "chief":
+        port = exp.chief.metrics_port if runtime.metrics_port is None else runtime.metrics_port
+    else:
+        default = exp.chief.metrics_port + 1 + runtime.worker_index if exp.chief.metrics_port else 0
+        port = default if runtime.metrics_port is None else runtime.metrics_port
+    if not port:
+        return None
+    registry = CollectorRegistry()
+    hooks = (m.ChiefMetrics(registry) if runtime.role == "chief"
+             else m.WorkerMetrics(registry, runtime.tuner_id))
+    bound = m.serve(registry, runtime.metrics_host, port)
+    log.info("%s metrics on http://%s:%s/metrics", runtime.tuner_id, runtime.metrics_host,
+             bound if isinstance(bound, int) else port)
+    return hooks
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from skin.config import load_experiment, runtime_from_env
+
+    env = dict(os.environ)
+    if getattr(args, "tuner_id", None):
+        env["KERASTUNER_TUNER_ID"] = args.tuner_id
+    runtime = runtime_from_env(env)
+    _setup_logging(runtime.log_level)
+
+    if args.command == "evaluate":
+        from skin.evaluate import evaluate, format_report
+        result = evaluate(args.model, args.data, out=args.out)
+        print(format_report(result))
+        return 0
+    if args.command == "predict":
+        from skin.evaluate import format_predictions, predict
+        print(format_predictions(predict(args.model, args.images)))
+        return 0
+    if args.command == "status":
+        from skin.status import main_status
+        return main_status(args.address, watch=args.watch, interval=args.interval)
+
+    if args.command == "run":
+        from skin.run import RunOptions, run_local
+        overrides = {}
+        if args.data:
+            overrides["data.source"] = args.data
+        if args.test_data:
+            overrides["data.test_source"] = args.test_data
+            overrides["data.test_fraction"] = 0.0
+        if args.workers is not None:
+            overrides["workers"] = args.workers
+        exp = load_experiment(args.config, env, overrides=overrides)
+        if not 0 <= args.metrics_port <= 65535 - 1 - exp.workers:
+            raise ConfigError(f"--metrics-port: {args.metrics_port} is not valid; expected 0 "
+                              f"(off) or a port that leaves room for {exp.workers} workers above it")
+        if args.max_restarts < 0:
+            raise ConfigError(f"--max-restarts: {args.max_restarts} is not valid; expected >= 0")
+        return run_local(exp, RunOptions(out=args.out, metrics_port=args.metrics_port,
+                                         max_restarts=args.max_restarts))
+
+    exp = load_experiment(args.config, env)
+    from skin.storage import Storage
+    storage = Storage()
+    if args.command == "stage":
+        from skin.stage import stage
+        report = stage(exp, storage)
+        log.info("staged: %s", report.summary() if hasattr(report, "summary") else report)
+        return 0
+    if args.command == "tune":
+        from skin import tuning
+        if runtime.role == "chief":
+            return tuning.run_chief(exp, runtime, storage, metrics=_role_metrics(runtime, exp))
+        if runtime.role == "worker":
+            return tuning.run_worker(exp, runtime, storage, metrics=_role_metrics(runtime, exp))
+        raise ConfigError("KERASTUNER_TUNER_ID: not set; `skin tune` needs 'chief' or 'tuner<N>' "
+                          "(or --tuner-id)")
+    if args.command == "retrain":
+        from skin.retrain import retrain
+        published = retrain(exp, runtime, storage)
+        log.info("published %s", published.uri)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help is 0, a usage error 2 (our config code)
+        return int(e.code or 0)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return exit_code_for(KeyboardInterrupt())
+    except Exception as exc:  # every role ends here: one line naming the problem, a typed code
+        code = exit_code_for(exc)
+        if isinstance(exc, SkinError):  # expected failures: one line that names the problem
+            print(f"skin {args.command}: error: {exc} (exit {code})", file=sys.stderr)
+        else:
+            log.exception("skin %s failed unexpectedly (exit %d)", args.command, code)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

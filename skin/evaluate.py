@@ -1,0 +1,612 @@
+"""Use a published model: `skin evaluate` and `skin predict`.
+
+A published model version (``<root>/models/<version>/``, written by
+:mod:`skin.retrain`) is self-describing: ``model.keras`` carries the decision
+threshold, the image size and the class names (``serving.json`` beside it and
+inside the archive). :func:`load_published` finds and loads one from a local
+folder, a ``.keras`` file, a ``gs://`` version folder or an experiment's
+``LATEST``, always with Keras safe mode.
+
+The metric functions at the top (ROC curve and AUC, confusion matrix,
+threshold choice) are plain numpy so they can be checked exactly against
+hand-computed values; :mod:`skin.retrain` uses the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from skin.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("benign", "malignant")  # label 0, label 1 (the positive class)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MODEL_FILE = "model.keras"
+SERVING_FILE = "serving.json"  # beside model.keras, and inside the .keras archive
+SERVING_ARCHIVE_ENTRY = "skin_serving.json"
+METRICS_FILE = "metrics.json"
+DEFAULT_THRESHOLD = 0.5
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ---------------------------------------------------------------------------
+# Metrics: plain numpy, label 1 (malignant) is the positive class, a sample is
+# predicted positive when its probability is >= the threshold.
+
+def _as_arrays(labels: Sequence, scores: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (benign) or 1 (malignant)")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    return y.astype(np.int64), s
+
+
+def roc_curve(labels: Sequence, scores: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)``: one point per distinct score, highest first.
+
+    The first point is ``(0, 0)`` at threshold ``inf``; the last is ``(1, 1)``
+    at the lowest score. Needs both classes present.
+    """
+    y, s = _as_arrays(labels, scores)
+    positives, negatives = int(y.sum()), int(y.size - y.sum())
+    if not positives or not negatives:
+        raise ValueError("ROC needs both classes among the labels")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_run = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tp = np.cumsum(y)[last_of_run]
+    fp = (last_of_run + 1) - tp
+    fpr = np.r_[0.0, fp / negatives]
+    tpr = np.r_[0.0, tp / positives]
+    return fpr, tpr, np.r_[np.inf, s[last_of_run]]
+
+
+def roc_auc(labels: Sequence, scores: Sequence) -> float:
+    """Area under the ROC curve: P(score of a malignant > score of a benign), ties half.
+
+    NaN when one class is missing (the area is undefined).
+    """
+    y, s = _as_arrays(labels, scores)
+    positives, negatives = int(y.sum()), int(y.size - y.sum())
+    if not positives or not negatives:
+        return float("nan")
+    # Mann-Whitney U from average ranks (ties share their mean rank).
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    starts = np.r_[0, np.nonzero(np.diff(sorted_s))[0] + 1]
+    ends = np.r_[starts[1:], s.size]
+    mean_rank = (starts + ends + 1) / 2.0  # ranks are 1-based
+    ranks = np.empty(s.size)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    u = ranks[y == 1].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def confusion_matrix(labels: Sequence, scores: Sequence, threshold: float) -> list[list[int]]:
+    """``[[tn, fp], [fn, tp]]`` with malignant predicted when score >= threshold."""
+    y, s = _as_arrays(labels, scores)
+    predicted = s >= threshold
+    tp = int(np.sum(predicted & (y == 1)))
+    fp = int(np.sum(predicted & (y == 0)))
+    fn = int(np.sum(~predicted & (y == 1)))
+    tn = int(np.sum(~predicted & (y == 0)))
+    return [[tn, fp], [fn, tp]]
+
+
+def choose_threshold(labels: Sequence, scores: Sequence, target_sensitivity: float) -> float:
+    """The highest threshold whose malignant sensitivity is >= ``target_sensitivity``.
+
+    Sensitivity only changes at a malignant score, so the answer is the k-th
+    highest malignant score with k = ceil(target x malignant count). With no
+    malignant sample there is nothing to keep: :data:`DEFAULT_THRESHOLD`.
+    """
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity!r}")
+    y, s = _as_arrays(labels, scores)
+    malignant = np.sort(s[y == 1])[::-1]
+    if malignant.size == 0:
+        return DEFAULT_THRESHOLD
+    # The small slack keeps 0.7 x 10 (7.000000000000001) from asking for 8.
+    needed = max(1, math.ceil(target_sensitivity * malignant.size - 1e-9))
+    return float(malignant[needed - 1])
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def classification_metrics(labels: Sequence, scores: Sequence, threshold: float) -> dict:
+    """The published figures at ``threshold``. A ratio with nothing to divide by is None."""
+    y, s = _as_arrays(labels, scores)
+    (tn, fp), (fn, tp) = confusion_matrix(y, s, threshold)
+    sensitivity = _ratio(tp, tp + fn)
+    precision = _ratio(tp, tp + fp)
+    auc = roc_auc(y, s)
+    f1 = (None if sensitivity is None or precision is None
+          else (2 * precision * sensitivity / (precision + sensitivity)
+                if precision + sensitivity else 0.0))
+    return {
+        "n": int(y.size),
+        "n_benign": int(tn + fp),
+        "n_malignant": int(tp + fn),
+        "accuracy": _ratio(tp + tn, y.size),
+        "roc_auc": None if math.isnan(auc) else auc,
+        "sensitivity": sensitivity,
+        "specificity": _ratio(tn, tn + fp),
+        "precision": precision,
+        "f1": f1,
+        "threshold": float(threshold),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Loading a published model.
+
+@dataclass(frozen=True)
+class ServingInfo:
+    """What a caller needs to use the model: how to feed it and how to read it."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    image_size: int = 0
+    class_names: tuple[str, ...] = CLASS_NAMES
+    version: str = ""
+    source: str = ""  # where the model was loaded from (resolved)
+    described: bool = True  # False when no serving description was found (defaults used)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, doc: dict, **override: Any) -> "ServingInfo":
+        values = dict(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
+                      class_names=tuple(doc.get("class_names") or CLASS_NAMES),
+                      version=str(doc.get("version") or ""))
+        values.update(override)
+        return cls(**values)
+
+
+def serving_document(threshold: float, image_size: int, version: str,
+                     class_names: Sequence[str] = CLASS_NAMES) -> dict:
+    """The serving description retrain writes beside and inside ``model.keras``."""
+    return {
+        "threshold": float(threshold),
+        "image_size": int(image_size),
+        "class_names": list(class_names),
+        "positive_class": class_names[1],
+        "version": version,
+        "input": f"float32 RGB pixels 0..255, shape [batch, {image_size}, {image_size}, 3]",
+        "output": f"probability of '{class_names[1]}'; predict it when >= threshold",
+    }
+
+
+def embed_serving(keras_file: Path, doc: dict) -> None:
+    """Add the serving description to a ``.keras`` archive (Keras ignores extra entries)."""
+    with zipfile.ZipFile(keras_file, "a") as zf:
+        if SERVING_ARCHIVE_ENTRY not in zf.namelist():
+            zf.writestr(SERVING_ARCHIVE_ENTRY, json.dumps(doc, indent=2))
+
+
+def _read_serving(keras_file: Path) -> dict | None:
+    """The serving description: inside the archive, else serving.json or metrics.json beside it."""
+    try:
+        with zipfile.ZipFile(keras_file) as zf:
+            if SERVING_ARCHIVE_ENTRY in zf.namelist():
+                return json.loads(zf.read(SERVING_ARCHIVE_ENTRY))
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        log.debug("no serving description inside %s: %s", keras_file, e)
+    for name in (SERVING_FILE, METRICS_FILE):
+        path = keras_file.parent / name
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+            except ValueError:
+                log.warning("%s is not valid JSON; ignored", path)
+                continue
+            if isinstance(doc, dict) and "threshold" in doc:
+                return doc
+    return None
+
+
+def _check_version(version: str, where: str) -> str:
+    version = version.strip()
+    if not _VERSION_RE.match(version):
+        raise ConfigError(f"{where}: {version!r} is not a model version")
+    return version
+
+
+def _resolve_local(path: Path) -> Path:
+    """The ``model.keras`` a local model path means."""
+    if path.is_file():
+        if path.name == "LATEST":
+            return _resolve_local(path.parent / _check_version(path.read_text(), str(path)))
+        if path.suffix == ".keras":
+            return path
+        raise ConfigError(f"--model {path}: not a .keras file, a model folder or LATEST")
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        for latest in (path / "LATEST", path / "models" / "LATEST"):
+            if latest.is_file():
+                return _resolve_local(latest)
+        if (path / "model" / MODEL_FILE).is_file():  # the OUT folder of `skin run`
+            return path / "model" / MODEL_FILE
+        raise ConfigError(f"--model {path}: no published model there (expected {MODEL_FILE}, "
+                          "LATEST or models/LATEST)")
+    raise ConfigError(f"--model {path}: no such file or folder")
+
+
+def _resolve_remote(uri: str, storage) -> str:
+    """The ``gs://…/model.keras`` a remote model URI means."""
+    uri = uri.rstrip("/")
+    if uri.endswith(".keras"):
+        if not storage.exists(uri):
+            raise ConfigError(f"--model {uri}: no such object")
+        return uri
+    parent, _, last = uri.rpartition("/")
+    if last == "LATEST":
+        try:
+            version = storage.read_text(uri)
+        except FileNotFoundError:
+            raise ConfigError(f"--model {uri}: no such object (no model published yet?)") from None
+        return f"{parent}/{_check_version(version, uri)}/{MODEL_FILE}"
+    if storage.exists(f"{uri}/{MODEL_FILE}"):
+        return f"{uri}/{MODEL_FILE}"
+    for latest in (f"{uri}/LATEST", f"{uri}/models/LATEST"):
+        if storage.exists(latest):
+            return _resolve_remote(latest, storage)
+    raise ConfigError(f"--model {uri}: no published model there (expected {MODEL_FILE}, "
+                      "LATEST or models/LATEST)")
+
+
+def _is_remote(uri: str) -> bool:
+    return str(uri).startswith("gs://")
+
+
+def load_published(model_uri: str | os.PathLike, storage=None):
+    """``(keras.Model, ServingInfo)`` for a published model, loaded in Keras safe mode.
+
+    ``model_uri``: a local version folder (or the OUT folder of ``skin run``),
+    a local ``.keras`` file, a ``gs://`` version folder, ``gs://…/models/LATEST``,
+    ``gs://…/models`` or an experiment root.
+    """
+    import keras
+
+    uri = str(model_uri)
+    if _is_remote(uri):
+        if storage is None:
+            from skin.storage import Storage
+
+            storage = Storage()
+        keras_uri = _resolve_remote(uri, storage)
+        with tempfile.TemporaryDirectory(prefix="skin-model-") as tmp:
+            local = Path(tmp) / MODEL_FILE
+            storage.download_file(keras_uri, str(local))
+            folder = keras_uri.rpartition("/")[0]
+            for name in (SERVING_FILE, METRICS_FILE):
+                try:
+                    storage.download_file(f"{folder}/{name}", str(Path(tmp) / name))
+                except FileNotFoundError:
+                    pass
+            model, info = _load_file(keras, local, source=keras_uri)
+    else:
+        keras_file = _resolve_local(Path(uri).expanduser())
+        model, info = _load_file(keras, keras_file, source=str(keras_file))
+    log.info("loaded model %s (version %s, threshold %.4f, image size %d)", info.source,
+             info.version or "?", info.threshold, info.image_size)
+    return model, info
+
+
+def _load_file(keras, keras_file: Path, *, source: str):
+    try:
+        model = keras.models.load_model(str(keras_file), compile=False, safe_mode=True)
+    except (ValueError, TypeError, OSError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"--model {source}: cannot be loaded in safe mode: {e}") from e
+    input_size = _model_image_size(model)
+    doc = _read_serving(keras_file)
+    if doc is None:
+        log.warning("%s has no serving description: using threshold %.2f", source,
+                    DEFAULT_THRESHOLD)
+        info = ServingInfo(image_size=input_size, source=source, described=False)
+    else:
+        info = ServingInfo.from_dict(doc, source=source)
+        if not info.image_size:
+            info = ServingInfo.from_dict(doc, source=source, image_size=input_size)
+    if not info.image_size:
+        raise ConfigError(f"--model {source}: the image size is unknown (no serving description "
+                          "and no fixed input shape)")
+    return model, info
+
+
+def _model_image_size(model) -> int:
+    try:
+        shape = model.inputs[0].shape
+        return int(shape[1]) if shape[1] is not None else 0
+    except (AttributeError, IndexError, TypeError):
+        return 0
+
+
+def malignant_probability(model, images: np.ndarray) -> np.ndarray:
+    """P(malignant) per image from a sigmoid (one unit) or softmax (two units) output."""
+    out = np.asarray(model.predict_on_batch(np.asarray(images, np.float32)), np.float64)
+    out = out.reshape(len(images), -1)
+    return out[:, 1] if out.shape[1] == 2 else out[:, 0]
+
+
+# ---------------------------------------------------------------------------
+# Reading folders of images.
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files below ``root`` (nested folders too), by extension, case-insensitive, sorted."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        for name in files:
+            if not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(folder) / name)
+    return sorted(found)
+
+
+def find_labelled_images(data_dir: Path) -> list[tuple[Path, int]]:
+    """``(path, label)`` for every image under ``benign/`` (0) and ``malignant/`` (1)."""
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: no such folder")
+    class_dirs = {p.name.lower(): p for p in sorted(data_dir.iterdir()) if p.is_dir()}
+    missing = [c for c in CLASS_NAMES if c not in class_dirs]
+    if len(missing) == len(CLASS_NAMES):
+        raise DataError(f"--data {data_dir}: expected folders benign/ and malignant/ "
+                        f"(found: {', '.join(sorted(class_dirs)) or 'no folders'})")
+    for name in missing:
+        log.warning("%s has no %s/ folder: every image is %s", data_dir, name,
+                    CLASS_NAMES[1 - CLASS_NAMES.index(name)])
+    labelled = [(path, label) for label, name in enumerate(CLASS_NAMES) if name in class_dirs
+                for path in find_images(class_dirs[name])]
+    if not labelled:
+        raise DataError(f"--data {data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                        "under benign/ or malignant/")
+    return labelled
+
+
+def _load_images_fn():
+    from skin.data import load_images
+
+    return load_images
+
+
+def _load_one(path: Path, image_size: int, load_images) -> np.ndarray:
+    """One image; if the pipeline's decoder refuses it, retry once through Pillow as RGB PNG."""
+    try:
+        return _checked(load_images([str(path)], image_size), 1, image_size)[0]
+    except Exception as first:  # noqa: BLE001 - any decoder failure means "try the fallback"
+        try:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+            with tempfile.TemporaryDirectory(prefix="skin-img-") as tmp:
+                png = Path(tmp) / "image.png"
+                rgb.save(png)
+                x = _checked(load_images([str(png)], image_size), 1, image_size)[0]
+            log.info("%s: converted to RGB (%s)", path, _reason(first))
+            return x
+        except Exception as second:  # noqa: BLE001
+            raise ValueError(_reason(second) or _reason(first)) from second
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _checked(x, n: int, image_size: int) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.shape != (n, image_size, image_size, 3):
+        raise ValueError(f"loader returned shape {x.shape}, expected {(n, image_size, image_size, 3)}")
+    return x
+
+
+def iter_image_batches(paths: Sequence[Path], image_size: int, batch_size: int,
+                       skipped: list[dict]):
+    """Yield ``(images, indices)`` batches; unreadable files go to ``skipped`` instead."""
+    load_images = _load_images_fn()
+    for start in range(0, len(paths), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(paths))))
+        try:
+            yield _checked(load_images([str(paths[i]) for i in chunk], image_size),
+                           len(chunk), image_size), chunk
+            continue
+        except Exception:  # noqa: BLE001 - find the bad file(s) one by one
+            pass
+        images, kept = [], []
+        for i in chunk:
+            try:
+                images.append(_load_one(paths[i], image_size, load_images))
+                kept.append(i)
+            except Exception as e:  # noqa: BLE001
+                log.warning("skipping %s: %s", paths[i], e)
+                skipped.append({"path": str(paths[i]), "reason": str(e)})
+        if kept:
+            yield np.stack(images), kept
+
+
+# ---------------------------------------------------------------------------
+# skin evaluate
+
+def evaluate(model_uri: str | os.PathLike, data_dir: str | os.PathLike,
+             out: str | os.PathLike | None = None, *, storage=None, batch_size: int = 32) -> dict:
+    """Metrics of a published model on a labelled folder (``benign/``, ``malignant/``).
+
+    Returns, and writes to ``out`` as JSON when given, at least: n, accuracy,
+    roc_auc, sensitivity, specificity, precision, f1, threshold (the published
+    one), confusion_matrix ``[[tn, fp], [fn, tp]]``, and the skipped files.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: {batch_size!r} is not valid; expected >= 1")
+    data_dir = Path(data_dir).expanduser()
+    labelled = find_labelled_images(data_dir)  # fails fast, before loading the model
+    model, info = load_published(model_uri, storage)
+    paths = [p for p, _ in labelled]
+    labels = np.array([y for _, y in labelled], np.int64)
+    skipped: list[dict] = []
+    probabilities = np.full(len(paths), np.nan)
+    for images, indices in iter_image_batches(paths, info.image_size, batch_size, skipped):
+        probabilities[indices] = malignant_probability(model, images)
+    read = ~np.isnan(probabilities)
+    if not read.any():
+        raise DataError(f"--data {data_dir}: none of the {len(paths)} images could be read")
+    if skipped:
+        log.warning("%d of %d files could not be read and were skipped", len(skipped), len(paths))
+    result = classification_metrics(labels[read], probabilities[read], info.threshold)
+    result.update({
+        "model": info.source,
+        "version": info.version,
+        "image_size": info.image_size,
+        "data": str(data_dir),
+        "files_found": len(paths),
+        "skipped": skipped,
+        "n_skipped": len(skipped),
+    })
+    if out is not None:
+        _write_json(out, result, storage)
+    return result
+
+
+def _write_json(out: str | os.PathLike, doc: dict, storage=None) -> None:
+    text = json.dumps(doc, indent=2) + "\n"
+    if _is_remote(str(out)):
+        if storage is None:
+            from skin.storage import Storage
+
+            storage = Storage()
+        storage.write_text(str(out), text)
+        return
+    path = Path(out).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_report(result: dict) -> str:
+    """A readable report of :func:`evaluate`'s result (what ``skin evaluate`` prints)."""
+    (tn, fp), (fn, tp) = result["confusion_matrix"]
+    version = f" (version {result['version']})" if result.get("version") else ""
+    lines = [
+        f"Model:        {result.get('model', '?')}{version}",
+        f"Data:         {result.get('data', '?')}: {result['n']} images "
+        f"({result['n_benign']} benign, {result['n_malignant']} malignant)"
+        + (f", {result['n_skipped']} unreadable skipped" if result.get("n_skipped") else ""),
+        f"Threshold:    {result['threshold']:.4f} (published; malignant when p >= threshold)",
+        "",
+        f"Accuracy      {_fmt(result['accuracy'])}",
+        f"ROC AUC       {_fmt(result['roc_auc'])}",
+        f"Sensitivity   {_fmt(result['sensitivity'])}   (malignant recall)",
+        f"Specificity   {_fmt(result['specificity'])}   (benign recall)",
+        f"Precision     {_fmt(result['precision'])}",
+        f"F1            {_fmt(result['f1'])}",
+        "",
+        "Confusion matrix   predicted benign   predicted malignant",
+        f"  benign          {tn:>16d}   {fp:>19d}",
+        f"  malignant       {fn:>16d}   {tp:>19d}",
+    ]
+    skipped = result.get("skipped") or []
+    if skipped:
+        lines += ["", f"Skipped ({len(skipped)}):"]
+        lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:20]]
+        if len(skipped) > 20:
+            lines.append(f"  ... and {len(skipped) - 20} more (see the JSON)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# skin predict
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    probability: float | None  # P(malignant); None when the image could not be read
+    label: str | None  # the class at the published threshold
+    threshold: float = DEFAULT_THRESHOLD
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _expand(images: Iterable[str | os.PathLike]) -> list[Path]:
+    paths = []
+    for item in images:
+        path = Path(item).expanduser()
+        paths.extend(find_images(path) if path.is_dir() else [path])
+    return paths
+
+
+def predict(model_uri: str | os.PathLike, images: Iterable[str | os.PathLike], *,
+            storage=None, batch_size: int = 32) -> list[Prediction]:
+    """P(malignant) and the label at the published threshold, one per image (folders expand).
+
+    A missing or unreadable image gives a Prediction with ``error`` set, in its place.
+    """
+    paths = _expand(images)
+    if not paths:
+        raise DataError("no images to predict (give image files or folders of .jpg/.jpeg/.png)")
+    model, info = load_published(model_uri, storage)
+    errors: dict[int, str] = {}
+    readable = []
+    for i, p in enumerate(paths):
+        if p.is_file():
+            readable.append(i)
+        else:
+            errors[i] = "no such file"
+    skipped: list[dict] = []
+    probabilities: dict[int, float] = {}
+    readable_paths = [paths[i] for i in readable]
+    for batch, indices in iter_image_batches(readable_paths, info.image_size, batch_size, skipped):
+        for j, p in zip(indices, malignant_probability(model, batch)):
+            probabilities[readable[j]] = float(p)
+    by_path = {s["path"]: s["reason"] for s in skipped}
+    predictions = []
+    for i, path in enumerate(paths):
+        if i in probabilities:
+            p = probabilities[i]
+            label = info.class_names[1] if p >= info.threshold else info.class_names[0]
+            predictions.append(Prediction(str(path), p, label, info.threshold))
+        else:
+            reason = errors.get(i) or by_path.get(str(path), "unreadable")
+            predictions.append(Prediction(str(path), None, None, info.threshold, reason))
+    return predictions
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+    """One line per image: path, label, P(malignant) (tab-separated)."""
+    lines = []
+    for p in predictions:
+        if p.error is not None:
+            lines.append(f"{p.path}\terror\t{p.error}")
+        else:
+            lines.append(f"{p.path}\t{p.label}\tp_malignant={p.probability:.4f}")
+    return "\n".join(lines)

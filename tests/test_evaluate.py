@@ -1,0 +1,368 @@
+"""skin.evaluate: the metric functions (exact, against hand-computed values), model
+resolution and loading in safe mode (local and through the storage emulator), and
+`evaluate`/`predict` on folders of real images with broken files mixed in."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skin.errors import ConfigError, DataError
+from skin import evaluate as ev
+
+# ---------------------------------------------------------------------------
+# Metric functions
+
+
+@pytest.mark.parametrize("labels, scores, expected", [
+    ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75),
+    ([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], 1.0),
+    ([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4], 0.0),
+    ([0, 1], [0.5, 0.5], 0.5),                      # a tie counts half
+    ([0, 0, 1], [0.2, 0.6, 0.6], 0.75),             # (1 + 0.5) / 2
+    ([1, 0, 1, 0, 1], [0.9, 0.8, 0.7, 0.6, 0.5], 0.5),  # 3 of 6 pairs ordered
+    ([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 8 / 9),
+])
+def test_roc_auc_hand_computed(labels, scores, expected):
+    assert ev.roc_auc(labels, scores) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1], []])
+def test_roc_auc_is_nan_without_both_classes(labels):
+    assert math.isnan(ev.roc_auc(labels, [0.5] * len(labels)))
+
+
+@pytest.mark.parametrize("labels, scores, fpr, tpr, thresholds", [
+    ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8],
+     [0, 0, 0.5, 0.5, 1], [0, 0.5, 0.5, 1, 1], [np.inf, 0.8, 0.4, 0.35, 0.1]),
+    ([0, 1, 1, 0], [0.5, 0.5, 0.9, 0.1],            # tied scores make one point
+     [0, 0, 0.5, 1], [0, 0.5, 1, 1], [np.inf, 0.9, 0.5, 0.1]),
+])
+def test_roc_curve_hand_computed(labels, scores, fpr, tpr, thresholds):
+    got_fpr, got_tpr, got_thr = ev.roc_curve(labels, scores)
+    np.testing.assert_allclose(got_fpr, fpr)
+    np.testing.assert_allclose(got_tpr, tpr)
+    np.testing.assert_array_equal(got_thr, thresholds)
+
+
+def test_roc_curve_area_equals_rank_auc_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300) * 0.6 + labels * 0.3, 1)  # many ties
+    fpr, tpr, _ = ev.roc_curve(labels, scores)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(ev.roc_auc(labels, scores), abs=1e-12)
+    assert 0.5 < area < 1.0
+
+
+def test_roc_curve_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        ev.roc_curve([1, 1], [0.2, 0.3])
+
+
+@pytest.mark.parametrize("threshold, expected", [
+    (0.4, [[1, 1], [1, 1]]),     # a score equal to the threshold is malignant
+    (0.35, [[1, 1], [0, 2]]),
+    (0.0, [[0, 2], [0, 2]]),
+    (0.81, [[2, 0], [2, 0]]),
+])
+def test_confusion_matrix_hand_computed(threshold, expected):
+    assert ev.confusion_matrix([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], threshold) == expected
+
+
+TENTHS = [round(0.1 * i, 1) for i in range(1, 11)]  # ten malignant scores 0.1 .. 1.0
+
+
+@pytest.mark.parametrize("labels, scores, target, expected", [
+    ([1] * 10, TENTHS, 0.9, 0.2),        # 9 of 10 must stay >= t: the 9th highest
+    ([1] * 10, TENTHS, 0.7, 0.4),        # 0.7 * 10 is 7.000000000000001 in floats: still 7
+    ([1] * 10, TENTHS, 1.0, 0.1),        # everything: the lowest malignant score
+    ([1] * 10, TENTHS, 0.05, 1.0),       # at least one
+    ([1] * 10, TENTHS, 0.91, 0.1),       # 9.1 -> 10 needed
+    ([1, 1, 1, 1], [0.8, 0.8, 0.8, 0.2], 0.5, 0.8),   # ties: 3 of 4 kept at 0.8
+    ([0, 1, 0, 1], [0.99, 0.6, 0.7, 0.3], 0.5, 0.6),  # benign scores do not matter
+    ([0, 0, 0], [0.1, 0.2, 0.3], 0.9, ev.DEFAULT_THRESHOLD),  # no malignant: the default
+])
+def test_choose_threshold_hand_computed(labels, scores, target, expected):
+    assert ev.choose_threshold(labels, scores, target) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("target", [0.0, -0.1, 1.01])
+def test_choose_threshold_rejects_targets_out_of_range(target):
+    with pytest.raises(ValueError, match="target_sensitivity"):
+        ev.choose_threshold([0, 1], [0.1, 0.9], target)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 0.95, 1.0])
+def test_choose_threshold_is_the_highest_that_keeps_the_target(seed, target):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 101)
+    labels[:2] = 1
+    scores = np.round(rng.random(101), 2)  # ties included
+    t = ev.choose_threshold(labels, scores, target)
+    malignant = scores[labels == 1]
+
+    def sensitivity(threshold):
+        return np.mean(malignant >= threshold)
+
+    assert sensitivity(t) >= target
+    higher = malignant[malignant > t]
+    if higher.size:  # the next threshold that changes anything loses the target
+        assert sensitivity(higher.min()) < target
+    assert sensitivity(np.nextafter(t, 2.0)) < target
+
+
+def test_classification_metrics_hand_computed():
+    m = ev.classification_metrics([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 0.5)
+    assert m["confusion_matrix"] == [[2, 1], [1, 2]]
+    assert (m["n"], m["n_benign"], m["n_malignant"]) == (6, 3, 3)
+    for key in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
+        assert m[key] == pytest.approx(2 / 3), key
+    assert m["roc_auc"] == pytest.approx(8 / 9)
+    assert m["threshold"] == 0.5
+
+
+def test_classification_metrics_asymmetric_case():
+    # tn=3 fp=1 fn=2 tp=4
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    scores = [0.1, 0.2, 0.3, 0.9, 0.4, 0.45, 0.6, 0.7, 0.8, 0.95]
+    m = ev.classification_metrics(labels, scores, 0.5)
+    assert m["confusion_matrix"] == [[3, 1], [2, 4]]
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["sensitivity"] == pytest.approx(4 / 6)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["precision"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
+
+
+def test_classification_metrics_undefined_ratios_are_none_and_json_clean():
+    m = ev.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)  # no malignant, none predicted
+    assert m["sensitivity"] is None and m["precision"] is None and m["f1"] is None
+    assert m["roc_auc"] is None
+    assert m["specificity"] == 1.0 and m["accuracy"] == 1.0
+    json.dumps(m, allow_nan=False)
+    assert "n/a" in ev.format_report({**m, "model": "x", "data": "y"})
+
+
+@pytest.mark.parametrize("labels, scores, message", [
+    ([0, 2], [0.1, 0.2], "labels must be 0"),
+    ([0, 1], [0.1], "differ in length"),
+    ([0, 1], [0.1, float("nan")], "NaN"),
+])
+def test_metric_inputs_are_checked(labels, scores, message):
+    with pytest.raises(ValueError, match=message):
+        ev.classification_metrics(labels, scores, 0.5)
+
+
+def test_format_report_shows_every_figure():
+    m = ev.classification_metrics([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 0.5)
+    m.update(model="gs://b/models/20250101-000000/model.keras", version="20250101-000000",
+             data="/data", skipped=[{"path": "/data/benign/x.jpg", "reason": "truncated"}],
+             n_skipped=1)
+    text = ev.format_report(m)
+    for needle in ("20250101-000000", "6 images (3 benign, 3 malignant)", "1 unreadable",
+                   "Accuracy      0.667", "ROC AUC       0.889", "Threshold:    0.5000",
+                   "/data/benign/x.jpg: truncated"):
+        assert needle in text, needle
+
+
+def test_format_predictions_one_line_per_image():
+    preds = [ev.Prediction("a.jpg", 0.91234, "malignant", 0.4),
+             ev.Prediction("b.jpg", 0.1, "benign", 0.4),
+             ev.Prediction("c.jpg", None, None, 0.4, "no such file")]
+    lines = ev.format_predictions(preds).splitlines()
+    assert lines == ["a.jpg\tmalignant\tp_malignant=0.9123", "b.jpg\tbenign\tp_malignant=0.1000",
+                     "c.jpg\terror\tno such file"]
+
+
+# ---------------------------------------------------------------------------
+# Finding images
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_find_labelled_images_walks_nested_folders_any_case(tmp_path):
+    _touch(tmp_path / "Benign" / "a.JPG")
+    _touch(tmp_path / "Benign" / "sub" / "deeper" / "b.jpeg")
+    _touch(tmp_path / "Benign" / "notes.txt")
+    _touch(tmp_path / "Benign" / "._a.jpg")               # macOS resource fork: ignored
+    _touch(tmp_path / "Benign" / ".ipynb_checkpoints" / "c.jpg")
+    _touch(tmp_path / "malignant" / "m.Png")
+    _touch(tmp_path / "other" / "x.jpg")                  # neither class: ignored
+    found = ev.find_labelled_images(tmp_path)
+    assert [(p.relative_to(tmp_path).as_posix(), y) for p, y in found] == [
+        ("Benign/a.JPG", 0), ("Benign/sub/deeper/b.jpeg", 0), ("malignant/m.Png", 1)]
+
+
+def test_find_labelled_images_with_one_class_only(tmp_path):
+    _touch(tmp_path / "malignant" / "m.jpg")
+    assert [y for _, y in ev.find_labelled_images(tmp_path)] == [1]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "expected folders benign/ and malignant/"),
+    ({"images/a.jpg": b"x"}, "found: images"),
+    ({"benign/readme.txt": b"x", "malignant/.keep": b""}, "no images"),
+])
+def test_find_labelled_images_errors_are_clear(tmp_path, layout, message):
+    for rel, data in layout.items():
+        _touch(tmp_path / rel, data)
+    with pytest.raises(DataError, match=message):
+        ev.find_labelled_images(tmp_path)
+
+
+def test_find_labelled_images_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        ev.find_labelled_images(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------
+# Resolving and loading a published model (a tiny hand-made model, real Keras)
+
+SIZE = 32
+
+
+def tiny_model():
+    """Deterministic: P(malignant) = sigmoid((mean red - mean blue) / 20)."""
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    out = keras.layers.Dense(1, activation="sigmoid", name="malignant")(x)
+    model = keras.Model(inputs, out)
+    model.get_layer("malignant").set_weights([np.array([[0.05], [0.0], [-0.05]], np.float32),
+                                              np.zeros(1, np.float32)])
+    return model
+
+
+def publish_tiny(folder: Path, threshold: float = 0.5, version: str = "20250101-000000",
+                 embed: bool = True, beside: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    keras_file = folder / ev.MODEL_FILE
+    tiny_model().save(keras_file)
+    doc = ev.serving_document(threshold, SIZE, version)
+    if embed:
+        ev.embed_serving(keras_file, doc)
+    if beside:
+        (folder / ev.SERVING_FILE).write_text(json.dumps(doc))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    """<tmp>/models/<version>/ with LATEST, like retrain leaves it."""
+    models = tmp_path_factory.mktemp("exp") / "models"
+    publish_tiny(models / "20250101-000000", threshold=0.42)
+    (models / "LATEST").write_text("20250101-000000\n")
+    return models
+
+
+def test_embedded_serving_keeps_the_archive_loadable_in_safe_mode(published):
+    import keras
+
+    keras_file = published / "20250101-000000" / ev.MODEL_FILE
+    with zipfile.ZipFile(keras_file) as zf:
+        assert ev.SERVING_ARCHIVE_ENTRY in zf.namelist()
+    model = keras.models.load_model(keras_file, safe_mode=True)
+    x = np.zeros((1, SIZE, SIZE, 3), np.float32)
+    x[..., 0] = 100.0
+    assert float(model.predict_on_batch(x)[0, 0]) == pytest.approx(1 / (1 + math.exp(-5)), 1e-5)
+
+
+@pytest.mark.parametrize("relative", [
+    "models", "models/LATEST", "models/20250101-000000", "models/20250101-000000/model.keras",
+    ".",  # an experiment root: models/LATEST below it
+])
+def test_load_published_local_forms(published, relative):
+    model, info = ev.load_published(published.parent / relative)
+    assert info.threshold == pytest.approx(0.42)
+    assert (info.image_size, info.class_names, info.version) == (SIZE, ev.CLASS_NAMES,
+                                                                 "20250101-000000")
+    assert info.source.endswith("20250101-000000/model.keras")
+    assert model.input_shape == (None, SIZE, SIZE, 3)
+
+
+def test_load_published_from_a_lone_keras_file(published, tmp_path):
+    lone = tmp_path / "anywhere.keras"
+    shutil.copy(published / "20250101-000000" / ev.MODEL_FILE, lone)
+    _, info = ev.load_published(lone)
+    assert info.threshold == pytest.approx(0.42) and info.described
+
+
+def test_load_published_out_folder_of_skin_run(published, tmp_path):
+    shutil.copytree(published / "20250101-000000", tmp_path / "model")
+    _, info = ev.load_published(tmp_path)
+    assert info.threshold == pytest.approx(0.42)
+
+
+def test_load_published_serving_json_beside_when_not_embedded(tmp_path):
+    publish_tiny(tmp_path / "v", threshold=0.3, embed=False)
+    _, info = ev.load_published(tmp_path / "v")
+    assert info.threshold == pytest.approx(0.3) and info.described
+
+
+def test_load_published_without_description_uses_default_threshold(tmp_path):
+    publish_tiny(tmp_path / "v", embed=False, beside=False)
+    _, info = ev.load_published(tmp_path / "v")
+    assert info.threshold == ev.DEFAULT_THRESHOLD and not info.described
+    assert info.image_size == SIZE  # from the model's input
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing", "no such file or folder"),
+    (lambda d: d, "no published model there"),
+    (lambda d: _touch(d / "model.h5"), "not a .keras file"),
+    (lambda d: _touch(d / "LATEST", b"../../etc\n"), "not a model version"),
+    (lambda d: _touch(d / "model.keras", b"not a zip"), "cannot be loaded"),
+])
+def test_load_published_local_errors(tmp_path, make, message):
+    with pytest.raises(ConfigError, match=message):
+        ev.load_published(make(tmp_path))
+
+
+def test_load_published_refuses_unsafe_lambda(tmp_path):
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    out = keras.layers.Lambda(lambda t: t[:, 0, 0, :1])(inputs)
+    keras.Model(inputs, out).save(tmp_path / "model.keras")
+    with pytest.raises(ConfigError, match="safe mode.*safe_mode=False"):
+        ev.load_published(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/LATEST", "/20250101-000000",
+                                    "/20250101-000000/model.keras"])
+def test_load_published_from_the_bucket(published, storage, bucket, suffix):
+    root = f"gs://{bucket}/experiments/exp"
+    storage.upload_dir(published, f"{root}/models")
+    _, info = ev.load_published(f"{root}/models{suffix}", storage)
+    assert info.threshold == pytest.approx(0.42) and info.version == "20250101-000000"
+    assert info.source == f"{root}/models/20250101-000000/model.keras"
+
+
+def test_load_published_experiment_root_in_the_bucket(published, storage, bucket):
+    root = f"gs://{bucket}/exp"
+    storage.upload_dir(published, f"{root}/models")
+    _, info = ev.load_published(root, storage)
+    assert info.version == "20250101-000000"
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("/models", "no published model there"),
+    ("/models/LATEST", "no model published yet"),
+    ("/models/x.keras", "no such object"),
+])
+def test_load_published_bucket_errors(storage, bucket, suffix, message):
+    with pytest.raises(ConfigError, match=message):
+        ev.load_published(f"gs://{bucket}/exp{suffix}", storage)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds the skin image (images/Dockerfile) from the repository root.
+#
+#   images/build.sh IMAGE_REF [TARGET]      TARGET: runtime (default) or emulator
+#
+# Environment:
+#   IMAGE_BASE        debootstrap (default): the local base from images/build-base.sh,
+#                     no registry needed; registry: the Dockerfile's pinned
+#                     python:3.11-slim-bookworm; anything else: that image.
+#   TF_VARIANT        cpu (default) or gpu
+#   CONTAINER_TOOL    podman (default) or docker
+#   PIP_CA_BUNDLE     CA bundle handed to pip as the build secret `pip-ca`
+#                     (default: pip's own `cert` setting, when it has one)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE_REF=${1:?usage: images/build.sh IMAGE_REF [runtime|emulator]}
+TARGET=${2:-runtime}
+IMAGE_BASE=${IMAGE_BASE:-debootstrap}
+TF_VARIANT=${TF_VARIANT:-cpu}
+TOOL=${CONTAINER_TOOL:-podman}
+LOCAL_BASE=localhost/skin-base:bookworm-py311
+
+args=(-f images/Dockerfile --target "$TARGET" --build-arg "TF_VARIANT=$TF_VARIANT" -t "$IMAGE_REF")
+case "$IMAGE_BASE" in
+  debootstrap) images/build-base.sh "$LOCAL_BASE"; args+=(--build-arg "BASE_IMAGE=$LOCAL_BASE") ;;
+  registry) ;;
+  *) args+=(--build-arg "BASE_IMAGE=$IMAGE_BASE") ;;
+esac
+
+# Behind a TLS-intercepting proxy pip needs its CA bundle; it travels as a
+# secret, so it is never stored in a layer.
+ca=${PIP_CA_BUNDLE:-${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}}
+if [ -n "$ca" ] && [ -s "$ca" ]; then
+  args+=(--secret "id=pip-ca,src=$ca")
+fi
+if [ "$TOOL" = podman ]; then
+  # The layer cache is what makes a rebuild after a source change take seconds.
+  args+=(--layers)
+fi
+
+echo "[build] $TOOL build ${args[*]} ." >&2
+start=$SECONDS
+"$TOOL" build "${args[@]}" .
+echo "[build] $IMAGE_REF ($TARGET, $TF_VARIANT) built in $((SECONDS - start)) s" >&2

@@ -366,3 +366,113 @@ def test_load_published_experiment_root_in_the_bucket(published, storage, bucket
 def test_load_published_bucket_errors(storage, bucket, suffix, message):
     with pytest.raises(ConfigError, match=message):
         ev.load_published(f"gs://{bucket}/exp{suffix}", storage)
+
+
+# ---------------------------------------------------------------------------
+# evaluate / predict on folders of real images (skin.data.load_images decodes them)
+
+
+def _write_broken_and_odd_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Add unreadable files (returned first) and odd-but-valid ones (second) to a labelled folder."""
+    from PIL import Image
+
+    real = sorted((folder / "malignant").iterdir())[0].resolve()
+    broken = [
+        _touch(folder / "benign" / "broken" / "zero.jpg", b""),
+        _touch(folder / "benign" / "not-an-image.PNG", b"hello, I am text"),
+        _touch(folder / "malignant" / "truncated.jpg", real.read_bytes()[:100]),
+    ]
+    rgb = Image.open(real).convert("RGB")
+    odd = [folder / "malignant" / "nested" / "UPPER.JPG", folder / "benign" / "gray.png",
+           folder / "malignant" / "alpha.png", folder / "benign" / "cmyk.jpeg"]
+    odd[0].parent.mkdir(parents=True)
+    rgb.save(odd[0], "JPEG")
+    rgb.convert("L").save(odd[1])
+    rgb.convert("RGBA").save(odd[2])
+    rgb.convert("CMYK").save(odd[3], "JPEG")
+    _touch(folder / "benign" / "README.txt", b"not an image and not counted")
+    return broken, odd
+
+
+def _one_by_one(model_dir: Path, folder: Path, skip: set[str]):
+    """Labels and P(malignant) image by image: the reference for the batched evaluate."""
+    from PIL import Image
+    from skin.data import load_images
+
+    model, info = ev.load_published(model_dir)
+    labels, probs = [], []
+    for path, label in ev.find_labelled_images(folder):
+        if str(path) in skip:
+            continue
+        try:
+            x = load_images([str(path)], info.image_size)
+        except Exception:  # noqa: BLE001 - the same Pillow fallback evaluate documents
+            tmp = folder.parent / "one-by-one.png"
+            Image.open(path).convert("RGB").save(tmp)
+            x = load_images([str(tmp)], info.image_size)
+        labels.append(label)
+        probs.append(float(ev.malignant_probability(model, x)[0]))
+    return np.array(labels), np.array(probs)
+
+
+def test_evaluate_folder_with_broken_files(image_folder, tmp_path):
+    model_dir = publish_tiny(tmp_path / "model", threshold=0.5)
+    broken, odd = _write_broken_and_odd_files(image_folder)
+    out = tmp_path / "reports" / "eval.json"
+
+    result = ev.evaluate(model_dir, image_folder, out, batch_size=7)
+
+    assert sorted(s["path"] for s in result["skipped"]) == sorted(map(str, broken))
+    assert result["n_skipped"] == 3 and all(s["reason"] for s in result["skipped"])
+    n_files = len(ev.find_labelled_images(image_folder))
+    assert result["files_found"] == n_files and result["n"] == n_files - 3
+    labels, probs = _one_by_one(model_dir, image_folder, {str(p) for p in broken})
+    expected = ev.classification_metrics(labels, probs, 0.5)
+    assert result["confusion_matrix"] == expected["confusion_matrix"]
+    assert result["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
+    assert (result["threshold"], result["version"]) == (0.5, "20250101-000000")
+    assert json.loads(out.read_text()) == result
+    report = ev.format_report(result)
+    assert "3 unreadable skipped" in report and "zero.jpg" in report
+
+
+def test_evaluate_without_any_readable_image(tmp_path):
+    model_dir = publish_tiny(tmp_path / "model")
+    _touch(tmp_path / "data" / "benign" / "a.jpg", b"")
+    _touch(tmp_path / "data" / "malignant" / "b.png", b"nope")
+    with pytest.raises(DataError, match="none of the 2 images could be read"):
+        ev.evaluate(model_dir, tmp_path / "data")
+
+
+def test_predict_one_per_image_in_order(real_or_synthetic_images, tmp_path):
+    model_dir = publish_tiny(tmp_path / "model", threshold=0.5)
+    images = sorted(real_or_synthetic_images.rglob("*.jpg"))[:3]
+    bad = _touch(tmp_path / "bad.jpg", b"\xff\xd8 broken")
+    asked = [images[0], tmp_path / "missing.jpg", bad, *images[1:]]
+
+    preds = ev.predict(model_dir, asked)
+
+    assert [p.path for p in preds] == [str(p) for p in asked]
+    assert [p.error is None for p in preds] == [True, False, False, True, True]
+    assert preds[1].error == "no such file"
+    for p in preds:
+        if p.error is None:
+            assert 0.0 <= p.probability <= 1.0
+            assert p.label == ("malignant" if p.probability >= 0.5 else "benign")
+    from skin.data import load_images
+
+    model, _ = ev.load_published(model_dir)
+    direct = ev.malignant_probability(model, load_images([str(images[0])], SIZE))[0]
+    assert preds[0].probability == pytest.approx(float(direct), abs=1e-6)
+    lines = ev.format_predictions(preds).splitlines()
+    assert len(lines) == len(asked)
+    assert all(line.startswith(str(path)) for line, path in zip(lines, asked))
+
+
+def test_predict_expands_folders_and_needs_images(real_or_synthetic_images, tmp_path):
+    model_dir = publish_tiny(tmp_path / "model")
+    preds = ev.predict(model_dir, [real_or_synthetic_images / "benign"])
+    assert len(preds) == len(list((real_or_synthetic_images / "benign").glob("*.jpg")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        ev.predict(model_dir, [tmp_path / "empty"])

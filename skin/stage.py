@@ -1,0 +1,808 @@
+"""Stage: labelled images -> checked, deduplicated, grouped split -> TFRecord shards + manifest.
+
+    report = stage(exp, storage)            # source: exp.data.source
+
+Steps, in order:
+
+1. **Source.** A folder holding ``benign/`` and ``malignant/``, a ``.zip`` of
+   one, a ``gs://`` prefix (downloaded), or ``synthetic`` (generated into the
+   work dir; the report says so). ``data.test_source`` (a separate folder) is
+   staged as the test split when set.
+2. **Fingerprint and idempotence.** A hash over every file's relative path
+   and sha256 plus the split settings. When ``<data>/manifest.json`` exists
+   with the same fingerprint nothing is written (``already_staged``); with a
+   different one staging stops with a :class:`DataError`: another source, or
+   other settings, was already staged under this experiment name.
+3. **Checks.** Every file is decoded with PIL (and once with TensorFlow's
+   JPEG decoder, the one training uses). Empty, truncated, non-image, tiny or
+   huge (decompression bomb, side > 8000 px) files are quarantined, copied
+   untouched to ``<data>/quarantine/`` with the reason in the report. Images
+   that are not RGB JPEG (PNG, alpha, grayscale, CMYK, palette...) are
+   converted to RGB JPEG; images with a side over 1024 px are downscaled.
+   Nothing else is resized: the pipeline resizes to the model's size.
+4. **Exact duplicates** (same sha256) are dropped, keeping one copy; the same
+   bytes under both labels is a labelling conflict and every copy is
+   quarantined.
+5. **Near-duplicates** are grouped (see :func:`near_duplicate_groups`) and
+6. **the split** assigns whole groups to train/validation/test, stratified by
+   label (see :func:`split_groups`), so one lesion never sits on both sides.
+7. **Write** ``<split>-<i>-of-<n>.tfrecord`` shards, the quarantine copies,
+   ``stage_report.json``, and ``manifest.json`` last: its presence means the
+   stage finished.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skin.config import Experiment
+from skin.errors import DataError
+from skin.storage import Storage, is_gcs, join
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("benign", "malignant")  # label index = position
+SPLITS = ("train", "validation", "test")
+MANIFEST_VERSION = 1
+# Bump when a change here changes what a stage writes for the same input.
+STAGE_ALGORITHM = 1
+
+MAX_SIDE = 8000  # larger sides are quarantined (no dermoscope produces them; likely a bomb)
+MAX_PIXELS = 40_000_000
+STORE_MAX_SIDE = 1024  # larger images are downscaled before they are stored
+MIN_SIDE = 32  # smaller images carry no usable detail
+THUMB = 32  # near-duplicate thumbnails are THUMB x THUMB grayscale
+JPEG_QUALITY = 95
+ADJACENT_MAX_GAP = 3  # file numbers at most this far apart count as neighbours
+ADJACENT_FLOOR = 0.80  # never link neighbours below this correlation
+_CHECK_THREADS = 4
+_PAIR_SAMPLE = 200_000
+
+
+# ---------------------------------------------------------------------------
+# The report
+
+@dataclass
+class StageReport:
+    """What a stage did; ``to_dict()`` is ``data/stage_report.json``."""
+
+    data_uri: str
+    source: str
+    test_source: str = ""
+    synthetic: bool = False
+    already_staged: bool = False
+    fingerprint: str = ""
+    files: int = 0  # files found under the label folders
+    usable: int = 0  # images in the shards
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    duplicates: list[dict] = field(default_factory=list)  # dropped exact copies
+    converted: list[dict] = field(default_factory=list)  # re-encoded (mode, format, size)
+    quarantined: list[dict] = field(default_factory=list)  # unusable, with the reason
+    held_out: list[dict] = field(default_factory=list)  # near-copies of test images
+    ignored: list[str] = field(default_factory=list)  # hidden files, files outside label dirs
+    near_duplicates: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        if self.already_staged:
+            return (f"{self.data_uri} already staged from this source "
+                    f"(fingerprint {self.fingerprint[:12]}); nothing written")
+        counts = ", ".join(f"{s} {c['count']} ({c['benign']} benign, {c['malignant']} malignant)"
+                           for s, c in self.splits.items() if c["count"])
+        nd = self.near_duplicates
+        return (f"{self.usable} of {self.files} images staged to {self.data_uri}: {counts}; "
+                f"{len(self.duplicates)} exact duplicates dropped, {len(self.converted)} "
+                f"converted, {len(self.quarantined)} quarantined, "
+                f"{nd.get('groups_with_several', 0)} near-duplicate groups "
+                f"({nd.get('images_in_groups', 0)} images) kept on one side of the split"
+                + (f", {len(self.held_out)} near-copies of test images held out"
+                   if self.held_out else "")
+                + (" [SYNTHETIC DATA]" if self.synthetic else "")
+                + f" in {self.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------
+# One image
+
+@dataclass
+class _Item:
+    rel: str  # "benign/100.jpg" (test source: "test/benign/100.jpg")
+    path: Path
+    label: int
+    origin: str  # "source" or "test"
+    sha256: str = ""  # of the file as found
+    number: int | None = None  # trailing integer of the file name
+    reason: str = ""  # why it is quarantined ("" = usable)
+    converted: str = ""  # why it was re-encoded
+    stored: bytes | None = None  # re-encoded JPEG (None: the original bytes are stored)
+    stored_sha256: str = ""
+    width: int = 0
+    height: int = 0
+    thumb: np.ndarray | None = field(default=None, repr=False, compare=False)
+    group: int = -1  # near-duplicate group
+    shard: str = ""
+
+
+_NUMBER_RE = re.compile(r"(\d+)$")
+
+
+def _scan(root: Path, origin: str, report: StageReport) -> list[_Item]:
+    """Files under ``root/benign`` and ``root/malignant``, in a stable order."""
+    missing = [c for c in CLASSES if not (root / c).is_dir()]
+    if missing:
+        raise DataError(f"{root}: no {' or '.join(m + '/' for m in missing)} folder; expected "
+                        f"a folder holding benign/ and malignant/ image folders")
+    prefix = "test/" if origin == "test" else ""
+    for extra in sorted(root.iterdir()):
+        if extra.name not in CLASSES and not extra.name.startswith("."):
+            report.ignored.append(prefix + extra.name)
+    items = []
+    for label, name in enumerate(CLASSES):
+        for path in sorted((root / name).rglob("*")):
+            rel = prefix + path.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                report.ignored.append(rel)
+                continue
+            if path.is_dir():
+                continue
+            m = _NUMBER_RE.search(path.stem)
+            items.append(_Item(rel=rel, path=path, label=label, origin=origin,
+                               number=int(m.group(1)) if m else None))
+    return items
+
+
+def _hash_files(items: list[_Item]) -> None:
+    def one(item: _Item) -> None:
+        try:
+            item.sha256 = hashlib.sha256(item.path.read_bytes()).hexdigest()
+        except OSError as e:
+            item.sha256 = "unreadable"
+            item.reason = f"cannot be read ({e.strerror or e})"
+
+    with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        list(pool.map(one, items))
+
+
+def _to_rgb(img, note: list[str]):
+    """Any PIL image -> RGB (alpha composited over white, high bit depths scaled)."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max()) or 1.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        note.append(f"{mode} scaled to 8 bit")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        note.append("alpha composited over white")
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class UnusableImage(ValueError):
+    """A file that cannot be staged; the message is the reason."""
+
+
+@dataclass
+class PreparedImage:
+    """An image as stage stores it: RGB JPEG bytes, and what was done to get them."""
+
+    jpeg: bytes  # the original bytes when they were already usable
+    converted: str  # "" when the original bytes are kept
+    width: int
+    height: int
+    thumb: np.ndarray  # zero-mean, unit-norm THUMB x THUMB grayscale, flattened
+
+
+def prepare_image(data: bytes, tf_decode=None) -> PreparedImage:
+    """Check one image file's bytes and turn them into what stage stores.
+
+    RGB JPEGs of at most ``STORE_MAX_SIDE`` px a side are kept byte for byte;
+    anything else that decodes (PNG, alpha, grayscale, CMYK, palette, 16 bit,
+    larger sides) is converted to an RGB JPEG. ``skin.data.load_images`` runs
+    the same function, so a served image is exactly what training saw.
+    Raises :class:`UnusableImage` with the reason.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise UnusableImage("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnusableImage("not an image (no known image format)") from None
+    except Image.DecompressionBombError as e:
+        raise UnusableImage(f"decompression bomb ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unusable
+        raise UnusableImage(f"not a readable image ({type(e).__name__}: {e})") from None
+    width, height = img.size
+    fmt = img.format or "?"
+    if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+        raise UnusableImage(f"too large: {width}x{height} px (limit {MAX_SIDE} px a side, "
+                            f"{MAX_PIXELS // 1_000_000} Mpx; possible decompression bomb)")
+    if min(width, height) < MIN_SIDE:
+        raise UnusableImage(f"too small: {width}x{height} px (need >= {MIN_SIDE} px a side)")
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt: unusable, with the reason
+        reason = str(e) or type(e).__name__
+        if "truncated" in reason.lower():
+            raise UnusableImage(f"truncated {fmt} ({reason})") from None
+        raise UnusableImage(f"corrupt {fmt} ({type(e).__name__}: {reason})") from None
+    note: list[str] = []
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            note.append(f"first of {img.n_frames} frames")
+        rgb = _to_rgb(img, note)
+        if fmt != "JPEG" or img.mode != "RGB":
+            note.insert(0, f"{fmt} {img.mode} -> RGB JPEG")
+        if max(width, height) > STORE_MAX_SIDE:
+            scale = STORE_MAX_SIDE / max(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            rgb = rgb.resize(size, Image.LANCZOS)
+            note.append(f"downscaled {width}x{height} -> {size[0]}x{size[1]}")
+        jpeg = data
+        if note:
+            jpeg = _encode_jpeg(rgb)
+        elif tf_decode is not None and not tf_decode(jpeg):
+            note.append("re-encoded: TensorFlow cannot decode the original JPEG")
+            jpeg = _encode_jpeg(rgb)
+        gray = rgb.convert("L").resize((THUMB, THUMB), Image.BOX, reducing_gap=2.0)
+    except Exception as e:  # noqa: BLE001
+        raise UnusableImage(f"cannot be converted to RGB ({type(e).__name__}: {e})") from None
+    thumb = np.asarray(gray, dtype=np.float32).ravel()
+    thumb -= thumb.mean()
+    norm = float(np.linalg.norm(thumb))
+    thumb = thumb / norm if norm > 1e-6 else np.zeros_like(thumb)
+    return PreparedImage(jpeg, "; ".join(note), rgb.size[0], rgb.size[1], thumb)
+
+
+def _check(item: _Item, tf_decode) -> None:
+    """Prepare one file; fill in the stored bytes and thumbnail, or a quarantine reason."""
+    if item.reason:
+        return
+    try:
+        data = item.path.read_bytes()
+    except OSError as e:
+        item.reason = f"cannot be read ({e.strerror or e})"
+        return
+    try:
+        prepared = prepare_image(data, tf_decode)
+    except UnusableImage as e:
+        item.reason = str(e)
+        return
+    item.thumb = prepared.thumb
+    item.width, item.height = prepared.width, prepared.height
+    item.converted = prepared.converted
+    item.stored = prepared.jpeg if prepared.converted else None
+    item.stored_sha256 = (hashlib.sha256(prepared.jpeg).hexdigest() if prepared.converted
+                          else item.sha256)
+
+
+def _encode_jpeg(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def _tf_decoder():
+    """A thread-safe check that TensorFlow's decode_jpeg (the training decoder) accepts bytes."""
+    try:
+        import tensorflow as tf
+    except ImportError:  # pragma: no cover - TF is a dependency; stay usable without it
+        return None
+
+    def decode(data: bytes) -> bool:
+        try:
+            tf.io.decode_jpeg(data, channels=3)
+            return True
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+            return False
+
+    return decode
+
+
+# ---------------------------------------------------------------------------
+# Duplicates, near-duplicates and the split
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        self.parent[max(ra, rb)] = min(ra, rb)
+        return True
+
+
+def near_duplicate_groups(thumbs: np.ndarray, labels: list[int], numbers: list[int | None],
+                          folders: list[str], threshold: float, seed: int
+                          ) -> tuple[list[int], dict[str, Any]]:
+    """Group images that probably show the same lesion; returns (group per image, stats).
+
+    ``thumbs`` holds one zero-mean, unit-norm 32x32 grayscale thumbnail per
+    row, so a dot product is the Pearson correlation of two thumbnails.
+    Two kinds of evidence link two images (union-find, so links chain):
+
+    1. **Any pair** whose correlation is >= ``threshold``
+       (``data.near_duplicate_correlation``): visually the same picture.
+    2. **Neighbouring file numbers** in the same folder (numbers at most
+       ``ADJACENT_MAX_GAP`` apart): the ISIC archive exported several photos
+       of one lesion under consecutive numbers (the README's malignant run
+       300-330). Such a pair is far likelier to be one lesion than a random
+       pair, so it needs less visual evidence, but still some: it is linked
+       when its correlation exceeds what *unrelated* images reach about once
+       among as many comparisons. That level is the ``1 - 1/k`` quantile of
+       the correlation of random image pairs (k = number of neighbour pairs),
+       estimated from a seeded sample, kept within
+       [``ADJACENT_FLOOR``, ``threshold``]. So by chance alone we expect at
+       most about one wrong neighbour link, whatever the data set's size.
+
+    Linking too much only moves images together (a coarser split), never
+    leaks; so chains are accepted, and the largest group is reported.
+    """
+    n = len(thumbs)
+    uf = _UnionFind(n)
+    stats: dict[str, Any] = {"threshold": threshold}
+    pairs = 0
+    block = 1024
+    for start in range(0, n, block):
+        sims = thumbs[start:start + block] @ thumbs.T
+        rows, cols = np.nonzero(sims >= threshold)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if c > i:
+                pairs += 1
+                uf.union(i, c)
+    stats["similar_pairs"] = pairs
+
+    neighbours = []
+    order = sorted((folders[i], labels[i], numbers[i], i) for i in range(n)
+                   if numbers[i] is not None)
+    for (f1, l1, n1, i), (f2, l2, n2, j) in zip(order, order[1:]):
+        if f1 == f2 and l1 == l2 and 0 < n2 - n1 <= ADJACENT_MAX_GAP:
+            neighbours.append((i, j))
+    stats["neighbour_pairs"] = len(neighbours)
+    linked = 0
+    if neighbours and n > 2:
+        rng = np.random.default_rng(seed)
+        total_pairs = n * (n - 1) // 2
+        if total_pairs <= _PAIR_SAMPLE:
+            iu = np.triu_indices(n, 1)
+            sample = np.einsum("ij,ij->i", thumbs[iu[0]], thumbs[iu[1]])
+        else:
+            a = rng.integers(0, n, _PAIR_SAMPLE)
+            b = rng.integers(0, n, _PAIR_SAMPLE)
+            keep = a != b
+            sample = np.einsum("ij,ij->i", thumbs[a[keep]], thumbs[b[keep]])
+        q = 1.0 - 1.0 / len(neighbours)
+        level = float(np.quantile(sample, q)) if len(sample) else threshold
+        adjacent_threshold = min(threshold, max(ADJACENT_FLOOR, level))
+        stats["neighbour_threshold"] = round(adjacent_threshold, 4)
+        for i, j in neighbours:
+            if float(thumbs[i] @ thumbs[j]) >= adjacent_threshold and uf.union(i, j):
+                linked += 1
+    stats["neighbour_links"] = linked
+
+    roots: dict[int, int] = {}
+    group = []
+    for i in range(n):
+        group.append(roots.setdefault(uf.find(i), len(roots)))
+    sizes = np.bincount(np.asarray(group, dtype=np.int64), minlength=len(roots)) \
+        if n else np.zeros(0, np.int64)
+    mixed = 0
+    members: dict[int, set[int]] = {}
+    for i, g in enumerate(group):
+        members.setdefault(g, set()).add(labels[i])
+    mixed = sum(1 for labs in members.values() if len(labs) > 1)
+    stats.update(groups=len(roots), groups_with_several=int((sizes > 1).sum()),
+                 images_in_groups=int(sizes[sizes > 1].sum()),
+                 largest_group=int(sizes.max()) if n else 0, groups_with_both_labels=mixed)
+    return group, stats
+
+
+def split_groups(group_labels: list[list[int]], fractions: dict[str, float], seed: int
+                 ) -> list[str]:
+    """Assign whole groups to splits, stratified by label; returns the split per group.
+
+    ``group_labels[g]`` is the per-class image count of group g. Groups are
+    placed largest first (seeded random order among equal sizes), each into
+    the split whose per-class quota it fills best: the split maximising
+    ``sum_c count_c * (quota[split][c] - placed[split][c]) / quota[split][c]``,
+    i.e. the one furthest behind, relatively, on the classes the group holds.
+    This is iterative stratification with groups as the unit; with many small
+    groups every split ends within a group of its quota for each class.
+    """
+    splits = [s for s in SPLITS if fractions.get(s, 0) > 0]
+    counts = np.asarray(group_labels, dtype=np.float64).reshape(len(group_labels), len(CLASSES))
+    totals = counts.sum(axis=0)
+    quota = {s: np.maximum(totals * fractions[s], 1e-9) for s in splits}
+    placed = {s: np.zeros(len(CLASSES)) for s in splits}
+    rng = np.random.default_rng(seed)
+    tiebreak = rng.permutation(len(group_labels))
+    order = sorted(range(len(group_labels)), key=lambda g: (-counts[g].sum(), tiebreak[g]))
+    out = [""] * len(group_labels)
+    for g in order:
+        best, best_score = splits[0], -np.inf
+        for s in splits:
+            score = float((counts[g] * (quota[s] - placed[s]) / quota[s]).sum())
+            if score > best_score + 1e-12:
+                best, best_score = s, score
+        out[g] = best
+        placed[best] += counts[g]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Sources
+
+def _resolve_source(source: str, storage: Storage, scratch: Path, exp: Experiment,
+                    work_dir: Path, report: StageReport, what: str) -> Path:
+    if source == "synthetic":
+        from skin import synthetic
+
+        out = work_dir / f"synthetic-{exp.data.synthetic_images_per_class}-{exp.data.seed}"
+        if not (out / CLASSES[1] / f"{exp.data.synthetic_images_per_class - 1}.jpg").exists():
+            synthetic.generate(out, exp.data.synthetic_images_per_class, size=128,
+                               seed=exp.data.seed)
+        report.synthetic = True
+        log.warning("data is SYNTHETIC: %d generated images per class (%s)",
+                    exp.data.synthetic_images_per_class, out)
+        return out
+    if is_gcs(source):
+        out = scratch / f"{what}-download"
+        log.info("downloading %s", source)
+        nbytes = storage.download_dir(source, out)
+        if nbytes == 0 and not any(out.rglob("*")):
+            raise DataError(f"data.{what}: {source}: no objects below this prefix")
+        return _find_root(out, source, what)
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if not path.exists():
+        raise DataError(f"data.{what}: {source}: no such file or folder (resolved to {path})")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"data.{what}: {source}: not a folder or a .zip file")
+        out = scratch / f"{what}-unzipped"
+        _safe_extract(path, out)
+        return _find_root(out, source, what)
+    return _find_root(path, source, what)
+
+
+def _find_root(path: Path, source: str, what: str) -> Path:
+    """The folder that holds benign/ and malignant/: ``path`` or its single subfolder."""
+    if all((path / c).is_dir() for c in CLASSES):
+        return path
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")] \
+        if path.is_dir() else []
+    if len(subdirs) == 1 and all((subdirs[0] / c).is_dir() for c in CLASSES):
+        return subdirs[0]
+    missing = [c + "/" for c in CLASSES if not (path / c).is_dir()]
+    raise DataError(f"data.{what}: {source}: no {' or '.join(missing)} folder; expected "
+                    "benign/ and malignant/ image folders in it (or in its single subfolder)")
+
+
+def _safe_extract(archive: Path, out: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        base = out.resolve()
+        for info in zf.infolist():
+            target = (out / info.filename).resolve()
+            if not target.is_relative_to(base):
+                raise DataError(f"{archive}: member {info.filename!r} would unpack outside "
+                                "the target folder; refusing")
+        zf.extractall(out)
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+def _fingerprint(items: list[_Item], exp: Experiment) -> str:
+    d = exp.data
+    settings = {"validation_fraction": d.validation_fraction, "test_fraction": d.test_fraction,
+                "seed": d.seed, "shards": d.shards,
+                "near_duplicate_correlation": d.near_duplicate_correlation,
+                "test_source": bool(d.test_source), "algorithm": STAGE_ALGORITHM}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for rel, sha in sorted((i.rel, i.sha256) for i in items):
+        h.update(f"{rel}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
+          work_dir: str | os.PathLike | None = None) -> StageReport:
+    """Stage ``source`` (default ``exp.data.source``) into ``exp.data_uri``.
+
+    ``work_dir`` holds generated synthetic images and scratch files (default:
+    the runtime's ``SKIN_WORK_DIR``/stage). Raises :class:`DataError` when
+    nothing usable remains, a class is empty, a split cannot be filled, or
+    other data was already staged under this experiment.
+    """
+    started = time.monotonic()
+    source = source or exp.data.source
+    if work_dir is None:
+        from skin.config import runtime_from_env
+
+        work_dir = runtime_from_env().work_dir / "stage"
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data_uri = exp.data_uri
+    report = StageReport(data_uri=data_uri, source=source, test_source=exp.data.test_source)
+    with tempfile.TemporaryDirectory(prefix="stage-", dir=work_dir) as tmp:
+        scratch = Path(tmp)
+        root = _resolve_source(source, storage, scratch, exp, work_dir, report, "source")
+        items = _scan(root, "source", report)
+        if exp.data.test_source:
+            test_root = _resolve_source(exp.data.test_source, storage, scratch, exp, work_dir,
+                                        report, "test_source")
+            items += _scan(test_root, "test", report)
+        report.files = len(items)
+        log.info("staging %d files from %s%s", len(items), source,
+                 f" (+ test {exp.data.test_source})" if exp.data.test_source else "")
+        _hash_files(items)
+        report.fingerprint = _fingerprint(items, exp)
+
+        manifest_uri = join(data_uri, "manifest.json")
+        if storage.exists(manifest_uri):
+            existing = storage.read_json(manifest_uri)
+            if existing.get("source_fingerprint") == report.fingerprint:
+                report.already_staged = True
+                report.splits = {s: {k: v[k] for k in ("count", *CLASSES)}
+                                 for s, v in existing.get("splits", {}).items()}
+                report.usable = sum(v["count"] for v in report.splits.values())
+                report.seconds = time.monotonic() - started
+                log.info("%s", report.summary())
+                return report
+            raise DataError(
+                f"{data_uri} already holds data staged from another source or with other "
+                f"split settings (staged from {existing.get('source', '?')!r}, fingerprint "
+                f"{str(existing.get('source_fingerprint'))[:12]}; this source "
+                f"{source!r} has {report.fingerprint[:12]}). Use another experiment name, "
+                f"or delete {data_uri}/ to stage again")
+        leftovers = storage.list(data_uri)
+        if leftovers:
+            log.warning("removing %d objects of an unfinished stage under %s", len(leftovers),
+                        data_uri)
+            for uri in leftovers:
+                storage.delete(uri)
+
+        _check_all(items)
+        usable = _deduplicate(items, report)
+        _quarantine(items, storage, data_uri, report)
+        if not usable:
+            raise DataError(f"{source}: no usable images ({report.files} files, "
+                            f"{len(report.quarantined)} quarantined; see "
+                            f"{join(data_uri, 'stage_report.json')})")
+        splits = _assign(usable, exp, report)
+        files = _write_shards(usable, splits, exp, storage, data_uri, scratch)
+        report.usable = len(usable)
+        report.seconds = time.monotonic() - started
+        storage.write_json(join(data_uri, "stage_report.json"), report.to_dict())
+        manifest = _manifest(usable, splits, files, exp, report)
+        storage.write_json(manifest_uri, manifest)
+    log.info("%s", report.summary())
+    return report
+
+
+def _check_all(items: list[_Item]) -> None:
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply stricter limits
+    tf_decode = _tf_decoder()
+    done = 0
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        for _ in pool.map(lambda it: _check(it, tf_decode), items):
+            done += 1
+            if done % 500 == 0 or done == len(items):
+                log.info("checked %d/%d files (%.1f s)", done, len(items), time.monotonic() - t0)
+
+
+def _deduplicate(items: list[_Item], report: StageReport) -> list[_Item]:
+    """Drop exact copies; quarantine bytes that carry both labels. Returns the usable items."""
+    by_sha: dict[str, list[_Item]] = {}
+    for item in items:
+        if not item.reason:
+            by_sha.setdefault(item.sha256, []).append(item)
+    usable = []
+    for copies in by_sha.values():
+        if len({c.label for c in copies}) > 1:
+            where = ", ".join(f"{CLASSES[c.label]} ({c.rel})" for c in copies)
+            for c in copies:
+                c.reason = f"conflicting labels: the same image is labelled {where}"
+            continue
+        # keep the test copy if there is one (the test set is fixed), else the first path
+        copies.sort(key=lambda c: (c.origin != "test", c.rel))
+        keep = copies[0]
+        usable.append(keep)
+        for c in copies[1:]:
+            report.duplicates.append({"source": c.rel, "duplicate_of": keep.rel,
+                                      "sha256": c.sha256})
+    usable.sort(key=lambda it: it.rel)
+    report.converted = [{"source": it.rel, "reason": it.converted}
+                        for it in usable if it.converted]
+    return usable
+
+
+def _quarantine(items: list[_Item], storage: Storage, data_uri: str,
+                report: StageReport) -> None:
+    for item in items:
+        if not item.reason:
+            continue
+        target = join(data_uri, "quarantine", item.rel)
+        try:
+            storage.upload_file(item.path, target)
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            target = ""  # unreadable: nothing to copy
+        report.quarantined.append({"source": item.rel, "reason": item.reason,
+                                   "copy": target})
+        log.warning("quarantined %s: %s", item.rel, item.reason)
+
+
+def _assign(usable: list[_Item], exp: Experiment, report: StageReport) -> list[str]:
+    """Group near-duplicates, hold out near-copies of test images, split the groups."""
+    d = exp.data
+    for c, name in enumerate(CLASSES):
+        if not any(it.label == c and it.origin == "source" for it in usable):
+            raise DataError(f"{report.source}: no usable {name} images; both classes are needed")
+    thumbs = np.stack([it.thumb for it in usable]).astype(np.float32)
+    group, stats = near_duplicate_groups(
+        thumbs, [it.label for it in usable], [it.number for it in usable],
+        [it.rel.rsplit("/", 1)[0] for it in usable], d.near_duplicate_correlation, d.seed)
+    report.near_duplicates = stats
+    n_groups = stats["groups"]
+    has_test = [False] * n_groups
+    for it, g in zip(usable, group):
+        if it.origin == "test":
+            has_test[g] = True
+    splits = [""] * len(usable)
+    for k, (it, g) in enumerate(zip(usable, group)):
+        if it.origin == "test":
+            splits[k] = "test"
+        elif has_test[g]:
+            splits[k] = "held_out"
+            report.held_out.append({"source": it.rel, "reason": "near-duplicate of a test image"})
+    fractions = {"validation": d.validation_fraction, "test": d.test_fraction}
+    fractions["train"] = 1.0 - sum(fractions.values())
+    source_groups = sorted({g for it, g in zip(usable, group)
+                            if it.origin == "source" and not has_test[g]})
+    index = {g: k for k, g in enumerate(source_groups)}
+    group_labels = [[0] * len(CLASSES) for _ in source_groups]
+    for it, g in zip(usable, group):
+        if g in index:
+            group_labels[index[g]][it.label] += 1
+    chosen = split_groups(group_labels, fractions, d.seed)
+    for k, (it, g) in enumerate(zip(usable, group)):
+        if g in index:
+            splits[k] = chosen[index[g]]
+    for it, g in zip(usable, group):
+        it.group = g
+    report.splits = {}
+    for s in SPLITS:
+        labels = [it.label for it, sp in zip(usable, splits) if sp == s]
+        report.splits[s] = {"count": len(labels),
+                            **{name: labels.count(c) for c, name in enumerate(CLASSES)}}
+    needed = ["train", "validation"] + (["test"] if d.test_fraction or d.test_source else [])
+    for s in needed:
+        for name in CLASSES:
+            if report.splits[s][name] == 0:
+                raise DataError(
+                    f"{report.source}: too few {name} images to fill every split: {s} got "
+                    f"none ({report.splits}); add images or lower the split fractions")
+    return splits
+
+
+def _write_shards(usable: list[_Item], splits: list[str], exp: Experiment, storage: Storage,
+                  data_uri: str, scratch: Path) -> dict[str, dict[str, Any]]:
+    import tensorflow as tf
+
+    out_dir = scratch / "shards"
+    out_dir.mkdir()
+    rng = np.random.default_rng(exp.data.seed)
+    files: dict[str, dict[str, Any]] = {}
+    for s in SPLITS:
+        members = [k for k, sp in enumerate(splits) if sp == s]
+        if not members:
+            continue
+        members = [members[k] for k in rng.permutation(len(members))]
+        n = min(exp.data.shards, len(members))
+        names = [f"{s}-{i}-of-{n}.tfrecord" for i in range(n)]
+        writers = [tf.io.TFRecordWriter(str(out_dir / name)) for name in names]
+        try:
+            for pos, k in enumerate(members):
+                item = usable[k]
+                data = item.stored if item.stored is not None else item.path.read_bytes()
+                if item.stored is None and hashlib.sha256(data).hexdigest() != item.sha256:
+                    raise DataError(f"{item.rel}: changed while it was being staged; stage again")
+                example = tf.train.Example(features=tf.train.Features(feature={
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[item.label])),
+                    "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(
+                        value=[item.stored_sha256.encode()])),
+                }))
+                writers[pos % n].write(example.SerializeToString())
+                item.shard = names[pos % n]
+        finally:
+            for w in writers:
+                w.close()
+        for name in names:
+            path = out_dir / name
+            files[name] = {"split": s, "bytes": path.stat().st_size,
+                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        log.info("wrote %d %s images in %d shards", len(members), s, n)
+    storage.upload_dir(out_dir, data_uri)
+    return files
+
+
+def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str, Any]],
+              exp: Experiment, report: StageReport) -> dict:
+    split_doc = {}
+    for s in SPLITS:
+        split_doc[s] = dict(report.splits[s],
+                            shards=sorted(name for name, f in files.items() if f["split"] == s))
+    images = []
+    for it, sp in zip(usable, splits):
+        entry = {"sha256": it.stored_sha256, "label": CLASSES[it.label], "split": sp,
+                 "source": it.rel, "group": it.group}
+        if it.stored_sha256 != it.sha256:
+            entry["source_sha256"] = it.sha256
+        images.append(entry)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source_fingerprint": report.fingerprint,
+        "source": report.source,
+        "test_source": report.test_source,
+        "synthetic": report.synthetic,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "image_size": exp.data.image_size,
+        "classes": list(CLASSES),
+        "settings": {k: getattr(exp.data, k) for k in (
+            "validation_fraction", "test_fraction", "seed", "shards",
+            "near_duplicate_correlation")},
+        "splits": split_doc,
+        "files": {name: {"bytes": f["bytes"], "sha256": f["sha256"]}
+                  for name, f in sorted(files.items())},
+        "images": images,
+    }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest without its own ``manifest_sha256`` key (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()

@@ -1,0 +1,267 @@
+"""The search at a glance: a PNG and a small self-contained HTML page.
+
+:func:`render_search_report` takes the chief's ``<root>/tuner/result.json``
+(every trial's id, status, score, hyperparameters, worker, epochs, duration;
+trials by status) and draws the objective of every trial in order with the
+best-so-far line, and the top trials' hyperparameters as a table. The HTML
+page embeds the PNG (base64) and adds the counts by status and every trial,
+so it can be mailed or opened from the bucket without anything beside it.
+
+It reads the result leniently (a list or a mapping of trials, ``trial_id``
+or ``id``, ``duration_s``/``duration_seconds``/``duration``, an objective as a
+name or as ``{"name", "direction"}``): the report must not fail a retrain.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import transforms  # noqa: E402
+
+from skin.metrics import TRIAL_END_STATUSES, objective_direction  # noqa: E402
+
+PNG_NAME = "search.png"
+HTML_NAME = "report.html"
+TOP_TRIALS = 5
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str
+    score: float | None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    worker: str = ""
+    epochs: int | None = None
+    duration_s: float | None = None
+
+
+def _float(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _hyperparameters(value) -> dict[str, Any]:
+    """The search's own hyperparameters; Hyperband's bookkeeping (``tuner/epochs``,
+    ``tuner/bracket`` ...) is left out."""
+    if not isinstance(value, dict):
+        return {}
+    if isinstance(value.get("values"), dict):  # keras-tuner's HyperParameters.get_config()
+        value = value["values"]
+    return {str(k): v for k, v in value.items() if not str(k).startswith("tuner/")}
+
+
+def _trial(raw: dict, fallback_id: str) -> TrialRow:
+    duration = next((raw[k] for k in ("duration_s", "duration_seconds", "duration", "seconds")
+                     if raw.get(k) is not None), None)
+    epochs = raw.get("epochs")
+    return TrialRow(
+        trial_id=str(raw.get("trial_id", raw.get("id", fallback_id))),
+        status=str(raw.get("status", "")).lower() or "unknown",
+        score=_float(raw.get("score")),
+        hyperparameters=_hyperparameters(raw.get("hyperparameters")),
+        worker=str(raw.get("worker") or raw.get("tuner_id") or ""),
+        epochs=int(epochs) if isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
+        else None,
+        duration_s=_float(duration),
+    )
+
+
+def trials_of(result: dict) -> list[TrialRow]:
+    """The result's trials in the order they were created (numeric ids), else as given."""
+    raw = result.get("trials") or []
+    if isinstance(raw, dict):
+        raw = [dict(v, trial_id=v.get("trial_id", k)) if isinstance(v, dict) else {"trial_id": k}
+               for k, v in raw.items()]
+    rows = [_trial(t, str(i)) for i, t in enumerate(raw) if isinstance(t, dict)]
+    if rows and all(r.trial_id.isdigit() for r in rows):
+        rows.sort(key=lambda r: int(r.trial_id))
+    return rows
+
+
+def objective_of(result: dict) -> tuple[str, str]:
+    """(name, 'min' or 'max')."""
+    objective = result.get("objective") or "score"
+    direction = result.get("direction")
+    if isinstance(objective, dict):
+        direction = direction or objective.get("direction")
+        objective = objective.get("name", "score")
+    objective = str(objective)
+    direction = str(direction or objective_direction(objective)).lower()
+    return objective, "min" if direction.startswith("min") else "max"
+
+
+def counts_of(result: dict, trials: list[TrialRow]) -> dict[str, int]:
+    """Trials by status: the result's own counts if it has them, else counted here."""
+    for key in ("trials_by_status", "by_status", "counts"):
+        given = result.get(key)
+        if isinstance(given, dict) and given:
+            return {str(k).lower(): int(v) for k, v in given.items()}
+    counts = {s: 0 for s in TRIAL_END_STATUSES}
+    for t in trials:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    return counts
+
+
+def top_trials(trials: list[TrialRow], direction: str, n: int = TOP_TRIALS) -> list[TrialRow]:
+    scored = [t for t in trials if t.score is not None and t.status == "completed"]
+    return sorted(scored, key=lambda t: t.score, reverse=direction == "max")[:n]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _draw(trials: list[TrialRow], objective: str, direction: str, top: list[TrialRow]) -> bytes:
+    names = sorted({k for t in top for k in t.hyperparameters})
+    table_rows = 2 + len(names)
+    fig = plt.figure(figsize=(10, 4.2 + 0.28 * table_rows), dpi=110)
+    grid = fig.add_gridspec(2, 1, height_ratios=[4.2, 0.3 + 0.28 * table_rows], hspace=0.35)
+    ax = fig.add_subplot(grid[0])
+    # keras-tuner's ids count trials from 0 in creation order; other ids are numbered here.
+    numeric = bool(trials) and all(t.trial_id.isdigit() for t in trials)
+    xs = [int(t.trial_id) for t in trials] if numeric else list(range(len(trials)))
+    best_x, best_y, best = [], [], None
+    for x, t in zip(xs, trials):
+        if t.status == "completed" and t.score is not None:
+            if best is None or (t.score > best if direction == "max" else t.score < best):
+                best = t.score
+            best_x.append(x)
+            best_y.append(best)
+    done = [(x, t.score) for x, t in zip(xs, trials) if t.score is not None and t.status == "completed"]
+    if done:
+        ax.scatter([x for x, _ in done], [y for _, y in done], s=22, color="#1f77b4", zorder=3,
+                   label="completed trial")
+        ax.step(best_x + [xs[-1]], best_y + [best_y[-1]], where="post", color="#d62728",
+                linewidth=1.8, label="best so far")
+        best_trial = top[0] if top else None
+        if best_trial is not None:
+            bx = next(x for x, t in zip(xs, trials) if t is best_trial)
+            ax.annotate(f"trial {best_trial.trial_id}: {best_trial.score:.4f}", (bx, best_trial.score),
+                        textcoords="offset points", xytext=(6, -12 if direction == "max" else 6),
+                        fontsize=8)
+    others = [(x, t.status) for x, t in zip(xs, trials)
+              if not (t.status == "completed" and t.score is not None)]
+    if others:
+        # No score to place them by: ticks along the bottom, coloured by status.
+        bottom = transforms.blended_transform_factory(ax.transData, ax.transAxes)
+        colors = {"failed": "#d62728", "invalid": "#ff7f0e", "reclaimed": "#9467bd"}
+        for status in sorted({s for _, s in others}):
+            px = [x for x, s in others if s == status]
+            ax.scatter(px, [0.03] * len(px), marker="x", s=30, transform=bottom,
+                       color=colors.get(status, "#7f7f7f"), label=status, zorder=3)
+    ax.set_xlabel("trial" if numeric else "trial (in order)")
+    ax.margins(y=0.1)
+    ax.set_ylabel(objective)
+    arrow = "higher" if direction == "max" else "lower"
+    ax.set_title(f"Search: {objective} of {len(trials)} trials ({arrow} is better)")
+    if xs:
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if done or others:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no trials", ha="center", va="center", transform=ax.transAxes)
+
+    tab = fig.add_subplot(grid[1])
+    tab.axis("off")
+    if top:
+        cells = [[_fmt(t.score) for t in top], [_fmt(t.epochs if t.epochs is not None else "-")
+                                                 for t in top]]
+        cells += [[_fmt(t.hyperparameters.get(n, "-")) for t in top] for n in names]
+        table = tab.table(cellText=cells, rowLabels=[objective, "epochs"] + names,
+                          colLabels=[f"trial {t.trial_id}" for t in top], loc="upper center",
+                          cellLoc="center")
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        table.scale(1, 1.15)
+        tab.set_title(f"Top {len(top)} trials", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right;font-size:13px}th{background:#f3f3f3}td.l,th.l{text-align:left}
+img{max-width:100%}.best{background:#fff4d6}"""
+
+
+def _html_table(header: list[str], rows: list[list[Any]], classes: list[str] | None = None,
+                left: int = 1) -> str:
+    def cell(tag: str, i: int, v) -> str:
+        cls = ' class="l"' if i < left else ""
+        return f"<{tag}{cls}>{html.escape(_fmt(v))}</{tag}>"
+
+    out = ["<table>", "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
+    for j, row in enumerate(rows):
+        cls = f' class="{classes[j]}"' if classes and classes[j] else ""
+        out.append(f"<tr{cls}>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
+          top: list[TrialRow], counts: dict[str, int], png: bytes) -> str:
+    title = "Search report" + (f": {result['experiment']}" if result.get("experiment") else "")
+    best = top[0] if top else None
+    summary = (f"{len(trials)} trials; objective <b>{html.escape(objective)}</b> "
+               f"({'maximised' if direction == 'max' else 'minimised'})")
+    if best is not None:
+        summary += (f"; best <b>{best.score:.4f}</b> by trial {html.escape(best.trial_id)}")
+    names = sorted({k for t in top for k in t.hyperparameters})
+    top_rows = [[t.trial_id, t.score, t.epochs if t.epochs is not None else "-",
+                 *[t.hyperparameters.get(n, "-") for n in names]] for t in top]
+    all_rows = [[t.trial_id, t.status, "-" if t.score is None else t.score,
+                 "-" if t.epochs is None else t.epochs,
+                 "-" if t.duration_s is None else round(t.duration_s, 1), t.worker or "-"]
+                for t in trials]
+    best_id = best.trial_id if best else None
+    image = base64.b64encode(png).decode("ascii")
+    return "\n".join([
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>", f"<p>{summary}</p>",
+        "<h2>Trials by status</h2>",
+        _html_table(["status", "trials"], [[k, v] for k, v in counts.items()]),
+        f'<img alt="objective of every trial with the best so far" '
+        f'src="data:image/png;base64,{image}">',
+        f"<h2>Top {len(top)} trials</h2>",
+        _html_table(["trial", objective, "epochs", *names], top_rows),
+        "<h2>Every trial</h2>",
+        _html_table(["trial", "status", objective, "epochs", "seconds", "worker"], all_rows,
+                    classes=["best" if r[0] == best_id else "" for r in all_rows], left=2),
+        "</body></html>", ""])
+
+
+def render_search_report(result: dict, out_dir) -> tuple[Path, Path]:
+    """Write ``search.png`` and ``report.html`` into ``out_dir``; their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trials = trials_of(result)
+    objective, direction = objective_of(result)
+    top = top_trials(trials, direction)
+    counts = counts_of(result, trials)
+    png = _draw(trials, objective, direction, top)
+    png_path, html_path = out / PNG_NAME, out / HTML_NAME
+    png_path.write_bytes(png)
+    html_path.write_text(_page(result, trials, objective, direction, top, counts, png),
+                         encoding="utf-8")
+    return png_path, html_path

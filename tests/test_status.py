@@ -1,0 +1,150 @@
+"""skin status: parse a live chief endpoint, print the table, watch, read the bucket's best."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from skin import metrics as m
+from skin.config import parse_experiment
+from skin.errors import EXIT_OK, EXIT_RETRYABLE
+from skin.status import fetch, format_status, main_status
+
+
+@pytest.fixture
+def chief():
+    """A chief's metrics served on a free loopback port, mid-search."""
+    registry = CollectorRegistry()
+    c = m.ChiefMetrics(registry, objective="val_auc", workers=3, lease_seconds=60,
+                       experiment="demo", tuner="hyperband")
+    for trial, (worker, status, score) in enumerate([
+            ("tuner0", "completed", 0.71), ("tuner1", "completed", 0.83), ("tuner0", "failed", None),
+            ("tuner1", "reclaimed", None), ("tuner0", "completed", 0.78)]):
+        c.trial_started(worker)
+        c.trial_ended(status, 30.0, score, worker, trial_id=f"{trial:04d}")
+    c.trial_started("tuner0")
+    c.worker_report("tuner0", epoch=2, epochs_budget=6)
+    c.trial_started("tuner1")
+    c.worker_report("tuner1", epoch=0, epochs_budget=2)
+    c.set_search_progress(5, 20, 900.0)
+    with m.serve(registry, "127.0.0.1", 0) as server:
+        yield c, f"127.0.0.1:{server.port}"
+
+
+def test_fetch_reads_counts_best_workers_and_time_left(chief):
+    _, address = chief
+    st = fetch(address)
+    assert st.trials == {"running": 2, "completed": 3, "failed": 1, "invalid": 0, "reclaimed": 1}
+    assert st.started == 7
+    assert st.best == pytest.approx(0.83)
+    assert st.best_trial == "1"
+    assert st.objective == "val_auc" and st.direction == "max"
+    assert st.experiment == "demo" and st.tuner == "hyperband"
+    assert [w.worker for w in st.workers] == ["tuner0", "tuner1", "tuner2"]
+    w0, w1, w2 = st.workers
+    assert (w0.running, w0.epoch, w0.epochs_budget) == (True, 2, 6)
+    assert (w1.running, w1.epoch, w1.epochs_budget) == (True, 0, 2)
+    assert w0.last_report_age < 30
+    assert (w2.running, w2.last_report_age) == (False, None)  # expected, never reported
+    assert (st.workers_connected, st.workers_expected) == (2, 3)
+    assert (st.done, st.total_estimate) == (5, 20)
+    assert 880 < st.time_left <= 900
+    assert not st.finished
+
+
+def test_format_status_prints_the_table(chief):
+    _, address = chief
+    text = format_status(fetch(address))
+    lines = text.splitlines()
+    assert lines[0] == f"search demo (hyperband, maximise val_auc) at {address}: running"
+    assert lines[1] == "trials     running 2  completed 3  failed 1  invalid 0  reclaimed 1"
+    assert re.fullmatch(r"progress   5 of ~20 trials done; time left 1[45]m\d\ds", lines[2])
+    assert lines[3].startswith("best       val_auc 0.8300 (trial 1), improved ")
+    assert lines[4] == "workers    2 connected of 3"
+    rows = {line.split()[0]: line.split() for line in lines[6:]}
+    assert rows["tuner0"][:3] == ["tuner0", "running", "2/6"]
+    assert rows["tuner1"][:3] == ["tuner1", "running", "0/2"]
+    assert rows["tuner2"] == ["tuner2", "idle", "-", "never"]
+
+
+def test_a_finished_search_and_an_empty_one():
+    registry = CollectorRegistry()
+    c = m.ChiefMetrics(registry, objective="val_loss")
+    with m.serve(registry, "127.0.0.1", 0) as server:
+        st = fetch(f"http://127.0.0.1:{server.port}/metrics")
+        assert st.best is None and st.best_trial is None and st.time_left is None
+        text = format_status(st)
+        assert "best       val_loss -" in text and "time left -" in text
+        c.trial_started("tuner0")
+        c.trial_ended("completed", 5.0, 0.4, "tuner0")  # no trial id given
+        c.search_finished()
+        st = fetch(f"127.0.0.1:{server.port}")
+        assert st.finished and st.time_left == 0 and st.best == pytest.approx(0.4)
+        assert st.best_trial is None
+        assert format_status(st).splitlines()[0].endswith(": finished")
+
+
+def test_main_status_once_and_when_the_chief_is_unreachable(chief, capsys):
+    _, address = chief
+    out = io.StringIO()
+    assert main_status(address, watch=False, out=out) == EXIT_OK
+    assert "completed 3" in out.getvalue()
+    server_gone = "127.0.0.1:1"
+    assert main_status(server_gone, watch=False, out=io.StringIO()) == EXIT_RETRYABLE
+    assert "cannot read the chief's metrics at http://127.0.0.1:1/metrics" in capsys.readouterr().err
+
+
+def test_a_worker_endpoint_is_not_a_chief(capsys):
+    registry = CollectorRegistry()
+    m.WorkerMetrics(registry, "tuner0")
+    with m.serve(registry, "127.0.0.1", 0) as server:
+        with pytest.raises(ValueError, match="not serve a skin chief"):
+            fetch(f"127.0.0.1:{server.port}")
+        assert main_status(f"127.0.0.1:{server.port}", out=io.StringIO()) == EXIT_RETRYABLE
+
+
+def test_watch_refreshes_with_new_values(chief):
+    c, address = chief
+    out = io.StringIO()
+
+    def between_refreshes(seconds):  # the search moves on while status sleeps
+        assert seconds == 0.5
+        c.trial_ended("completed", 40.0, 0.9, "tuner0", trial_id="0007")
+
+    code = main_status(address, watch=True, interval=0.5, out=out, refreshes=2,
+                       sleep=between_refreshes)
+    assert code == EXIT_OK
+    tables = out.getvalue().split("(refreshing every 0.5s; Ctrl-C to stop)")
+    assert "completed 3" in tables[0] and "completed 4" in tables[1]
+    assert "val_auc 0.9000 (trial 7)" in tables[1]
+    assert "\033[H" not in out.getvalue()  # no screen clearing when not a terminal
+
+
+def test_status_adds_the_best_hyperparameters_from_the_bucket(chief, storage, bucket):
+    _, address = chief
+    exp = parse_experiment({"apiVersion": "skin/v1", "kind": "Experiment", "name": "demo",
+                            "storage": {"bucket": bucket}}, env={})
+    out = io.StringIO()
+    main_status(address, out=out, experiment=exp, storage=storage)  # nothing there yet
+    assert "learning_rate" not in out.getvalue()
+    storage.write_json(exp.tuner_uri + "/best_hyperparameters.json", {
+        "trial_id": "0001", "score": 0.83, "objective": "val_auc", "epochs": 6,
+        "hyperparameters": {"learning_rate": 0.001, "filters": 32}})
+    out = io.StringIO()
+    assert main_status(address, out=out, experiment=exp, storage=storage) == EXIT_OK
+    assert "filters=32, learning_rate=0.001" in out.getvalue()
+
+
+def test_the_skin_status_command(chief):
+    _, address = chief
+    env = dict(os.environ, SKIN_LOG_LEVEL="WARNING")
+    out = subprocess.run([sys.executable, "-m", "skin.cli", "status", "--address", address],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "trials     running 2  completed 3  failed 1  invalid 0  reclaimed 1" in out.stdout

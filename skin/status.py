@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, TextIO

@@ -7,8 +7,9 @@ best-so-far line, and the top trials' hyperparameters as a table. The HTML
 page embeds the PNG (base64) and adds the counts by status and every trial,
 so it can be mailed or opened from the bucket without anything beside it.
 
-It reads the result leniently (a list or a mapping of trials, ``trial_id``
-or ``id``, ``duration_s``/``duration_seconds``/``duration``, an objective as a
+The result's shape is skin.tuning.results' (``id``, ``duration``, ``counts``,
+``trials_by_status`` with trial ids); it is read leniently (a list or a mapping of
+trials, ``trial_id`` or ``id``, ``duration_s``/``duration_seconds``/``duration``, an objective as a
 name or as ``{"name", "direction"}``): the report must not fail a retrain.
 """
 
@@ -105,11 +106,13 @@ def objective_of(result: dict) -> tuple[str, str]:
 
 
 def counts_of(result: dict, trials: list[TrialRow]) -> dict[str, int]:
-    """Trials by status: the result's own counts if it has them, else counted here."""
-    for key in ("trials_by_status", "by_status", "counts"):
+    """Trials by status: the result's own counts if it has them (``counts``: {status: n};
+    ``trials_by_status``: {status: [ids]}), else counted here."""
+    for key in ("counts", "trials_by_status", "by_status"):
         given = result.get(key)
         if isinstance(given, dict) and given:
-            return {str(k).lower(): int(v) for k, v in given.items()}
+            return {str(k).lower(): len(v) if isinstance(v, (list, tuple)) else int(v)
+                    for k, v in given.items()}
     counts = {s: 0 for s in TRIAL_END_STATUSES}
     for t in trials:
         counts[t.status] = counts.get(t.status, 0) + 1

@@ -17,14 +17,18 @@ def result(objective="val_auc", **extra) -> dict:
     scores = [0.62, 0.71, None, 0.69, 0.84, None, 0.77, 0.80, None]
     statuses = ["COMPLETED", "COMPLETED", "FAILED", "COMPLETED", "COMPLETED", "RECLAIMED",
                 "COMPLETED", "COMPLETED", "INVALID"]
-    trials = [{"trial_id": f"{i:02d}", "status": st, "score": sc,
+    trials = [{"id": f"{i:02d}", "status": st, "score": sc,
                "hyperparameters": {"learning_rate": 10 ** -(2 + i % 3), "filters": 16 * (1 + i % 3),
                                    "tuner/epochs": 2, "tuner/bracket": 1},
                "worker": f"tuner{i % 2}", "epochs": 2 if sc is not None else 1,
-               "duration_s": 30.0 + i}
+               "duration": 30.0 + i, "attempts": [], "continues": None}
               for i, (st, sc) in enumerate(zip(statuses, scores))]
-    return {"experiment": "demo <&>", "objective": objective, "trials": trials,
-            "trials_by_status": {"completed": 6, "failed": 1, "invalid": 1, "reclaimed": 1},
+    by_status = {}
+    for t in trials:
+        by_status.setdefault(t["status"].lower(), []).append(t["id"])
+    return {"experiment": "demo <&>", "outcome": "completed", "tuner": "hyperband",
+            "objective": objective, "direction": "max", "trials": trials,
+            "counts": {k: len(v) for k, v in by_status.items()}, "trials_by_status": by_status,
             **extra}
 
 
@@ -53,7 +57,7 @@ def test_png_and_html_show_the_search(tmp_path):
 
 
 def test_a_minimised_objective_ranks_the_lowest_first(tmp_path):
-    res = result(objective={"name": "val_loss", "direction": "min"})
+    res = result(objective={"name": "val_loss", "direction": "min"}, direction=None)
     trials = trials_of(res)
     assert [t.trial_id for t in top_trials(trials, "min", 3)] == ["00", "03", "01"]
     _, html = render_search_report(res, tmp_path)
@@ -84,3 +88,12 @@ def test_no_completed_trials_still_renders(tmp_path, res):
     png, html = render_search_report(res, tmp_path)
     assert png.stat().st_size > 1000
     assert "Top 0 trials" in html.read_text()
+
+
+def test_counts_from_trial_id_lists(tmp_path):
+    res = result()
+    del res["counts"]
+    _, html = render_search_report(res, tmp_path)
+    page = html.read_text()
+    assert '<td class="l">completed</td><td>6</td>' in page
+    assert '<td class="l">reclaimed</td><td>1</td>' in page

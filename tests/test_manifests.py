@@ -1,0 +1,457 @@
+"""k8s/tuning and k8s/kind: rendered with kustomize, validated against the official
+schemas, and the properties users and the cluster rely on asserted on the objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from skin.config import (DEFAULT_EXPERIMENT_FILE, QUICKSTART_EXPERIMENT_FILE, load_experiment,
+                         parse_experiment, runtime_from_env)
+from skin.errors import EXIT_RETRYABLE, FATAL_EXIT_CODES
+
+REPO = Path(__file__).resolve().parents[1]
+OVERLAYS = ("tuning", "kind")
+K8S_VERSIONS = ("1.29", "1.30", "1.31", "1.32", "1.33")  # as Makefile K8S_VERSIONS
+WRITABLE_ENV = ("HOME", "TMPDIR", "MPLCONFIGDIR", "KERAS_HOME", "SKIN_WORK_DIR")
+GPU = "nvidia.com/gpu"
+# Volume types the restricted Pod Security Standard allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
+                                reason="kubectl (with kustomize) is not installed")
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict, ...]:
+    out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s" / overlay)],
+                         check=True, capture_output=True, text=True).stdout
+    return tuple(d for d in yaml.safe_load_all(out) if d)
+
+
+def objects(overlay: str, kind: str) -> list[dict]:
+    return [d for d in render(overlay) if d["kind"] == kind]
+
+
+def one(overlay: str, kind: str, name: str) -> dict:
+    found = [d for d in objects(overlay, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def workloads(overlay: str) -> list[dict]:
+    return [d for d in render(overlay) if d["kind"] in ("Job", "Deployment")]
+
+
+def skin_jobs(overlay: str) -> dict[str, dict]:
+    """The roles' Jobs by component label."""
+    jobs = {}
+    for job in objects(overlay, "Job"):
+        jobs[job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]] = job
+    return jobs
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def containers(obj: dict) -> list[dict]:
+    spec = pod_spec(obj)
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def env_value(container: dict, name: str) -> str:
+    return env_of(container)[name]["value"]
+
+
+def experiment(overlay: str):
+    (cm,) = objects(overlay, "ConfigMap")
+    return parse_experiment(yaml.safe_load(cm["data"]["experiment.yaml"]), env={})
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions In/NotIn/Exists)."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+# --- rendering and schemas -------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_overlay_renders_every_part(overlay):
+    kinds = {d["kind"] for d in render(overlay)}
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job",
+            "NetworkPolicy"} <= kinds
+    assert set(skin_jobs(overlay)) == {"stage", "chief", "worker", "retrain"}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Secret"}
+
+
+def test_the_bundled_schemas_cover_the_supported_versions():
+    bundled = {kubernetes_validate.utils.major_minor(v)
+               for v in kubernetes_validate.utils.all_versions()}
+    assert set(K8S_VERSIONS) <= bundled
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_passes_strict_schema_validation(overlay, version):
+    for doc in render(overlay):
+        kubernetes_validate.validate(doc, f"{version}.0", strict=True)
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    job = yaml.safe_load(yaml.safe_dump(one("tuning", "Job", "skin-workers")))
+    job["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFileSystem"] = True  # typo
+    with pytest.raises(kubernetes_validate.ValidationError, match="readOnlyRootFileSystem"):
+        kubernetes_validate.validate(job, "1.29.0", strict=True)
+
+
+def test_the_makefile_validates_the_same_versions():
+    makefile = (REPO / "Makefile").read_text()
+    versions = re.search(r"^K8S_VERSIONS \?= (.+)$", makefile, re.M).group(1).split()
+    assert tuple(versions) == K8S_VERSIONS
+
+
+# --- pod security, resources, labels ----------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_the_restricted_standard_with_a_read_only_root(overlay):
+    for obj in workloads(overlay):
+        where = f"{overlay} {obj['kind']} {obj['metadata']['name']}"
+        spec = pod_spec(obj)
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True, where
+        assert isinstance(psc["runAsUser"], int) and psc["runAsUser"] > 0, where
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault", where
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(flag), where
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, (where, volume)
+        for c in containers(obj):
+            csc = c["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert csc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+            assert csc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert not csc.get("privileged"), (where, c["name"])
+            assert csc.get("runAsUser", psc["runAsUser"]) != 0, (where, c["name"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_namespace_enforces_the_restricted_standard(overlay):
+    (ns,) = objects(overlay, "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert {d["metadata"].get("namespace") for d in render(overlay) if d["kind"] != "Namespace"} \
+        == {ns["metadata"]["name"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_and_limits(overlay):
+    for obj in workloads(overlay):
+        for c in containers(obj):
+            res = c["resources"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind, {})), \
+                    (overlay, obj["metadata"]["name"], c["name"], kind)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_and_pod_carries_the_app_labels(overlay):
+    for doc in render(overlay):
+        labels = doc["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "skin", (doc["kind"], doc["metadata"])
+        assert "app.kubernetes.io/name" in labels, (doc["kind"], doc["metadata"])
+    for obj in workloads(overlay):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert {"app.kubernetes.io/name", "app.kubernetes.io/part-of",
+                "app.kubernetes.io/component"} <= set(labels), obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_what_must_write_goes_to_an_empty_dir(overlay):
+    for role, job in skin_jobs(overlay).items():
+        spec = pod_spec(job)
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        (c,) = spec["containers"]
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        writable = [p for p, m in mounts.items() if m["name"] in empty_dirs]
+        for name in WRITABLE_ENV:
+            path = env_value(c, name)
+            assert any(path == p or path.startswith(p.rstrip("/") + "/") for p in writable), \
+                (overlay, role, name, path)
+        assert mounts["/tmp"]["name"] in empty_dirs, (overlay, role)
+
+
+# --- the roles --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_role_runs_its_entrypoint_with_the_mounted_experiment(overlay):
+    (cm,) = objects(overlay, "ConfigMap")
+    for role, job in skin_jobs(overlay).items():
+        spec = pod_spec(job)
+        (c,) = spec["containers"]
+        module = c["command"][2]
+        assert c["command"][:2] == ["python", "-m"] and module.startswith("jobs."), c["command"]
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+        (volume,) = [v for v in spec["volumes"] if "configMap" in v]
+        assert volume["configMap"]["name"] == cm["metadata"]["name"]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True
+        assert env_value(c, "SKIN_CONFIG") == f"{mount['mountPath']}/experiment.yaml"
+        assert spec["restartPolicy"] == "Never"
+        assert c["imagePullPolicy"] == "IfNotPresent"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_failure_policy_follows_the_exit_codes(overlay):
+    for role, job in skin_jobs(overlay).items():
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        by_action = {r["action"]: r for r in rules}
+        fatal = by_action["FailJob"]["onExitCodes"]
+        assert fatal["operator"] == "In" and tuple(fatal["values"]) == FATAL_EXIT_CODES, role
+        assert by_action["Ignore"]["onPodConditions"] == [
+            {"type": "DisruptionTarget", "status": "True"}], role
+        retried = by_action["Count"]["onExitCodes"]["values"]
+        assert EXIT_RETRYABLE in retried and {130, 137, 143} <= set(retried), role
+        assert not set(retried) & set(FATAL_EXIT_CODES), role
+        # The fatal rule comes first: the first matching rule wins.
+        assert rules[0]["action"] == "FailJob", role
+        assert job["spec"]["podReplacementPolicy"] == "Failed", role
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_are_an_indexed_job_sized_by_the_experiment(overlay):
+    workers = skin_jobs(overlay)["worker"]
+    spec = workers["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["parallelism"] == spec["completions"] == experiment(overlay).workers
+    assert spec["backoffLimitPerIndex"] >= 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_worker_gets_its_tuner_id_from_the_completion_index(overlay):
+    (c,) = pod_spec(skin_jobs(overlay)["worker"])["containers"]
+    names = [e["name"] for e in c["env"]]
+    # $(VAR) expands only variables declared earlier in the list.
+    assert names.index("JOB_COMPLETION_INDEX") < names.index("KERASTUNER_TUNER_ID")
+    assert env_of(c)["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    template = env_value(c, "KERASTUNER_TUNER_ID")
+    assert template == "tuner$(JOB_COMPLETION_INDEX)"
+    # What the kubelet makes of it, for index 3, is a worker id skin accepts.
+    env = {k: v["value"] for k, v in env_of(c).items() if "value" in v}
+    env["KERASTUNER_TUNER_ID"] = template.replace("$(JOB_COMPLETION_INDEX)", "3")
+    runtime = runtime_from_env(env)
+    assert (runtime.role, runtime.worker_index) == ("worker", 3)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_dial_the_chief_service_on_the_oracle_port(overlay):
+    jobs = skin_jobs(overlay)
+    (chief,) = pod_spec(jobs["chief"])["containers"]
+    (worker,) = pod_spec(jobs["worker"])["containers"]
+    service = one(overlay, "Service", env_value(worker, "KERASTUNER_ORACLE_IP"))
+    assert selects({"matchLabels": service["spec"]["selector"]},
+                   jobs["chief"]["spec"]["template"]["metadata"]["labels"])
+    assert not selects({"matchLabels": service["spec"]["selector"]},
+                       jobs["worker"]["spec"]["template"]["metadata"]["labels"])
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    chief_ports = {p["name"]: p["containerPort"] for p in chief["ports"]}
+    exp = experiment(overlay)
+    assert int(env_value(worker, "KERASTUNER_ORACLE_PORT")) == ports["oracle"]["port"]
+    assert int(env_value(chief, "KERASTUNER_ORACLE_PORT")) == chief_ports["oracle"]
+    assert ports["oracle"]["targetPort"] == "oracle"
+    assert chief_ports["oracle"] == exp.chief.oracle_port
+    assert ports["metrics"]["targetPort"] == "metrics"
+    assert int(env_value(chief, "SKIN_METRICS_PORT")) == chief_ports["metrics"] \
+        == exp.chief.metrics_port
+    worker_ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert int(env_value(worker, "SKIN_METRICS_PORT")) == worker_ports["metrics"]
+    # The runtimes parse (POD_NAMESPACE comes from the downward API).
+    assert runtime_from_env({**{k: v.get("value", "skin") for k, v in env_of(chief).items()}}) \
+        .role == "chief"
+    assert chief["readinessProbe"]["tcpSocket"]["port"] == "oracle"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_retrain_job_waits_suspended_for_the_chief(overlay):
+    jobs = skin_jobs(overlay)
+    retrain = jobs["retrain"]
+    assert retrain["spec"]["suspend"] is True
+    assert not any(job["spec"].get("suspend") for role, job in jobs.items() if role != "retrain")
+    (chief,) = pod_spec(jobs["chief"])["containers"]
+    assert env_value(chief, "SKIN_RETRAIN_JOB") == retrain["metadata"]["name"]
+    assert env_of(chief)["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.namespace"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_chief_may_touch_the_api_and_only_the_retrain_job(overlay):
+    jobs = skin_jobs(overlay)
+    (role,) = objects(overlay, "Role")
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == ["batch"] and rule["resources"] == ["jobs"]
+    assert rule["resourceNames"] == [jobs["retrain"]["metadata"]["name"]]
+    assert sorted(rule["verbs"]) == ["get", "patch"]
+    (binding,) = objects(overlay, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    (subject,) = binding["subjects"]
+    chief_spec = pod_spec(jobs["chief"])
+    assert subject["kind"] == "ServiceAccount"
+    assert subject["name"] == chief_spec["serviceAccountName"]
+    assert chief_spec["automountServiceAccountToken"] is True
+    for obj in workloads(overlay):
+        if obj is jobs["chief"]:
+            continue
+        spec = pod_spec(obj)
+        assert spec["automountServiceAccountToken"] is False, obj["metadata"]["name"]
+        assert spec.get("serviceAccountName") != subject["name"], obj["metadata"]["name"]
+
+
+# --- the network ------------------------------------------------------------------------------
+
+def _allowed_peers(overlay: str, pod_labels: dict, port: str) -> list[dict]:
+    peers = []
+    for policy in objects(overlay, "NetworkPolicy"):
+        if not selects(policy["spec"]["podSelector"], pod_labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if any(p.get("port") == port for p in rule.get("ports", [])) or not rule.get("ports"):
+                peers.extend(rule.get("from", [{"everyone": True}]))
+    return peers
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_workers_reach_the_oracle_and_only_monitoring_the_metrics(overlay):
+    jobs = skin_jobs(overlay)
+    labels = {role: job["spec"]["template"]["metadata"]["labels"] for role, job in jobs.items()}
+    # Every skin pod is isolated for ingress by at least one policy.
+    for role, pod_labels in labels.items():
+        assert any(selects(p["spec"]["podSelector"], pod_labels)
+                   and "Ingress" in p["spec"]["policyTypes"]
+                   for p in objects(overlay, "NetworkPolicy")), role
+    oracle_peers = _allowed_peers(overlay, labels["chief"], "oracle")
+    assert oracle_peers and all(set(p) == {"podSelector"} for p in oracle_peers)
+    for role, pod_labels in labels.items():
+        allowed = any(selects(p["podSelector"], pod_labels) for p in oracle_peers)
+        assert allowed == (role == "worker"), role
+    for role in ("chief", "worker"):
+        peers = _allowed_peers(overlay, labels[role], "metrics")
+        assert peers == [{"namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}], role
+    for role in ("stage", "retrain"):
+        assert _allowed_peers(overlay, labels[role], "metrics") == [], role
+
+
+# --- the experiment ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_configmap_experiment_passes_the_validator(overlay):
+    exp = experiment(overlay)
+    assert exp.name and exp.workers >= 1
+
+
+def test_the_cluster_experiment_is_the_shipped_default_with_its_data_in_the_bucket():
+    exp = experiment("tuning")
+    default = load_experiment(DEFAULT_EXPERIMENT_FILE, env={})
+    assert exp.data.source.startswith(f"gs://{exp.storage.bucket}/")
+    assert exp == dataclasses.replace(default,
+                                      data=dataclasses.replace(default.data,
+                                                               source=exp.data.source))
+
+
+def test_the_kind_experiment_is_the_quickstart():
+    assert experiment("kind") == load_experiment(QUICKSTART_EXPERIMENT_FILE, env={})
+    assert experiment("kind").data.source == "synthetic"
+
+
+# --- GPU (tuning) and CPU (kind) --------------------------------------------------------------
+
+def test_tuning_trains_on_gpu_nodes():
+    jobs = skin_jobs("tuning")
+    for role in ("worker", "retrain"):
+        spec = pod_spec(jobs[role])
+        (c,) = spec["containers"]
+        assert c["resources"]["limits"][GPU] == 1, role
+        assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert spec["nodeSelector"], role
+    for role in ("stage", "chief"):
+        spec = pod_spec(jobs[role])
+        assert GPU not in str(spec), role
+
+
+def test_kind_has_no_gpu_anywhere():
+    for obj in workloads("kind"):
+        spec = pod_spec(obj)
+        assert GPU not in yaml.safe_dump(spec), obj["metadata"]["name"]
+        assert not spec.get("tolerations") and not spec.get("nodeSelector")
+
+
+def test_tuning_reaches_the_bucket_through_workload_identity():
+    accounts = {sa["metadata"]["name"]: sa for sa in objects("tuning", "ServiceAccount")}
+    for job in skin_jobs("tuning").values():
+        sa = accounts[pod_spec(job)["serviceAccountName"]]
+        assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+            ".iam.gserviceaccount.com")
+    text = yaml.safe_dump_all(render("tuning"))
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in text and "STORAGE_EMULATOR_HOST" not in text
+
+
+def test_kind_talks_to_the_in_cluster_emulator_holding_the_bucket():
+    service = one("kind", "Service", "fake-gcs-server")
+    deployment = one("kind", "Deployment", "fake-gcs-server")
+    port = service["spec"]["ports"][0]["port"]
+    for role, job in skin_jobs("kind").items():
+        (c,) = pod_spec(job)["containers"]
+        assert env_value(c, "STORAGE_EMULATOR_HOST") == f"http://fake-gcs-server:{port}", role
+    assert selects({"matchLabels": service["spec"]["selector"]},
+                   deployment["spec"]["template"]["metadata"]["labels"])
+    (server,) = pod_spec(deployment)["containers"]
+    assert re.fullmatch(r"fsouza/fake-gcs-server:\d+\.\d+\.\d+", server["image"])
+    data_dir = next(a.split("=", 1)[1] for a in server["args"] if a.startswith("-data="))
+    bucket_dirs = [m["mountPath"] for m in server["volumeMounts"]
+                   if m["mountPath"].startswith(data_dir + "/")]
+    assert bucket_dirs == [f"{data_dir}/{experiment('kind').storage.bucket}"]
+    assert "iam.gke.io/gcp-service-account" not in yaml.safe_dump_all(render("kind"))
+
+
+def test_images_are_pinned():
+    for overlay in OVERLAYS:
+        for obj in workloads(overlay):
+            for c in containers(obj):
+                name, _, tag = c["image"].rpartition(":")
+                assert name and tag and tag != "latest", (overlay, c["image"])
+    kind_images = {c["image"] for job in skin_jobs("kind").values() for c in containers(job)}
+    assert kind_images == {"localhost/skin:dev"}
+
+
+def test_the_kind_cluster_has_one_control_plane_and_two_workers():
+    cluster = yaml.safe_load((REPO / "k8s/kind/cluster.yaml").read_text())
+    assert cluster["kind"] == "Cluster"
+    assert [n["role"] for n in cluster["nodes"]] == ["control-plane", "worker", "worker"]

@@ -607,6 +607,16 @@ class BatchMetrics:
         return True
 
 
+def role_metrics(registry: CollectorRegistry, exp, tuner_id: str) -> "ChiefMetrics | WorkerMetrics":
+    """The hooks of a tuning role (``chief`` or ``tuner<i>``), configured from the experiment:
+    objective and direction, the workers to expect, the lease that counts as connected."""
+    if tuner_id == "chief":
+        return ChiefMetrics(registry, objective=exp.search.objective, workers=exp.workers,
+                            lease_seconds=exp.search.lease_seconds, experiment=exp.name,
+                            tuner=exp.search.tuner)
+    return WorkerMetrics(registry, tuner_id, objective=exp.search.objective)
+
+
 # ---------------------------------------------------------------------------
 # Serving
 

@@ -320,3 +320,21 @@ def test_serve_binds_a_free_port_and_reports_scrapes():
         assert server.scrapes == 1
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url, timeout=2)
+
+
+def test_role_metrics_configures_the_hooks_from_the_experiment():
+    from skin.config import parse_experiment
+
+    exp = parse_experiment({"apiVersion": "skin/v1", "kind": "Experiment", "name": "exp1",
+                            "workers": 3, "search": {"objective": "val_loss", "tuner": "random",
+                                                     "lease_seconds": 45}}, env={})
+    r = CollectorRegistry()
+    chief = m.role_metrics(r, exp, "chief")
+    assert isinstance(chief, m.ChiefMetrics)
+    assert (chief.direction, chief.lease_seconds) == ("min", 45.0)
+    assert value(r, "skin_chief_workers_expected") == 3
+    assert value(r, "skin_chief_search_info", experiment="exp1", tuner="random",
+                 objective="val_loss", direction="min") == 1
+    worker = m.role_metrics(CollectorRegistry(), exp, "tuner2")
+    assert isinstance(worker, m.WorkerMetrics)
+    assert (worker.worker, worker.objective) == ("tuner2", "val_loss")

@@ -1,0 +1,537 @@
+"""Retrain the best configuration and publish it.
+
+``retrain(exp, runtime, storage)``: the search's best hyperparameters →
+a final model trained on the train split, early-stopped on validation →
+the decision threshold chosen on validation (the highest one that keeps
+malignant sensitivity >= ``retrain.target_sensitivity``) → evaluation on the
+test split when one was staged, else on validation → publication to
+``<root>/models/<version>/`` and, written last, ``<root>/models/LATEST``.
+
+No decision looks at the test split: early stopping, the restored epoch and
+the threshold all use validation only.
+
+A published version holds ``model.keras`` (self-describing: the serving
+description is inside the archive and in ``serving.json`` beside it),
+``saved_model/`` (``model.export``), ``metrics.json``, ``learning_curves.png``,
+``roc.png``, ``confusion_matrix.png``, ``model_card.md`` and, when
+:mod:`skin.report` is there, the run report of the search.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+import skin
+from skin.errors import DataError, SearchFailedError
+from skin.evaluate import (CLASS_NAMES, MODEL_FILE, SERVING_FILE, choose_threshold,
+                           classification_metrics, embed_serving, malignant_probability,
+                           roc_curve, serving_document)
+from skin.storage import join
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 32
+VERSION_FORMAT = "%Y%m%d-%H%M%S"
+LICENCE_NOTE = (
+    "Images from the ISIC Archive (International Skin Imaging Collaboration), via the Kaggle "
+    "dataset \"Skin Cancer: Malignant vs. Benign\". Licensed per image, mostly CC-BY-NC: "
+    "non-commercial use only, with attribution to the ISIC Archive. Do not monetise this model.")
+INTENDED_USE = (
+    "Research and teaching on distributed hyperparameter search. Not a medical device: it must "
+    "not be used to diagnose, screen or triage anyone.")
+
+
+@dataclass(frozen=True)
+class Published:
+    version: str
+    uri: str  # <root>/models/<version>
+    metrics: dict
+    local_dir: Path  # the same files on local disk (runtime.work_dir/published/<version>)
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+class Curves(keras.callbacks.Callback):
+    """Records every epoch's logs and writes one log line per epoch."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.history: dict[str, list[float]] = {}
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        shown = []
+        for key, value in sorted((logs or {}).items()):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            self.history.setdefault(key, []).append(value)
+            shown.append(f"{key}={value:.4f}")
+        log.info("retrain epoch %d/%d (%.0f s): %s", epoch + 1, self.epochs,
+                 time.monotonic() - self._started, " ".join(shown))
+
+
+def _monitor(objective: str) -> tuple[str, str]:
+    """The validation metric to early-stop on and its direction."""
+    return objective, ("min" if objective.endswith("loss") else "max")
+
+
+def _hyperparameters(values: dict[str, Any]):
+    import keras_tuner
+
+    hp = keras_tuner.HyperParameters()
+    # A registered hyperparameter keeps a value that is already there (keras-tuner's
+    # _register), so build() sees the best trial's values, conditional ones included.
+    hp.values.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()})
+    return hp
+
+
+def _epochs(exp, best: dict) -> int:
+    if exp.retrain.epochs:
+        return exp.retrain.epochs
+    values = best.get("hyperparameters") or {}
+    for candidate in (best.get("epochs"), values.get("tuner/epochs")):
+        if candidate:
+            return int(candidate)
+    return exp.search.max_epochs
+
+
+def train(exp, hypermodel, best: dict, data_dir: Path) -> tuple[Any, dict]:
+    """The final model, early-stopped on validation with the best epoch's weights restored."""
+    keras.utils.set_random_seed(exp.data.seed)
+    hp = _hyperparameters(best.get("hyperparameters") or {})
+    model = hypermodel.build(hp)
+    epochs = _epochs(exp, best)
+    monitor, mode = _monitor(exp.search.objective)
+    curves = Curves(epochs)
+    # patience 0 switches early stopping off; the best validation epoch is still restored.
+    stopper = keras.callbacks.EarlyStopping(
+        monitor=monitor, mode=mode, restore_best_weights=True,
+        patience=exp.retrain.patience if exp.retrain.patience else epochs + 1)
+    log.info("retraining trial %s's configuration for up to %d epochs (early stopping on %s, "
+             "patience %s)", best.get("trial_id", "?"), epochs, monitor,
+             exp.retrain.patience or "off")
+    started = time.monotonic()
+    hypermodel.fit(hp, model, data_dir=data_dir, epochs=epochs, callbacks=[stopper, curves])
+    values = curves.history.get(monitor, [])
+    best_epoch = (int(np.argmin(values) if mode == "min" else np.argmax(values)) + 1
+                  if values else None)
+    training = {
+        "epochs_budget": epochs,
+        "epochs_trained": len(next(iter(curves.history.values()), [])),
+        "best_epoch": best_epoch,
+        "monitor": monitor,
+        "patience": exp.retrain.patience,
+        "seconds": round(time.monotonic() - started, 1),
+        "history": curves.history,
+    }
+    return model, training
+
+
+def split_predictions(model, data_dir: Path, split: str, image_size: int) -> tuple[np.ndarray,
+                                                                                   np.ndarray]:
+    """``(labels, P(malignant))`` over a staged split, in the dataset's order."""
+    from skin import data as skin_data
+
+    labels, probabilities = [], []
+    ds = skin_data.dataset(data_dir, split, image_size, EVAL_BATCH_SIZE, training=False)
+    for images, y in ds:
+        labels.append(np.asarray(y).reshape(-1))
+        probabilities.append(malignant_probability(model, np.asarray(images)))
+    if not labels:
+        raise DataError(f"the {split} split is empty")
+    return (np.rint(np.concatenate(labels)).astype(np.int64),
+            np.concatenate(probabilities))
+
+
+def _split_count(manifest: dict, split: str) -> int:
+    try:
+        return int(manifest["splits"][split]["count"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+
+def _pyplot():
+    config_dir = os.environ.get("MPLCONFIGDIR") or str(Path.home() / ".config" / "matplotlib")
+    try:
+        Path(config_dir).mkdir(parents=True, exist_ok=True)
+        writable = os.access(config_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # a read-only root filesystem in a pod
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="matplotlib-")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(history: dict[str, list[float]], best_epoch: int | None,
+                         path: Path) -> None:
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    names = [n for n in ("loss", "auc", "accuracy") if n in history or f"val_{n}" in history]
+    names += [n for n in history if not n.startswith("val_") and n not in names
+              and n != "learning_rate"][:max(0, 3 - len(names))]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.5 * max(1, len(names)), 3.6),
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for key, style in ((name, "-"), (f"val_{name}", "--")):
+            if key in history:
+                epochs = np.arange(1, len(history[key]) + 1)
+                ax.plot(epochs, history[key], style, marker="o", ms=3,
+                        label="validation" if key.startswith("val_") else "train")
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", lw=0.8, ls=":", label="restored epoch")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], points: dict[str, dict],
+             path: Path) -> None:
+    """ROC curves by split, with the operating point at the published threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    for split, (labels, scores) in curves.items():
+        try:
+            fpr, tpr, _ = roc_curve(labels, scores)
+        except ValueError:
+            continue  # one class only: no curve
+        auc = points[split].get("roc_auc")
+        line, = ax.plot(fpr, tpr, label=f"{split} (AUC {auc:.3f})" if auc is not None else split)
+        m = points[split]
+        if m.get("sensitivity") is not None and m.get("specificity") is not None:
+            ax.plot([1 - m["specificity"]], [m["sensitivity"]], "o", color=line.get_color())
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("1 - specificity (benign called malignant)")
+    ax.set_ylabel("sensitivity (malignant found)")
+    ax.set_title("ROC; dots: the published threshold")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(matrix: list[list[int]], split: str, threshold: float,
+                          path: Path) -> None:
+    plt = _pyplot()
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(m, cmap="Blues")
+    for (i, j), count in np.ndenumerate(m):
+        ax.text(j, i, str(count), ha="center", va="center",
+                color="white" if count > m.max() / 2 else "black", fontsize=13)
+    ax.set_xticks([0, 1], [f"predicted\n{c}" for c in CLASS_NAMES])
+    ax.set_yticks([0, 1], list(CLASS_NAMES))
+    ax.set_title(f"{split}, threshold {threshold:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Provenance
+
+def code_version() -> str:
+    """``skin.__version__`` plus the git commit (and ``-dirty``) when the code is a checkout."""
+    here = Path(skin.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return skin.__version__
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+        return f"{skin.__version__}+git.{commit.stdout.strip()}{suffix}"
+    except (OSError, subprocess.SubprocessError):
+        return skin.__version__
+
+
+def manifest_hash(manifest: dict, data_dir: Path) -> str:
+    if manifest.get("manifest_sha256"):
+        return str(manifest["manifest_sha256"])
+    path = data_dir / "manifest.json"
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> str:
+    splits = manifest.get("splits", {})
+    split_rows = [f"| {name} | {s.get('count', '?')} | {s.get('benign', '?')} | "
+                  f"{s.get('malignant', '?')} |" for name, s in splits.items() if s]
+    hps = best.get("hyperparameters") or {}
+    val = metrics["validation"]
+    cm = metrics["confusion_matrix"]
+    rows = ["accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1"]
+    lines = [
+        f"# Model card: {exp.name} {version}",
+        "",
+        "A from-scratch CNN that scores dermoscopic images of skin lesions as benign or "
+        "malignant, found by a distributed keras-tuner search and retrained on its best "
+        "configuration.",
+        "",
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "## Data",
+        "",
+        LICENCE_NOTE,
+        "",
+        f"- staged data: `{exp.data_uri}`",
+        f"- source: `{exp.data.source}`" + (f", test source `{exp.data.test_source}`"
+                                            if exp.data.test_source else ""),
+        f"- manifest sha256: `{metrics['data']['manifest_sha256']}`",
+        f"- source fingerprint: `{manifest.get('source_fingerprint', 'n/a')}`",
+        "",
+        "| split | images | benign | malignant |",
+        "|---|---|---|---|",
+        *split_rows,
+        "",
+        "## Using it",
+        "",
+        f"Input: float32 RGB pixels 0..255, {metrics['image_size']}x{metrics['image_size']} "
+        "(resized like the training pipeline: `skin.data.load_images`). Output: the probability "
+        f"of malignant. Decision: malignant when the probability is >= **{metrics['threshold']:.4f}**, "
+        f"the highest threshold that kept validation sensitivity >= "
+        f"{metrics['target_sensitivity']:.2f}.",
+        "",
+        f"    skin evaluate --model <this folder> --data <folder with benign/ and malignant/>",
+        f"    skin predict --model <this folder> image.jpg ...",
+        "",
+        "## Metrics",
+        "",
+        f"Evaluated on the **{metrics['evaluated_on']}** split (n={metrics['n']}) at the "
+        "published threshold"
+        + ("" if metrics["evaluated_on"] == "test" else
+           " (no test split was staged: these numbers are from the data that chose the "
+           "threshold and the epoch, so they are optimistic)") + ".",
+        "",
+        f"| metric | {metrics['evaluated_on']} | validation |",
+        "|---|---|---|",
+        *[f"| {k} | {_fmt(metrics[k])} | {_fmt(val.get(k))} |" for k in rows],
+        "",
+        f"Confusion matrix on {metrics['evaluated_on']} (rows true, columns predicted; "
+        f"benign, malignant): tn={cm[0][0]}, fp={cm[0][1]}, fn={cm[1][0]}, tp={cm[1][1]}.",
+        "",
+        "Near-duplicate photos of one lesion are kept on one side of each split, but the "
+        "dataset is small and from one archive: expect lower figures on other clinics, "
+        "cameras and skin types.",
+        "",
+        "## Training",
+        "",
+        f"- best trial: `{best.get('trial_id', 'n/a')}`, {best.get('objective', exp.search.objective)}"
+        f" = {_fmt(best.get('score'))} in the search ({exp.search.tuner})",
+        f"- retrained for {metrics['training']['epochs_trained']} of "
+        f"{metrics['training']['epochs_budget']} epochs; restored epoch "
+        f"{metrics['training']['best_epoch']} (best {metrics['training']['monitor']})",
+        "",
+        "| hyperparameter | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(v)} |" for k, v in sorted(hps.items())],
+        "",
+        "## Provenance",
+        "",
+        f"- code version: `{metrics['code_version']}`",
+        f"- created: {metrics['created']}",
+        f"- published to: `{metrics['uri']}`",
+        "",
+        "Experiment:",
+        "",
+        "```yaml",
+        exp.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Publishing
+
+def _new_version(storage, models_uri: str) -> str:
+    """A UTC timestamp no published version uses yet."""
+    while True:
+        version = _dt.datetime.now(_dt.timezone.utc).strftime(VERSION_FORMAT)
+        if not storage.list(join(models_uri, version) + "/"):
+            return version
+        time.sleep(1.05)
+
+
+def _render_report(result: dict | None, out_dir: Path) -> None:
+    if result is None:
+        log.info("no search result in the bucket: no run report")
+        return
+    try:
+        from skin.report import render_search_report
+    except ImportError:
+        log.info("skin.report.render_search_report is not available: no run report")
+        return
+    try:
+        render_search_report(result, out_dir)
+    except Exception:  # noqa: BLE001 - the report is a by-product; the model is published anyway
+        log.exception("the run report failed; publishing without it")
+
+
+def _load_result(storage, exp) -> dict | None:
+    try:
+        from skin.tuning import load_result
+    except ImportError:
+        log.info("skin.tuning.load_result is not available: no run report")
+        return None
+    try:
+        return load_result(storage, exp)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # unreadable JSON: only the report needs it
+        log.warning("search result unreadable, no run report: %s", e)
+        return None
+
+
+def _load_best(storage, exp) -> dict:
+    from skin.tuning import load_best
+
+    try:
+        return load_best(storage, exp)
+    except FileNotFoundError as e:
+        raise SearchFailedError(f"no best hyperparameters at {exp.tuner_uri}: the search has not "
+                                f"finished ({e})") from None
+
+
+def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None) -> Published:
+    """Retrain the best configuration, choose the threshold, evaluate, publish. See module doc."""
+    from skin import data as skin_data
+
+    best = dict(best) if best is not None else _load_best(storage, exp)
+    result = _load_result(storage, exp)
+    data_dir = Path(skin_data.sync_data(storage, exp.data_uri, Path(runtime.work_dir) / "data"))
+    manifest = skin_data.load_manifest(data_dir)
+    if hypermodel is None:
+        from skin.model import SkinHyperModel
+
+        hypermodel = SkinHyperModel(exp)
+    size = exp.data.image_size
+
+    model, training = train(exp, hypermodel, best, data_dir)
+
+    val_labels, val_probs = split_predictions(model, data_dir, "validation", size)
+    target = exp.retrain.target_sensitivity
+    threshold = choose_threshold(val_labels, val_probs, target)
+    if not val_labels.any():
+        log.warning("no malignant image in validation: threshold %.2f", threshold)
+    validation = classification_metrics(val_labels, val_probs, threshold)
+    log.info("threshold %.4f keeps validation sensitivity %.3f (target %.2f)", threshold,
+             validation["sensitivity"] or 0.0, target)
+
+    evaluated_on = "test" if _split_count(manifest, "test") > 0 else "validation"
+    if evaluated_on == "test":
+        eval_labels, eval_probs = split_predictions(model, data_dir, "test", size)
+    else:
+        log.warning("no test split was staged: evaluating on validation (optimistic)")
+        eval_labels, eval_probs = val_labels, val_probs
+    evaluation = classification_metrics(eval_labels, eval_probs, threshold)
+
+    version = _new_version(storage, exp.models_uri)
+    uri = join(exp.models_uri, version)
+    local_dir = Path(runtime.work_dir) / "published" / version
+    if local_dir.exists():
+        shutil.rmtree(local_dir)
+    local_dir.mkdir(parents=True)
+
+    serving = serving_document(threshold, size, version)
+    metrics = {
+        **evaluation,
+        "evaluated_on": evaluated_on,
+        "target_sensitivity": target,
+        "validation": validation,
+        "version": version,
+        "uri": uri,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "image_size": size,
+        "class_names": list(CLASS_NAMES),
+        "serving": serving,
+        "best_trial": {k: best.get(k) for k in ("trial_id", "score", "objective", "epochs")},
+        "hyperparameters": best.get("hyperparameters") or {},
+        "training": training,
+        "data": {
+            "uri": exp.data_uri,
+            "manifest_sha256": manifest_hash(manifest, data_dir),
+            "splits": {k: {f: v.get(f) for f in ("count", "benign", "malignant")}
+                       for k, v in (manifest.get("splits") or {}).items() if v},
+        },
+        "code_version": code_version(),
+        "experiment": exp.to_dict(),
+    }
+    curves = {evaluated_on: (eval_labels, eval_probs), "validation": (val_labels, val_probs)}
+    _write_version(local_dir, model, metrics, serving, exp, best, manifest, result,
+                   curves=curves, points={evaluated_on: evaluation, "validation": validation})
+
+    storage.upload_dir(local_dir, uri)
+    # LATEST last: a reader that sees it finds every file of the version already there.
+    storage.write_text(join(exp.models_uri, "LATEST"), version + "\n")
+    log.info("published %s (%s: accuracy %.3f, ROC AUC %s, sensitivity %s, specificity %s)",
+             uri, evaluated_on, evaluation["accuracy"] or 0.0, _fmt(evaluation["roc_auc"]),
+             _fmt(evaluation["sensitivity"]), _fmt(evaluation["specificity"]))
+    return Published(version=version, uri=uri, metrics=metrics, local_dir=local_dir)
+
+
+def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, best: dict,
+                   manifest: dict, result: dict | None, *, curves: dict, points: dict) -> None:
+    """Every file of a version, in a local folder."""
+    keras_file = local_dir / MODEL_FILE
+    model.save(keras_file)
+    embed_serving(keras_file, serving)
+    (local_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
+    model.export(str(local_dir / "saved_model"), verbose=False)
+    (local_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_learning_curves(metrics["training"]["history"], metrics["training"]["best_epoch"],
+                         local_dir / "learning_curves.png")
+    plot_roc(curves, points, local_dir / "roc.png")
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["evaluated_on"],
+                          metrics["threshold"], local_dir / "confusion_matrix.png")
+    (local_dir / "model_card.md").write_text(model_card(exp, metrics["version"], metrics, best,
+                                                        manifest))
+    _render_report(result, local_dir)

@@ -399,6 +399,7 @@ class WorkerMetrics:
         self.worker = worker
         self.objective = objective
         self._warn = _Warnings()
+        self._epochs_in_trial = 0
         r = registry
         _build_info(r, "worker")
         ProcessCollector(registry=r)
@@ -447,6 +448,7 @@ class WorkerMetrics:
     def trial_started(self, epochs_budget: int) -> None:
         self._running.set(1)
         self._trial_started.set(time.time())
+        self._epochs_in_trial = 0
         self._epoch.set(0)
         self._budget.set(epochs_budget)
         self._train_loss.set(NAN)
@@ -455,9 +457,12 @@ class WorkerMetrics:
 
     def epoch_ended(self, epoch: int, seconds: float, images_per_second: float,
                     logs: Mapping[str, float] | None) -> None:
-        """``epoch``: Keras' 0-based index of the epoch that ended (the gauge shows epoch + 1,
-        the epochs done); ``logs``: Keras' epoch logs (``loss``, ``val_loss``, the objective)."""
-        self._epoch.set(int(epoch) + 1)
+        """``epoch``: Keras' index of the epoch that ended (informational: a Hyperband trial
+        that continues another starts at its initial epoch, so the epochs-done gauge counts
+        the epochs since :meth:`trial_started`, which is what its budget counts);
+        ``logs``: Keras' epoch logs (``loss``, ``val_loss``, the objective)."""
+        self._epochs_in_trial += 1
+        self._epoch.set(self._epochs_in_trial)
         self._epochs.inc()
         seconds = _finite(seconds)
         ips = _finite(images_per_second)

@@ -226,8 +226,13 @@ def test_worker_tracks_its_trial_epochs_losses_and_throughput():
     assert value(r, "skin_worker_trials_ended_total", status="failed", **lbl) == 0
     assert value(r, "skin_worker_data_synced_bytes_total", **lbl) == 2_000_000
     assert value(r, "skin_worker_data_sync_seconds_total", **lbl) == 1.5
+    # A Hyperband trial continuing another: Keras counts from its initial epoch 4.
     w.trial_started(epochs_budget=2)  # a new trial starts from a clean slate
     assert math.isnan(value(r, "skin_worker_epoch_objective", **lbl))
+    assert value(r, "skin_worker_trial_epoch", **lbl) == 0
+    w.epoch_ended(4, 1.0, 10.0, {})
+    assert value(r, "skin_worker_trial_epoch", **lbl) == 1
+    assert value(r, "skin_worker_trial_epochs_budget", **lbl) == 2
 
 
 def test_batch_metrics_time_the_run_and_keep_counts_and_model_metrics():

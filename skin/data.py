@@ -238,6 +238,8 @@ def dataset(local_dir: str | os.PathLike, split: str, image_size: int, batch_siz
     else:
         ds = tf.data.TFRecordDataset(shards)
     ds = ds.map(parse, num_parallel_calls=autotune, deterministic=True)
+    # a known length lets Keras size its epochs (no "ran out of data" on the first one)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(int(info["count"])))
     if cache:
         ds = ds.cache()
     if training:

@@ -364,12 +364,13 @@ def near_duplicate_groups(thumbs: np.ndarray, labels: list[int], numbers: list[i
        of one lesion under consecutive numbers (the README's malignant run
        300-330). Such a pair is far likelier to be one lesion than a random
        pair, so it needs less visual evidence, but still some: it is linked
-       when its correlation exceeds what *unrelated* images reach about once
-       among as many comparisons. That level is the ``1 - 1/k`` quantile of
-       the correlation of random image pairs (k = number of neighbour pairs),
-       estimated from a seeded sample, kept within
-       [``ADJACENT_FLOOR``, ``threshold``]. So by chance alone we expect at
-       most about one wrong neighbour link, whatever the data set's size.
+       when its correlation exceeds what *unrelated* images of the same
+       folder reach about once among as many comparisons. That level is the
+       ``1 - 1/k`` quantile (k = number of neighbour pairs) of the
+       correlations of same-folder pairs that are not neighbours (all of
+       them, or a seeded sample), kept within [``ADJACENT_FLOOR``,
+       ``threshold``]. So by chance alone we expect about one wrong
+       neighbour link, whatever the data set's size.
 
     Linking too much only moves images together (a coarser split), never
     leaks; so chains are accepted, and the largest group is reported.
@@ -398,18 +399,9 @@ def near_duplicate_groups(thumbs: np.ndarray, labels: list[int], numbers: list[i
     stats["neighbour_pairs"] = len(neighbours)
     linked = 0
     if neighbours and n > 2:
-        rng = np.random.default_rng(seed)
-        total_pairs = n * (n - 1) // 2
-        if total_pairs <= _PAIR_SAMPLE:
-            iu = np.triu_indices(n, 1)
-            sample = np.einsum("ij,ij->i", thumbs[iu[0]], thumbs[iu[1]])
-        else:
-            a = rng.integers(0, n, _PAIR_SAMPLE)
-            b = rng.integers(0, n, _PAIR_SAMPLE)
-            keep = a != b
-            sample = np.einsum("ij,ij->i", thumbs[a[keep]], thumbs[b[keep]])
+        sample = _unrelated_pair_correlations(thumbs, labels, numbers, folders, seed)
         q = 1.0 - 1.0 / len(neighbours)
-        level = float(np.quantile(sample, q)) if len(sample) else threshold
+        level = float(np.quantile(sample, q)) if len(sample) >= 10 else threshold
         adjacent_threshold = min(threshold, max(ADJACENT_FLOOR, level))
         stats["neighbour_threshold"] = round(adjacent_threshold, 4)
         for i, j in neighbours:
@@ -423,7 +415,6 @@ def near_duplicate_groups(thumbs: np.ndarray, labels: list[int], numbers: list[i
         group.append(roots.setdefault(uf.find(i), len(roots)))
     sizes = np.bincount(np.asarray(group, dtype=np.int64), minlength=len(roots)) \
         if n else np.zeros(0, np.int64)
-    mixed = 0
     members: dict[int, set[int]] = {}
     for i, g in enumerate(group):
         members.setdefault(g, set()).add(labels[i])
@@ -432,6 +423,48 @@ def near_duplicate_groups(thumbs: np.ndarray, labels: list[int], numbers: list[i
                  images_in_groups=int(sizes[sizes > 1].sum()),
                  largest_group=int(sizes.max()) if n else 0, groups_with_both_labels=mixed)
     return group, stats
+
+
+def _unrelated_pair_correlations(thumbs: np.ndarray, labels: list[int],
+                                 numbers: list[int | None], folders: list[str], seed: int
+                                 ) -> np.ndarray:
+    """Correlations of image pairs from the same folder that are not numbered neighbours.
+
+    The null distribution for the neighbour rule: like with like (same class,
+    same folder, so the same kind of picture), minus the pairs under test.
+    Every such pair when there are few, else a seeded sample of ``_PAIR_SAMPLE``.
+    """
+    members: dict[tuple[str, int], list[int]] = {}
+    for i, key in enumerate(zip(folders, labels)):
+        members.setdefault(key, []).append(i)
+    total = sum(len(m) * (len(m) - 1) // 2 for m in members.values())
+    rng = np.random.default_rng(seed)
+    first_parts, second_parts = [], []
+    for m in members.values():
+        idx = np.asarray(m)
+        if len(idx) < 2:
+            continue
+        if total <= _PAIR_SAMPLE:
+            a, b = np.triu_indices(len(idx), 1)
+        else:
+            k = max(1, round(_PAIR_SAMPLE * (len(idx) * (len(idx) - 1) / 2) / total))
+            a, b = rng.integers(0, len(idx), k), rng.integers(0, len(idx), k)
+            keep = a != b
+            a, b = a[keep], b[keep]
+        first_parts.append(idx[a])
+        second_parts.append(idx[b])
+    if not first_parts:
+        return np.zeros(0, np.float32)
+    first, second = np.concatenate(first_parts), np.concatenate(second_parts)
+    num = np.asarray([np.nan if x is None else x for x in numbers], dtype=np.float64)
+    neighbour = np.abs(num[first] - num[second]) <= ADJACENT_MAX_GAP  # NaN compares False
+    first, second = first[~neighbour], second[~neighbour]
+    out = np.empty(len(first), np.float32)
+    step = 16_384  # bounded memory: two step x 1024 float32 blocks at a time
+    for start in range(0, len(first), step):
+        sl = slice(start, start + step)
+        out[sl] = np.einsum("ij,ij->i", thumbs[first[sl]], thumbs[second[sl]])
+    return out
 
 
 def split_groups(group_labels: list[list[int]], fractions: dict[str, float], seed: int

@@ -41,9 +41,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _outline(rng: np.random.Generator, size: int, ragged: bool) -> list[tuple[float, float]]:
-    cx = size / 2 + rng.uniform(-0.08, 0.08) * size
-    cy = size / 2 + rng.uniform(-0.08, 0.08) * size
-    r0 = rng.uniform(0.18, 0.30) * size
+    cx = size / 2 + rng.uniform(-0.12, 0.12) * size
+    cy = size / 2 + rng.uniform(-0.12, 0.12) * size
+    r0 = rng.uniform(0.15, 0.30) * size
     n = 180
     theta = np.linspace(0, 2 * math.pi, n, endpoint=False)
     if ragged:
@@ -57,7 +57,7 @@ def _outline(rng: np.random.Generator, size: int, ragged: bool) -> list[tuple[fl
         stretch = (rng.uniform(1.0, 1.4), rng.uniform(0.7, 1.0))
     else:
         radius = np.full(n, r0)
-        stretch = (rng.uniform(1.0, 1.15), rng.uniform(0.9, 1.0))
+        stretch = (rng.uniform(1.0, 1.25), rng.uniform(0.85, 1.0))
     rot = rng.uniform(0, math.pi)
     x = radius * np.cos(theta) * stretch[0]
     y = radius * np.sin(theta) * stretch[1]
@@ -79,21 +79,22 @@ def _lesion(rng: np.random.Generator, size: int, malignant: bool) -> Image.Image
     outline = _outline(rng, size, ragged=malignant)
     if not malignant:
         mask = _mask(size, outline, blur=size / 40)
-        colour = np.array([120, 75, 45], np.float32) + rng.normal(0, 10, 3)
+        colour = np.array([140, 92, 60], np.float32) + rng.normal(0, 10, 3)
         layer = np.broadcast_to(colour, img.shape) + rng.normal(0, 3, img.shape)
         img = img * (1 - mask[..., None] * 0.9) + layer * mask[..., None] * 0.9
     else:
         mask = _mask(size, outline, blur=size / 160)
         base = np.array([95, 55, 35], np.float32) + rng.normal(0, 10, 3)
         layer = np.broadcast_to(base, img.shape).copy()
-        palette = [(30, 20, 20), (150, 40, 40), (90, 95, 125), (60, 35, 25), (170, 110, 80)]
+        # black, red, blue-grey veil, dark brown, whitish regression
+        palette = [(25, 15, 15), (170, 40, 40), (80, 95, 140), (55, 30, 20), (215, 195, 185)]
         for _ in range(int(rng.integers(3, 6))):
             colour = np.array(palette[int(rng.integers(len(palette)))], np.float32)
             blob = _mask(size, _outline(rng, size, ragged=True), blur=size / 60)
             # shrink and shift each patch somewhere inside the lesion
             shift = rng.integers(-size // 6, size // 6 + 1, 2)
             blob = np.roll(blob, tuple(shift), axis=(0, 1))
-            scale = rng.uniform(0.4, 0.8)
+            scale = rng.uniform(0.6, 0.95)
             layer = layer * (1 - blob[..., None] * scale) + colour * blob[..., None] * scale
         layer += rng.normal(0, 6, img.shape)
         img = img * (1 - mask[..., None] * 0.95) + layer * mask[..., None] * 0.95

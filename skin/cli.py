@@ -103,11 +103,10 @@ def _role_metrics(runtime, exp):
     if not port:
         return None
     registry = CollectorRegistry()
-    hooks = (m.ChiefMetrics(registry) if runtime.role == "chief"
-             else m.WorkerMetrics(registry, runtime.tuner_id))
-    bound = m.serve(registry, runtime.metrics_host, port)
-    log.info("%s metrics on http://%s:%s/metrics", runtime.tuner_id, runtime.metrics_host,
-             bound if isinstance(bound, int) else port)
+    hooks = m.role_metrics(registry, exp, runtime.tuner_id)
+    server = m.serve(registry, runtime.metrics_host, port)
+    log.info("%s metrics on http://%s:%d/metrics", runtime.tuner_id, runtime.metrics_host,
+             server.port)
     return hooks
 
 

@@ -540,8 +540,8 @@ def _find_root(path: Path, source: str, what: str) -> Path:
     """The folder that holds benign/ and malignant/: ``path`` or its single subfolder."""
     if all((path / c).is_dir() for c in CLASSES):
         return path
-    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")] \
-        if path.is_dir() else []
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+               and p.name != "__MACOSX"] if path.is_dir() else []  # macOS zips add __MACOSX/
     if len(subdirs) == 1 and all((subdirs[0] / c).is_dir() for c in CLASSES):
         return subdirs[0]
     missing = [c + "/" for c in CLASSES if not (path / c).is_dir()]

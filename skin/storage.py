@@ -89,8 +89,10 @@ def _retryable_exceptions() -> tuple[type[BaseException], ...]:
     import requests
     from google.api_core import exceptions as gexc
     from google.auth import exceptions as auth_exc
+    from google.cloud.storage.exceptions import DataCorruption
 
     return (
+        DataCorruption,  # checksum mismatch on download: fetch again
         gexc.InternalServerError, gexc.BadGateway, gexc.ServiceUnavailable,
         gexc.GatewayTimeout, gexc.TooManyRequests, gexc.Unknown,
         requests.exceptions.ConnectionError, requests.exceptions.Timeout,

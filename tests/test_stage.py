@@ -270,6 +270,7 @@ def test_zip_gcs_and_relative_sources_stage_the_same_images(
     with zipfile.ZipFile(archive, "w") as zf:
         for p in sorted(image_folder.rglob("*.jpg")):
             zf.write(p, "top/" + p.relative_to(image_folder).as_posix())
+        zf.writestr("__MACOSX/top/benign/._1.jpg", b"resource fork")  # as macOS zips it
     storage.upload_dir(image_folder, f"gs://{bucket}/uploaded")
     monkeypatch.chdir(image_folder.parent)
     for name, source in (("from-zip", archive), ("from-gcs", f"gs://{bucket}/uploaded"),

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -508,9 +509,15 @@ def _resolve_source(source: str, storage: Storage, scratch: Path, exp: Experimen
         from skin import synthetic
 
         out = work_dir / f"synthetic-{exp.data.synthetic_images_per_class}-{exp.data.seed}"
-        if not (out / CLASSES[1] / f"{exp.data.synthetic_images_per_class - 1}.jpg").exists():
-            synthetic.generate(out, exp.data.synthetic_images_per_class, size=128,
+        if not out.is_dir():
+            # generate beside, then rename: a folder that exists is complete
+            tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=work_dir))
+            synthetic.generate(tmp, exp.data.synthetic_images_per_class, size=128,
                                seed=exp.data.seed)
+            try:
+                tmp.rename(out)
+            except OSError:  # another stage got there first; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
         report.synthetic = True
         log.warning("data is SYNTHETIC: %d generated images per class (%s)",
                     exp.data.synthetic_images_per_class, out)

@@ -156,7 +156,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     storage = Storage()
     if args.command == "stage":
         from skin.stage import stage
-        report = stage(exp, storage)
+        report = stage(exp, storage, work_dir=runtime.work_dir / "stage")
         log.info("staged: %s", report.summary() if hasattr(report, "summary") else report)
         return 0
     if args.command == "tune":

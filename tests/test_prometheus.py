@@ -401,3 +401,180 @@ def test_skin_status_reads_the_running_chief(live):
     assert f"completed {truth.ended['completed']}" in text
     assert f"failed {truth.ended['failed']}" in text
     assert f"best       val_auc {truth.best:.4f} (trial {int(truth.best_trial)})" in text
+
+
+# ---------------------------------------------------------------------------
+# A real distributed run: chief and two workers through skin.tuning
+
+
+# Each role as the pods run it, plus what a role should do before it exits: wait for one
+# more scrape so Prometheus stores the final values; the chief then keeps serving until
+# the test has read it with `skin status` (the file RELEASE appears), bounded.
+ROLE = """
+import os, sys, time
+from prometheus_client import CollectorRegistry
+from skin import metrics, tuning
+from skin.config import load_experiment, runtime_from_env
+from skin.storage import Storage
+
+exp, runtime = load_experiment(sys.argv[1]), runtime_from_env()
+registry = CollectorRegistry()
+hooks = metrics.role_metrics(registry, exp, runtime.tuner_id)
+server = metrics.serve(registry, "127.0.0.1", runtime.metrics_port)
+run = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
+code = run(exp, runtime, Storage(), metrics=hooks)
+server.wait_for_scrape(20)
+if runtime.role == "chief":
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+sys.exit(code)
+"""
+
+
+def _run_env(emulator, **extra) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKIN_", "KERASTUNER_"))}
+    env.update(emulator.environ(), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+               SKIN_LOG_LEVEL="INFO", **extra)
+    return env
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_a_local_distributed_run(tmp_path, emulator, storage, bucket,
+                                                     real_or_synthetic_images):
+    import sys
+
+    from skin.config import load_experiment
+
+    pytest.importorskip("skin.tuning.worker", reason="skin.tuning has not landed")
+    from skin.tuning import load_result
+
+    doc = {"apiVersion": "skin/v1", "kind": "Experiment", "name": "observed", "workers": 2,
+           "storage": {"bucket": bucket, "prefix": "obs"},
+           "data": {"source": str(real_or_synthetic_images), "validation_fraction": 0.25,
+                    "image_size": 32, "seed": 3, "shards": 1},
+           # A tiny model: the search varies only what costs nothing.
+           "search": {"tuner": "random", "max_trials": 4, "max_epochs": 2, "lease_seconds": 60,
+                      "fixed": {"blocks": 3, "filters": 16, "block_type": "plain",
+                                "dense_units": 0, "batch_size": 16, "augment": 0.0}}}
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    exp = load_experiment(config, env={})
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    stage = subprocess.run([sys.executable, "-m", "skin.cli", "stage", "--config", str(config)],
+                           env=_run_env(emulator), capture_output=True, text=True, timeout=300)
+    assert stage.returncode == 0, stage.stderr[-3000:]
+
+    roles = ["chief", "tuner0", "tuner1"]
+    ports = {role: free_port() for role in roles}
+    oracle_port = free_port()
+    prom = Prometheus(tmp_path, {
+        "skin-chief": [(f"127.0.0.1:{ports['chief']}", {"role": "chief"})],
+        "skin-worker": [(f"127.0.0.1:{ports[w]}", {"role": "worker"}) for w in roles[1:]],
+    }, write_rule_file(tmp_path))
+    release = tmp_path / "release"
+    procs = {}
+    started = time.time()
+    try:
+        for role in roles:
+            env = _run_env(emulator, KERASTUNER_TUNER_ID=role, KERASTUNER_ORACLE_IP="127.0.0.1",
+                           KERASTUNER_ORACLE_PORT=str(oracle_port),
+                           SKIN_METRICS_PORT=str(ports[role]),
+                           SKIN_WORK_DIR=str(tmp_path / "work" / role))
+            procs[role] = subprocess.Popen(
+                [sys.executable, "-c", ROLE, str(config), str(release)], env=env, cwd=tmp_path,
+                stdout=open(logs / f"{role}.log", "w"), stderr=subprocess.STDOUT)
+
+        def log_tail() -> str:
+            return "\n".join(f"--- {r}\n" + (logs / f"{r}.log").read_text()[-2500:] for r in roles)
+
+        deadline = time.monotonic() + 300
+        for role in ("tuner0", "tuner1"):
+            while procs[role].poll() is None:
+                assert time.monotonic() < deadline, "the search did not end in 300 s\n" + log_tail()
+                time.sleep(0.5)
+            assert procs[role].returncode == 0, log_tail()
+        result = load_result(storage, exp)
+        while not prom.query("last_over_time(skin_chief_search_finished[10m]) == 1"):
+            assert procs["chief"].poll() is None or time.monotonic() < deadline, log_tail()
+            assert time.monotonic() < deadline, "search_finished never scraped\n" + log_tail()
+            time.sleep(0.5)
+
+        # skin status against the chief, which still serves its final metrics.
+        status = subprocess.run([sys.executable, "-m", "skin.cli", "status", "--address",
+                                 f"127.0.0.1:{ports['chief']}"],
+                                env=_run_env(emulator), capture_output=True, text=True, timeout=120)
+        release.touch()
+        assert procs["chief"].wait(timeout=120) == 0, log_tail()
+    finally:
+        release.touch()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        try:
+            stored = _stored_values(prom)
+            panels = _panels_over(prom, started, time.time())
+        finally:
+            prom.stop()
+
+    counts = result["counts"]
+    completed = counts.get("completed", 0)
+    assert completed >= 1, result
+    assert status.returncode == 0, status.stderr
+    assert f"completed {completed}  failed {counts.get('failed', 0)}" in status.stdout, \
+        status.stdout
+    assert ": finished" in status.stdout.splitlines()[0]
+
+    # Completed trials equal the trials the run reports.
+    assert stored["completed"] == completed
+    assert stored["started"] >= len(result["trials"])
+    # Per-worker series exist for both workers (on the chief and on each worker).
+    assert stored["chief_workers"] == {"tuner0", "tuner1"}
+    assert stored["worker_epochs"].keys() == {"tuner0", "tuner1"}
+    assert sum(stored["worker_completed"].values()) == completed
+    # The best objective equals the best trial's score.
+    assert stored["best"] == pytest.approx(result["best"]["score"], rel=1e-6)
+    assert stored["finished"] == 1
+    # The dashboard over the run, as Grafana would draw it: every expression runs, the main
+    # panels have points.
+    empty = [title for title in MAIN_PANELS if not panels.get(title)]
+    assert not empty, f"main panels without data over the run: {empty}"
+
+
+def _panels_over(prom: Prometheus, start: float, end: float) -> dict[str, int]:
+    """Finite points per panel of the dashboard over [start, end] (a range query, as Grafana)."""
+    points: dict[str, int] = {}
+    for title, expr in dashboard_targets():
+        data = prom.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}",
+                        step="1s")
+        finite = sum(1 for series in data["result"] for _, v in series["values"]
+                     if v.lower() not in ("nan", "+inf", "-inf"))
+        points[title] = points.get(title, 0) + finite
+    return points
+
+
+def _stored_values(prom: Prometheus) -> dict:
+    """What Prometheus kept of the run (last values: the roles have exited)."""
+    def last(expr: str) -> list[dict]:
+        return prom.query(f"last_over_time({expr}[10m])")
+
+    def one(expr: str) -> float:
+        [row] = last(expr)
+        return float(row["value"][1])
+
+    return {
+        "completed": one('skin_chief_trials_ended_total{status="completed"}'),
+        "started": one("skin_chief_trials_started_total"),
+        "best": one("skin_chief_best_objective"),
+        "finished": one("skin_chief_search_finished"),
+        "chief_workers": {r["metric"]["worker"]
+                          for r in last("skin_chief_worker_last_report_timestamp_seconds")},
+        "worker_epochs": {r["metric"]["worker"]: float(r["value"][1])
+                          for r in last("skin_worker_epochs_total")},
+        "worker_completed": {r["metric"]["worker"]: float(r["value"][1])
+                             for r in last('skin_worker_trials_ended_total{status="completed"}')},
+    }

@@ -10,7 +10,8 @@
 #   TF_VARIANT        cpu (default) or gpu
 #   CONTAINER_TOOL    podman (default) or docker
 #   PIP_CA_BUNDLE     CA bundle handed to pip as the build secret `pip-ca`
-#                     (default: pip's own `cert` setting, when it has one)
+#                     (default: PIP_CERT, pip's `cert` setting, else the host's
+#                     /etc/ssl/certs/ca-certificates.crt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,7 @@ esac
 # Behind a TLS-intercepting proxy pip needs its CA bundle; it travels as a
 # secret, so it is never stored in a layer.
 ca=${PIP_CA_BUNDLE:-${PIP_CERT:-$(pip config get global.cert 2>/dev/null || true)}}
+ca=${ca:-/etc/ssl/certs/ca-certificates.crt}   # the host's trust store: public certificates only
 if [ -n "$ca" ] && [ -s "$ca" ]; then
   args+=(--secret "id=pip-ca,src=$ca")
 fi

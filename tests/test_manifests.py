@@ -268,6 +268,8 @@ def test_a_worker_gets_its_tuner_id_from_the_completion_index(overlay):
     env["KERASTUNER_TUNER_ID"] = template.replace("$(JOB_COMPLETION_INDEX)", "3")
     runtime = runtime_from_env(env)
     assert (runtime.role, runtime.worker_index) == ("worker", 3)
+    # The wait for the staged data is bounded (the stage Job runs at the same time).
+    assert 0 < runtime.data_wait_seconds <= 3600
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,0 +1,37 @@
+"""Distributed keras-tuner search that survives faults and scales: chief, workers, results.
+
+    run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> exit code
+    run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> exit code
+    load_best(storage, exp) -> dict      # <root>/tuner/best_hyperparameters.json
+    load_result(storage, exp) -> dict    # <root>/tuner/result.json
+
+Modules: ``oracle`` (keras-tuner's oracles with leases and per-trial state),
+``journal`` (that state in the bucket), ``chief`` (the gRPC servicer and the
+chief's life), ``client`` (a worker's line to the chief), ``tuner`` (the
+worker's keras-tuner Tuner: trials, checkpoints through the bucket),
+``worker`` (the worker's life), ``results`` (what a search leaves behind),
+``protocol`` (what travels beside keras-tuner's messages).
+
+Importing this package is cheap; TensorFlow loads when a role starts.
+"""
+
+from __future__ import annotations
+
+from skin.tuning.results import load_best, load_result
+
+
+def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+    """Serve the oracle until the search ends (see skin.tuning.chief)."""
+    from skin.tuning.chief import run_chief as _run
+
+    return _run(exp, runtime, storage, metrics=metrics, hypermodel=hypermodel)
+
+
+def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+    """Run the chief's trials until the search ends (see skin.tuning.worker)."""
+    from skin.tuning.worker import run_worker as _run
+
+    return _run(exp, runtime, storage, metrics=metrics, hypermodel=hypermodel)
+
+
+__all__ = ["run_chief", "run_worker", "load_best", "load_result"]

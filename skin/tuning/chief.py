@@ -1,0 +1,399 @@
+"""The chief: keras-tuner's oracle behind gRPC, with leases, state in the bucket, clean endings.
+
+``run_chief`` serves keras-tuner's ``OracleService`` on ``0.0.0.0:<port>``
+from a thread pool (stock keras-tuner serves one call at a time). Every call
+that changes the search takes the oracle's lock, marks what changed for the
+journal, releases the lock, and answers once the change is in the bucket
+(group commit: one write carries every change made meanwhile).
+
+The main thread waits for the search to end, waking ``min(1 s, lease / 5)`` to
+reclaim expired leases. When the last trial ends it saves the state, writes
+``tuner/result.json`` and ``tuner/best_hyperparameters.json``, stops the
+server and, if ``SKIN_RETRAIN_JOB`` is set, starts the retrain Job.
+
+A chief started again (killed, rescheduled) loads its state from
+``tuner/oracle/`` and carries on: running trials keep their workers and get a
+fresh lease. A chief started after the search ended does only what is left
+(start the retrain Job) and exits with the search's code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+import time
+from concurrent import futures
+
+import grpc
+
+from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RETRYABLE, EXIT_SEARCH_FAILED, ConfigError,
+                         RetryableError, SearchFailedError, SkinError, exit_code_for)
+from skin.tuning import protocol as wire
+from skin.tuning.journal import Journal, OracleStore
+from skin.tuning.results import (best_uri, build_best, build_result, oracle_uri, read_outcome,
+                                 result_uri)
+
+log = logging.getLogger("skin.tuning")
+
+RPC_THREADS = 32
+
+
+def _hook(metrics, name: str, *args) -> None:
+    """Call a metrics hook; a broken metric must never break the search."""
+    if metrics is None:
+        return
+    try:
+        getattr(metrics, name)(*args)
+    except Exception as e:  # noqa: BLE001
+        log.debug("metrics hook %s failed: %s", name, e)
+
+
+class ChiefListener:
+    """Turns oracle events into log lines for a human and metrics for Prometheus."""
+
+    def __init__(self, metrics=None):
+        self.metrics = metrics
+        self.best: tuple[float, str] | None = None
+
+    def trial_started(self, oracle, trial, attempt) -> None:
+        values = trial.hyperparameters.values
+        extra = ""
+        if "tuner/epochs" in values:
+            extra = f", epochs {values.get('tuner/initial_epoch', 0)}->{values['tuner/epochs']}"
+            if values.get("tuner/trial_id"):
+                extra += f" from trial {values['tuner/trial_id']}"
+        log.info("trial %s started on %s (attempt %d%s)", trial.trial_id, attempt["worker"],
+                 attempt["n"], extra)
+        _hook(self.metrics, "trial_started", attempt["worker"])
+
+    def trial_ended(self, oracle, trial, attempt) -> None:
+        worker, duration = attempt["worker"], attempt["ended"] - attempt["started"]
+        allowed = oracle.max_retries_per_trial + 1
+        requeued = trial.status == "INVALID"
+        fate = "re-queued" if requeued else "no retries left"
+        if attempt["status"] == "completed":
+            score = trial.score
+            better = self.best is None or oracle.objective.better_than(score, self.best[0])
+            if better:
+                self.best = (score, trial.trial_id)
+            log.info("trial %s completed on %s: %s=%.4f after %d epochs in %.1f s "
+                     "(best %.4f, trial %s; %s)", trial.trial_id, worker, oracle.objective.name,
+                     score, attempt["epochs"], duration, self.best[0], self.best[1],
+                     self._progress(oracle))
+            status = "completed"
+        elif attempt["status"] == "reclaimed":
+            log.warning("trial %s reclaimed from %s: no report for %g s (lease); attempt %d of %d "
+                        "failed, %s", trial.trial_id, worker, oracle.lease_seconds, attempt["n"],
+                        allowed, fate)
+            status = "reclaimed"
+        else:
+            log.warning("trial %s failed on %s after %.1f s (attempt %d of %d, %s): %s",
+                        trial.trial_id, worker, duration, attempt["n"], allowed, fate,
+                        attempt["reason"] or "no message")
+            status = "invalid" if requeued else "failed"
+        _hook(self.metrics, "trial_ended", status, duration,
+              trial.score if status == "completed" else None, worker)
+        self._report_progress(oracle)
+
+    def worker_report(self, worker: str) -> None:
+        _hook(self.metrics, "worker_report", worker)
+
+    def search_ended(self, oracle) -> None:
+        if oracle.state == "failed":
+            log.error("search failed: %s", oracle.reason)
+        else:
+            log.info("search finished: %s (%s)", oracle.reason, self._progress(oracle))
+
+    def _progress(self, oracle) -> str:
+        total = oracle.total_estimate()
+        return f"{oracle.trials_done()}/{total if total else '?'} trials done"
+
+    def _report_progress(self, oracle) -> None:
+        done, total = oracle.trials_done(), oracle.total_estimate()
+        eta = None
+        if done and total and total > done:
+            eta = (time.time() - oracle.started_at) / done * (total - done)
+        _hook(self.metrics, "set_search_progress", done, total, eta)
+
+
+def _rpc(method):
+    """Time a servicer method and turn our exceptions into gRPC status codes."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            return method(self, request, context)
+        except self.LeaseLost as e:
+            context.set_trailing_metadata(((wire.LEASE, wire.LEASE_LOST),
+                                           (wire.SEARCH, self.oracle.state)))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e))
+        except self.SearchStopped as e:
+            context.set_trailing_metadata(((wire.SEARCH, e.state),
+                                           (wire.REASON, wire.ascii_value(e.reason))))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e.reason))
+        except RetryableError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, wire.ascii_value(e))
+        except (ValueError, KeyError) as e:
+            log.warning("%s rejected: %s", name, e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
+        finally:
+            _hook(self.metrics, "oracle_call", name, time.perf_counter() - t0)
+
+    return wrapper
+
+
+def _servicer_base():
+    from keras_tuner.src.distribute import oracle_chief
+
+    return oracle_chief.OracleServicer
+
+
+def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
+    """keras-tuner's OracleServicer, subclassed: locking, leases, durable answers."""
+    from keras_tuner.src import protos
+    from keras_tuner.src.engine import hyperparameters as hp_module
+    from keras_tuner.src.engine import trial as trial_module
+
+    from skin.tuning.oracle import LeaseLost, SearchStopped
+
+    service = protos.get_service()
+
+    class OracleServicer(_servicer_base()):
+        def __init__(self):
+            super().__init__(oracle)
+            self.metrics = metrics
+            self.LeaseLost, self.SearchStopped = LeaseLost, SearchStopped
+
+        def _wait(self, ticket: int) -> None:
+            if ticket >= 0 and oracle.journal is not None:
+                oracle.journal.wait(ticket, wait_timeout_s)
+
+        @staticmethod
+        def _caller(context) -> tuple[str | None, int | None, dict]:
+            md = dict(context.invocation_metadata() or ())
+            attempt = md.get(wire.ATTEMPT)
+            return md.get(wire.WORKER), int(attempt) if attempt else None, md
+
+        @_rpc
+        def GetSpace(self, request, context):
+            with oracle.lock:
+                return service.GetSpaceResponse(hyperparameters=oracle.get_space().to_proto())
+
+        @_rpc
+        def UpdateSpace(self, request, context):
+            hps = hp_module.HyperParameters.from_proto(request.hyperparameters)
+            with oracle.lock:
+                oracle.update_space(hps)
+                oracle.save()
+            return service.UpdateSpaceResponse()
+
+        @_rpc
+        def CreateTrial(self, request, context):
+            assignment = oracle.assign(request.tuner_id)
+            self._wait(assignment.ticket)
+            md = [(wire.SEARCH, oracle.state)]
+            if assignment.attempt:
+                md.append((wire.ATTEMPT, str(assignment.attempt)))
+            if oracle.state != "running":
+                md.append((wire.REASON, wire.ascii_value(oracle.reason)))
+            context.set_trailing_metadata(tuple(md))
+            with oracle.lock:
+                proto = assignment.trial.to_proto()
+            return service.CreateTrialResponse(trial=proto)
+
+        @_rpc
+        def UpdateTrial(self, request, context):
+            worker, attempt, md = self._caller(context)
+            trial = oracle.report(request.trial_id, worker, attempt, dict(request.metrics),
+                                  int(request.step),
+                                  progress_only=md.get(wire.REPORT) == wire.REPORT_EPOCH)
+            with oracle.lock:
+                proto = trial.to_proto()
+            context.set_trailing_metadata(((wire.SEARCH, oracle.state),))
+            return service.UpdateTrialResponse(trial=proto)
+
+        @_rpc
+        def EndTrial(self, request, context):
+            worker, attempt, md = self._caller(context)
+            trial = trial_module.Trial.from_proto(request.trial)
+            trial.message = md.get(wire.MESSAGE)  # not part of keras-tuner's Trial message
+            self._wait(oracle.end(trial, worker, attempt))
+            md = [(wire.SEARCH, oracle.state)]
+            if oracle.state != "running":
+                md.append((wire.REASON, wire.ascii_value(oracle.reason)))
+            context.set_trailing_metadata(tuple(md))
+            return service.EndTrialResponse()
+
+        @_rpc
+        def GetTrial(self, request, context):
+            with oracle.lock:
+                trial = oracle.trials.get(request.trial_id)
+                if trial is None:
+                    raise KeyError(f"trial {request.trial_id} is unknown")
+                return service.GetTrialResponse(trial=trial.to_proto())
+
+        @_rpc
+        def GetBestTrials(self, request, context):
+            with oracle.lock:
+                trials = oracle.get_best_trials(request.num_trials)
+                return service.GetBestTrialsResponse(trials=[t.to_proto() for t in trials])
+
+    return OracleServicer()
+
+
+def serve(servicer, port: int, host: str = "0.0.0.0", threads: int = RPC_THREADS) -> grpc.Server:
+    """Start a gRPC server for ``servicer``; RetryableError when the port cannot be bound."""
+    from keras_tuner.src import protos
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
+                                                    thread_name_prefix="oracle-rpc"),
+                         options=[("grpc.so_reuseport", 0)])
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise RetryableError(f"the oracle cannot listen on {host}:{port} (port in use?)")
+    server.start()
+    return server
+
+
+def populate_space(oracle, hypermodel) -> None:
+    """Let keras-tuner build the hypermodel until every conditional hyperparameter is known."""
+    import keras
+    import keras_tuner
+
+    from skin.tuning.tuner import stock_distribution_off
+
+    with tempfile.TemporaryDirectory(prefix="skin-space-") as tmp, stock_distribution_off():
+        keras_tuner.Tuner(oracle=oracle, hypermodel=hypermodel, directory=tmp,
+                          project_name="space", tuner_id="chief", overwrite=True)
+    keras.backend.clear_session()
+
+
+def start_retrain(runtime) -> int:
+    """Un-suspend the retrain Job when one is configured; 75 when that fails."""
+    if not runtime.retrain_job:
+        return EXIT_OK
+    try:
+        from skin import kube
+
+        kube.unsuspend_job(runtime.namespace, runtime.retrain_job)
+    except Exception as e:  # noqa: BLE001 - any failure: let the Job retry the chief
+        log.error("could not start the retrain Job %s/%s: %s; exiting %d so the chief is retried "
+                  "(the search result stays in the bucket)", runtime.namespace,
+                  runtime.retrain_job, e, EXIT_RETRYABLE)
+        return EXIT_RETRYABLE
+    log.info("started the retrain Job %s/%s", runtime.namespace, runtime.retrain_job)
+    return EXIT_OK
+
+
+def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+    """Serve the oracle until the search ends; the process exit code (skin.errors)."""
+    try:
+        return _run_chief(exp, runtime, storage, metrics, hypermodel)
+    except KeyboardInterrupt:
+        log.warning("chief interrupted")
+        return EXIT_INTERRUPTED
+    except SkinError as e:
+        log.error("chief: %s (exit %d)", e, exit_code_for(e))
+        return exit_code_for(e)
+    except Exception as e:  # noqa: BLE001 - the role's last word: logged, typed exit code
+        log.exception("chief failed unexpectedly")
+        return exit_code_for(e)
+
+
+def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
+    from skin.tuning.oracle import FAILED, make_oracle
+
+    outcome = read_outcome(storage, exp)
+    if outcome is not None:
+        log.info("the search of %s already ended (%s; %s): nothing to tune. A new search needs "
+                 "a new experiment name.", exp.name, outcome["outcome"], result_uri(exp))
+        if outcome["outcome"] == "failed":
+            log.error("search failed: %s", outcome["reason"])
+            return EXIT_SEARCH_FAILED
+        return start_retrain(runtime)
+
+    port = runtime.oracle_port or exp.chief.oracle_port
+    oracle = make_oracle(exp)
+    store = OracleStore(storage, oracle_uri(exp))
+    loaded = store.load()
+    if loaded.header is not None:
+        if loaded.header.get("fingerprint") != oracle.fingerprint:
+            raise ConfigError(
+                f"search: the saved search in {store.prefix} was started with different search "
+                "settings (tuner, objective, budget, fixed or seed); use a new experiment name "
+                "or delete that folder")
+        oracle.restore(loaded.header, loaded.records)
+        counts: dict[str, int] = {}
+        for t in oracle.trials.values():
+            counts[(t.status or "?").lower()] = counts.get((t.status or "?").lower(), 0) + 1
+        log.info("resuming the search from %s: %d trials %s, %d journal batches replayed",
+                 store.prefix, len(oracle.trials), counts or "", loaded.batches)
+    else:
+        if hypermodel is None:
+            from skin.model import SkinHyperModel
+
+            hypermodel = SkinHyperModel(exp)
+        try:
+            populate_space(oracle, hypermodel)
+        except Exception as e:  # noqa: BLE001 - nothing can run: end the search, tell the workers
+            reason = f"the search space cannot be built: {type(e).__name__}: {e}"
+            log.exception("search failed: %s", reason)
+            storage.write_json(result_uri(exp), {
+                "outcome": "failed", "reason": reason, "tuner": exp.search.tuner,
+                "objective": oracle.objective.name, "direction": oracle.objective.direction,
+                "best": None, "counts": {}, "trials_by_status": {}, "trials": []})
+            raise SearchFailedError(reason) from None
+        log.info("new search: %s over %d hyperparameters, objective %s (%s)",
+                 exp.search.tuner, len(oracle.hyperparameters.space), oracle.objective.name,
+                 oracle.objective.direction)
+
+    listener = ChiefListener(metrics)
+    oracle.listener = listener
+    journal = Journal(store, oracle.lock, oracle.snapshot, next_seq=loaded.next_seq,
+                      journal_from=loaded.journal_from).start()
+    oracle.journal = journal
+    with oracle.lock:
+        ticket = oracle._mark(header=True)
+    journal.wait(ticket)
+    with oracle.lock:  # a chief killed between the last trial and the result files
+        if oracle.state == "running" and not oracle.ongoing_trials and \
+                not oracle._retry_queue and oracle.exhausted():
+            oracle._finish("finished", "all trials ended")
+        elif oracle.state != "running":
+            oracle.done.set()
+
+    servicer = make_servicer(oracle, metrics)
+    server = serve(servicer, port)
+    total = oracle.total_estimate()
+    log.info("oracle serving on 0.0.0.0:%d: %s, ~%s trials, lease %g s, %d threads", port,
+             exp.search.tuner, total or "?", oracle.lease_seconds, RPC_THREADS)
+    listener._report_progress(oracle)
+    tick = min(1.0, oracle.lease_seconds / 5)
+    try:
+        while not oracle.done.wait(tick):
+            oracle.reclaim_expired()
+            if journal.error is not None:
+                raise RetryableError(f"oracle state cannot be saved: {journal.error}")
+        journal.flush()
+        storage.write_json(result_uri(exp), build_result(oracle, exp))
+        best = build_best(oracle, exp)
+        if best is not None and oracle.state != FAILED:
+            storage.write_json(best_uri(exp), best)
+            log.info("best trial %s: %s=%.4f; wrote %s", best["trial_id"], best["objective"],
+                     best["score"], best_uri(exp))
+    finally:
+        server.stop(grace=0.5).wait()
+        journal.stop()
+    _hook(metrics, "search_finished")
+    if oracle.state == FAILED:
+        log.error("chief exits %d: the search failed (summary in %s)", EXIT_SEARCH_FAILED,
+                  result_uri(exp))
+        return EXIT_SEARCH_FAILED
+    return start_retrain(runtime)

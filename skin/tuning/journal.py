@@ -1,0 +1,296 @@
+"""The chief's state in the bucket: a journal of small batches, folded into one object per trial.
+
+Layout under ``<root>/tuner/oracle/``::
+
+    header.json              {"journal_from": F, "header": {...}}  the oracle's own state
+    trials/<trial_id>.json   one record per trial (hyperparameters, metrics, attempts)
+    journal/<slot>.json      {"seq": n, "header": {...} | null, "trials": {id: record}}
+
+Every oracle mutation that a worker waits on (a trial handed out, a trial
+ended) is made durable before the RPC answers, by *group commit*: whatever
+changed while the previous batch was being written goes out as the next batch,
+one object write however many workers are calling. Batches live in a ring of
+``slots`` objects (no deletes: an emulator or a bucket pays per request). A
+background *compaction* writes the changed trials' records and then the
+header, whose ``journal_from`` says which batches it covers; the ring slot of
+a batch is reused only once a compaction covers it.
+
+The cost of a mutation does not depend on how many trials the search already
+ran: a batch holds only what changed, a compaction only the trials that
+changed since the last one. Loading is the one place that reads everything.
+
+Consistency: the header and trial records of a compaction are a snapshot taken
+under the oracle lock, so they agree with each other (they may hold mutations
+that no worker saw acknowledged yet, which is harmless: the worker asks again
+and gets the same answer). Replaying the batches with ``seq >= journal_from``
+in order on top of that snapshot gives the state of the last durable batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from skin.errors import RetryableError
+from skin.storage import join
+
+log = logging.getLogger(__name__)
+
+# (header or None, {trial_id: record}); called with the oracle lock held.
+Snapshot = Callable[[set, bool], tuple[dict | None, dict[str, dict]]]
+
+
+@dataclass
+class Loaded:
+    """The chief's state as found in the bucket."""
+
+    header: dict | None
+    records: dict[str, dict] = field(default_factory=dict)
+    next_seq: int = 0
+    journal_from: int = 0
+    batches: int = 0
+
+
+class OracleStore:
+    """Reads and writes the objects of one search's oracle state (no threads, no policy)."""
+
+    def __init__(self, storage, prefix_uri: str, *, slots: int = 256):
+        self.storage = storage
+        self.prefix = prefix_uri.rstrip("/")
+        self.slots = slots
+        self.header_uri = join(self.prefix, "header.json")
+        self.trials_prefix = join(self.prefix, "trials")
+        self.journal_prefix = join(self.prefix, "journal")
+
+    def trial_uri(self, trial_id: str) -> str:
+        return join(self.trials_prefix, f"{trial_id}.json")
+
+    def slot_uri(self, seq: int) -> str:
+        return join(self.journal_prefix, f"{seq % self.slots:04d}.json")
+
+    def write_batch(self, seq: int, header: dict | None, records: dict[str, dict]) -> None:
+        body = {"seq": seq, "header": header, "trials": records}
+        self.storage.write_bytes(self.slot_uri(seq), _dumps(body))
+
+    def write_compaction(self, journal_from: int, header: dict, records: dict[str, dict]) -> None:
+        for trial_id, record in records.items():
+            self.storage.write_bytes(self.trial_uri(trial_id), _dumps(record))
+        # The header last: until it lands, the batches it would retire still replay.
+        self.storage.write_bytes(self.header_uri,
+                                 _dumps({"journal_from": journal_from, "header": header}))
+
+    def load(self) -> Loaded:
+        """Header + trial records + the journal batches the header does not cover."""
+        try:
+            top = json.loads(self.storage.read_bytes(self.header_uri))
+        except FileNotFoundError:
+            top = {"journal_from": 0, "header": None}
+        journal_from = int(top["journal_from"])
+        loaded = Loaded(header=top["header"], journal_from=journal_from, next_seq=journal_from)
+        for uri in self.storage.list(self.trials_prefix):
+            if uri.endswith(".json"):
+                record = json.loads(self.storage.read_bytes(uri))
+                loaded.records[record["trial"]["trial_id"]] = record
+        batches = []
+        for uri in self.storage.list(self.journal_prefix):
+            try:
+                batch = json.loads(self.storage.read_bytes(uri))
+            except FileNotFoundError:  # pragma: no cover - listed a moment ago
+                continue
+            if batch["seq"] >= journal_from:
+                batches.append(batch)
+        batches.sort(key=lambda b: b["seq"])
+        for expected, batch in enumerate(batches, start=journal_from):
+            if batch["seq"] != expected:  # a gap: later slots hold older laps; stop at the gap
+                log.warning("oracle journal: batch %d missing; replaying up to %d",
+                            expected, expected - 1)
+                break
+            if batch["header"] is not None:
+                loaded.header = batch["header"]
+            loaded.records.update(batch["trials"])
+            loaded.next_seq = batch["seq"] + 1
+            loaded.batches += 1
+        return loaded
+
+
+class Journal:
+    """Group commit of oracle mutations, plus background compaction.
+
+    The oracle calls :meth:`mark` (with its lock held) after each mutation and
+    gets a ticket; the RPC handler calls :meth:`wait` with the ticket after
+    releasing the lock. One writer thread turns everything marked since its
+    last write into one batch.
+    """
+
+    def __init__(self, store: OracleStore, lock: threading.RLock, snapshot: Snapshot, *,
+                 next_seq: int = 0, journal_from: int = 0, compact_interval_s: float = 2.0):
+        self.store = store
+        self._lock = lock  # the oracle's lock: mutations and snapshots
+        self._snapshot = snapshot
+        self._cond = threading.Condition()  # never held while taking the oracle lock
+        self._dirty_trials: set[str] = set()
+        self._dirty_header = False
+        self._uncompacted: set[str] = set()
+        self._next_seq = next_seq  # the batch the next mutation rides in
+        self._durable = next_seq - 1  # every batch <= this is in the bucket
+        self._journal_from = journal_from  # batches below this are covered by a compaction
+        self._pending = False
+        self._compact_requested = False
+        self._compact_lock = threading.Lock()  # one compaction at a time: headers never regress
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.compact_interval_s = compact_interval_s
+        self.batches_written = 0
+        self.compactions = 0
+        self._threads = [threading.Thread(target=self._write_loop, name="oracle-journal",
+                                          daemon=True),
+                         threading.Thread(target=self._compact_loop, name="oracle-compact",
+                                          daemon=True)]
+
+    def start(self) -> "Journal":
+        for t in self._threads:
+            t.start()
+        return self
+
+    # -- called by the oracle, lock held ------------------------------------------------
+
+    def mark(self, trial_ids=(), header: bool = False) -> int:
+        """Record that these trials (and/or the header) changed; the ticket to wait for."""
+        self._dirty_trials.update(trial_ids)
+        self._dirty_header = self._dirty_header or header
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+        return self._next_seq
+
+    # -- called by RPC handlers, lock not held --------------------------------------------
+
+    def wait(self, ticket: int, timeout: float = 60.0) -> None:
+        """Block until the batch ``ticket`` is in the bucket."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._durable < ticket:
+                if self.error is not None:
+                    raise RetryableError(f"oracle state cannot be saved: {self.error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RetryableError(f"oracle state not saved within {timeout:.0f} s")
+                self._cond.wait(left)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Write everything marked so far, then fold it all into per-trial objects."""
+        with self._lock:
+            ticket = self._next_seq if (self._dirty_trials or self._dirty_header) else \
+                self._next_seq - 1
+        self.wait(ticket, timeout)
+        self._compact()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout=5)
+
+    # -- threads ----------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending:
+                    return
+                self._pending = False
+            with self._lock:
+                trial_ids, header = self._dirty_trials, self._dirty_header
+                self._dirty_trials, self._dirty_header = set(), False
+                if not trial_ids and not header:
+                    continue
+                seq = self._next_seq
+                self._next_seq += 1
+                self._uncompacted |= trial_ids
+                head, records = self._snapshot(trial_ids, header)
+            try:
+                self._wait_for_slot(seq)
+                self.store.write_batch(seq, head, records)
+            except BaseException as e:  # noqa: BLE001 - reported to every waiter
+                self._fail(e)
+                return
+            with self._cond:
+                self._durable = seq
+                self.batches_written += 1
+                self._cond.notify_all()
+
+    def _wait_for_slot(self, seq: int) -> None:
+        # A ring slot is reused only after a compaction covers the batch it holds.
+        with self._cond:
+            while seq >= self._journal_from + self.store.slots:
+                if self.error is not None:
+                    raise RetryableError(str(self.error))
+                self._compact_requested = True
+                self._cond.notify_all()
+                self._cond.wait(1.0)
+            if seq >= self._journal_from + self.store.slots // 2:
+                self._compact_requested = True
+                self._cond.notify_all()
+
+    def _compact_loop(self) -> None:
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self.compact_interval_s
+                while not self._compact_requested and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._stopping:
+                    return
+                self._compact_requested = False
+            try:
+                self._compact()
+            except BaseException as e:  # noqa: BLE001
+                self._fail(e)
+                return
+
+    def _compact(self) -> None:
+        with self._compact_lock:
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        with self._lock:
+            if not self._uncompacted and not self._dirty_trials and \
+                    self._journal_from == self._next_seq:
+                return
+            # Everything in memory now, including what no batch carries yet.
+            trial_ids = self._uncompacted | self._dirty_trials
+            self._uncompacted = set()
+            journal_from = self._next_seq
+            head, records = self._snapshot(trial_ids, True)
+        self.store.write_compaction(journal_from, head, records)
+        with self._cond:
+            self._journal_from = max(self._journal_from, journal_from)
+            self.compactions += 1
+            self._cond.notify_all()
+
+    def _fail(self, e: BaseException) -> None:
+        log.error("oracle state cannot be written to %s: %s", self.store.prefix, e)
+        with self._cond:
+            self.error = e
+            self._cond.notify_all()
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode("utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars in metrics and hyperparameter values
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,502 @@
+"""keras-tuner's oracles with trial leases, per-trial persistence and clean endings.
+
+:class:`LeasedOracle` is mixed in front of a stock oracle class
+(``HyperbandOracle``, ``BayesianOptimizationOracle``, ``RandomSearchOracle``);
+the search algorithm stays keras-tuner's. What the mixin changes:
+
+- **Leases.** A trial handed to worker ``tuner3`` is leased to it for
+  ``lease_seconds``; every report renews it. :meth:`reclaim_expired` ends an
+  expired attempt as failed (keras-tuner's INVALID: re-queued while retries
+  remain, else FAILED) and logs the worker and the trial.
+- **Ownership.** Reports and endings name the worker and the attempt; one that
+  no longer holds the trial gets :class:`LeaseLost`, so a reclaimed trial is
+  never ended twice. Ending the same attempt twice is harmless (a retried RPC).
+- **Persistence.** Instead of rewriting all of its state on every change
+  (stock ``Oracle.save``), each change marks the trials it touched and the
+  header for :class:`~skin.tuning.journal.Journal`. Everything that grows with
+  the number of trials (start/end order, run counts, retry queue, value
+  hashes, ongoing trials) is derived from the per-trial records on load.
+- **Endings.** Too many consecutive failures ends the search as ``failed``
+  with a reason, instead of raising inside a gRPC handler. The search is
+  ``finished`` as soon as nothing runs and nothing more can be created; a
+  worker asking while others still run gets IDLE, not STOPPED, so it stays
+  around to pick up a trial reclaimed from a dead worker.
+
+Every public method takes :attr:`lock` itself; the servicer waits for
+durability (:meth:`Journal.wait`) after the lock is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import keras_tuner
+from keras_tuner.src.engine import trial as trial_module
+from keras_tuner.src.tuners.bayesian import BayesianOptimizationOracle
+from keras_tuner.src.tuners.hyperband import HyperbandOracle
+from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
+
+from skin.errors import ConfigError
+
+log = logging.getLogger("skin.tuning")
+
+TrialStatus = trial_module.TrialStatus
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+# Keys of the stock Oracle.get_state() that we derive from the trial records instead.
+_DERIVED_STATE = ("ongoing_trials", "start_order", "end_order", "run_times", "retry_queue",
+                  "tried_so_far", "id_to_hash", "display")
+
+
+class LeaseLost(Exception):
+    """The caller does not (or no longer) hold this trial."""
+
+
+class SearchStopped(Exception):
+    """The search has ended (``state`` finished or failed); ``reason`` says why."""
+
+    def __init__(self, state: str, reason: str):
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+class Listener(Protocol):
+    """What the chief wants to hear about (logging, metrics); called with the lock held."""
+
+    def trial_started(self, oracle: "LeasedOracle", trial, attempt: dict) -> None: ...
+    def trial_ended(self, oracle: "LeasedOracle", trial, attempt: dict) -> None: ...
+    def worker_report(self, worker: str) -> None: ...
+    def search_ended(self, oracle: "LeasedOracle") -> None: ...
+
+
+@dataclass
+class Assignment:
+    trial: Any  # keras_tuner Trial
+    attempt: int = 0
+    ticket: int = -1  # journal batch to wait for; -1: nothing to wait for
+
+
+def search_fingerprint(exp) -> str:
+    """Which search a saved state belongs to: a restarted chief must not resume another one."""
+    s = exp.search
+    doc = {"tuner": s.tuner, "objective": s.objective, "max_trials": s.max_trials,
+           "max_epochs": s.max_epochs, "factor": s.hyperband_factor,
+           "iterations": s.hyperband_iterations, "executions": s.executions_per_trial,
+           "fixed": s.fixed, "seed": exp.data.seed}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def objective_for(exp) -> keras_tuner.Objective:
+    name = exp.search.objective
+    return keras_tuner.Objective(name, "min" if name.endswith("loss") else "max")
+
+
+class LeasedOracle:
+    """Mixin: put it first in the bases of a keras-tuner oracle class."""
+
+    def __init__(self, *, lease_seconds: float = 300.0, **oracle_kwargs):
+        super().__init__(**oracle_kwargs)
+        self.verbose = 0  # the stock Display prints tables to stdout; the listener logs instead
+        self.lease_seconds = float(lease_seconds)
+        self.lock = threading.RLock()
+        self.done = threading.Event()
+        self.state, self.reason = RUNNING, ""
+        self.fingerprint = ""
+        self.listener: Listener | None = None
+        self.journal = None  # skin.tuning.journal.Journal, set by the chief
+        self.meta: dict[str, dict] = {}  # trial_id -> {"attempts": [...], "start_seq", "end_seq"}
+        self.leases: dict[str, float] = {}  # tuner_id -> monotonic deadline
+        self.consecutive_failures = 0
+        self.completed = 0
+        self._seq = 0
+        self._tickets: dict[str, int] = {}  # trial_id -> batch carrying its latest change
+        self.started_at = time.time()
+
+    # -- hooks into the stock Oracle -------------------------------------------------
+
+    def _set_project_dir(self, directory, project_name):
+        # The stock oracle keeps trial.json files in a local project dir; ours live in the
+        # bucket (see journal.py). Keep the names only, create nothing.
+        self._directory, self._project_name = directory, project_name
+
+    def _save_trial(self, trial):
+        self._mark([trial.trial_id])
+
+    def save(self):
+        self._mark(header=True)
+
+    def reload(self):  # pragma: no cover - the chief calls restore() with bucket state
+        raise NotImplementedError("LeasedOracle state is restored with restore()")
+
+    def _check_consecutive_failures(self):
+        # Stock raises RuntimeError here, inside a gRPC handler; we count in _after_end.
+        pass
+
+    def _retry(self, trial):
+        if trial.status != TrialStatus.INVALID:
+            return False
+        runs, allowed = self._run_times[trial.trial_id], self.max_retries_per_trial + 1
+        if runs >= allowed:
+            trial.status = TrialStatus.FAILED
+            return False
+        log.info("trial %s: attempt %d of %d failed; re-queued", trial.trial_id, runs, allowed)
+        self._retry_queue.append(trial.trial_id)
+        return True
+
+    def get_state(self):
+        # Stock get_state() serialises every trial's hash and id; we persist those per trial.
+        # Swap the growing collections out so building the header costs O(1) in trials.
+        names = ("_tried_so_far", "_id_to_hash", "start_order", "end_order", "_run_times",
+                 "_retry_queue", "ongoing_trials")
+        saved = {n: getattr(self, n) for n in names}
+        try:
+            for n in names:
+                setattr(self, n, type(saved[n])())
+            state = super().get_state()
+        finally:
+            for n, v in saved.items():
+                setattr(self, n, v)
+        for key in _DERIVED_STATE:
+            state.pop(key, None)
+        return state
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def _mark(self, trial_ids=(), header: bool = False) -> int:
+        if self.journal is None:
+            return -1
+        ticket = self.journal.mark(trial_ids, header)
+        for tid in trial_ids:
+            self._tickets[tid] = ticket
+        return ticket
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def attempt_of(self, trial_id: str) -> dict:
+        return self.meta[trial_id]["attempts"][-1]
+
+    def holder(self, trial_id: str) -> str | None:
+        attempts = self.meta.get(trial_id, {}).get("attempts") or []
+        if attempts and attempts[-1]["ended"] is None:
+            return attempts[-1]["worker"]
+        return None
+
+    def exhausted(self) -> bool:
+        """True when the algorithm will create no more trials (checked when nothing runs)."""
+        return bool(self.max_trials) and len(self.trials) >= self.max_trials
+
+    def total_estimate(self) -> int | None:
+        return self.max_trials or None
+
+    def trials_done(self) -> int:
+        return len(self.end_order)
+
+    def _check_owner(self, trial_id: str, worker: str | None, attempt: int | None):
+        trial = self.trials.get(trial_id)
+        if trial is None:
+            raise LeaseLost(f"trial {trial_id} is unknown to the chief")
+        holder = self.holder(trial_id)
+        worker = worker or holder
+        current = self.meta[trial_id]["attempts"][-1]["n"] if self.meta[trial_id]["attempts"] \
+            else 0
+        if holder is None or worker != holder or self.ongoing_trials.get(worker) is not trial \
+                or (attempt and attempt != current):
+            raise LeaseLost(f"trial {trial_id} (attempt {attempt or '?'}) is no longer held by "
+                            f"{worker}; holder: {holder or 'none'} (attempt {current})")
+        return trial, worker
+
+    def _finish(self, state: str, reason: str) -> None:
+        if self.state != RUNNING:
+            return
+        if state == FINISHED and not self.completed:
+            state, reason = FAILED, f"no trial completed ({reason})"
+        self.state, self.reason = state, reason
+        self._mark(header=True)
+        if self.listener is not None:
+            self.listener.search_ended(self)
+        self.done.set()
+
+    # -- what the servicer calls ------------------------------------------------------
+
+    def assign(self, tuner_id: str) -> Assignment:
+        """The trial for ``tuner_id``: the one it holds, a re-queued one, or a new one."""
+        with self.lock:
+            if self.state != RUNNING:
+                return Assignment(self._empty_trial(TrialStatus.STOPPED))
+            now = time.monotonic()
+            held = self.ongoing_trials.get(tuner_id)
+            if held is not None:  # a restarted worker (or a retried RPC) gets its trial back
+                self.leases[tuner_id] = now + self.lease_seconds
+                return Assignment(held, self.attempt_of(held.trial_id)["n"],
+                                  self._tickets.get(held.trial_id, -1))
+            trial = self.create_trial(tuner_id)  # stock: retry queue first, then the algorithm
+            if trial.status == TrialStatus.RUNNING:
+                meta = self.meta.setdefault(trial.trial_id, {"attempts": [],
+                                                             "start_seq": self._next_seq(),
+                                                             "end_seq": None, "epochs": 0})
+                attempt = {"n": len(meta["attempts"]) + 1, "worker": tuner_id,
+                           "started": time.time(), "ended": None, "status": None,
+                           "reason": None, "epochs": 0}
+                meta["attempts"].append(attempt)
+                self.leases[tuner_id] = now + self.lease_seconds
+                ticket = self._mark([trial.trial_id], header=True)
+                if self.listener is not None:
+                    self.listener.trial_started(self, trial, attempt)
+                return Assignment(trial, attempt["n"], ticket)
+            if trial.status == TrialStatus.STOPPED:
+                if self.ongoing_trials or self._retry_queue:
+                    # Others still run; one may be reclaimed and need this worker.
+                    self.tuner_ids.add(tuner_id)
+                    return Assignment(self._empty_trial(TrialStatus.IDLE))
+                self._finish(FINISHED, "the search space is exhausted" if not self.exhausted()
+                             else "all trials ended")
+            return Assignment(trial)
+
+    def report(self, trial_id: str, worker: str | None, attempt: int | None, metrics: dict,
+               step: int, *, progress_only: bool) -> Any:
+        """A worker's report: renews the lease; a final report also records the metrics."""
+        with self.lock:
+            if self.state == FAILED:
+                raise SearchStopped(self.state, self.reason)
+            trial, worker = self._check_owner(trial_id, worker, attempt)
+            self.leases[worker] = time.monotonic() + self.lease_seconds
+            meta = self.meta[trial_id]
+            meta["epochs"] = meta["attempts"][-1]["epochs"] = int(step) + 1
+            if progress_only:
+                meta["last"] = {k: float(v) for k, v in metrics.items()}
+            else:
+                self.update_trial(trial_id, metrics, step=step)  # stock: registers the metrics
+            self._mark([trial_id])
+            if self.listener is not None:
+                self.listener.worker_report(worker)
+            return trial
+
+    def end(self, trial, worker: str | None, attempt: int | None) -> int:
+        """End the worker's attempt of ``trial`` (a Trial from the worker); returns the ticket."""
+        with self.lock:
+            trial_id = trial.trial_id
+            meta = self.meta.get(trial_id)
+            if meta and meta["attempts"]:
+                last = meta["attempts"][-1]
+                if last["ended"] is not None and last["worker"] == (worker or last["worker"]) \
+                        and (not attempt or attempt == last["n"]):
+                    return self._tickets.get(trial_id, -1)  # the same ending again: a retried RPC
+            if self.state == FAILED:
+                raise SearchStopped(self.state, self.reason)
+            current, worker = self._check_owner(trial_id, worker, attempt)
+            objective = self.objective.name
+            if trial.status == TrialStatus.COMPLETED:
+                if trial.metrics.exists(objective):
+                    current.metrics = trial.metrics  # the worker's final metrics win
+                if not current.metrics.exists(objective) or \
+                        current.metrics.get_best_value(objective) is None:
+                    trial.status = TrialStatus.INVALID
+                    trial.message = f"the objective {objective!r} was not reported"
+            self._end_attempt(trial, worker, None)
+            return self._tickets.get(trial_id, -1)
+
+    def reclaim_expired(self, now: float | None = None) -> list[tuple[str, str]]:
+        """End every attempt whose lease has expired; returns ``[(trial_id, worker)]``."""
+        now = time.monotonic() if now is None else now
+        reclaimed = []
+        with self.lock:
+            if self.state != RUNNING:
+                return reclaimed
+            for worker, deadline in list(self.leases.items()):
+                if deadline > now:
+                    continue
+                trial = self.ongoing_trials.get(worker)
+                self.leases.pop(worker, None)
+                if trial is None:
+                    continue
+                copy = trial_module.Trial(trial.hyperparameters, trial_id=trial.trial_id,
+                                          status=TrialStatus.INVALID,
+                                          message=f"lease expired: no report from {worker} "
+                                                  f"for {self.lease_seconds:g} s")
+                self._end_attempt(copy, worker, "reclaimed")
+                reclaimed.append((trial.trial_id, worker))
+        return reclaimed
+
+    def _end_attempt(self, trial, worker: str, how: str | None) -> None:
+        trial_id = trial.trial_id
+        self.end_trial(trial)  # stock: score, retry or final status, ongoing bookkeeping
+        current = self.trials[trial_id]
+        self.leases.pop(worker, None)
+        self.ongoing_trials.pop(worker, None)  # stock pops by trial id; make sure
+        meta = self.meta[trial_id]
+        attempt = meta["attempts"][-1]
+        attempt["ended"] = time.time()
+        attempt["status"] = how or ("completed" if current.status == TrialStatus.COMPLETED
+                                    else "failed")
+        attempt["reason"] = _last_line(current.message) if current.status != \
+            TrialStatus.COMPLETED else None
+        if current.status in (TrialStatus.COMPLETED, TrialStatus.FAILED):
+            meta["end_seq"] = self._next_seq()
+        self._mark([trial_id], header=True)
+        if self.listener is not None:
+            self.listener.trial_ended(self, current, attempt)
+        self._after_end(current)
+
+    def _after_end(self, trial) -> None:
+        if trial.status == TrialStatus.FAILED:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.max_consecutive_failed_trials:
+                self._finish(FAILED, (
+                    f"{self.consecutive_failures} consecutive trials failed "
+                    f"(search.max_consecutive_failed_trials = "
+                    f"{self.max_consecutive_failed_trials}); last: trial {trial.trial_id}: "
+                    f"{_last_line(trial.message) or 'no message'}"))
+                return
+        elif trial.status == TrialStatus.COMPLETED:
+            self.consecutive_failures = 0
+            self.completed += 1
+        if not self.ongoing_trials and not self._retry_queue and self.exhausted():
+            self._finish(FINISHED, "all trials ended")
+
+    def _empty_trial(self, status: str):
+        return trial_module.Trial(self.get_space(), trial_id="", status=status)
+
+    # -- persistence -------------------------------------------------------------------
+
+    def snapshot(self, trial_ids, header: bool) -> tuple[dict | None, dict[str, dict]]:
+        """JSON-ready copies of the given trials' records (and the header); lock held."""
+        records = {}
+        for tid in trial_ids:
+            trial = self.trials.get(tid)
+            if trial is not None:
+                records[tid] = {"trial": trial.get_state(),
+                                "meta": json.loads(json.dumps(self.meta.get(tid, {})))}
+        return (self.header() if header else None), records
+
+    def header(self) -> dict:
+        return {"version": 1, "fingerprint": self.fingerprint, "oracle": self.get_state(),
+                "search": {"state": self.state, "reason": self.reason,
+                           "started_at": self.started_at}}
+
+    def restore(self, header: dict, records: dict[str, dict]) -> None:
+        """Rebuild the oracle from a header and per-trial records (see journal.Loaded)."""
+        with self.lock:
+            now = time.monotonic()
+            for tid, record in records.items():
+                self.trials[tid] = trial_module.Trial.from_state(record["trial"])
+                self.meta[tid] = record["meta"]
+            by_start = sorted(self.trials, key=lambda t: self.meta[t].get("start_seq") or 0)
+            ongoing, retry, ended = {}, [], []
+            for tid in by_start:
+                trial, meta = self.trials[tid], self.meta[tid]
+                attempts = meta.get("attempts") or []
+                if trial.status == TrialStatus.RUNNING and attempts and \
+                        attempts[-1]["ended"] is None:
+                    worker = attempts[-1]["worker"]
+                    if worker in ongoing:  # cannot happen; keep the newest, re-queue the other
+                        retry.append(ongoing[worker])
+                    ongoing[worker] = tid
+                elif trial.status in (TrialStatus.INVALID, TrialStatus.RUNNING):
+                    retry.append(tid)
+                elif trial.status in (TrialStatus.COMPLETED, TrialStatus.FAILED):
+                    ended.append(tid)
+            ended.sort(key=lambda t: self.meta[t].get("end_seq") or 0)
+            state = dict(header["oracle"])
+            state.update({
+                "ongoing_trials": ongoing,
+                "start_order": by_start,
+                "end_order": ended,
+                "run_times": {tid: sum(1 for a in self.meta[tid].get("attempts", [])
+                                       if a["ended"] is not None) for tid in self.trials},
+                "retry_queue": retry,
+                "tried_so_far": [],
+                "id_to_hash": {},
+                "display": {"search_start": None, "trial_start": {}, "trial_number": {}},
+            })
+            self.set_state(state)
+            for tid, trial in self.trials.items():
+                h = self._compute_values_hash(trial.hyperparameters.values)
+                self._tried_so_far.add(h)
+                self._id_to_hash[tid] = h
+            self.leases = {w: now + self.lease_seconds for w in ongoing}
+            self.consecutive_failures = 0
+            for tid in ended:
+                failed = self.trials[tid].status == TrialStatus.FAILED
+                self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
+            self.completed = sum(1 for t in ended
+                                 if self.trials[t].status == TrialStatus.COMPLETED)
+            self._seq = max([0] + [m.get("start_seq") or 0 for m in self.meta.values()]
+                            + [m.get("end_seq") or 0 for m in self.meta.values()])
+            search = header.get("search", {})
+            self.state = search.get("state", RUNNING)
+            self.reason = search.get("reason", "")
+            self.started_at = search.get("started_at", self.started_at)
+            self.fingerprint = header.get("fingerprint", "")
+
+
+class LeasedHyperbandOracle(LeasedOracle, HyperbandOracle):
+    def exhausted(self) -> bool:
+        self._remove_completed_brackets()
+        return (not self._brackets and self._current_bracket == 0
+                and self._current_iteration + 1 >= self.hyperband_iterations)
+
+    def total_estimate(self) -> int | None:
+        per_iteration = sum(self._get_size(b, r) for b in range(self._get_num_brackets())
+                            for r in range(self._get_num_rounds(b)))
+        return per_iteration * int(self.hyperband_iterations)
+
+
+class LeasedRandomSearchOracle(LeasedOracle, RandomSearchOracle):
+    pass
+
+
+class LeasedBayesianOracle(LeasedOracle, BayesianOptimizationOracle):
+    pass
+
+
+_STOCK = {"hyperband": HyperbandOracle, "random": RandomSearchOracle,
+          "bayesian": BayesianOptimizationOracle}
+_LEASED = {"hyperband": LeasedHyperbandOracle, "random": LeasedRandomSearchOracle,
+           "bayesian": LeasedBayesianOracle}
+
+
+def make_oracle(exp, *, leased: bool = True):
+    """The experiment's oracle: leased (the chief) or stock (a worker's local copy)."""
+    s = exp.search
+    hps = keras_tuner.HyperParameters()
+    for name, value in s.fixed.items():
+        hps.Fixed(name, value)
+    kwargs: dict[str, Any] = dict(
+        objective=objective_for(exp), seed=exp.data.seed, hyperparameters=hps,
+        allow_new_entries=True, tune_new_entries=True,
+        max_retries_per_trial=s.max_trial_retries,
+        max_consecutive_failed_trials=s.max_consecutive_failed_trials)
+    if s.tuner == "hyperband":
+        kwargs.update(max_epochs=s.max_epochs, factor=s.hyperband_factor,
+                      hyperband_iterations=s.hyperband_iterations)
+    elif s.tuner in ("random", "bayesian"):
+        kwargs.update(max_trials=s.max_trials)
+    else:  # config.py validates the choice; this is a guard against a new one
+        raise ConfigError(f"search.tuner: {s.tuner!r} is not valid; expected one of "
+                          + ", ".join(_STOCK))
+    if leased:
+        oracle = _LEASED[s.tuner](lease_seconds=s.lease_seconds, **kwargs)
+        oracle.fingerprint = search_fingerprint(exp)
+        return oracle
+    oracle = _STOCK[s.tuner](**kwargs)
+    oracle.verbose = 0
+    return oracle
+
+
+def _last_line(message: str | None) -> str:
+    lines = [ln.strip() for ln in (message or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def epochs_planned(trial, max_epochs: int) -> tuple[int, int]:
+    """(initial epoch, last epoch) of a trial: Hyperband sets them, others train max_epochs."""
+    values = trial.hyperparameters.values
+    return int(values.get("tuner/initial_epoch", 0)), int(values.get("tuner/epochs", max_epochs))

@@ -1,0 +1,44 @@
+"""What chief and workers say to each other beyond keras-tuner's own gRPC messages.
+
+The wire is keras-tuner's ``OracleService`` (``keras_tuner/protos``), so a stock
+keras-tuner worker can still talk to our chief. What the stock messages cannot
+carry travels as gRPC metadata:
+
+==================  ===========  ==========================================================
+key                 direction    value
+==================  ===========  ==========================================================
+``skin-worker``     request      the caller's tuner id (``tuner3``)
+``skin-attempt``    both         which attempt of a trial (CreateTrial answers it; Update
+                                 and End repeat it), so a reclaimed attempt cannot end a trial
+``skin-report``     request      ``epoch``: an UpdateTrial that only reports progress and
+                                 renews the lease (its metrics are not the trial's result)
+``skin-search``     trailing     ``running`` | ``finished`` | ``failed``
+``skin-reason``     trailing     why the search ended (ASCII, shortened)
+``skin-lease``      trailing     ``lost``: the caller no longer holds the trial
+``skin-message``    request      EndTrial of a failed trial: the error (the Trial message has
+                                 no ``message`` field)
+==================  ===========  ==========================================================
+
+Errors: a lost lease or an ended search is ``FAILED_PRECONDITION`` with the
+trailing keys above; a chief that cannot save its state answers
+``UNAVAILABLE``, which workers retry like a chief that is restarting.
+"""
+
+from __future__ import annotations
+
+WORKER = "skin-worker"
+ATTEMPT = "skin-attempt"
+REPORT = "skin-report"
+SEARCH = "skin-search"
+REASON = "skin-reason"
+LEASE = "skin-lease"
+MESSAGE = "skin-message"
+
+REPORT_EPOCH = "epoch"
+LEASE_LOST = "lost"
+
+
+def ascii_value(text: str, limit: int = 1000) -> str:
+    """A metadata-safe version of ``text`` (printable ASCII, bounded)."""
+    out = "".join(c if 32 <= ord(c) < 127 else "?" for c in str(text).replace("\n", " "))
+    return out if len(out) <= limit else out[: limit - 3] + "..."

@@ -1,0 +1,148 @@
+"""What a search leaves in the bucket: ``tuner/result.json`` and ``tuner/best_hyperparameters.json``.
+
+``best_hyperparameters.json`` (the retrain reads it)::
+
+    {"trial_id", "score", "objective", "direction", "hyperparameters": {name: value},
+     "epochs", "best_epoch"}
+
+``hyperparameters`` leaves out keras-tuner's bookkeeping (``tuner/epochs`` …);
+``epochs`` is how many epochs the best trial trained in all (Hyperband counts
+the epochs of the trials it continued), ``best_epoch`` the epoch of its score.
+
+``result.json`` (the run report reads it)::
+
+    {"outcome": "completed" | "failed", "reason", "tuner", "objective", "direction",
+     "started_at", "finished_at", "best": {"trial_id", "score"} | null,
+     "counts": {status: n}, "trials_by_status": {status: [trial ids]},
+     "trials": [{"id", "status", "score", "hyperparameters", "worker", "epochs",
+                 "duration", "attempts": [{"n", "worker", "status", "reason",
+                                           "started", "ended", "epochs"}],
+                 "message", "continues"}]}
+
+A trial's status is ``completed`` or ``failed`` once it ended; when a search
+fails, trials that were still running are ``cancelled``. ``duration`` adds up
+the seconds of every attempt; ``continues`` names the trial whose weights a
+Hyperband trial started from.
+
+Neither module-level function here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from skin.storage import join
+
+RESULT_NAME = "result.json"
+BEST_NAME = "best_hyperparameters.json"
+COMPLETED, FAILED_STATUS, CANCELLED = "completed", "failed", "cancelled"
+
+
+def result_uri(exp) -> str:
+    return join(exp.tuner_uri, RESULT_NAME)
+
+
+def best_uri(exp) -> str:
+    return join(exp.tuner_uri, BEST_NAME)
+
+
+def oracle_uri(exp) -> str:
+    return join(exp.tuner_uri, "oracle")
+
+
+def load_best(storage, exp) -> dict:
+    """The best trial's hyperparameters; FileNotFoundError until a search completed."""
+    return storage.read_json(best_uri(exp))
+
+
+def load_result(storage, exp) -> dict:
+    """The search summary; FileNotFoundError until a search ended."""
+    return storage.read_json(result_uri(exp))
+
+
+def read_outcome(storage, exp) -> dict | None:
+    """``{"outcome", "reason"}`` when this experiment's search has ended, else None."""
+    try:
+        result = load_result(storage, exp)
+    except FileNotFoundError:
+        return None
+    return {"outcome": result.get("outcome", COMPLETED), "reason": result.get("reason", "")}
+
+
+def _public_values(values: dict) -> dict:
+    return {k: _plain(v) for k, v in values.items() if not k.startswith("tuner/")}
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _status(trial, search_failed: bool) -> str:
+    status = (trial.status or "").lower()
+    if status in (COMPLETED, FAILED_STATUS):
+        return status
+    return CANCELLED if search_failed else status or "unknown"
+
+
+def build_result(oracle, exp) -> dict:
+    """result.json from the chief's oracle (takes the oracle's lock)."""
+    from skin.tuning.oracle import FAILED
+
+    with oracle.lock:
+        failed = oracle.state == FAILED
+        trials = []
+        by_status: dict[str, list[str]] = {}
+        for tid in sorted(oracle.trials, key=lambda t: (len(t), t)):
+            trial, meta = oracle.trials[tid], oracle.meta.get(tid, {})
+            attempts = meta.get("attempts", [])
+            status = _status(trial, failed)
+            by_status.setdefault(status, []).append(tid)
+            duration = sum((a["ended"] or time.time()) - a["started"] for a in attempts)
+            trials.append({
+                "id": tid,
+                "status": status,
+                "score": _plain(trial.score) if trial.score is not None else None,
+                "hyperparameters": _public_values(trial.hyperparameters.values),
+                "worker": attempts[-1]["worker"] if attempts else None,
+                "epochs": int(meta.get("epochs") or 0),
+                "duration": round(duration, 3),
+                "attempts": attempts,
+                "message": (attempts[-1].get("reason") if attempts else None),
+                "continues": trial.hyperparameters.values.get("tuner/trial_id"),
+            })
+        best = build_best(oracle, exp)
+        return {
+            "outcome": FAILED_STATUS if failed else COMPLETED,
+            "reason": oracle.reason,
+            "tuner": exp.search.tuner,
+            "objective": oracle.objective.name,
+            "direction": oracle.objective.direction,
+            "started_at": oracle.started_at,
+            "finished_at": time.time(),
+            "best": {"trial_id": best["trial_id"], "score": best["score"]} if best else None,
+            "counts": {k: len(v) for k, v in sorted(by_status.items())},
+            "trials_by_status": by_status,
+            "trials": trials,
+        }
+
+
+def build_best(oracle, exp) -> dict | None:
+    """best_hyperparameters.json from the chief's oracle; None if no trial completed."""
+    with oracle.lock:
+        completed = [t for t in oracle.trials.values() if t.status == "COMPLETED"
+                     and t.score is not None]
+        if not completed:
+            return None
+        best = oracle.get_best_trials(1)[0]
+        meta = oracle.meta.get(best.trial_id, {})
+        return {
+            "trial_id": best.trial_id,
+            "score": _plain(best.score),
+            "objective": oracle.objective.name,
+            "direction": oracle.objective.direction,
+            "hyperparameters": _public_values(best.hyperparameters.values),
+            "epochs": int(meta.get("epochs") or best.hyperparameters.values.get(
+                "tuner/epochs", exp.search.max_epochs)),
+            "best_epoch": int(best.best_step or 0) + 1,
+        }

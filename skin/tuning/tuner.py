@@ -1,0 +1,380 @@
+"""The worker's keras-tuner ``Tuner``: trials run here, checkpoints go through the bucket.
+
+:class:`WorkerTuner` subclasses ``keras_tuner.Tuner`` and keeps its model
+building (``_try_build``, ``max_model_size``), callbacks handling and result
+conventions. It replaces what assumes one shared disk or one process:
+
+- ``run_trial`` trains each execution with an epoch callback that, after every
+  epoch, uploads ``trials/<id>/epoch.weights.h5`` + ``epoch.json`` (the last
+  finished epoch, so a restarted or different worker resumes there),
+  uploads ``checkpoint.weights.h5`` when the objective improved (the best
+  epoch, what Hyperband's next round starts from), and reports the epoch to
+  the chief, which renews the trial's lease;
+- a trial with ``tuner/trial_id`` (Hyperband's next round) starts from that
+  trial's checkpoint, fetched from the bucket into the local trial dir that
+  keras-tuner's ``load_model`` reads, whichever worker trained it;
+- :meth:`work` asks the chief for trials until the search ends, sleeping with
+  backoff while there is none (stock keras-tuner asks again at once).
+
+Weights files hold the optimizer state too (Keras 3 ``save_weights``); it is
+restored by building the optimizer before loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import keras
+import keras_tuner
+from keras_tuner.src import errors as kt_errors
+from keras_tuner.src.engine import tuner_utils
+
+from skin.errors import RetryableError
+from skin.storage import join
+from skin.tuning.client import LeaseLostError
+
+log = logging.getLogger("skin.tuning")
+
+IDLE_MIN_S, IDLE_MAX_S = 0.25, 2.0
+EPOCH_WEIGHTS, EPOCH_STATE = "epoch.weights.h5", "epoch.json"
+BEST_WEIGHTS, BUILD_CONFIG = "checkpoint.weights.h5", "build_config.json"
+
+
+@contextlib.contextmanager
+def stock_distribution_off():
+    """Hide ``KERASTUNER_ORACLE_*`` while a keras-tuner Tuner is constructed.
+
+    ``BaseTuner.__init__`` reads them from ``os.environ`` and, when set, wraps
+    its oracle in keras-tuner's own gRPC client (and needs ``KERASTUNER_TUNER_ID``
+    in the environment too). We wire the chief and the client explicitly.
+    """
+    names = ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def values_hash(values: dict) -> str:
+    """Which configuration a checkpoint belongs to (keras-tuner bookkeeping left out)."""
+    plain = {k: v for k, v in values.items() if not k.startswith("tuner/")}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _floats(logs: dict | None) -> dict[str, float]:
+    out = {}
+    for k, v in (logs or {}).items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class _Abandon(Exception):
+    """Stop training this trial (lease lost or search over); carries the cause."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """After each epoch: checkpoint to the bucket, then report to the chief."""
+
+    def __init__(self, tuner: "WorkerTuner", trial, execution: int, state: dict):
+        super().__init__()
+        self.tuner, self.trial, self.execution = tuner, trial, execution
+        self.state = state  # epoch.json content, updated in place
+        self._t0 = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        tuner, trial_id = self.tuner, self.trial.trial_id
+        seconds = time.monotonic() - self._t0
+        logs = _floats(logs)
+        objective = tuner.oracle.objective
+        self.state["history"].append({"epoch": int(epoch), **logs})
+        self.state["epoch"] = int(epoch) + 1
+        self.state["worker"] = tuner.tuner_id
+        if objective.has_value(logs):
+            value = objective.get_value(logs)
+            best = self.state.get("best_value")
+            if best is None or objective.better_than(value, best):
+                self.state["best_value"] = float(value)
+                tuner.files.save_best(trial_id, self.model)
+        tuner.files.save_epoch(trial_id, self.model, self.state)
+        try:
+            tuner.oracle.report_epoch(trial_id, int(epoch), logs)
+        except LeaseLostError as e:
+            raise _Abandon(e) from None
+        except RetryableError as e:  # the chief is away (restarting?): keep training
+            log.warning("%s: could not report epoch %d of trial %s (%s); training on",
+                        tuner.tuner_id, epoch + 1, trial_id, e)
+        except Exception as e:  # SearchOver / SearchFailedError: stop now
+            if type(e).__name__ in ("SearchOver", "SearchFailedError"):
+                raise _Abandon(e) from None
+            raise
+        images = tuner.images_per_epoch
+        _hook(tuner.metrics, "epoch_ended", int(epoch), seconds,
+              images / seconds if images and seconds > 0 else 0.0, logs)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+        log.info("trial %s epoch %d/%d on %s: %s (%.1f s)", trial_id, epoch + 1,
+                 self.state["epochs"], tuner.tuner_id, shown, seconds)
+
+
+def _hook(metrics, name, *args):
+    if metrics is None:
+        return
+    try:
+        getattr(metrics, name)(*args)
+    except Exception as e:  # noqa: BLE001 - metrics never break training
+        log.debug("metrics hook %s failed: %s", name, e)
+
+
+class TrialFiles:
+    """A trial's files in the bucket (``<root>/trials/<id>/``) and in a local trial dir."""
+
+    def __init__(self, storage, trials_uri: str, local_dir):
+        self.storage, self.trials_uri = storage, trials_uri
+        self.local_dir = Path(local_dir)
+
+    def uri(self, trial_id: str, name: str) -> str:
+        return join(self.trials_uri, trial_id, name)
+
+    def local(self, trial_id: str, name: str) -> Path:
+        path = self.local_dir / f"trial_{trial_id}" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save_best(self, trial_id: str, model) -> None:
+        path = self.local(trial_id, BEST_WEIGHTS)
+        model.save_weights(str(path))
+        build = self.local(trial_id, BUILD_CONFIG)
+        build.write_text(json.dumps(model.get_build_config(), default=str))
+        self.storage.upload_file(build, self.uri(trial_id, BUILD_CONFIG))
+        self.storage.upload_file(path, self.uri(trial_id, BEST_WEIGHTS))
+
+    def save_epoch(self, trial_id: str, model, state: dict) -> None:
+        path = self.local(trial_id, EPOCH_WEIGHTS)
+        model.save_weights(str(path))
+        # Weights first: epoch.json names an epoch only once its weights are in the bucket.
+        self.storage.upload_file(path, self.uri(trial_id, EPOCH_WEIGHTS))
+        self.storage.write_json(self.uri(trial_id, EPOCH_STATE), state)
+
+    def load_epoch_state(self, trial_id: str) -> dict | None:
+        try:
+            return self.storage.read_json(self.uri(trial_id, EPOCH_STATE))
+        except FileNotFoundError:
+            return None
+
+    def drop_epoch_state(self, trial_id: str) -> None:
+        self.storage.delete(self.uri(trial_id, EPOCH_STATE))
+        self.storage.delete(self.uri(trial_id, EPOCH_WEIGHTS))
+
+    def fetch(self, trial_id: str, name: str) -> Path:
+        """Download one file of a trial into the local trial dir (always fresh)."""
+        path = self.local(trial_id, name)
+        self.storage.download_file(self.uri(trial_id, name), path)
+        return path
+
+
+def load_weights(model, path) -> None:
+    """Load weights (and, when the file has it, the optimizer state) into ``model``."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    model.load_weights(str(path))
+
+
+class WorkerTuner(keras_tuner.Tuner):
+    """Runs the chief's trials on this worker (see the module docstring)."""
+
+    def __init__(self, *, local_oracle, client, hypermodel, storage, exp, tuner_id: str,
+                 directory, metrics=None, images_per_epoch: int = 0, **kwargs):
+        with stock_distribution_off():
+            super().__init__(oracle=local_oracle, hypermodel=hypermodel, directory=str(directory),
+                             project_name="trials", tuner_id=tuner_id, overwrite=True,
+                             executions_per_trial=exp.search.executions_per_trial, **kwargs)
+        self.oracle = client  # everything goes to the chief
+        self.exp = exp
+        self.max_epochs = exp.search.max_epochs
+        self.metrics = metrics
+        self.images_per_epoch = images_per_epoch
+        self.files = TrialFiles(storage, exp.trials_uri, self.project_dir)
+
+    def _populate_initial_space(self):
+        pass  # the chief owns the search space; trials arrive with it
+
+    def save(self):
+        pass  # nothing local is worth keeping: trial state lives in the bucket and the chief
+
+    def load_model(self, trial):
+        """keras-tuner's load_model, with the checkpoint fetched from the bucket first."""
+        self.files.fetch(trial.trial_id, BEST_WEIGHTS)
+        model = self._try_build(trial.hyperparameters)
+        if not model.built:
+            model.build_from_config(json.loads(
+                self.files.fetch(trial.trial_id, BUILD_CONFIG).read_text()))
+        load_weights(model, self.files.local(trial.trial_id, BEST_WEIGHTS))
+        return model
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def work(self, **fit_kwargs) -> int:
+        """Run trials until the chief says the search is over; returns trials run."""
+        idle, ran, waiting_since = IDLE_MIN_S, 0, None
+        while True:
+            trial = self.oracle.create_trial(self.tuner_id)  # raises SearchOver at the end
+            if trial.status != "RUNNING":
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.info("%s: no trial to run yet (the search waits on running trials); "
+                             "asking again with backoff up to %.0f s", self.tuner_id, IDLE_MAX_S)
+                time.sleep(idle * (1 + 0.2 * random.random()))
+                idle = min(idle * 2, IDLE_MAX_S)
+                continue
+            idle, waiting_since = IDLE_MIN_S, None
+            self.run_one(trial, **fit_kwargs)
+            ran += 1
+
+    def run_one(self, trial, **fit_kwargs) -> str:
+        """Train one trial and end it at the chief; returns its status."""
+        trial_id, attempt = trial.trial_id, self.oracle.attempts.get(trial.trial_id, 0)
+        first, last = self._epochs(trial)
+        log.info("trial %s started on %s (attempt %d, epochs %d->%d)%s", trial_id, self.tuner_id,
+                 attempt, first, last, self._describe(trial))
+        _hook(self.metrics, "trial_started", last - first)
+        t0 = time.monotonic()
+        try:
+            results, best_step = self.run_trial(trial, **fit_kwargs)
+            metrics = tuner_utils.convert_to_metrics_dict(results, self.oracle.objective)
+            tracker = trial.metrics
+            for name, value in metrics.items():
+                if not tracker.exists(name):
+                    direction = self.oracle.objective.direction \
+                        if name == self.oracle.objective.name else None
+                    tracker.register(name, direction=direction)
+                tracker.update(name, float(value), step=best_step)
+            trial.status = "COMPLETED"
+        except _Abandon as e:
+            if isinstance(e.cause, LeaseLostError):
+                log.warning("trial %s on %s: the chief gave it to another worker (%s); dropping "
+                            "it", trial_id, self.tuner_id, e.cause)
+                _hook(self.metrics, "trial_finished", "reclaimed")
+                return "reclaimed"
+            raise e.cause from None
+        except (kt_errors.FatalError, RetryableError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the trial failed; the chief decides on retries
+            trial.status = "FAILED" if isinstance(e, kt_errors.FailedTrialError) else "INVALID"
+            trial.message = traceback.format_exc()
+            log.warning("trial %s failed on %s: %s: %s", trial_id, self.tuner_id,
+                        type(e).__name__, e)
+            self.files.drop_epoch_state(trial_id)  # a retry starts afresh, not from bad weights
+        try:
+            self.oracle.end_trial(trial)
+        except LeaseLostError as e:
+            log.warning("trial %s on %s: ended too late, the chief had reclaimed it (%s)",
+                        trial_id, self.tuner_id, e)
+            _hook(self.metrics, "trial_finished", "reclaimed")
+            return "reclaimed"
+        seconds = time.monotonic() - t0
+        status = trial.status.lower()
+        if trial.status == "COMPLETED":
+            name = self.oracle.objective.name
+            log.info("trial %s completed on %s: %s=%.4f after %d epochs in %.1f s", trial_id,
+                     self.tuner_id, name, trial.metrics.get_best_value(name), last, seconds)
+        _hook(self.metrics, "trial_finished", status)
+        return status
+
+    def _epochs(self, trial) -> tuple[int, int]:
+        values = trial.hyperparameters.values
+        return (int(values.get("tuner/initial_epoch", 0)),
+                int(values.get("tuner/epochs", self.max_epochs)))
+
+    @staticmethod
+    def _describe(trial) -> str:
+        past = trial.hyperparameters.values.get("tuner/trial_id")
+        return f", continuing trial {past}" if past else ""
+
+    # -- one trial -------------------------------------------------------------------
+
+    def run_trial(self, trial, *args, **kwargs):
+        """Train ``executions_per_trial`` models; ([best-epoch metrics per execution], step)."""
+        hp = trial.hyperparameters
+        trial_id = trial.trial_id
+        first, last = self._epochs(trial)
+        past_id = hp.values.get("tuner/trial_id")
+        digest = values_hash(hp.values)
+        state = self.files.load_epoch_state(trial_id)
+        if state is not None and (state.get("hash") != digest or
+                                  state.get("epochs") != last):
+            log.warning("trial %s: ignoring an epoch checkpoint of another configuration",
+                        trial_id)
+            state = None
+        if state is None:
+            state = {"trial_id": trial_id, "hash": digest, "epochs": last, "execution": 0,
+                     "worker": self.tuner_id,
+                     "epoch": first, "history": [], "done": [], "best_value": None}
+        user_callbacks = kwargs.pop("callbacks", [])
+        objective = self.oracle.objective
+        for execution in range(state["execution"], self.executions_per_trial):
+            if execution != state["execution"]:
+                state.update(execution=execution, epoch=first, history=[])
+            model = self._try_build(hp)
+            start = first
+            if state["epoch"] > first and state["history"]:
+                load_weights(model, self.files.fetch(trial_id, EPOCH_WEIGHTS))
+                start = state["epoch"]
+                log.info("trial %s: resuming execution %d at epoch %d from the bucket", trial_id,
+                         execution + 1, start + 1)
+            elif past_id:
+                path = self.files.fetch(past_id, BEST_WEIGHTS)
+                if not model.built:
+                    model.build_from_config(json.loads(
+                        self.files.fetch(past_id, BUILD_CONFIG).read_text()))
+                load_weights(model, path)
+                log.info("trial %s: starting from the weights of trial %s (from the bucket)",
+                         trial_id, past_id)
+            callbacks = self._deepcopy_callbacks(user_callbacks)
+            self._configure_tensorboard_dir(callbacks, trial, execution)
+            callbacks.append(EpochReporter(self, trial, execution, state))
+            if start < last:
+                fit_kwargs = copy.copy(kwargs)
+                fit_kwargs.update(epochs=last, initial_epoch=start, callbacks=callbacks)
+                self.hypermodel.fit(hp, model, *args, **fit_kwargs)
+            best = self._best_epoch(state["history"], objective)
+            state["done"].append(best)
+            state["history"] = []
+        results = [{k: v for k, v in b.items() if k != "epoch"} for b in state["done"]]
+        step = int(statistics.mean(b.get("epoch", 0) for b in state["done"])) \
+            if state["done"] else 0
+        return results, step
+
+    @staticmethod
+    def _best_epoch(history: list[dict], objective) -> dict:
+        if not history:
+            raise ValueError("the trial trained no epoch (no history to score)")
+        scored = [h for h in history if objective.has_value(h)]
+        if not scored:
+            raise ValueError(f"the objective {objective.name!r} is not in the training logs "
+                             f"(logged: {sorted(k for k in history[-1] if k != 'epoch')})")
+        best = scored[0]
+        for h in scored[1:]:
+            if objective.better_than(objective.get_value(h), objective.get_value(best)):
+                best = h
+        return best

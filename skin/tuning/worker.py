@@ -1,0 +1,132 @@
+"""A worker: sync the staged data once, then run the chief's trials until the search ends.
+
+Exit codes (skin/errors.py): 0 when the chief says the search finished (or the
+bucket says so after the chief left); 4 when the search failed; 75 when the
+chief stays unreachable or the bucket is unavailable (the Job restarts the pod
+with the same id, which gets its trial back); 3 for unusable data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SEARCH_FAILED, RetryableError, SkinError,
+                         exit_code_for)
+from skin.storage import join
+from skin.tuning.results import read_outcome
+
+log = logging.getLogger("skin.tuning")
+
+# How long a worker waits for an unreachable chief before it exits 75: long enough for a
+# chief pod to be rescheduled and reload its state, bounded so a vanished chief shows.
+MIN_CHIEF_PATIENCE_S = 120.0
+
+
+def chief_patience(exp) -> float:
+    return max(MIN_CHIEF_PATIENCE_S, 2 * exp.search.lease_seconds)
+
+
+def wait_for_data(storage, exp, seconds: float) -> None:
+    """Block until the staged manifest exists (bounded); RetryableError when it does not."""
+    manifest = join(exp.data_uri, "manifest.json")
+    deadline = time.monotonic() + seconds
+    delay, said = 1.0, False
+    while not storage.exists(manifest):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RetryableError(f"no staged data at {exp.data_uri} after waiting {seconds:.0f} s "
+                                 "(SKIN_DATA_WAIT_SECONDS); is the stage job done?")
+        if not said:
+            log.info("waiting for staged data at %s (up to %.0f s; the stage job writes "
+                     "manifest.json last)", exp.data_uri, seconds)
+            said = True
+        time.sleep(min(delay * (1 + 0.2 * random.random()), left))
+        delay = min(delay * 2, 15.0)
+
+
+def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
+    """Copy the staged data to local disk once; (local dir, training images per epoch)."""
+    from skin import data as skin_data
+
+    wait_for_data(storage, exp, runtime.data_wait_seconds)
+    local = Path(runtime.work_dir) / "data"
+    t0 = time.monotonic()
+    path = Path(skin_data.sync_data(storage, exp.data_uri, local))
+    seconds = time.monotonic() - t0
+    nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if metrics is not None:
+        try:
+            metrics.data_synced(nbytes, seconds)
+        except Exception as e:  # noqa: BLE001
+            log.debug("metrics hook data_synced failed: %s", e)
+    try:
+        images = int(skin_data.load_manifest(path)["splits"]["train"]["count"])
+    except Exception:  # noqa: BLE001 - only feeds the images/s metric
+        images = 0
+    log.info("data ready in %s (%.1f MB in %.1f s)", path, nbytes / 1e6, seconds)
+    return path, images
+
+
+def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+    """Run trials for the chief until the search ends; the process exit code."""
+    try:
+        return _run_worker(exp, runtime, storage, metrics, hypermodel)
+    except KeyboardInterrupt:
+        log.warning("%s interrupted", runtime.tuner_id)
+        return EXIT_INTERRUPTED
+    except SkinError as e:
+        code = exit_code_for(e)
+        (log.error if code == EXIT_SEARCH_FAILED else log.warning)(
+            "%s: %s (exit %d)", runtime.tuner_id, e, code)
+        return code
+    except Exception as e:  # noqa: BLE001 - the role's last word: logged, typed exit code
+        log.exception("%s failed unexpectedly", runtime.tuner_id)
+        return exit_code_for(e)
+
+
+def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
+    from skin.errors import SearchFailedError
+    from skin.tuning.client import ChiefClient, SearchOver
+    from skin.tuning.oracle import make_oracle
+    from skin.tuning.tuner import WorkerTuner
+
+    worker = runtime.tuner_id
+    outcome = read_outcome(storage, exp)
+    if outcome is not None:
+        if outcome["outcome"] == "failed":
+            raise SearchFailedError(f"the search failed: {outcome['reason']}")
+        log.info("%s: the search of %s already finished; nothing to do", worker, exp.name)
+        return EXIT_OK
+    if hypermodel is None:
+        from skin.model import SkinHyperModel
+
+        hypermodel = SkinHyperModel(exp)
+    fit_kwargs: dict = {}
+    images = 0
+    if getattr(hypermodel, "uses_data", True):
+        data_dir, images = sync(storage, exp, runtime, metrics)
+        fit_kwargs["data_dir"] = str(data_dir)
+
+    port = runtime.oracle_port or exp.chief.oracle_port
+    address = f"{runtime.oracle_ip}:{port}"
+    local_oracle = make_oracle(exp, leased=False)
+    client = ChiefClient(address, worker, local_oracle, patience_s=chief_patience(exp),
+                         outcome=lambda: read_outcome(storage, exp))
+    directory = Path(runtime.work_dir) / "tuner" / worker
+    directory.mkdir(parents=True, exist_ok=True)
+    tuner = WorkerTuner(local_oracle=local_oracle, client=client, hypermodel=hypermodel,
+                        storage=storage, exp=exp, tuner_id=worker, directory=directory,
+                        metrics=metrics, images_per_epoch=images)
+    log.info("%s (pid %d) asks the chief at %s for trials", worker, os.getpid(), address)
+    try:
+        tuner.work(**fit_kwargs)
+    except SearchOver as e:
+        log.info("%s: the search is over (%s); exiting", worker, e)
+        return EXIT_OK
+    finally:
+        client.close()
+    return EXIT_OK  # pragma: no cover - work() only returns by raising

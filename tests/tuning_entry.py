@@ -1,0 +1,89 @@
+"""One tuning role with a tiny test hypermodel, as its own process (tests/test_tuning*.py).
+
+    KERASTUNER_TUNER_ID=tuner0 SKIN_CONFIG=exp.yaml python tests/tuning_entry.py \
+        [--epoch-seconds S] [--fail]
+
+The role, the experiment and the chief's address come from the environment,
+exactly as for ``skin tune``; only the hypermodel differs: a small dense
+network on fixed random data (it ignores the staged data), so a trial takes
+well under a second plus ``--epoch-seconds`` per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import keras_tuner  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class SlowEpochs(keras.callbacks.Callback):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_epoch_begin(self, epoch, logs=None):
+        time.sleep(self.seconds)
+
+
+class TinyHyperModel(keras_tuner.HyperModel):
+    """A dense classifier on 128 fixed random rows; metrics ``auc`` and ``accuracy``."""
+
+    uses_data = False  # the worker skips syncing the staged data
+
+    def __init__(self, epoch_seconds: float = 0.0, fail: bool = False):  # fail: every fit raises
+        super().__init__()
+        self.epoch_seconds = epoch_seconds
+        self.fail = fail
+
+    def build(self, hp):
+        units = hp.Int("units", 4, 64, step=4)
+        rate = hp.Float("learning_rate", 1e-3, 1e-1, sampling="log")
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(units, activation="relu"),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(optimizer=keras.optimizers.Adam(rate), loss="binary_crossentropy",
+                      metrics=[keras.metrics.AUC(name="auc"), "accuracy"],
+                      run_eagerly=True)  # 3 batches: tracing a graph would cost more
+        return model
+
+    def fit(self, hp, model, *, epochs, callbacks=None, initial_epoch=0, data_dir=None, **kw):
+        if self.fail:
+            raise ValueError("this search space is broken on purpose")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(128, 8)).astype("float32")
+        y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("float32")
+        slow = [SlowEpochs(self.epoch_seconds)] if self.epoch_seconds else []
+        return model.fit(x[:96], y[:96], validation_data=(x[96:], y[96:]), epochs=epochs,
+                         initial_epoch=initial_epoch, callbacks=slow + list(callbacks or []),
+                         batch_size=32, verbose=0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epoch-seconds", type=float, default=0.0)
+    parser.add_argument("--fail", action="store_true")
+    args = parser.parse_args()
+    from skin import tuning
+    from skin.config import load_experiment, runtime_from_env
+    from skin.storage import Storage
+
+    runtime = runtime_from_env()
+    logging.basicConfig(level=runtime.log_level, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "urllib3", "google", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    exp = load_experiment()
+    hypermodel = TinyHyperModel(args.epoch_seconds, args.fail)
+    role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
+    return role(exp, runtime, Storage(), hypermodel=hypermodel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

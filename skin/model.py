@@ -1,0 +1,365 @@
+"""The search space: a from-scratch dermoscopy CNN as a keras-tuner ``HyperModel``.
+
+``SkinHyperModel(exp).build(hp)`` returns a compiled Keras 3 model whose input is
+a float32 image with values 0..255 and side ``exp.data.image_size``. Rescaling and
+augmentation are layers inside the model (built-in layers only, so
+``keras.models.load_model(path, safe_mode=True)`` loads it); Keras runs the random
+layers only when ``training=True``, so inference is deterministic.
+
+``fit(hp, model, data_dir=..., epochs=...)`` builds the datasets with
+``skin.data.dataset`` and trains with the hyperparameters that are not part of the
+graph: batch size, learning-rate schedule (warm-up + cosine, per batch), class
+weights and mixup.
+
+The hyperparameters (``HYPERPARAMETER_NAMES``) and what they do:
+
+==================  =====================================================================
+``blocks``          conv blocks, each halving the resolution (depth)
+``filters``         filters of the first block; block ``i`` has ``filters * 2**i`` (<= 256)
+``kernel_size``     conv kernel side
+``block_type``      ``plain`` (2 convs), ``residual`` (2 convs + shortcut) or
+                    ``separable`` (depthwise-separable convs + shortcut)
+``batch_norm``      batch normalisation after each conv
+``pooling``         head: ``avg`` (global average), ``max`` (global max) or ``flatten``
+``dense_units``     units of the hidden dense layer (0: none)
+``dropout``         dropout before the hidden dense layer and before the output
+``optimizer``       ``adam``, ``adamw`` or ``sgd`` (Nesterov momentum 0.9)
+``learning_rate``   peak learning rate
+``weight_decay``    decoupled weight decay (``adamw`` and ``sgd`` only)
+``lr_schedule``     ``constant`` or ``cosine`` (one warm-up epoch, then cosine to 0)
+``label_smoothing`` binary cross-entropy label smoothing
+``augment``         augmentation strength 0..1 (zoom, contrast, brightness, colour);
+                    flips and rotations are always on: a lesion has no orientation
+``mixup``           mixup alpha (0: off)
+``class_weight``    weight the classes inversely to their frequency
+``batch_size``      training batch size
+==================  =====================================================================
+
+``exp.search.fixed`` pins any of them to one value (``validate_fixed`` checks the
+names); the shipped default experiment pins the ones that did not matter in the
+research recorded in BENCHMARKS.md, so the tuner spends its budget where it counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import keras_tuner
+import numpy as np
+
+from skin.errors import ConfigError
+
+HYPERPARAMETER_NAMES: tuple[str, ...] = (
+    "blocks",
+    "filters",
+    "kernel_size",
+    "block_type",
+    "batch_norm",
+    "pooling",
+    "dense_units",
+    "dropout",
+    "optimizer",
+    "learning_rate",
+    "weight_decay",
+    "lr_schedule",
+    "label_smoothing",
+    "augment",
+    "mixup",
+    "class_weight",
+    "batch_size",
+)
+
+MAX_FILTERS = 256
+WARMUP_EPOCHS = 1.0
+
+
+def validate_fixed(fixed: dict) -> None:
+    """Raise ConfigError naming any key of ``search.fixed`` that is not a hyperparameter."""
+    for name in fixed:
+        if name not in HYPERPARAMETER_NAMES:
+            raise ConfigError(
+                f"search.fixed.{name}: unknown hyperparameter; expected one of "
+                + ", ".join(HYPERPARAMETER_NAMES))
+
+
+def _define(hp: keras_tuner.HyperParameters, fixed: dict) -> dict[str, Any]:
+    """Declare the search space on ``hp`` and return the values for this build."""
+
+    def choice(name, values, **kw):
+        if name in fixed:
+            return hp.Fixed(name, fixed[name])
+        return hp.Choice(name, values, **kw)
+
+    def boolean(name, default):
+        if name in fixed:
+            return hp.Fixed(name, bool(fixed[name]))
+        return hp.Boolean(name, default=default)
+
+    v: dict[str, Any] = {}
+    v["blocks"] = choice("blocks", [3, 4, 5], default=4)
+    v["filters"] = choice("filters", [16, 24, 32, 48], default=32)
+    v["kernel_size"] = choice("kernel_size", [3, 5], default=3)
+    v["block_type"] = choice("block_type", ["plain", "residual", "separable"], default="residual")
+    v["batch_norm"] = boolean("batch_norm", True)
+    v["pooling"] = choice("pooling", ["avg", "max", "flatten"], default="avg")
+    v["dense_units"] = choice("dense_units", [0, 64, 128, 256], default=128)
+    v["dropout"] = choice("dropout", [0.0, 0.2, 0.3, 0.5], default=0.3)
+    v["optimizer"] = choice("optimizer", ["adam", "adamw", "sgd"], default="adamw")
+    v["learning_rate"] = choice("learning_rate", [3e-4, 1e-3, 3e-3, 1e-2], default=3e-3)
+    v["weight_decay"] = choice("weight_decay", [0.0, 1e-4, 1e-3, 1e-2, 5e-2], default=1e-2)
+    v["lr_schedule"] = choice("lr_schedule", ["constant", "cosine"], default="cosine")
+    v["label_smoothing"] = choice("label_smoothing", [0.0, 0.05, 0.1], default=0.05)
+    v["augment"] = choice("augment", [0.0, 0.25, 0.5, 0.75, 1.0], default=0.5)
+    v["mixup"] = choice("mixup", [0.0, 0.2], default=0.0)
+    v["class_weight"] = boolean("class_weight", False)
+    v["batch_size"] = choice("batch_size", [16, 32, 64], default=32)
+    return v
+
+
+def _augmentation(strength: float, seed: int | None) -> list[keras.layers.Layer]:
+    """Random layers suited to dermoscopy; Keras skips them unless training=True."""
+    layers: list[keras.layers.Layer] = [
+        keras.layers.RandomFlip("horizontal_and_vertical", seed=seed, name="aug_flip"),
+        keras.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed, name="aug_rotate"),
+    ]
+    if strength > 0:
+        s = float(strength)
+        layers += [
+            keras.layers.RandomZoom((-0.25 * s, 0.15 * s), fill_mode="reflect", seed=seed,
+                                    name="aug_zoom"),
+            keras.layers.RandomContrast(0.3 * s, value_range=(0, 255), seed=seed,
+                                        name="aug_contrast"),
+            keras.layers.RandomBrightness(0.2 * s, value_range=(0, 255), seed=seed,
+                                          name="aug_brightness"),
+            # Colour jitter: dermoscopes and cameras differ in white balance and saturation.
+            keras.layers.RandomSaturation((0.5 - 0.25 * s, 0.5 + 0.25 * s), value_range=(0, 255),
+                                          seed=seed, name="aug_saturation"),
+            keras.layers.RandomHue(0.05 * s, value_range=(0, 255), seed=seed, name="aug_hue"),
+        ]
+    return layers
+
+
+def _conv(x, filters, kernel, separable, batch_norm, name):
+    if separable:
+        x = keras.layers.SeparableConv2D(filters, kernel, padding="same", use_bias=not batch_norm,
+                                         name=name + "_conv")(x)
+    else:
+        x = keras.layers.Conv2D(filters, kernel, padding="same", use_bias=not batch_norm,
+                                kernel_initializer="he_normal", name=name + "_conv")(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name=name + "_bn")(x)
+    return x
+
+
+def _conv_strided(x, filters, kernel, stride, batch_norm, name):
+    x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batch_norm,
+                            kernel_initializer="he_normal", name=name + "_conv")(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name=name + "_bn")(x)
+    return x
+
+
+def _block(x, filters, kernel, block_type, batch_norm, name):
+    separable = block_type == "separable"
+    shortcut = x
+    y = _conv(x, filters, kernel, separable, batch_norm, name + "_a")
+    y = keras.layers.Activation("relu", name=name + "_a_relu")(y)
+    y = _conv(y, filters, kernel, separable, batch_norm, name + "_b")
+    if block_type != "plain":
+        if shortcut.shape[-1] != filters:
+            shortcut = keras.layers.Conv2D(filters, 1, use_bias=not batch_norm,
+                                           name=name + "_proj")(shortcut)
+            if batch_norm:
+                shortcut = keras.layers.BatchNormalization(name=name + "_proj_bn")(shortcut)
+        y = keras.layers.Add(name=name + "_add")([y, shortcut])
+    y = keras.layers.Activation("relu", name=name + "_b_relu")(y)
+    return keras.layers.MaxPooling2D(2, padding="same", name=name + "_pool")(y)
+
+
+def build_model(values: dict[str, Any], image_size: int, seed: int | None = None) -> keras.Model:
+    """The compiled model for one set of hyperparameter values."""
+    v = values
+    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
+    x = inputs
+    for layer in _augmentation(v["augment"], seed):
+        x = layer(x)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(x)
+    stem = int(v.get("stem", 2))
+    x = _conv_strided(x, v["filters"], v["kernel_size"], min(stem, 2), v["batch_norm"], "stem")
+    x = keras.layers.Activation("relu", name="stem_relu")(x)
+    if stem == 4:
+        x = keras.layers.MaxPooling2D(2, padding="same", name="stem_pool")(x)
+    for i in range(v["blocks"]):
+        filters = min(v["filters"] * 2 ** i, MAX_FILTERS)
+        x = _block(x, filters, v["kernel_size"], v["block_type"], v["batch_norm"], f"block{i}")
+    if v["pooling"] == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    elif v["pooling"] == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+    else:
+        x = keras.layers.Flatten(name="pool")(x)
+    if v["dropout"]:
+        x = keras.layers.Dropout(v["dropout"], name="head_dropout")(x)
+    if v["dense_units"]:
+        x = keras.layers.Dense(v["dense_units"], activation="relu", name="head_dense")(x)
+        if v["dropout"]:
+            x = keras.layers.Dropout(v["dropout"], name="dense_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="malignant")(x)
+    model = keras.Model(inputs, outputs, name="skin_cnn")
+
+    lr, wd = float(v["learning_rate"]), float(v["weight_decay"])
+    if v["optimizer"] == "adam":
+        optimizer = keras.optimizers.Adam(lr)
+    elif v["optimizer"] == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=wd)
+    else:
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd or None)
+    if wd and v["optimizer"] != "adam":
+        # No decay on biases and batch-norm parameters.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=float(v["label_smoothing"])),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+    return model
+
+
+class WarmupCosine(keras.callbacks.Callback):
+    """Per-batch learning rate: linear warm-up, then cosine to zero at ``epochs``.
+
+    Works with ``initial_epoch`` (Hyperband resumes a trial part-way), so the
+    rate always depends on the absolute position in ``epochs``.
+    """
+
+    def __init__(self, peak: float, epochs: int, steps_per_epoch: int,
+                 warmup_epochs: float = WARMUP_EPOCHS, cosine: bool = True):
+        super().__init__()
+        self.peak, self.epochs, self.steps = peak, max(1, epochs), max(1, steps_per_epoch)
+        self.warmup = min(warmup_epochs, self.epochs / 4) * self.steps
+        self.cosine = cosine
+        self._epoch = 0
+
+    def rate(self, step: float) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        if not self.cosine:
+            return self.peak
+        total = self.epochs * self.steps
+        progress = min(1.0, (step - self.warmup) / max(1.0, total - self.warmup))
+        return self.peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.optimizer.learning_rate.assign(self.rate(self._epoch * self.steps + batch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
+
+
+def mixup(images, labels, alpha: float, seed: int | None = None):
+    """Mix each batch with a shuffled copy of itself (a tf.data map function)."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    g1 = tf.random.gamma([n], alpha, seed=seed)
+    g2 = tf.random.gamma([n], alpha, seed=None if seed is None else seed + 1)
+    lam = g1 / (g1 + g2)
+    order = tf.random.shuffle(tf.range(n), seed=seed)
+    li = tf.reshape(lam, [-1, 1, 1, 1])
+    images = images * li + tf.gather(images, order) * (1 - li)
+    labels = labels * lam + tf.gather(labels, order) * (1 - lam)
+    return images, labels
+
+
+def class_weights(benign: int, malignant: int) -> dict[int, float]:
+    total = benign + malignant
+    return {0: total / (2.0 * max(1, benign)), 1: total / (2.0 * max(1, malignant))}
+
+
+def fit_datasets(values: dict[str, Any], model: keras.Model, train, validation, *, epochs: int,
+                 steps_per_epoch: int, class_counts: tuple[int, int] | None = None,
+                 callbacks=None, seed: int | None = None, **kw):
+    """Train on ready tf.data datasets with the hyperparameters outside the graph."""
+    v = values
+    callbacks = list(callbacks or [])
+    callbacks.insert(0, WarmupCosine(float(v["learning_rate"]), epochs, steps_per_epoch,
+                                     cosine=v["lr_schedule"] == "cosine"))
+    if v["mixup"]:
+        alpha = float(v["mixup"])
+        train = train.map(lambda x, y: mixup(x, y, alpha, seed))
+    if v["class_weight"] and class_counts:
+        kw.setdefault("class_weight", class_weights(*class_counts))
+    kw.setdefault("verbose", 0)
+    kw.setdefault("shuffle", False)  # the datasets shuffle themselves
+    return model.fit(train, validation_data=validation, epochs=epochs, callbacks=callbacks, **kw)
+
+
+class SkinHyperModel(keras_tuner.HyperModel):
+    """The search space over ``exp`` (image size, pinned hyperparameters, seed)."""
+
+    def __init__(self, exp, name: str = "skin", tunable: bool = True):
+        super().__init__(name=name, tunable=tunable)
+        self.exp = exp
+        self.fixed = dict(exp.search.fixed)
+        validate_fixed(self.fixed)
+
+    def values(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        return _define(hp, self.fixed)
+
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        return build_model(self.values(hp), self.exp.data.image_size, seed=None)
+
+    def fit(self, hp, model, *, data_dir, epochs, callbacks=None, validation=True, **kw):
+        from skin import data as skin_data
+
+        v = self.values(hp)
+        size, batch = self.exp.data.image_size, int(v["batch_size"])
+        seed = self.exp.data.seed
+        train = skin_data.dataset(data_dir, "train", size, batch, training=True, seed=seed)
+        val = (skin_data.dataset(data_dir, "validation", size, batch, training=False)
+               if validation else None)
+        counts = _split_counts(data_dir, "train")
+        steps = _steps(train, counts, batch)
+        if int(train.cardinality()) < 0:  # repeated: Keras needs to know where an epoch ends
+            kw.setdefault("steps_per_epoch", steps)
+        for key in ("x", "y", "validation_data"):  # keras-tuner may forward these; we own them
+            kw.pop(key, None)
+        return fit_datasets(v, model, train, val, epochs=epochs, steps_per_epoch=steps,
+                            class_counts=counts[1:] if counts else None, callbacks=callbacks,
+                            seed=seed, **kw)
+
+
+def _split_counts(data_dir, split: str) -> tuple[int, int, int] | None:
+    """(count, benign, malignant) of a split from the staged manifest, if readable."""
+    try:
+        from skin import data as skin_data
+
+        s = skin_data.load_manifest(data_dir)["splits"][split]
+        return int(s["count"]), int(s["benign"]), int(s["malignant"])
+    except Exception:  # noqa: BLE001 -- counts only tune the schedule; fall back to the dataset
+        return None
+
+
+def _steps(train, counts, batch: int) -> int:
+    n = int(train.cardinality())
+    if n > 0:
+        return n
+    if counts:
+        return max(1, math.ceil(counts[0] / batch))
+    return 1
+
+
+def hyperparameters_from_values(values: dict[str, Any]) -> keras_tuner.HyperParameters:
+    """A HyperParameters object holding exactly ``values`` (for retraining a best trial)."""
+    hp = keras_tuner.HyperParameters()
+    for name, value in values.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        hp.Fixed(name, value)
+    return hp

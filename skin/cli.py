@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the chief's metrics endpoint (kubectl port-forward svc/... 9090)")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--config", metavar="FILE",
+                   help="experiment file: adds the best trial's hyperparameters from the bucket")
     return parser
 
 
@@ -90,7 +92,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _role_metrics(runtime, exp):
-    """Start the role's Prometheus endpoint; its hooks object (None when metrics are off)."""
+    """Start the role's Prometheus endpoint: (hooks, server), both None when metrics are off."""
     from prometheus_client import CollectorRegistry
 
     from skin import metrics as m
@@ -101,13 +103,13 @@ def _role_metrics(runtime, exp):
         default = exp.chief.metrics_port + 1 + runtime.worker_index if exp.chief.metrics_port else 0
         port = default if runtime.metrics_port is None else runtime.metrics_port
     if not port:
-        return None
+        return None, None
     registry = CollectorRegistry()
     hooks = m.role_metrics(registry, exp, runtime.tuner_id)
     server = m.serve(registry, runtime.metrics_host, port)
     log.info("%s metrics on http://%s:%d/metrics", runtime.tuner_id, runtime.metrics_host,
              server.port)
-    return hooks
+    return hooks, server
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -130,7 +132,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         from skin.status import main_status
-        return main_status(args.address, watch=args.watch, interval=args.interval)
+        experiment = storage = None
+        if args.config:
+            from skin.storage import Storage
+            experiment, storage = load_experiment(args.config, env), Storage()
+        return main_status(args.address, watch=args.watch, interval=args.interval,
+                           experiment=experiment, storage=storage)
 
     if args.command == "run":
         from skin.run import RunOptions, run_local
@@ -154,25 +161,53 @@ def _dispatch(args: argparse.Namespace) -> int:
     exp = load_experiment(args.config, env)
     from skin.storage import Storage
     storage = Storage()
-    if args.command == "stage":
-        from skin.stage import stage
-        report = stage(exp, storage, work_dir=runtime.work_dir / "stage")
-        log.info("staged: %s", report.summary() if hasattr(report, "summary") else report)
-        return 0
     if args.command == "tune":
         from skin import tuning
-        if runtime.role == "chief":
-            return tuning.run_chief(exp, runtime, storage, metrics=_role_metrics(runtime, exp))
-        if runtime.role == "worker":
-            return tuning.run_worker(exp, runtime, storage, metrics=_role_metrics(runtime, exp))
-        raise ConfigError("KERASTUNER_TUNER_ID: not set; `skin tune` needs 'chief' or 'tuner<N>' "
-                          "(or --tuner-id)")
-    if args.command == "retrain":
-        from skin.retrain import retrain
-        published = retrain(exp, runtime, storage)
-        log.info("published %s", published.uri)
-        return 0
-    raise AssertionError(args.command)
+        if runtime.role not in ("chief", "worker"):
+            raise ConfigError("KERASTUNER_TUNER_ID: not set; `skin tune` needs 'chief' or "
+                              "'tuner<N>' (or --tuner-id)")
+        hooks, server = _role_metrics(runtime, exp)
+        role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
+        try:
+            return role(exp, runtime, storage, metrics=hooks)
+        finally:
+            if server is not None and runtime.metrics_linger_seconds:
+                # Let Prometheus see the final counts before the pod goes away.
+                server.wait_for_scrape(runtime.metrics_linger_seconds)
+    return _batch_role(args.command, exp, runtime, storage)
+
+
+def _batch_role(command: str, exp, runtime, storage) -> int:
+    """stage and retrain: batch jobs whose metrics go to a Pushgateway (or the log)."""
+    from prometheus_client import CollectorRegistry
+
+    from skin.metrics import BatchMetrics
+
+    batch = BatchMetrics(CollectorRegistry(), command, experiment=exp.name)
+    try:
+        with batch.run():
+            if command == "stage":
+                from skin.stage import stage
+                report = stage(exp, storage, work_dir=runtime.work_dir / "stage")
+                log.info("staged: %s", report.summary())
+                batch.set_count("images", report.usable)
+                batch.set_count("quarantined", len(report.quarantined))
+                batch.set_count("duplicates", len(report.duplicates))
+                for split, counts in report.splits.items():
+                    batch.set_count(split, counts.get("count", 0))
+            elif command == "retrain":
+                from skin.retrain import retrain
+                published = retrain(exp, runtime, storage)
+                log.info("published %s", published.uri)
+                batch.set_model_metrics(published.metrics)
+            else:
+                raise AssertionError(command)
+    finally:
+        if runtime.pushgateway:
+            batch.push(runtime.pushgateway)
+        else:
+            log.info("%s", batch.summary())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -361,6 +361,7 @@ class Runtime:
     pushgateway: str = ""  # SKIN_PUSHGATEWAY: host:port for batch-job metrics
     data_wait_seconds: float = 1800.0  # SKIN_DATA_WAIT_SECONDS: worker's bounded wait for staged data
     log_level: str = "INFO"  # SKIN_LOG_LEVEL
+    metrics_linger_seconds: float = 0.0  # SKIN_METRICS_LINGER_SECONDS: wait for a last scrape
 
     @property
     def role(self) -> str:
@@ -387,20 +388,27 @@ def _env_int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
     return value
 
 
+def _env_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"{name}: {raw!r} is not valid; expected a number of seconds >= 0")
+    return value
+
+
 def runtime_from_env(env: Mapping[str, str] | None = None) -> Runtime:
     env = os.environ if env is None else env
     tuner_id = env.get("KERASTUNER_TUNER_ID", "")
     if tuner_id and not _TUNER_ID_RE.match(tuner_id):
         raise ConfigError(f"KERASTUNER_TUNER_ID: {tuner_id!r} is not valid; expected 'chief' or "
                           "'tuner<N>' (N a non-negative integer without leading zeros)")
-    wait = env.get("SKIN_DATA_WAIT_SECONDS", "")
-    try:
-        data_wait = float(wait) if wait else Runtime.data_wait_seconds
-        if data_wait < 0:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"SKIN_DATA_WAIT_SECONDS: {wait!r} is not valid; expected a number "
-                          ">= 0") from None
+    data_wait = _env_seconds(env, "SKIN_DATA_WAIT_SECONDS", Runtime.data_wait_seconds)
+    linger = _env_seconds(env, "SKIN_METRICS_LINGER_SECONDS", Runtime.metrics_linger_seconds)
     level = env.get("SKIN_LOG_LEVEL", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"SKIN_LOG_LEVEL: {level!r} is not valid; expected one of DEBUG, INFO, "
@@ -417,4 +425,5 @@ def runtime_from_env(env: Mapping[str, str] | None = None) -> Runtime:
         pushgateway=env.get("SKIN_PUSHGATEWAY", ""),
         data_wait_seconds=data_wait,
         log_level=level,
+        metrics_linger_seconds=linger,
     )

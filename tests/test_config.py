@@ -168,6 +168,7 @@ def test_runtime_roles(env, role, index):
     ({"SKIN_METRICS_PORT": "-1"}, "SKIN_METRICS_PORT"),
     ({"SKIN_DATA_WAIT_SECONDS": "forever"}, "SKIN_DATA_WAIT_SECONDS"),
     ({"SKIN_LOG_LEVEL": "chatty"}, "SKIN_LOG_LEVEL"),
+    ({"SKIN_METRICS_LINGER_SECONDS": "-3"}, "SKIN_METRICS_LINGER_SECONDS"),
 ])
 def test_bad_runtime_environment(env, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -28,6 +28,46 @@ UID = 10001  # images/Dockerfile USER
 BUCKET = "skin-image-test"
 EMULATOR_PORT = 9023
 ORACLE_PORT = 8000
+KUBE_API_PORT = 8001
+NAMESPACE, RETRAIN_JOB = "skin", "skin-retrain"
+
+# Just enough of the Kubernetes API for the chief's un-suspend (GET and PATCH of one
+# Job), run in a container of its own; it prints every request as a JSON line.
+FAKE_KUBE_API = f"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+PATH = '/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{RETRAIN_JOB}'
+job = {{'apiVersion': 'batch/v1', 'kind': 'Job',
+        'metadata': {{'name': '{RETRAIN_JOB}', 'namespace': '{NAMESPACE}'}},
+        'spec': {{'suspend': True, 'template': {{'spec': {{'restartPolicy': 'Never',
+                 'containers': [{{'name': 'retrain', 'image': 'skin'}}]}}}}}}}}
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def handle_one(self, method):
+        n = int(self.headers.get('Content-Length') or 0)
+        body = json.loads(self.rfile.read(n)) if n else None
+        path = self.path.split('?')[0]
+        print(json.dumps([method, path, self.headers.get('Content-Type'), body]), flush=True)
+        if path != PATH:
+            status, doc = 404, {{'kind': 'Status', 'apiVersion': 'v1', 'code': 404}}
+        else:
+            if method == 'PATCH':
+                job['spec'].update(body['spec'])
+            status, doc = 200, job
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def do_GET(self):
+        self.handle_one('GET')
+    def do_PATCH(self):
+        self.handle_one('PATCH')
+print('listening', flush=True)
+HTTPServer(('0.0.0.0', {KUBE_API_PORT}), Handler).serve_forever()
+"""
 
 pytestmark = [
     pytest.mark.image,
@@ -130,7 +170,7 @@ class Pod:
         subnet = podman("network", "inspect", self.network, "--format",
                         "{{range .Subnets}}{{.Subnet}}{{end}}").stdout.strip()
         base = subnet.split("/")[0].rsplit(".", 1)[0]
-        self.ips = {"emulator": f"{base}.10", "chief": f"{base}.11"}
+        self.ips = {"emulator": f"{base}.10", "chief": f"{base}.11", "kubeapi": f"{base}.12"}
         self.next_ip = 20
         self.base = base
 
@@ -175,8 +215,15 @@ def pod(images, tmp_path):
     config_dir = tmp_path / "etc-skin"
     config_dir.mkdir()
     (config_dir / "experiment.yaml").write_text(yaml.safe_dump(experiment_doc(), sort_keys=False))
+    # The chief finds the (fake) API through a kubeconfig, as it would outside a cluster.
+    (config_dir / "kubeconfig").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://kubeapi:{KUBE_API_PORT}"}}],
+        "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
     config_dir.chmod(0o755)
-    (config_dir / "experiment.yaml").chmod(0o644)
+    for f in config_dir.iterdir():
+        f.chmod(0o644)
     pod = Pod(config_dir)
     yield pod
     pod.close()
@@ -199,10 +246,12 @@ def test_the_roles_as_containers_publish_a_model(pod):
     assert pod.wait(stage, timeout=600) == 0, f"stage failed\n{pod.logs()}"
     timings["stage"] = time.monotonic() - t
 
+    kubeapi = pod.start("kubeapi", "python", "-c", FAKE_KUBE_API, env={})
     t = time.monotonic()
     chief = pod.start("chief", "python", "-m", "jobs.tune", env={
         **storage_env, "KERASTUNER_TUNER_ID": "chief", "KERASTUNER_ORACLE_PORT": str(ORACLE_PORT),
-        "SKIN_METRICS_PORT": "9090"})
+        "SKIN_METRICS_PORT": "9090", "SKIN_RETRAIN_JOB": RETRAIN_JOB, "POD_NAMESPACE": NAMESPACE,
+        "KUBECONFIG": "/etc/skin/kubeconfig"})
     workers = [pod.start(f"worker{i}", "python", "-m", "jobs.tune", env={
         **storage_env, "KERASTUNER_TUNER_ID": f"tuner{i}", "KERASTUNER_ORACLE_IP": "chief",
         "KERASTUNER_ORACLE_PORT": str(ORACLE_PORT), "SKIN_METRICS_PORT": "9090",
@@ -210,6 +259,14 @@ def test_the_roles_as_containers_publish_a_model(pod):
     for name in [*workers, chief]:
         assert pod.wait(name, timeout=1200) == 0, f"{name} failed\n{pod.logs()}"
     timings["search"] = time.monotonic() - t
+
+    # The chief un-suspended the retrain Job through the kubernetes client; the Job
+    # controller would now start the retrain pod, which is what comes next here.
+    requests = [json.loads(line) for line in podman("logs", kubeapi).stdout.splitlines()
+                if line.startswith("[")]
+    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{RETRAIN_JOB}"
+    assert [(r[0], r[1]) for r in requests] == [("GET", job_path), ("PATCH", job_path)], requests
+    assert requests[1][3] == {"spec": {"suspend": False}}
 
     t = time.monotonic()
     retrain = pod.start("retrain", "python", "-m", "jobs.retrain", env=storage_env)

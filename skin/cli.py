@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from skin import __version__
@@ -210,12 +212,23 @@ def _batch_role(command: str, exp, runtime, storage) -> int:
     return 0
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM (pod deletion, preemption, `skin run` stopping its children) ends a role like
+    Ctrl-C: cleanly, within the grace period, with exit 130. As PID 1 in a container, Python
+    would otherwise ignore it and be SIGKILLed at the end of the grace period."""
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help is 0, a usage error 2 (our config code)
         return int(e.code or 0)
+    _sigterm_interrupts()
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

@@ -518,6 +518,23 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     return Published(version=version, uri=uri, metrics=metrics, local_dir=local_dir)
 
 
+def export_saved_model(model, path: Path, image_size: int) -> None:
+    """A SavedModel whose ``serve`` endpoint is the inference pass.
+
+    ``model.export`` traces ``model.__call__`` without ``training=False``, and
+    Keras' random preprocessing layers default to ``training=True``: the export
+    would flip, rotate and jitter every image it serves. So the endpoint is
+    declared here, with ``training=False``.
+    """
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name="serve", fn=lambda images: model(images, training=False),
+        input_signature=[keras.InputSpec(shape=(None, image_size, image_size, 3),
+                                         dtype="float32")])
+    archive.write_out(str(path), verbose=False)
+
+
 def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, best: dict,
                    manifest: dict, result: dict | None, *, curves: dict, points: dict) -> None:
     """Every file of a version, in a local folder."""
@@ -525,7 +542,7 @@ def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, be
     model.save(keras_file)
     embed_serving(keras_file, serving)
     (local_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
-    model.export(str(local_dir / "saved_model"), verbose=False)
+    export_saved_model(model, local_dir / "saved_model", metrics["image_size"])
     (local_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_learning_curves(metrics["training"]["history"], metrics["training"]["best_epoch"],
                          local_dir / "learning_curves.png")

@@ -1,0 +1,370 @@
+"""skin.retrain: retrain → threshold on validation → evaluate → publish, against the
+storage emulator with a tiny staged set of real images (32 px, 2 epochs).
+
+One module-scoped retrain with the real SkinHyperModel feeds most assertions; a
+second one, with a stand-in hypermodel and no test split, checks the fallback to
+validation; a third shows that a failed upload never moves LATEST.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import uuid
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skin import evaluate as ev
+from skin import retrain as rt
+from skin.config import Runtime, parse_experiment
+from skin.errors import RetryableError
+from skin.storage import Storage, join
+
+VERSION_FILES = {"model.keras", "serving.json", "metrics.json", "model_card.md",
+                 "learning_curves.png", "roc.png", "confusion_matrix.png",
+                 "saved_model/saved_model.pb", "search.png", "report.html"}
+SIZE = 32
+
+# Small and fast, from the real search space.
+BEST = {
+    "trial_id": "0007", "score": 0.81, "objective": "val_auc", "epochs": 2,
+    "hyperparameters": {
+        "blocks": 3, "filters": 16, "kernel_size": 3, "block_type": "plain", "batch_norm": True,
+        "pooling": "avg", "dense_units": 0, "dropout": 0.0, "optimizer": "adam",
+        "learning_rate": 3e-3, "weight_decay": 0.0, "lr_schedule": "constant",
+        "label_smoothing": 0.0, "augment": 0.0, "mixup": 0.0, "class_weight": False,
+        "batch_size": 16, "tuner/epochs": 2,
+    },
+}
+
+
+
+def _trial(tid: str, score: float, worker: str) -> dict:
+    return {"id": tid, "status": "completed", "score": score, "worker": worker, "epochs": 2,
+            "hyperparameters": BEST["hyperparameters"], "duration": 12.5, "message": None,
+            "continues": None, "attempts": [{"n": 1, "worker": worker, "status": "completed",
+                                             "reason": None, "started": 1.0e9, "ended": 1.0e9 + 12.5,
+                                             "epochs": 2}]}
+
+
+# tuner/result.json as skin.tuning writes it (the run report reads it).
+RESULT = {
+    "outcome": "completed", "reason": "", "tuner": "random", "objective": "val_auc",
+    "direction": "max", "started_at": 1.0e9, "finished_at": 1.0e9 + 30,
+    "best": {"trial_id": "0007", "score": 0.81}, "counts": {"completed": 2},
+    "trials_by_status": {"completed": ["0001", "0007"]},
+    "trials": [_trial("0001", 0.64, "tuner0"), _trial("0007", 0.81, "tuner1")],
+}
+
+
+def experiment(bucket: str, source: Path, *, test_fraction: float = 0.2, epochs: int = 2):
+    return parse_experiment({
+        "apiVersion": "skin/v1", "kind": "Experiment", "name": "rt",
+        "storage": {"bucket": bucket, "prefix": "it"},
+        "data": {"source": str(source), "validation_fraction": 0.3,
+                 "test_fraction": test_fraction, "image_size": SIZE, "seed": 3, "shards": 1},
+        "search": {"tuner": "random", "max_trials": 2, "max_epochs": 3},
+        "retrain": {"epochs": epochs, "patience": 1, "target_sensitivity": 0.9},
+    }, env={})
+
+
+class RecordingStorage(Storage):
+    """The real Storage, remembering the order in which objects were completely written;
+    ``fail_on`` makes one upload fail the way a flaky network does."""
+
+    def __init__(self, fail_on: str | None = None):
+        super().__init__(tries=1)
+        self.written: list[str] = []
+        self.fail_on = fail_on
+        self._lock = threading.Lock()
+
+    def _record(self, uri):
+        with self._lock:
+            self.written.append(str(uri))
+
+    def upload_file(self, local_path, uri):
+        if self.fail_on and str(uri).endswith(self.fail_on):
+            raise RetryableError(f"{uri}: injected upload failure")
+        super().upload_file(local_path, uri)
+        self._record(uri)
+
+    def write_bytes(self, uri, data):
+        super().write_bytes(uri, data)
+        self._record(uri)
+
+
+def stage(exp, storage):
+    from skin.stage import stage as run_stage
+
+    run_stage(exp, storage)
+
+
+@pytest.fixture(scope="module")
+def run(emulator, real_or_synthetic_images, tmp_path_factory):
+    """Stage the small real set (with a test split) and retrain once."""
+    bucket = f"rt-{uuid.uuid4().hex[:8]}"
+    emulator.ensure_bucket(bucket)
+    exp = experiment(bucket, real_or_synthetic_images)
+    storage = RecordingStorage()
+    stage(exp, storage)
+    storage.write_json(join(exp.tuner_uri, "result.json"), RESULT)
+    storage.written.clear()
+    runtime = Runtime(work_dir=tmp_path_factory.mktemp("work"))
+    published = rt.retrain(exp, runtime, storage, best=BEST)
+    return exp, runtime, storage, published
+
+
+def test_published_layout_in_the_bucket_and_locally(run):
+    exp, _, storage, published = run
+    assert re.fullmatch(r"\d{8}-\d{6}", published.version)
+    assert published.uri == join(exp.models_uri, published.version)
+    in_bucket = {u[len(published.uri) + 1:] for u in storage.list(published.uri)}
+    assert VERSION_FILES <= in_bucket
+    assert any(name.startswith("saved_model/variables/") for name in in_bucket)
+    local = {p.relative_to(published.local_dir).as_posix()
+             for p in published.local_dir.rglob("*") if p.is_file()}
+    assert local == in_bucket
+    assert published.local_dir == run[1].work_dir / "published" / published.version
+    assert storage.read_text(join(exp.models_uri, "LATEST")).strip() == published.version
+    for png in ("learning_curves.png", "roc.png", "confusion_matrix.png"):
+        assert (published.local_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latest_is_written_last(run):
+    exp, _, storage, published = run
+    latest = join(exp.models_uri, "LATEST")
+    assert storage.written[-1] == latest
+    assert storage.written.count(latest) == 1
+    assert {u[len(published.uri) + 1:] for u in storage.written[:-1]} >= VERSION_FILES
+
+
+def test_metrics_json(run):
+    exp, runtime, storage, published = run
+    metrics = storage.read_json(join(published.uri, "metrics.json"))
+    assert metrics == json.loads(json.dumps(published.metrics))
+    manifest = json.loads((runtime.work_dir / "data" / "manifest.json").read_text())
+    assert metrics["evaluated_on"] == "test"
+    assert metrics["n"] == manifest["splits"]["test"]["count"]
+    assert metrics["validation"]["n"] == manifest["splits"]["validation"]["count"]
+    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1"):
+        assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0, key
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert tn + fp + fn + tp == metrics["n"]
+    assert (tp + fn, tn + fp) == (metrics["n_malignant"], metrics["n_benign"])
+    assert metrics["accuracy"] == pytest.approx((tn + tp) / metrics["n"])
+    assert metrics["validation"]["sensitivity"] >= 0.9  # the threshold's promise
+    assert metrics["threshold"] == metrics["serving"]["threshold"] == metrics["validation"][
+        "threshold"]
+    assert (metrics["image_size"], metrics["class_names"]) == (SIZE, ["benign", "malignant"])
+    training = metrics["training"]
+    assert 1 <= training["epochs_trained"] <= 2 and training["epochs_budget"] == 2
+    assert len(training["history"]["loss"]) == len(training["history"]["val_loss"]) == \
+        training["epochs_trained"]
+    assert training["monitor"] == "val_auc" and training["best_epoch"] >= 1
+    assert metrics["hyperparameters"] == BEST["hyperparameters"]
+    assert metrics["data"]["manifest_sha256"]
+    assert metrics["code_version"].startswith("0.")
+
+
+def test_threshold_comes_from_validation_and_test_metrics_from_the_saved_model(run):
+    exp, runtime, _, published = run
+    model, info = ev.load_published(published.local_dir)
+    data_dir = runtime.work_dir / "data"
+    val_labels, val_probs = rt.split_predictions(model, data_dir, "validation", SIZE)
+    assert info.threshold == pytest.approx(ev.choose_threshold(val_labels, val_probs, 0.9),
+                                           abs=1e-6)
+    test_labels, test_probs = rt.split_predictions(model, data_dir, "test", SIZE)
+    expected = ev.classification_metrics(test_labels, test_probs, info.threshold)
+    assert published.metrics["confusion_matrix"] == expected["confusion_matrix"]
+    assert published.metrics["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
+
+
+def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
+    import keras
+
+    published = run[3]
+    keras_file = published.local_dir / "model.keras"
+    keras.models.load_model(keras_file, safe_mode=True)
+    with zipfile.ZipFile(keras_file) as zf:
+        inside = json.loads(zf.read(ev.SERVING_ARCHIVE_ENTRY))
+    beside = json.loads((published.local_dir / "serving.json").read_text())
+    assert inside == beside
+    assert beside["threshold"] == published.metrics["threshold"]
+    assert (beside["image_size"], beside["class_names"], beside["version"]) == (
+        SIZE, ["benign", "malignant"], published.version)
+
+
+def test_saved_model_export_matches_keras(run):
+    import tensorflow as tf
+
+    published = run[3]
+    model, _ = ev.load_published(published.local_dir)
+    x = np.random.default_rng(0).uniform(0, 255, (3, SIZE, SIZE, 3)).astype(np.float32)
+    exported = tf.saved_model.load(str(published.local_dir / "saved_model"))
+    np.testing.assert_allclose(np.asarray(exported.serve(x)), model.predict_on_batch(x),
+                               atol=1e-5)
+
+
+def test_model_card(run):
+    published = run[3]
+    card = (published.local_dir / "model_card.md").read_text()
+    for needle in (published.metrics["data"]["manifest_sha256"], published.metrics["code_version"],
+                   "ISIC Archive", "non-commercial", "Not a medical device", "block_type",
+                   f"{published.metrics['threshold']:.4f}", "apiVersion: skin/v1",
+                   "Evaluated on the **test** split"):
+        assert needle in card, needle
+
+
+def test_evaluate_and_predict_the_published_model_from_the_bucket(run, real_or_synthetic_images,
+                                                                  tmp_path):
+    exp, _, storage, published = run
+    result = ev.evaluate(exp.models_uri, real_or_synthetic_images, tmp_path / "eval.json",
+                         storage=storage)
+    n_images = len(list(real_or_synthetic_images.rglob("*.jpg")))
+    assert result["n"] == n_images and result["n_skipped"] == 0
+    assert result["version"] == published.version
+    assert result["threshold"] == pytest.approx(published.metrics["threshold"])
+    assert sum(map(sum, result["confusion_matrix"])) == n_images
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["roc_auc"] <= 1.0
+    # Most of these images trained the model: it must rank them better than chance.
+    assert result["roc_auc"] > 0.5
+    images = sorted(real_or_synthetic_images.rglob("*.jpg"))[:4]
+    lines = ev.format_predictions(ev.predict(f"{exp.models_uri}/LATEST", images,
+                                             storage=storage)).splitlines()
+    assert len(lines) == 4
+    assert all(line.startswith(str(p)) and re.search(r"\t(benign|malignant)\tp_malignant=[01]\.",
+                                                     line) for p, line in zip(images, lines))
+
+
+# ---------------------------------------------------------------------------
+# Without a test split, with a stand-in hypermodel
+
+
+def _stand_in_hypermodel():
+    """A minimal hypermodel with SkinHyperModel's interface (float 0..255 in, P(malignant) out)."""
+    import keras
+    import keras_tuner
+
+    from skin import data as skin_data
+
+    class TinyHyperModel(keras_tuner.HyperModel):
+        def build(self, hp):
+            units = hp.Choice("units", [4, 8])
+            inputs = keras.Input((SIZE, SIZE, 3))
+            x = keras.layers.Rescaling(1 / 255.0)(inputs)
+            x = keras.layers.Conv2D(units, 3, strides=2, activation="relu")(x)
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            out = keras.layers.Dense(1, activation="sigmoid")(x)
+            model = keras.Model(inputs, out)
+            model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy",
+                          metrics=[keras.metrics.AUC(name="auc"),
+                                   keras.metrics.BinaryAccuracy(name="accuracy")])
+            return model
+
+        def fit(self, hp, model, *, data_dir, epochs, callbacks=None, **kw):
+            self.seen_units = hp.get("units")
+            train = skin_data.dataset(data_dir, "train", SIZE, 16, training=True)
+            val = skin_data.dataset(data_dir, "validation", SIZE, 16, training=False)
+            return model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks,
+                             verbose=0)
+
+    return TinyHyperModel()
+
+
+def test_without_test_split_evaluates_on_validation(emulator, storage, bucket,
+                                                    real_or_synthetic_images, tmp_path):
+    exp = experiment(bucket, real_or_synthetic_images, test_fraction=0.0, epochs=0)
+    stage(exp, storage)
+    hypermodel = _stand_in_hypermodel()
+    best = {"trial_id": "x", "score": 0.7, "objective": "val_auc", "epochs": 1,
+            "hyperparameters": {"units": 8}}
+    published = rt.retrain(exp, Runtime(work_dir=tmp_path), storage, hypermodel=hypermodel,
+                           best=best)
+    assert hypermodel.seen_units == 8  # the best value, not the default
+    m = published.metrics
+    assert m["evaluated_on"] == "validation"
+    assert m["training"]["epochs_budget"] == 1  # retrain.epochs 0: the best trial's epochs
+    assert {k: m[k] for k in ("n", "confusion_matrix", "accuracy", "threshold")} == {
+        k: m["validation"][k] for k in ("n", "confusion_matrix", "accuracy", "threshold")}
+    assert "optimistic" in (published.local_dir / "model_card.md").read_text()
+    assert storage.read_text(join(exp.models_uri, "LATEST")).strip() == published.version
+
+
+def test_a_failed_upload_never_moves_latest(emulator, bucket, real_or_synthetic_images,
+                                            tmp_path):
+    exp = experiment(bucket, real_or_synthetic_images, test_fraction=0.0, epochs=1)
+    storage = RecordingStorage()
+    stage(exp, storage)
+    storage.write_text(join(exp.models_uri, "LATEST"), "20000101-000000\n")  # an older model
+    failing = RecordingStorage(fail_on="saved_model/saved_model.pb")
+    with pytest.raises(RetryableError, match="injected"):
+        rt.retrain(exp, Runtime(work_dir=tmp_path), failing, hypermodel=_stand_in_hypermodel(),
+                   best={"trial_id": "x", "epochs": 1, "hyperparameters": {"units": 4}})
+    assert storage.read_text(join(exp.models_uri, "LATEST")).strip() == "20000101-000000"
+    assert join(exp.models_uri, "LATEST") not in failing.written
+
+
+# ---------------------------------------------------------------------------
+# Small parts
+
+
+@pytest.mark.parametrize("retrain_epochs, best, expected", [
+    (5, {"epochs": 9}, 5),                                   # the experiment says
+    (0, {"epochs": 9}, 9),                                   # the best trial's epochs
+    (0, {"hyperparameters": {"tuner/epochs": 4}}, 4),        # Hyperband's record of them
+    (0, {}, 3),                                              # search.max_epochs
+])
+def test_epoch_policy(retrain_epochs, best, expected, tmp_path):
+    exp = experiment("b-b", tmp_path, epochs=retrain_epochs)
+    assert rt._epochs(exp, best) == expected
+
+
+def test_best_values_reach_the_real_hypermodel(tmp_path):
+    from skin.model import SkinHyperModel
+
+    exp = experiment("b-b", tmp_path)
+    hp = rt._hyperparameters(BEST["hyperparameters"])
+    values = SkinHyperModel(exp).values(hp)
+    assert {k: values[k] for k in values} == {k: v for k, v in BEST["hyperparameters"].items()
+                                              if not k.startswith("tuner/")}
+
+
+def test_new_version_skips_a_taken_second(storage, bucket):
+    models = f"gs://{bucket}/x/models"
+    taken = rt._new_version(storage, models)
+    storage.write_text(f"{models}/{taken}/metrics.json", "{}")
+    assert rt._new_version(storage, models) > taken
+
+
+def test_plots_with_a_read_only_matplotlib_config_dir(tmp_path):
+    code = (
+        "import os, sys; from pathlib import Path; from skin import retrain as rt\n"
+        "rt.plot_confusion_matrix([[3, 1], [2, 4]], 'test', 0.42, Path(sys.argv[1]))\n"
+        "print(os.environ['MPLCONFIGDIR'])\n")
+    out = tmp_path / "cm.png"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                          env={"MPLCONFIGDIR": "/proc/skin-no-such-dir", "HOME": "/proc",
+                               "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() != "/proc/skin-no-such-dir"
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_code_version_names_the_commit():
+    version = rt.code_version()
+    assert version.startswith("0.")
+    if (Path(rt.__file__).parents[1] / ".git").exists():
+        assert re.search(r"\+git\.[0-9a-f]{12}", version)
+
+
+def test_run_report_is_rendered_from_the_search_result(tmp_path):
+    rt._render_report(RESULT, tmp_path)
+    assert (tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
+    assert "0007" in (tmp_path / "report.html").read_text()

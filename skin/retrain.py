@@ -371,7 +371,7 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         "",
         "| hyperparameter | value |",
         "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in sorted(hps.items())],
+        *[f"| {k} | {v} |" for k, v in sorted(hps.items())],
         "",
         "## Provenance",
         "",

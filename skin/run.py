@@ -71,6 +71,7 @@ class Child:
     restart_at: float | None = None
     exit_code: int | None = None
     pump: threading.Thread | None = None
+    stopping: bool = False  # we asked it to stop: its exit is not news
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Supervisor:
         child.proc = subprocess.Popen(
             child.argv, env=child.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-        child.exit_code, child.restart_at = None, None
+        child.exit_code, child.restart_at, child.stopping = None, None, False
         child.pump = threading.Thread(target=self._pump, args=(child, child.proc, logfile),
                                       daemon=True)
         child.pump.start()
@@ -111,8 +112,9 @@ class Supervisor:
         if code is not None and child.exit_code is None:
             child.pump.join(timeout=5)
             child.exit_code = code if code >= 0 else 128 - code  # -9 -> 137, like a pod
-            log.log(logging.INFO if code == 0 else logging.WARNING,
-                    "%s exited with code %d", child.name, child.exit_code)
+            level = (logging.DEBUG if child.stopping else
+                     logging.INFO if code == 0 else logging.WARNING)
+            log.log(level, "%s exited with code %d", child.name, child.exit_code)
         return child.exit_code
 
     def run_once(self, child: Child) -> int:
@@ -131,6 +133,7 @@ class Supervisor:
         proc = child.proc
         if proc is None or proc.poll() is not None:
             return
+        child.stopping = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:

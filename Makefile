@@ -118,3 +118,9 @@ kind-deploy: ## Start the experiment in the kind cluster (kubectl apply -k k8s/k
 .PHONY: kind-down
 kind-down: ## Delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+##@ Benchmarks
+
+.PHONY: bench-quality
+bench-quality: venv ## Model quality: skin run on ../shared ISIC train with a held-out test part, 3 split seeds; model at OUT/model (OUT=dir; ~1 h, whole machine)
+	$(PY) bench/quality.py $(if $(OUT),--out $(OUT))

@@ -1,0 +1,186 @@
+"""Fast model research: train one configuration from memory and score it.
+
+    taskset -c 1 .venv/bin/python bench/quality_explore.py --size 96 --epochs 20 \
+        --set blocks=4 filters=32 --seeds 0 [--split-seed 0] [--threads 1]
+
+Images come from bench/quality_data.py (in memory, reduced size, grouped split:
+train / validation / test = 70 / 15 / 15). The model is skin.model.build_model and
+training is skin.model.fit_datasets: the same code the pipeline runs. The threshold
+is chosen on validation (highest with malignant sensitivity >= --target); test
+figures are reported at it. Prints one JSON line per run (and appends it to
+--log, default /tmp/skin-quality-explore.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+
+def roc_auc(y, p):
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(len(p))
+    ps = p[order]
+    # average ranks for ties
+    i = 0
+    r = np.arange(1, len(p) + 1, dtype=np.float64)
+    while i < len(p):
+        j = i
+        while j + 1 < len(p) and ps[j + 1] == ps[i]:
+            j += 1
+        r[i:j + 1] = (i + j + 2) / 2
+        i = j + 1
+    ranks[order] = r
+    npos = y.sum()
+    nneg = len(y) - npos
+    return float((ranks[y == 1].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def threshold_for(y, p, target):
+    """Highest threshold whose malignant sensitivity on (y, p) is >= target."""
+    pos = np.sort(p[y == 1])[::-1]
+    k = max(1, math.ceil(target * len(pos)))
+    return float(pos[k - 1])
+
+
+def scores(y, p, thr):
+    pred = p >= thr
+    tp = int(((pred == 1) & (y == 1)).sum()); fn = int(((pred == 0) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum()); fp = int(((pred == 1) & (y == 0)).sum())
+    return dict(acc=round((tp + tn) / len(y), 4), sens=round(tp / max(1, tp + fn), 4),
+                spec=round(tn / max(1, tn + fp), 4), cm=[[tn, fp], [fn, tp]])
+
+
+def summary(y, p, thr):
+    best_acc = max(scores(y, p, t)["acc"] for t in np.unique(p))
+    return dict(auc=round(roc_auc(y, p), 4), acc05=scores(y, p, 0.5)["acc"],
+                at_thr=scores(y, p, thr), best_acc=best_acc)
+
+
+def predict_tta(model, x, batch, tta):
+    import tensorflow as tf
+
+    views = [x]
+    if tta:
+        views += [x[:, ::-1], x[:, :, ::-1], np.rot90(x, 1, axes=(1, 2))]
+        if tta > 1:
+            views += [np.rot90(x, 3, axes=(1, 2)), x[:, ::-1, ::-1],
+                      np.rot90(x[:, ::-1], 1, axes=(1, 2)), np.rot90(x[:, :, ::-1], 1, axes=(1, 2))]
+    out = [model.predict(tf.constant(np.ascontiguousarray(v), tf.float32), batch_size=batch,
+                         verbose=0)[:, 0] for v in views]
+    return np.mean(out, 0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--set", nargs="*", default=[], help="name=value hyperparameters")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0])
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--tta", type=int, default=1)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--train-on-val", action="store_true",
+                    help="also train on validation (threshold then from the train+val fit)")
+    ap.add_argument("--log", default="/tmp/skin-quality-explore.jsonl")
+    args = ap.parse_args(argv)
+
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import keras
+    import keras_tuner
+
+    import quality_data
+    from skin import model as M
+
+    if args.bf16:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    x, y, paths = quality_data.load(args.size)
+    g = quality_data.groups(paths, y)
+    sp = quality_data.split(y, g, args.split_seed)
+    xs = {k: x[sp == i] for i, k in enumerate(("train", "val", "test"))}
+    ys = {k: y[sp == i].astype(np.float32) for i, k in enumerate(("train", "val", "test"))}
+
+    hp = keras_tuner.HyperParameters()
+    values = M._define(hp, {})
+    for item in args.set:
+        k, val = item.split("=", 1)
+        if k not in values and k not in ("stem",):
+            raise SystemExit(f"unknown hyperparameter {k}")
+        values[k] = yaml.safe_load(val)
+    results = []
+    for seed in args.seeds:
+        keras.utils.set_random_seed(seed)
+        model = M.build_model(values, args.size, seed=None)
+        bs = int(values["batch_size"])
+        tx, ty = xs["train"], ys["train"]
+        if args.train_on_val:
+            tx, ty = np.concatenate([tx, xs["val"]]), np.concatenate([ty, ys["val"]])
+        train = (tf.data.Dataset.from_tensor_slices((tx, ty))
+                 .shuffle(len(tx), seed=seed, reshuffle_each_iteration=True)
+                 .batch(bs).map(lambda a, b: (tf.cast(a, tf.float32), b)).prefetch(2))
+        val = (tf.data.Dataset.from_tensor_slices((xs["val"], ys["val"])).batch(128)
+               .map(lambda a, b: (tf.cast(a, tf.float32), b)))
+        steps = math.ceil(len(tx) / bs)
+        t0 = time.time()
+        hist = M.fit_datasets(values, model, train, val, epochs=args.epochs, steps_per_epoch=steps,
+                              class_counts=(int((ty == 0).sum()), int((ty == 1).sum())), seed=seed,
+                              verbose=2)
+        train_s = time.time() - t0
+        h = hist.history
+        variants = {}
+        for tta in sorted({0, args.tta, 2}):
+            pv = predict_tta(model, xs["val"].astype(np.float32), 128, tta)
+            pt = predict_tta(model, xs["test"].astype(np.float32), 128, tta)
+            thr = threshold_for(ys["val"], pv, args.target)
+            variants[tta] = dict(thr=round(thr, 4), val=summary(ys["val"], pv, thr),
+                                 test=summary(ys["test"], pt, thr))
+        pv = predict_tta(model, xs["val"].astype(np.float32), 128, args.tta)
+        pt = predict_tta(model, xs["test"].astype(np.float32), 128, args.tta)
+        thr = threshold_for(ys["val"], pv, args.target)
+        res = dict(
+            tag=args.tag, size=args.size, epochs=args.epochs, seed=seed, split_seed=args.split_seed,
+            tta=args.tta, bf16=args.bf16, threads=args.threads, train_s=round(train_s, 1),
+            img_s=round(args.epochs * len(tx) / train_s, 1), params=model.count_params(),
+            set=args.set, thr=round(thr, 4),
+            val=summary(ys["val"], pv, thr), test=summary(ys["test"], pt, thr),
+            curve_val_auc=[round(a, 3) for a in h.get("val_auc", [])],
+            curve_val_acc=[round(a, 3) for a in h.get("val_accuracy", [])],
+            final_loss=round(h["loss"][-1], 4),
+            tta_variants={str(k): dict(val_auc=v["val"]["auc"], test_auc=v["test"]["auc"],
+                                       val_acc05=v["val"]["acc05"], test_acc05=v["test"]["acc05"],
+                                       test_thr=v["test"]["at_thr"])
+                          for k, v in variants.items()},
+        )
+        results.append(res)
+        line = json.dumps(res)
+        print(line, flush=True)
+        with open(args.log, "a") as f:
+            f.write(line + "\n")
+    if len(results) > 1:
+        for part in ("val", "test"):
+            for key in ("auc", "acc05"):
+                a = np.array([r[part][key] for r in results])
+                print(f"{part} {key}: mean {a.mean():.4f} sd {a.std():.4f}")
+            a = np.array([r[part]["at_thr"]["acc"] for r in results])
+            print(f"{part} acc@thr: mean {a.mean():.4f} sd {a.std():.4f}")
+
+
+if __name__ == "__main__":
+    main()

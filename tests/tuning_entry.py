@@ -70,7 +70,9 @@ def main() -> int:
     parser.add_argument("--epoch-seconds", type=float, default=0.0)
     parser.add_argument("--fail", action="store_true")
     args = parser.parse_args()
-    from skin import tuning
+    from prometheus_client import CollectorRegistry
+
+    from skin import metrics, tuning
     from skin.config import load_experiment, runtime_from_env
     from skin.storage import Storage
 
@@ -81,8 +83,9 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     exp = load_experiment()
     hypermodel = TinyHyperModel(args.epoch_seconds, args.fail)
+    hooks = metrics.role_metrics(CollectorRegistry(), exp, runtime.tuner_id)  # exercised, unserved
     role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
-    return role(exp, runtime, Storage(), hypermodel=hypermodel)
+    return role(exp, runtime, Storage(), metrics=hooks, hypermodel=hypermodel)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ fresh lease. A chief started after the search ended does only what is left
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import tempfile
 import time
@@ -39,21 +40,14 @@ log = logging.getLogger("skin.tuning")
 RPC_THREADS = 32
 
 
-def _hook(metrics, name: str, *args) -> None:
-    """Call a metrics hook; a broken metric must never break the search."""
-    if metrics is None:
-        return
-    try:
-        getattr(metrics, name)(*args)
-    except Exception as e:  # noqa: BLE001
-        log.debug("metrics hook %s failed: %s", name, e)
 
 
 class ChiefListener:
     """Turns oracle events into log lines for a human and metrics for Prometheus."""
 
-    def __init__(self, metrics=None):
+    def __init__(self, metrics=None, max_epochs: int = 0):
         self.metrics = metrics
+        self.max_epochs = max_epochs
         self.best: tuple[float, str] | None = None
 
     def trial_started(self, oracle, trial, attempt) -> None:
@@ -65,7 +59,7 @@ class ChiefListener:
                 extra += f" from trial {values['tuner/trial_id']}"
         log.info("trial %s started on %s (attempt %d%s)", trial.trial_id, attempt["worker"],
                  attempt["n"], extra)
-        _hook(self.metrics, "trial_started", attempt["worker"])
+        wire.hook(self.metrics, "trial_started", attempt["worker"])
 
     def trial_ended(self, oracle, trial, attempt) -> None:
         worker, duration = attempt["worker"], attempt["ended"] - attempt["started"]
@@ -92,12 +86,14 @@ class ChiefListener:
                         trial.trial_id, worker, duration, attempt["n"], allowed, fate,
                         attempt["reason"] or "no message")
             status = "invalid" if requeued else "failed"
-        _hook(self.metrics, "trial_ended", status, duration,
+        wire.hook(self.metrics, "trial_ended", status, duration,
               trial.score if status == "completed" else None, worker)
         self._report_progress(oracle)
 
-    def worker_report(self, worker: str) -> None:
-        _hook(self.metrics, "worker_report", worker)
+    def worker_report(self, worker: str, trial, epochs_done: int) -> None:
+        budget = trial.hyperparameters.values.get("tuner/epochs", self.max_epochs)
+        wire.hook(self.metrics, "worker_report", worker, epoch=epochs_done,
+                  epochs_budget=int(budget))
 
     def search_ended(self, oracle) -> None:
         if oracle.state == "failed":
@@ -114,7 +110,7 @@ class ChiefListener:
         eta = None
         if done and total and total > done:
             eta = (time.time() - oracle.started_at) / done * (total - done)
-        _hook(self.metrics, "set_search_progress", done, total, eta)
+        wire.hook(self.metrics, "set_search_progress", done, total, eta)
 
 
 def _rpc(method):
@@ -140,7 +136,7 @@ def _rpc(method):
             log.warning("%s rejected: %s", name, e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
         finally:
-            _hook(self.metrics, "oracle_call", name, time.perf_counter() - t0)
+            wire.hook(self.metrics, "oracle_call", name, time.perf_counter() - t0)
 
     return wrapper
 
@@ -354,10 +350,9 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
                  exp.search.tuner, len(oracle.hyperparameters.space), oracle.objective.name,
                  oracle.objective.direction)
 
-    listener = ChiefListener(metrics)
+    listener = ChiefListener(metrics, exp.search.max_epochs)
     oracle.listener = listener
-    journal = Journal(store, oracle.lock, oracle.snapshot, next_seq=loaded.next_seq,
-                      journal_from=loaded.journal_from).start()
+    journal = Journal(store, oracle.lock, oracle.snapshot, loaded=loaded).start()
     oracle.journal = journal
     with oracle.lock:
         ticket = oracle._mark(header=True)
@@ -369,6 +364,10 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
         elif oracle.state != "running":
             oracle.done.set()
 
+    # TensorFlow and Keras leave ~10^6 long-lived objects; a full garbage collection walks
+    # them all and pauses every RPC for 100+ ms. Freeze them out of the collector's sight.
+    gc.collect()
+    gc.freeze()
     servicer = make_servicer(oracle, metrics)
     server = serve(servicer, port)
     total = oracle.total_estimate()
@@ -390,8 +389,12 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
                      best["score"], best_uri(exp))
     finally:
         server.stop(grace=0.5).wait()
-        journal.stop()
-    _hook(metrics, "search_finished")
+    # Fold the journal into one object per trial, if that is quick; the journal alone is a
+    # complete state (result.json above is what everyone reads), so the chief need not wait.
+    if journal.error is None and not journal.compact(timeout=1.0):
+        log.info("left the last journal batches uncompacted (a restarted chief replays them)")
+    journal.stop()
+    wire.hook(metrics, "search_finished")
     if oracle.state == FAILED:
         log.error("chief exits %d: the search failed (summary in %s)", EXIT_SEARCH_FAILED,
                   result_uri(exp))

@@ -50,6 +50,7 @@ class Loaded:
 
     header: dict | None
     records: dict[str, dict] = field(default_factory=dict)
+    replayed: dict[str, dict] = field(default_factory=dict)  # the records batches carried
     next_seq: int = 0
     journal_from: int = 0
     batches: int = 0
@@ -58,7 +59,7 @@ class Loaded:
 class OracleStore:
     """Reads and writes the objects of one search's oracle state (no threads, no policy)."""
 
-    def __init__(self, storage, prefix_uri: str, *, slots: int = 256):
+    def __init__(self, storage, prefix_uri: str, *, slots: int = 1024):
         self.storage = storage
         self.prefix = prefix_uri.rstrip("/")
         self.slots = slots
@@ -112,6 +113,7 @@ class OracleStore:
             if batch["header"] is not None:
                 loaded.header = batch["header"]
             loaded.records.update(batch["trials"])
+            loaded.replayed.update(batch["trials"])
             loaded.next_seq = batch["seq"] + 1
             loaded.batches += 1
         return loaded
@@ -124,20 +126,32 @@ class Journal:
     gets a ticket; the RPC handler calls :meth:`wait` with the ticket after
     releasing the lock. One writer thread turns everything marked since its
     last write into one batch.
+
+    A compaction writes the *cut* of the last durable batch: for every trial
+    changed since the previous compaction, the record that its latest batch
+    carried, and the latest header a batch carried. Nothing a compaction writes
+    is newer than the journal, so a compaction cut short (the chief killed
+    between two of its writes) leaves a state the replay still makes whole.
     """
 
     def __init__(self, store: OracleStore, lock: threading.RLock, snapshot: Snapshot, *,
-                 next_seq: int = 0, journal_from: int = 0, compact_interval_s: float = 2.0):
+                 loaded: Loaded | None = None, compact_interval_s: float = 10.0):
+        loaded = loaded or Loaded(header=None)
         self.store = store
         self._lock = lock  # the oracle's lock: mutations and snapshots
         self._snapshot = snapshot
         self._cond = threading.Condition()  # never held while taking the oracle lock
         self._dirty_trials: set[str] = set()
         self._dirty_header = False
-        self._uncompacted: set[str] = set()
-        self._next_seq = next_seq  # the batch the next mutation rides in
-        self._durable = next_seq - 1  # every batch <= this is in the bucket
-        self._journal_from = journal_from  # batches below this are covered by a compaction
+        # The cut: what the durable batches since the last compaction carried (latest per
+        # trial), up to batch _cut_seq. The writer adds to it once a batch is in the bucket.
+        self._cut_lock = threading.Lock()
+        self._cut: dict[str, dict] = dict(loaded.replayed)
+        self._cut_header: dict | None = loaded.header
+        self._cut_seq = loaded.next_seq - 1
+        self._next_seq = loaded.next_seq  # the batch the next mutation rides in
+        self._durable = loaded.next_seq - 1  # every batch <= this is in the bucket
+        self._journal_from = loaded.journal_from  # batches below: covered by a compaction
         self._pending = False
         self._compact_requested = False
         self._compact_lock = threading.Lock()  # one compaction at a time: headers never regress
@@ -158,16 +172,19 @@ class Journal:
 
     # -- called by the oracle, lock held ------------------------------------------------
 
-    def mark(self, trial_ids=(), header: bool = False) -> int:
-        """Record that these trials (and/or the header) changed; the ticket to wait for."""
+    def mark(self, trial_ids=(), header: bool = False, *, urgent: bool = True) -> int:
+        """Record that these trials (and/or the header) changed; the ticket to wait for.
+
+        ``urgent=False`` (progress reports): ride along with the next batch instead of
+        causing a write of its own.
+        """
         self._dirty_trials.update(trial_ids)
         self._dirty_header = self._dirty_header or header
-        with self._cond:
-            self._pending = True
-            self._cond.notify_all()
+        if urgent:
+            self._wake()
         return self._next_seq
 
-    # -- called by RPC handlers, lock not held --------------------------------------------
+    # -- called by RPC handlers and the chief, lock not held -------------------------------
 
     def wait(self, ticket: int, timeout: float = 60.0) -> None:
         """Block until the batch ``ticket`` is in the bucket."""
@@ -182,12 +199,25 @@ class Journal:
                 self._cond.wait(left)
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Write everything marked so far, then fold it all into per-trial objects."""
+        """Write everything marked so far (lazy marks included) and wait for it."""
         with self._lock:
-            ticket = self._next_seq if (self._dirty_trials or self._dirty_header) else \
-                self._next_seq - 1
+            dirty = bool(self._dirty_trials or self._dirty_header)
+            ticket = self._next_seq if dirty else self._next_seq - 1
+        if dirty:
+            self._wake()
         self.wait(ticket, timeout)
-        self._compact()
+
+    def compact(self, timeout: float | None = None) -> bool:
+        """Fold the journal into per-trial objects now; False if not done within ``timeout``
+        (it goes on in the background; stopping halfway is safe)."""
+        if timeout is None:
+            self._compact()
+            return True
+        t = threading.Thread(target=self._compact_quietly, name="oracle-compact-now",
+                             daemon=True)
+        t.start()
+        t.join(timeout)
+        return not t.is_alive()
 
     def stop(self) -> None:
         with self._cond:
@@ -198,6 +228,11 @@ class Journal:
                 t.join(timeout=5)
 
     # -- threads ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
 
     def _write_loop(self) -> None:
         while True:
@@ -214,14 +249,22 @@ class Journal:
                     continue
                 seq = self._next_seq
                 self._next_seq += 1
-                self._uncompacted |= trial_ids
                 head, records = self._snapshot(trial_ids, header)
             try:
                 self._wait_for_slot(seq)
+                t0 = time.monotonic()
                 self.store.write_batch(seq, head, records)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("batch %d: %d trials%s in %.1f ms", seq, len(records),
+                              " + header" if head else "", (time.monotonic() - t0) * 1e3)
             except BaseException as e:  # noqa: BLE001 - reported to every waiter
                 self._fail(e)
                 return
+            with self._cut_lock:
+                self._cut.update(records)
+                if head is not None:
+                    self._cut_header = head
+                self._cut_seq = seq
             with self._cond:
                 self._durable = seq
                 self.batches_written += 1
@@ -252,31 +295,35 @@ class Journal:
                 if self._stopping:
                     return
                 self._compact_requested = False
-            try:
-                self._compact()
-            except BaseException as e:  # noqa: BLE001
-                self._fail(e)
+            if not self._compact_quietly():
                 return
+
+    def _compact_quietly(self) -> bool:
+        try:
+            self._compact()
+            return True
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
+            return False
 
     def _compact(self) -> None:
         with self._compact_lock:
-            self._compact_locked()
-
-    def _compact_locked(self) -> None:
-        with self._lock:
-            if not self._uncompacted and not self._dirty_trials and \
-                    self._journal_from == self._next_seq:
+            with self._cut_lock:
+                last = self._cut_seq
+                if not self._cut and self._journal_from > last:
+                    return  # nothing new since the last compaction
+                records, self._cut = self._cut, {}
+                head = self._cut_header
+            if head is None:  # nothing was ever written: no header to carry
                 return
-            # Everything in memory now, including what no batch carries yet.
-            trial_ids = self._uncompacted | self._dirty_trials
-            self._uncompacted = set()
-            journal_from = self._next_seq
-            head, records = self._snapshot(trial_ids, True)
-        self.store.write_compaction(journal_from, head, records)
-        with self._cond:
-            self._journal_from = max(self._journal_from, journal_from)
-            self.compactions += 1
-            self._cond.notify_all()
+            t0 = time.monotonic()
+            self.store.write_compaction(last + 1, head, records)
+            log.debug("compaction: %d trials up to batch %d in %.2f s", len(records), last,
+                      time.monotonic() - t0)
+            with self._cond:
+                self._journal_from = max(self._journal_from, last + 1)
+                self.compactions += 1
+                self._cond.notify_all()
 
     def _fail(self, e: BaseException) -> None:
         log.error("oracle state cannot be written to %s: %s", self.store.prefix, e)

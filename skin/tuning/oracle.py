@@ -71,7 +71,7 @@ class Listener(Protocol):
 
     def trial_started(self, oracle: "LeasedOracle", trial, attempt: dict) -> None: ...
     def trial_ended(self, oracle: "LeasedOracle", trial, attempt: dict) -> None: ...
-    def worker_report(self, worker: str) -> None: ...
+    def worker_report(self, worker: str, trial, epochs_done: int) -> None: ...
     def search_ended(self, oracle: "LeasedOracle") -> None: ...
 
 
@@ -125,11 +125,13 @@ class LeasedOracle:
         # bucket (see journal.py). Keep the names only, create nothing.
         self._directory, self._project_name = directory, project_name
 
+    # The stock oracle saves on every change; we note what changed and let the callers that
+    # must answer durably (assign, end, reclaim) mark it urgent.
     def _save_trial(self, trial):
-        self._mark([trial.trial_id])
+        self._mark([trial.trial_id], urgent=False)
 
     def save(self):
-        self._mark(header=True)
+        self._mark(header=True, urgent=False)
 
     def reload(self):  # pragma: no cover - the chief calls restore() with bucket state
         raise NotImplementedError("LeasedOracle state is restored with restore()")
@@ -168,12 +170,13 @@ class LeasedOracle:
 
     # -- bookkeeping -----------------------------------------------------------------
 
-    def _mark(self, trial_ids=(), header: bool = False) -> int:
+    def _mark(self, trial_ids=(), header: bool = False, *, urgent: bool = True) -> int:
         if self.journal is None:
             return -1
-        ticket = self.journal.mark(trial_ids, header)
-        for tid in trial_ids:
-            self._tickets[tid] = ticket
+        ticket = self.journal.mark(trial_ids, header, urgent=urgent)
+        if urgent:  # what an answer must wait for; a lazy mark is written whenever
+            for tid in trial_ids:
+                self._tickets[tid] = ticket
         return ticket
 
     def _next_seq(self) -> int:
@@ -274,9 +277,11 @@ class LeasedOracle:
                 meta["last"] = {k: float(v) for k, v in metrics.items()}
             else:
                 self.update_trial(trial_id, metrics, step=step)  # stock: registers the metrics
-            self._mark([trial_id])
+            # Nobody waits on a report: it rides with the next write (an ending carries the
+            # final metrics again, so a chief restart loses nothing that matters).
+            self._mark([trial_id], urgent=False)
             if self.listener is not None:
-                self.listener.worker_report(worker)
+                self.listener.worker_report(worker, trial, int(step) + 1)
             return trial
 
     def end(self, trial, worker: str | None, attempt: int | None) -> int:
@@ -372,8 +377,7 @@ class LeasedOracle:
         for tid in trial_ids:
             trial = self.trials.get(tid)
             if trial is not None:
-                records[tid] = {"trial": trial.get_state(),
-                                "meta": json.loads(json.dumps(self.meta.get(tid, {})))}
+                records[tid] = {"trial": trial.get_state(), "meta": _copy_meta(self.meta[tid])}
         return (self.header() if header else None), records
 
     def header(self) -> dict:
@@ -489,6 +493,13 @@ def make_oracle(exp, *, leased: bool = True):
     oracle = _STOCK[s.tuner](**kwargs)
     oracle.verbose = 0
     return oracle
+
+
+def _copy_meta(meta: dict) -> dict:
+    """A snapshot of a trial's bookkeeping (flat dicts and one list of flat dicts)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in meta.items()}
+    out["attempts"] = [dict(a) for a in meta.get("attempts", ())]
+    return out
 
 
 def _last_line(message: str | None) -> str:

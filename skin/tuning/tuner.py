@@ -41,6 +41,7 @@ from keras_tuner.src.engine import tuner_utils
 
 from skin.errors import RetryableError
 from skin.storage import join
+from skin.tuning import protocol as wire
 from skin.tuning.client import LeaseLostError
 
 log = logging.getLogger("skin.tuning")
@@ -129,20 +130,13 @@ class EpochReporter(keras.callbacks.Callback):
                 raise _Abandon(e) from None
             raise
         images = tuner.images_per_epoch
-        _hook(tuner.metrics, "epoch_ended", int(epoch), seconds,
+        wire.hook(tuner.hooks, "epoch_ended", int(epoch), seconds,
               images / seconds if images and seconds > 0 else 0.0, logs)
         shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
         log.info("trial %s epoch %d/%d on %s: %s (%.1f s)", trial_id, epoch + 1,
                  self.state["epochs"], tuner.tuner_id, shown, seconds)
 
 
-def _hook(metrics, name, *args):
-    if metrics is None:
-        return
-    try:
-        getattr(metrics, name)(*args)
-    except Exception as e:  # noqa: BLE001 - metrics never break training
-        log.debug("metrics hook %s failed: %s", name, e)
 
 
 class TrialFiles:
@@ -212,7 +206,7 @@ class WorkerTuner(keras_tuner.Tuner):
         self.oracle = client  # everything goes to the chief
         self.exp = exp
         self.max_epochs = exp.search.max_epochs
-        self.metrics = metrics
+        self.hooks = metrics  # not self.metrics: keras_tuner.Tuner uses it for compile metrics
         self.images_per_epoch = images_per_epoch
         self.files = TrialFiles(storage, exp.trials_uri, self.project_dir)
 
@@ -257,7 +251,7 @@ class WorkerTuner(keras_tuner.Tuner):
         first, last = self._epochs(trial)
         log.info("trial %s started on %s (attempt %d, epochs %d->%d)%s", trial_id, self.tuner_id,
                  attempt, first, last, self._describe(trial))
-        _hook(self.metrics, "trial_started", last - first)
+        wire.hook(self.hooks, "trial_started", last - first)
         t0 = time.monotonic()
         try:
             results, best_step = self.run_trial(trial, **fit_kwargs)
@@ -274,7 +268,7 @@ class WorkerTuner(keras_tuner.Tuner):
             if isinstance(e.cause, LeaseLostError):
                 log.warning("trial %s on %s: the chief gave it to another worker (%s); dropping "
                             "it", trial_id, self.tuner_id, e.cause)
-                _hook(self.metrics, "trial_finished", "reclaimed")
+                wire.hook(self.hooks, "trial_finished", "reclaimed")
                 return "reclaimed"
             raise e.cause from None
         except (kt_errors.FatalError, RetryableError):
@@ -290,7 +284,7 @@ class WorkerTuner(keras_tuner.Tuner):
         except LeaseLostError as e:
             log.warning("trial %s on %s: ended too late, the chief had reclaimed it (%s)",
                         trial_id, self.tuner_id, e)
-            _hook(self.metrics, "trial_finished", "reclaimed")
+            wire.hook(self.hooks, "trial_finished", "reclaimed")
             return "reclaimed"
         seconds = time.monotonic() - t0
         status = trial.status.lower()
@@ -298,7 +292,7 @@ class WorkerTuner(keras_tuner.Tuner):
             name = self.oracle.objective.name
             log.info("trial %s completed on %s: %s=%.4f after %d epochs in %.1f s", trial_id,
                      self.tuner_id, name, trial.metrics.get_best_value(name), last, seconds)
-        _hook(self.metrics, "trial_finished", status)
+        wire.hook(self.hooks, "trial_finished", status)
         return status
 
     def _epochs(self, trial) -> tuple[int, int]:

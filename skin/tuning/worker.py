@@ -17,6 +17,7 @@ from pathlib import Path
 from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SEARCH_FAILED, RetryableError, SkinError,
                          exit_code_for)
 from skin.storage import join
+from skin.tuning import protocol as wire
 from skin.tuning.results import read_outcome
 
 log = logging.getLogger("skin.tuning")
@@ -58,11 +59,7 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     path = Path(skin_data.sync_data(storage, exp.data_uri, local))
     seconds = time.monotonic() - t0
     nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    if metrics is not None:
-        try:
-            metrics.data_synced(nbytes, seconds)
-        except Exception as e:  # noqa: BLE001
-            log.debug("metrics hook data_synced failed: %s", e)
+    wire.hook(metrics, "data_synced", nbytes, seconds)
     try:
         images = int(skin_data.load_manifest(path)["splits"]["train"]["count"])
     except Exception:  # noqa: BLE001 - only feeds the images/s metric

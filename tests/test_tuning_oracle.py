@@ -1,0 +1,205 @@
+"""The chief's oracle in one process: leases, persistence in the bucket, concurrency over gRPC.
+
+The servicer runs on a free loopback port and the clients are skin's own worker clients
+in threads; the state goes to the storage emulator. No models are trained here
+(tests/test_tuning.py runs the real processes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import yaml
+
+from conftest import free_port
+from skin.config import load_experiment
+from skin.tuning.journal import Journal, OracleStore
+
+
+def _exp(tmp_path, bucket, **search):
+    doc = {"apiVersion": "skin/v1", "kind": "Experiment", "name": "oracle",
+           "storage": {"bucket": bucket, "prefix": "unit"},
+           "search": {"tuner": "random", "objective": "val_auc", "max_trials": 40,
+                      "max_epochs": 2, "lease_seconds": 30, "max_trial_retries": 1,
+                      "max_consecutive_failed_trials": 3, **search}}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_experiment(path, env={})
+
+
+def _oracle(exp, storage, *, journal=True, slots=16):
+    from skin.tuning.oracle import make_oracle
+    from skin.tuning.results import oracle_uri
+
+    oracle = make_oracle(exp)
+    for name in ("x", "y", "z"):  # what populate_space would find in a hypermodel
+        oracle.hyperparameters.Float(name, 0.0, 1.0)
+    store = OracleStore(storage, oracle_uri(exp), slots=slots)  # small: the ring wraps
+    if journal:
+        oracle.journal = Journal(store, oracle.lock, oracle.snapshot,
+                                 compact_interval_s=0.5).start()
+    return oracle, store
+
+
+def _restored(exp, store):
+    from skin.tuning.oracle import make_oracle
+
+    loaded = store.load()
+    oracle = make_oracle(exp)
+    oracle.restore(loaded.header, loaded.records)
+    return oracle, loaded
+
+
+def _completed(trial, value):
+    from keras_tuner.src.engine import metrics_tracking
+
+    trial.metrics = metrics_tracking.MetricsTracker()
+    trial.metrics.register("val_auc", direction="max")
+    trial.metrics.update("val_auc", value, step=0)
+    trial.status = "COMPLETED"
+    return trial
+
+
+def test_concurrent_workers_over_grpc_get_each_trial_once_and_the_bucket_keeps_it(
+        tmp_path, bucket, storage):
+    from skin.tuning.chief import make_servicer, serve
+    from skin.tuning.client import ChiefClient, SearchOver
+    from skin.tuning.oracle import make_oracle
+
+    exp = _exp(tmp_path, bucket, max_trials=60)
+    oracle, store = _oracle(exp, storage)
+    port = free_port()
+    server = serve(make_servicer(oracle), port, host="127.0.0.1", threads=8)
+    ran: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        name = f"tuner{i}"
+        client = ChiefClient(f"127.0.0.1:{port}", name, make_oracle(exp, leased=False),
+                             patience_s=30)
+        try:
+            while True:
+                trial = client.create_trial(name)
+                if trial.status != "RUNNING":
+                    time.sleep(0.05)
+                    continue
+                ran.setdefault(trial.trial_id, []).append(name)
+                client.report_epoch(trial.trial_id, 0, {"val_auc": 0.5})
+                client.end_trial(_completed(trial, trial.hyperparameters.get("x")))
+        except SearchOver:
+            pass
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    server.stop(0).wait()
+    oracle.journal.stop()
+    assert not errors, errors
+    assert oracle.state == "finished"
+    assert sorted(ran) == sorted(oracle.trials) and len(ran) == 60
+    assert all(len(workers) == 1 for workers in ran.values())  # no trial handed out twice
+    assert len({tuple(sorted(t.hyperparameters.values.items()))
+                for t in oracle.trials.values()}) == 60
+
+    # Every answer waited for the bucket: a chief started now has all of it.
+    again, loaded = _restored(exp, store)
+    assert loaded.batches > 0 or loaded.journal_from > 0
+    assert again.state == "finished"
+    assert {t: (x.status, x.score) for t, x in again.trials.items()} == \
+        {t: (x.status, x.score) for t, x in oracle.trials.items()}
+    assert [a["worker"] for t in sorted(ran) for a in again.meta[t]["attempts"]] == \
+        [ran[t][0] for t in sorted(ran)]
+    assert again.get_best_trials(1)[0].trial_id == oracle.get_best_trials(1)[0].trial_id
+
+
+def test_reload_replays_the_journal_on_top_of_the_last_compaction(tmp_path, bucket, storage):
+    exp = _exp(tmp_path, bucket, max_trials=30)
+    oracle, store = _oracle(exp, storage, slots=256)
+    oracle.journal.compact_interval_s = 3600  # only the explicit compaction below
+    done = []
+    for i in range(12):
+        a = oracle.assign(f"tuner{i % 3}")
+        oracle.journal.wait(a.ticket)
+        done.append(a.trial.trial_id)
+        oracle.journal.wait(oracle.end(_completed(a.trial, i / 100), f"tuner{i % 3}", a.attempt))
+        if i == 5:
+            oracle.journal.flush()
+            oracle.journal.compact()  # covering the first six
+    held = oracle.assign("tuner7")
+    oracle.journal.wait(held.ticket)
+    oracle.journal.stop()  # "killed": no final compaction
+
+    again, loaded = _restored(exp, store)
+    assert loaded.journal_from > 0 and loaded.batches > 0
+    assert sorted(t for t, x in again.trials.items() if x.status == "COMPLETED") == sorted(done)
+    assert again.completed == 12
+    # The trial that was running keeps its worker, with a fresh lease.
+    assert again.ongoing_trials["tuner7"].trial_id == held.trial.trial_id
+    assert again.assign("tuner7").trial.trial_id == held.trial.trial_id
+    # New trials continue the numbering instead of reusing ids.
+    fresh = again.assign("tuner8").trial
+    assert fresh.trial_id not in oracle.trials and fresh.status == "RUNNING"
+
+
+def test_expired_lease_requeues_the_trial_then_fails_it_when_retries_run_out(tmp_path, bucket,
+                                                                           storage):
+    from skin.tuning.oracle import LeaseLost
+
+    exp = _exp(tmp_path, bucket, lease_seconds=1, max_trial_retries=1,
+               max_consecutive_failed_trials=1)
+    oracle, _ = _oracle(exp, storage, journal=False)
+    first = oracle.assign("tuner0")
+    assert first.attempt == 1
+    assert oracle.reclaim_expired(time.monotonic() + 0.5) == []
+    assert oracle.reclaim_expired(time.monotonic() + 2) == [(first.trial.trial_id, "tuner0")]
+    assert oracle.trials[first.trial.trial_id].status == "INVALID"  # re-queued
+    with pytest.raises(LeaseLost):
+        oracle.report(first.trial.trial_id, "tuner0", 1, {"val_auc": 0.1}, 0, progress_only=True)
+
+    second = oracle.assign("tuner1")
+    assert (second.trial.trial_id, second.attempt) == (first.trial.trial_id, 2)
+    oracle.report(second.trial.trial_id, "tuner1", 2, {"val_auc": 0.1}, 0, progress_only=True)
+    with pytest.raises(LeaseLost):  # the first attempt cannot end the second
+        oracle.end(_completed(first.trial, 0.9), "tuner0", 1)
+    assert oracle.reclaim_expired(time.monotonic() + 2) == [(first.trial.trial_id, "tuner1")]
+    assert oracle.trials[first.trial.trial_id].status == "FAILED"
+    assert [a["status"] for a in oracle.meta[first.trial.trial_id]["attempts"]] == \
+        ["reclaimed", "reclaimed"]
+    assert oracle.state == "failed" and "1 consecutive trials failed" in oracle.reason
+    assert "lease expired: no report from tuner1" in oracle.reason
+
+
+def test_a_worker_asking_while_others_run_waits_instead_of_leaving(tmp_path, bucket, storage):
+    exp = _exp(tmp_path, bucket, max_trials=1)
+    oracle, _ = _oracle(exp, storage, journal=False)
+    only = oracle.assign("tuner0")
+    assert oracle.assign("tuner1").trial.status == "IDLE"  # stock would say STOPPED
+    oracle.end(_completed(only.trial, 0.7), "tuner0", only.attempt)
+    assert oracle.state == "finished" and oracle.done.is_set()
+    assert oracle.assign("tuner1").trial.status == "STOPPED"
+    # The same ending again (a retried RPC) is harmless.
+    oracle.end(_completed(only.trial, 0.7), "tuner0", only.attempt)
+    assert oracle.completed == 1
+
+
+def test_the_header_does_not_grow_with_the_trials(tmp_path, bucket, storage):
+    import json
+
+    exp = _exp(tmp_path, bucket, max_trials=400)
+    oracle, _ = _oracle(exp, storage, journal=False)
+    sizes = {}
+    for i in range(300):
+        a = oracle.assign("tuner0")
+        oracle.end(_completed(a.trial, (i % 97) / 100), "tuner0", a.attempt)
+        if i + 1 in (10, 300):
+            sizes[i + 1] = len(json.dumps(oracle.header()))
+    assert sizes[300] <= sizes[10] + 16, sizes  # a few digits of counters, nothing per trial
+    assert len(oracle._tried_so_far) == 300  # the stock bookkeeping is still there, in memory

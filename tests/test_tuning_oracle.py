@@ -203,3 +203,124 @@ def test_the_header_does_not_grow_with_the_trials(tmp_path, bucket, storage):
             sizes[i + 1] = len(json.dumps(oracle.header()))
     assert sizes[300] <= sizes[10] + 16, sizes  # a few digits of counters, nothing per trial
     assert len(oracle._tried_so_far) == 300  # the stock bookkeeping is still there, in memory
+
+
+# ---------------------------------------------------------------------------
+# The chief's endings, in this process: no worker needed to reach them.
+
+class _SpaceOnly:
+    """A hypermodel for run_chief: declares the space; ``broken`` makes building fail."""
+
+    def __init__(self, broken: bool = False):
+        import keras_tuner
+
+        class Model(keras_tuner.HyperModel):
+            def build(self, hp):
+                import keras
+
+                hp.Float("x", 0.0, 1.0)
+                if broken:
+                    raise ValueError("no model for you")
+                return keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+
+        self.model = Model()
+
+
+def _runtime(tmp_path, **kw):
+    from skin.config import Runtime
+
+    return Runtime(tuner_id="chief", oracle_port=free_port(), work_dir=tmp_path / "work", **kw)
+
+
+def test_a_space_that_cannot_be_built_fails_the_search_for_everyone(tmp_path, bucket, storage):
+    from skin.tuning import load_result, run_chief, run_worker
+    from skin.tuning.results import read_outcome
+
+    exp = _exp(tmp_path, bucket)
+    assert run_chief(exp, _runtime(tmp_path), storage, hypermodel=_SpaceOnly(True).model) == 4
+    result = load_result(storage, exp)
+    assert result["outcome"] == "failed"
+    assert "the search space cannot be built: ValueError: no model for you" in result["reason"]
+    assert read_outcome(storage, exp)["outcome"] == "failed"
+    # A worker (re)starting later learns it from the bucket and stops too, without a chief.
+    from skin.config import Runtime
+
+    worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0")
+    assert run_worker(exp, worker, storage, hypermodel=_SpaceOnly().model) == 4
+
+
+class _FakeJobs:
+    """Just enough of the Kubernetes API for one suspended Job (GET, PATCH) or a 404."""
+
+    def __init__(self, tmp_path, found: bool = True):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.patches = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                if self.command == "PATCH":
+                    fake.patches.append(body)
+                doc = {"apiVersion": "batch/v1", "kind": "Job",
+                       "metadata": {"name": "retrain", "namespace": "skin"},
+                       "spec": {"suspend": not fake.patches, "template": {"spec": {
+                           "restartPolicy": "Never",
+                           "containers": [{"name": "r", "image": "skin"}]}}}}
+                data = json.dumps(doc if found else {"kind": "Status", "code": 404}).encode()
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PATCH = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.kubeconfig = tmp_path / "kubeconfig"
+        self.kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {
+                "server": f"http://127.0.0.1:{self.server.server_address[1]}"}}],
+            "users": [{"name": "fake", "user": {"token": "t"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+
+
+@pytest.mark.parametrize("found, code", [(True, 0), (False, 2)])
+def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restarts(
+        tmp_path, bucket, storage, monkeypatch, found, code):
+    from skin.tuning import run_chief
+    from skin.tuning.results import result_uri
+
+    exp = _exp(tmp_path, bucket)
+    storage.write_json(result_uri(exp), {"outcome": "completed", "reason": "all trials ended"})
+    api = _FakeJobs(tmp_path, found=found)
+    monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig))
+    runtime = _runtime(tmp_path, retrain_job="retrain", namespace="skin")
+    # The search had ended (result.json) but the Job never started: a restarted chief only
+    # does what is left, without serving or tuning anything.
+    assert run_chief(exp, runtime, storage, hypermodel=_SpaceOnly(True).model) == code
+    assert api.patches == ([{"spec": {"suspend": False}}] if found else [])
+    api.server.shutdown()
+
+
+def test_a_worker_waits_for_staged_data_a_bounded_time_then_exits_75(tmp_path, bucket, storage,
+                                                                      caplog):
+    from skin.config import Runtime
+    from skin.tuning import run_worker
+
+    exp = _exp(tmp_path, bucket)
+    worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0", data_wait_seconds=1.5)
+    t0 = time.monotonic()
+    with caplog.at_level("INFO", logger="skin.tuning"):
+        assert run_worker(exp, worker, storage, hypermodel=_SpaceOnly().model) == 75
+    assert time.monotonic() - t0 < 30
+    assert f"waiting for staged data at {exp.data_uri}" in caplog.text
+    assert "no staged data at" in caplog.text and "SKIN_DATA_WAIT_SECONDS" in caplog.text

@@ -272,18 +272,23 @@ def populate_space(oracle, hypermodel) -> None:
 
 
 def start_retrain(runtime) -> int:
-    """Un-suspend the retrain Job when one is configured; 75 when that fails."""
+    """Un-suspend the retrain Job when one is configured; the exit code that follows.
+
+    A failure that a retry may cure exits 75, so the Job restarts the chief, which finds
+    the search ended and tries again; a misconfiguration skin.kube reports as such (no
+    such Job, no permission: ConfigError) exits 2. The search result stays either way.
+    """
     if not runtime.retrain_job:
         return EXIT_OK
     try:
         from skin import kube
 
         kube.unsuspend_job(runtime.namespace, runtime.retrain_job)
-    except Exception as e:  # noqa: BLE001 - any failure: let the Job retry the chief
-        log.error("could not start the retrain Job %s/%s: %s; exiting %d so the chief is retried "
-                  "(the search result stays in the bucket)", runtime.namespace,
-                  runtime.retrain_job, e, EXIT_RETRYABLE)
-        return EXIT_RETRYABLE
+    except Exception as e:  # noqa: BLE001 - every failure is logged and typed
+        code = exit_code_for(e) if isinstance(e, SkinError) else EXIT_RETRYABLE
+        log.error("could not start the retrain Job %s/%s: %s (exit %d; the search result "
+                  "stays in the bucket)", runtime.namespace, runtime.retrain_job, e, code)
+        return code
     log.info("started the retrain Job %s/%s", runtime.namespace, runtime.retrain_job)
     return EXIT_OK
 

@@ -291,8 +291,9 @@ class LeasedOracle:
             meta = self.meta.get(trial_id)
             if meta and meta["attempts"]:
                 last = meta["attempts"][-1]
-                if last["ended"] is not None and last["worker"] == (worker or last["worker"]) \
-                        and (not attempt or attempt == last["n"]):
+                if last["ended"] is not None and last["status"] != "reclaimed" and \
+                        last["worker"] == (worker or last["worker"]) and \
+                        (not attempt or attempt == last["n"]):
                     return self._tickets.get(trial_id, -1)  # the same ending again: a retried RPC
             if self.state == FAILED:
                 raise SearchStopped(self.state, self.reason)

@@ -108,16 +108,8 @@ class EpochReporter(keras.callbacks.Callback):
         seconds = time.monotonic() - self._t0
         logs = _floats(logs)
         objective = tuner.oracle.objective
-        self.state["history"].append({"epoch": int(epoch), **logs})
-        self.state["epoch"] = int(epoch) + 1
-        self.state["worker"] = tuner.tuner_id
-        if objective.has_value(logs):
-            value = objective.get_value(logs)
-            best = self.state.get("best_value")
-            if best is None or objective.better_than(value, best):
-                self.state["best_value"] = float(value)
-                tuner.files.save_best(trial_id, self.model)
-        tuner.files.save_epoch(trial_id, self.model, self.state)
+        # Report first: it renews the lease and tells a worker whose trial was given away to
+        # stop before it writes over the new holder's checkpoints.
         try:
             tuner.oracle.report_epoch(trial_id, int(epoch), logs)
         except LeaseLostError as e:
@@ -129,14 +121,22 @@ class EpochReporter(keras.callbacks.Callback):
             if type(e).__name__ in ("SearchOver", "SearchFailedError"):
                 raise _Abandon(e) from None
             raise
+        self.state["history"].append({"epoch": int(epoch), **logs})
+        self.state["epoch"] = int(epoch) + 1
+        self.state["worker"] = tuner.tuner_id
+        if objective.has_value(logs):
+            value = objective.get_value(logs)
+            best = self.state.get("best_value")
+            if best is None or objective.better_than(value, best):
+                self.state["best_value"] = float(value)
+                tuner.files.save_best(trial_id, self.model)
+        tuner.files.save_epoch(trial_id, self.model, self.state)
         images = tuner.images_per_epoch
         wire.hook(tuner.hooks, "epoch_ended", int(epoch), seconds,
-              images / seconds if images and seconds > 0 else 0.0, logs)
+                  images / seconds if images and seconds > 0 else 0.0, logs)
         shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
         log.info("trial %s epoch %d/%d on %s: %s (%.1f s)", trial_id, epoch + 1,
                  self.state["epochs"], tuner.tuner_id, shown, seconds)
-
-
 
 
 class TrialFiles:

@@ -56,10 +56,11 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     wait_for_data(storage, exp, runtime.data_wait_seconds)
     local = Path(runtime.work_dir) / "data"
     t0 = time.monotonic()
-    path = Path(skin_data.sync_data(storage, exp.data_uri, local))
+    path = Path(skin_data.sync_data(
+        storage, exp.data_uri, local,
+        on_synced=lambda nbytes, seconds: wire.hook(metrics, "data_synced", nbytes, seconds)))
     seconds = time.monotonic() - t0
     nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    wire.hook(metrics, "data_synced", nbytes, seconds)
     try:
         images = int(skin_data.load_manifest(path)["splits"]["train"]["count"])
     except Exception:  # noqa: BLE001 - only feeds the images/s metric

@@ -116,6 +116,20 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes on this machine spent busy so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -436,6 +450,8 @@ def run_scaling(args, work: Path) -> list[dict]:
             port = free_port()
             procs = {}
             t0 = time.monotonic()
+            busy0, ours0 = machine_busy_s(), children_cpu_s()
+            emu0 = cpu_seconds(emulator.proc.pid)
             for role in ["chief"] + [f"tuner{i}" for i in range(n)]:
                 role_env = dict(env, KERASTUNER_TUNER_ID=role, KERASTUNER_ORACLE_IP="127.0.0.1",
                                 KERASTUNER_ORACLE_PORT=str(port), SKIN_METRICS_PORT="0",
@@ -450,6 +466,8 @@ def run_scaling(args, work: Path) -> list[dict]:
                   f"{args.scaling_epochs} epochs ...", flush=True)
             codes = {r: p.wait(timeout=args.deadline) for r, p in procs.items()}
             wall = time.monotonic() - t0
+            busy = machine_busy_s() - busy0
+            ours = children_cpu_s() - ours0 + cpu_seconds(emulator.proc.pid) - emu0
             from skin.config import load_experiment
             from skin.storage import Storage
             from skin.tuning import load_result
@@ -463,6 +481,10 @@ def run_scaling(args, work: Path) -> list[dict]:
             row = {"workers": n, "trials": len(result["trials"]), "codes": codes,
                    "completed": result["counts"].get("completed", 0),
                    "trials_span_s": round(span, 1), "wall_s": round(wall, 1),
+                   # CPU over the run, in cores: ours (chief, workers, emulator) and everything
+                   # else on the machine (other people's jobs share these 2 cores)
+                   "cores_ours": round(ours / wall, 2),
+                   "cores_others": round(max(0.0, busy - ours) / wall, 2),
                    "trial_s_mean": round(statistics.mean(t["duration"]
                                                          for t in result["trials"]), 1),
                    "per_worker": {w: sum(1 for t in result["trials"] if t["worker"] == w)
@@ -496,7 +518,7 @@ def main(argv=None) -> int:
                         help="mean seconds a simulated worker waits before each call")
     parser.add_argument("--deadline", type=float, default=1800)
     parser.add_argument("--scaling-workers", default="1,2")
-    parser.add_argument("--scaling-trials", type=int, default=8)
+    parser.add_argument("--scaling-trials", type=int, default=16)
     parser.add_argument("--scaling-epochs", type=int, default=3)
     parser.add_argument("--out", default="")
     parser.add_argument("--port", type=int)

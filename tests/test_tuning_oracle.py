@@ -324,3 +324,72 @@ def test_a_worker_waits_for_staged_data_a_bounded_time_then_exits_75(tmp_path, b
     assert time.monotonic() - t0 < 30
     assert f"waiting for staged data at {exp.data_uri}" in caplog.text
     assert "no staged data at" in caplog.text and "SKIN_DATA_WAIT_SECONDS" in caplog.text
+
+
+@pytest.mark.parametrize("tuner", ["hyperband", "bayesian", "random"])
+def test_each_tuner_runs_to_its_end_with_fixed_values_and_resumes_from_the_bucket(
+        tmp_path, bucket, storage, tuner):
+    if tuner == "bayesian":
+        pytest.importorskip("sklearn", reason="keras-tuner's Bayesian oracle needs scikit-learn")
+    exp = _exp(tmp_path, bucket, tuner=tuner, max_trials=7, max_epochs=3, hyperband_factor=3,
+               fixed={"x": 0.25}, objective="val_loss")
+    oracle, store = _oracle(exp, storage)
+    assert oracle.objective.direction == "min"  # val_loss is minimised, the others maximised
+    ran = []
+    while oracle.state == "running":
+        a = oracle.assign("tuner0")
+        if a.trial.status != "RUNNING":
+            break
+        oracle.journal.wait(a.ticket)
+        values = a.trial.hyperparameters.values
+        assert values["x"] == 0.25  # search.fixed pins it
+        trial = _completed(a.trial, 0.0)
+        trial.metrics = type(trial.metrics)()
+        trial.metrics.register("val_loss", direction="min")
+        trial.metrics.update("val_loss", values["y"], step=0)
+        oracle.journal.wait(oracle.end(trial, "tuner0", a.attempt))
+        ran.append(a.trial.trial_id)
+        if len(ran) == 3:  # a chief restarted here carries on from the bucket
+            oracle.journal.stop()
+            oracle, loaded = _restored(exp, store)
+            oracle.journal = Journal(store, oracle.lock, oracle.snapshot, loaded=loaded).start()
+    oracle.journal.stop()
+    assert oracle.state == "finished", oracle.reason
+    assert len(ran) == len(set(ran)) == (6 if tuner == "hyperband" else 7)
+    best = oracle.get_best_trials(1)[0]
+    assert best.score == min(t.score for t in oracle.trials.values())
+
+
+def test_a_worker_gives_up_on_an_unreachable_chief_and_hears_endings_from_the_bucket(
+        tmp_path, bucket):
+    from skin.errors import RetryableError, SearchFailedError
+    from skin.tuning.client import ChiefClient, SearchOver
+    from skin.tuning.oracle import make_oracle
+
+    local = make_oracle(_exp(tmp_path, bucket), leased=False)
+    nobody = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(RetryableError, match="did not answer for 2 s"):
+        ChiefClient(nobody, "tuner0", local, patience_s=2).create_trial("tuner0")
+    assert time.monotonic() - t0 < 15
+    done = ChiefClient(nobody, "tuner0", local, patience_s=60,
+                       outcome=lambda: {"outcome": "completed", "reason": "all trials ended"})
+    with pytest.raises(SearchOver):
+        done.create_trial("tuner0")
+    failed = ChiefClient(nobody, "tuner0", local, patience_s=60,
+                         outcome=lambda: {"outcome": "failed", "reason": "3 consecutive"})
+    with pytest.raises(SearchFailedError, match="3 consecutive"):
+        failed.create_trial("tuner0")
+
+
+def test_bayesian_without_scikit_learn_is_a_config_error_naming_the_key(tmp_path, bucket):
+    from skin.errors import ConfigError
+    from skin.tuning.oracle import make_oracle
+
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="search.tuner: 'bayesian'.*scikit-learn"):
+            make_oracle(_exp(tmp_path, bucket, tuner="bayesian"))
+    else:
+        assert make_oracle(_exp(tmp_path, bucket, tuner="bayesian")).objective.name == "val_auc"

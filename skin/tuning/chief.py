@@ -311,6 +311,10 @@ def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
 def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
     from skin.tuning.oracle import FAILED, make_oracle
 
+    if runtime.role != "chief":
+        raise ConfigError(f"KERASTUNER_TUNER_ID: {runtime.tuner_id!r} is not valid for the chief; "
+                          "expected 'chief'")
+
     outcome = read_outcome(storage, exp)
     if outcome is not None:
         log.info("the search of %s already ended (%s; %s): nothing to tune. A new search needs "

@@ -219,13 +219,16 @@ class Journal:
         t.join(timeout)
         return not t.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop the threads. Batches marked urgent are written first; a compaction still
+        running is left to die with the process (stopping it halfway is safe)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
             if t.is_alive() and t is not threading.current_thread():
-                t.join(timeout=5)
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- threads ----------------------------------------------------------------------
 

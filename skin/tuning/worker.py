@@ -14,8 +14,8 @@ import random
 import time
 from pathlib import Path
 
-from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SEARCH_FAILED, RetryableError, SkinError,
-                         exit_code_for)
+from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SEARCH_FAILED, ConfigError,
+                         RetryableError, SkinError, exit_code_for)
 from skin.storage import join
 from skin.tuning import protocol as wire
 from skin.tuning.results import read_outcome
@@ -93,6 +93,9 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
     from skin.tuning.tuner import WorkerTuner
 
     worker = runtime.tuner_id
+    if runtime.role != "worker":
+        raise ConfigError(f"KERASTUNER_TUNER_ID: {worker!r} is not valid for a worker; expected "
+                          "'tuner<N>'")
     outcome = read_outcome(storage, exp)
     if outcome is not None:
         if outcome["outcome"] == "failed":

@@ -478,6 +478,10 @@ def run_scaling(args, work: Path) -> list[dict]:
             # From the first trial's start to the last trial's end: the budget's run time,
             # without the processes' start (TensorFlow import, data sync), equal in both runs.
             span = max(a["ended"] for a in attempts) - min(a["started"] for a in attempts)
+            gaps = []  # a worker's wait between one trial's end and the next one's start
+            for w in {a["worker"] for a in attempts}:
+                mine = sorted((a for a in attempts if a["worker"] == w), key=lambda a: a["started"])
+                gaps += [b["started"] - a["ended"] for a, b in zip(mine, mine[1:])]
             row = {"workers": n, "trials": len(result["trials"]), "codes": codes,
                    "completed": result["counts"].get("completed", 0),
                    "trials_span_s": round(span, 1), "wall_s": round(wall, 1),
@@ -485,6 +489,7 @@ def run_scaling(args, work: Path) -> list[dict]:
                    # else on the machine (other people's jobs share these 2 cores)
                    "cores_ours": round(ours / wall, 2),
                    "cores_others": round(max(0.0, busy - ours) / wall, 2),
+                   "gap_between_trials_ms_max": round(max(gaps, default=0) * 1e3, 1),
                    "trial_s_mean": round(statistics.mean(t["duration"]
                                                          for t in result["trials"]), 1),
                    "per_worker": {w: sum(1 for t in result["trials"] if t["worker"] == w)

@@ -386,9 +386,9 @@ def test_bayesian_without_scikit_learn_is_a_config_error_naming_the_key(tmp_path
     from skin.errors import ConfigError
     from skin.tuning.oracle import make_oracle
 
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
         with pytest.raises(ConfigError, match="search.tuner: 'bayesian'.*scikit-learn"):
             make_oracle(_exp(tmp_path, bucket, tuner="bayesian"))
     else:

@@ -480,12 +480,12 @@ def make_oracle(exp, *, leased: bool = True):
         max_retries_per_trial=s.max_trial_retries,
         max_consecutive_failed_trials=s.max_consecutive_failed_trials)
     if s.tuner == "bayesian":
-        try:
-            import sklearn.gaussian_process  # noqa: F401 - keras-tuner's optional dependency
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:  # keras-tuner's optional dependency
             raise ConfigError("search.tuner: 'bayesian' is not available here; keras-tuner's "
                               "Bayesian optimisation needs scikit-learn (pip install "
-                              "scikit-learn), or choose hyperband or random") from None
+                              "scikit-learn), or choose hyperband or random")
     if s.tuner == "hyperband":
         kwargs.update(max_epochs=s.max_epochs, factor=s.hyperband_factor,
                       hyperband_iterations=s.hyperband_iterations)

@@ -393,3 +393,70 @@ def test_bayesian_without_scikit_learn_is_a_config_error_naming_the_key(tmp_path
             make_oracle(_exp(tmp_path, bucket, tuner="bayesian"))
     else:
         assert make_oracle(_exp(tmp_path, bucket, tuner="bayesian")).objective.name == "val_auc"
+
+
+def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, storage, monkeypatch):
+    exp = _exp(tmp_path, bucket, max_trials=30)
+    oracle, store = _oracle(exp, storage, slots=256)
+    oracle.journal.compact_interval_s = 3600
+
+    def run(n, first):
+        for i in range(first, first + n):
+            a = oracle.assign("tuner0")
+            oracle.journal.wait(a.ticket)
+            oracle.journal.wait(oracle.end(_completed(a.trial, i / 100), "tuner0", a.attempt))
+
+    run(8, 0)
+    real_write = storage.write_bytes
+
+    class Killed(Exception):
+        pass
+
+    def dies_at_the_header(uri, data):
+        if uri == store.header_uri:
+            raise Killed()  # every trial object is written, the header that retires batches not
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", dies_at_the_header)
+    with pytest.raises(Killed):
+        oracle.journal.compact()
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    run(2, 8)
+    oracle.journal.stop()
+
+    again, loaded = _restored(exp, store)
+    assert len(storage.list(store.trials_prefix)) == 8  # the compaction's trial objects landed
+    assert loaded.journal_from == 0  # ...but not its header: every batch replays
+    assert {t: (x.status, x.score) for t, x in again.trials.items()} == \
+        {t: (x.status, x.score) for t, x in oracle.trials.items()}
+    assert again.completed == 10
+
+
+def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
+    """A chief (in a thread) and a worker in this process, two executions per trial."""
+    from tuning_entry import TinyHyperModel
+
+    from skin.config import Runtime
+    from skin.tuning import load_result, run_chief, run_worker
+    from skin.tuning.tuner import EPOCH_STATE
+
+    exp = _exp(tmp_path, bucket, max_trials=2, max_epochs=2, executions_per_trial=2)
+    port = free_port()
+    codes = {}
+    chief = threading.Thread(target=lambda: codes.setdefault("chief", run_chief(
+        exp, Runtime(tuner_id="chief", oracle_port=port, work_dir=tmp_path / "c"), storage,
+        hypermodel=TinyHyperModel())))
+    chief.start()
+    worker = Runtime(tuner_id="tuner0", oracle_port=port, work_dir=tmp_path / "w")
+    assert run_worker(exp, worker, storage, hypermodel=TinyHyperModel()) == 0
+    chief.join(60)
+    assert codes == {"chief": 0}
+    result = load_result(storage, exp)
+    assert result["counts"] == {"completed": 2}
+    for t in result["trials"]:
+        # The last epoch checkpoint: the first execution done, the second's epochs.
+        state = storage.read_json(f"{exp.trials_uri}/{t['id']}/{EPOCH_STATE}")
+        assert state["execution"] == 1 and len(state["done"]) == 1
+        first = state["done"][0]["val_auc"]
+        second = max(h["val_auc"] for h in state["history"])
+        assert t["score"] == pytest.approx((first + second) / 2)  # keras-tuner's average

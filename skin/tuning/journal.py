@@ -17,13 +17,18 @@ a batch is reused only once a compaction covers it.
 
 The cost of a mutation does not depend on how many trials the search already
 ran: a batch holds only what changed, a compaction only the trials that
-changed since the last one. Loading is the one place that reads everything.
+changed since the last one.
 
-Consistency: the header and trial records of a compaction are a snapshot taken
-under the oracle lock, so they agree with each other (they may hold mutations
-that no worker saw acknowledged yet, which is harmless: the worker asks again
-and gets the same answer). Replaying the batches with ``seq >= journal_from``
-in order on top of that snapshot gives the state of the last durable batch.
+Consistency: each batch is a snapshot taken under the oracle lock, so what it
+holds agrees with itself. A compaction writes the *cut* of the last durable
+batch (for each trial changed since the previous compaction, the record its
+latest batch carried; the latest header a batch carried), never anything
+newer than the journal. Loading applies the header, the trial objects, then
+the batches with ``seq >= journal_from`` in order: the state of the last
+durable batch, whether or not the last compaction got to write its header.
+Progress reports are marked lazily (they ride with the next batch); what an
+answer waits for is marked urgent. Loading is the one place that reads
+everything.
 """
 
 from __future__ import annotations

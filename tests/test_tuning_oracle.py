@@ -29,7 +29,7 @@ def _exp(tmp_path, bucket, **search):
     return load_experiment(path, env={})
 
 
-def _oracle(exp, storage, *, journal=True, slots=16):
+def _oracle(exp, storage, *, journal=True, slots=16, compact_interval_s=0.5):
     from skin.tuning.oracle import make_oracle
     from skin.tuning.results import oracle_uri
 
@@ -39,7 +39,7 @@ def _oracle(exp, storage, *, journal=True, slots=16):
     store = OracleStore(storage, oracle_uri(exp), slots=slots)  # small: the ring wraps
     if journal:
         oracle.journal = Journal(store, oracle.lock, oracle.snapshot,
-                                 compact_interval_s=0.5).start()
+                                 compact_interval_s=compact_interval_s).start()
     return oracle, store
 
 
@@ -122,8 +122,8 @@ def test_concurrent_workers_over_grpc_get_each_trial_once_and_the_bucket_keeps_i
 
 def test_reload_replays_the_journal_on_top_of_the_last_compaction(tmp_path, bucket, storage):
     exp = _exp(tmp_path, bucket, max_trials=30)
-    oracle, store = _oracle(exp, storage, slots=256)
-    oracle.journal.compact_interval_s = 3600  # only the explicit compaction below
+    # only the explicit compaction below
+    oracle, store = _oracle(exp, storage, slots=256, compact_interval_s=3600)
     done = []
     for i in range(12):
         a = oracle.assign(f"tuner{i % 3}")
@@ -397,8 +397,7 @@ def test_bayesian_without_scikit_learn_is_a_config_error_naming_the_key(tmp_path
 
 def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, storage, monkeypatch):
     exp = _exp(tmp_path, bucket, max_trials=30)
-    oracle, store = _oracle(exp, storage, slots=256)
-    oracle.journal.compact_interval_s = 3600
+    oracle, store = _oracle(exp, storage, slots=256, compact_interval_s=3600)
 
     def run(n, first):
         for i in range(first, first + n):

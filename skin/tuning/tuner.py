@@ -271,10 +271,13 @@ class WorkerTuner(keras_tuner.Tuner):
                 wire.hook(self.hooks, "trial_finished", "reclaimed")
                 return "reclaimed"
             raise e.cause from None
-        except (kt_errors.FatalError, RetryableError):
-            raise
+        except RetryableError:
+            raise  # the bucket is away: exit 75, come back with the same id, resume
         except Exception as e:  # noqa: BLE001 - the trial failed; the chief decides on retries
-            trial.status = "FAILED" if isinstance(e, kt_errors.FailedTrialError) else "INVALID"
+            # keras-tuner's FailedTrialError (and FatalError: a hypermodel that cannot work) are
+            # not retried; the chief's consecutive-failure rule stops a broken search everywhere.
+            trial.status = "FAILED" if isinstance(
+                e, (kt_errors.FailedTrialError, kt_errors.FatalError)) else "INVALID"
             trial.message = traceback.format_exc()
             log.warning("trial %s failed on %s: %s: %s", trial_id, self.tuner_id,
                         type(e).__name__, e)

@@ -121,10 +121,11 @@ def main(argv=None):
     values = M._define(hp, {})
     for item in args.set:
         k, val = item.split("=", 1)
-        if k not in values and k not in ("stem",):
+        if k not in values:
             raise SystemExit(f"unknown hyperparameter {k}")
         values[k] = yaml.safe_load(val)
     results = []
+    ens_v, ens_t = [], []
     for seed in args.seeds:
         keras.utils.set_random_seed(seed)
         model = M.build_model(values, args.size, seed=None)
@@ -154,6 +155,8 @@ def main(argv=None):
         pv = predict_tta(model, xs["val"].astype(np.float32), 128, args.tta)
         pt = predict_tta(model, xs["test"].astype(np.float32), 128, args.tta)
         thr = threshold_for(ys["val"], pv, args.target)
+        ens_v.append(pv)
+        ens_t.append(pt)
         res = dict(
             tag=args.tag, size=args.size, epochs=args.epochs, seed=seed, split_seed=args.split_seed,
             tta=args.tta, bf16=args.bf16, threads=args.threads, train_s=round(train_s, 1),
@@ -174,6 +177,14 @@ def main(argv=None):
         with open(args.log, "a") as f:
             f.write(line + "\n")
     if len(results) > 1:
+        pv, pt = np.mean(ens_v, 0), np.mean(ens_t, 0)
+        thr = threshold_for(ys["val"], pv, args.target)
+        ens = dict(tag=args.tag + "-ensemble", seeds=args.seeds, set=args.set, size=args.size,
+                   epochs=args.epochs, split_seed=args.split_seed,
+                   val=summary(ys["val"], pv, thr), test=summary(ys["test"], pt, thr))
+        print(json.dumps(ens), flush=True)
+        with open(args.log, "a") as f:
+            f.write(json.dumps(ens) + "\n")
         for part in ("val", "test"):
             for key in ("auc", "acc05"):
                 a = np.array([r[part][key] for r in results])

@@ -14,6 +14,9 @@ weights and mixup.
 The hyperparameters (``HYPERPARAMETER_NAMES``) and what they do:
 
 ==================  =====================================================================
+``stem``            downsampling of the stem: 2 (a stride-2 conv) or 4 (plus a max-pool);
+                    CPU cost falls with its square, and on this data 64 px through a
+                    stride-2 stem is as good as 96 or 128 px (BENCHMARKS.md)
 ``blocks``          conv blocks, each halving the resolution (depth)
 ``filters``         filters of the first block; block ``i`` has ``filters * 2**i`` (<= 256)
 ``kernel_size``     conv kernel side
@@ -52,6 +55,7 @@ import numpy as np
 from skin.errors import ConfigError
 
 HYPERPARAMETER_NAMES: tuple[str, ...] = (
+    "stem",
     "blocks",
     "filters",
     "kernel_size",
@@ -98,8 +102,9 @@ def _define(hp: keras_tuner.HyperParameters, fixed: dict) -> dict[str, Any]:
         return hp.Boolean(name, default=default)
 
     v: dict[str, Any] = {}
+    v["stem"] = choice("stem", [2, 4], default=2)
     v["blocks"] = choice("blocks", [3, 4, 5], default=4)
-    v["filters"] = choice("filters", [16, 24, 32, 48], default=32)
+    v["filters"] = choice("filters", [16, 24, 32], default=16)
     v["kernel_size"] = choice("kernel_size", [3, 5], default=3)
     v["block_type"] = choice("block_type", ["plain", "residual", "separable"], default="residual")
     v["batch_norm"] = boolean("batch_norm", True)
@@ -186,7 +191,7 @@ def build_model(values: dict[str, Any], image_size: int, seed: int | None = None
     for layer in _augmentation(v["augment"], seed):
         x = layer(x)
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(x)
-    stem = int(v.get("stem", 2))
+    stem = int(v["stem"])
     x = _conv_strided(x, v["filters"], v["kernel_size"], min(stem, 2), v["batch_norm"], "stem")
     x = keras.layers.Activation("relu", name="stem_relu")(x)
     if stem == 4:

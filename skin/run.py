@@ -233,29 +233,26 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
         return env
 
     timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    code = sup.run_once(Child("stage", _skin("stage"), role_env("stage", SKIN_METRICS_PORT="0")))
-    timings["stage"] = time.monotonic() - t0
-    if code != EXIT_OK:
-        print(sup.tail("stage"), file=sys.stderr)
-        print(f"stage failed with exit code {code}; log: {sup.log_dir / 'stage.log'}",
-              file=sys.stderr)
+
+    def batch(name: str) -> int:
+        """Run a batch role (stage, retrain) to its end; on failure show why."""
+        t0 = time.monotonic()
+        code = sup.run_once(Child(name, _skin(name), role_env(name, SKIN_METRICS_PORT="0")))
+        timings[name] = time.monotonic() - t0
+        if code != EXIT_OK:
+            print(sup.tail(name), file=sys.stderr)
+            print(f"{name} failed with exit code {code}; log: {sup.log_dir / f'{name}.log'}",
+                  file=sys.stderr)
         return code
 
+    if (code := batch("stage")) != EXIT_OK:
+        return code
     t0 = time.monotonic()
     code = _tune(exp, opts, sup, role_env)
     timings["tune"] = time.monotonic() - t0
     if code != EXIT_OK:
         return code
-
-    t0 = time.monotonic()
-    code = sup.run_once(Child("retrain", _skin("retrain"),
-                              role_env("retrain", SKIN_METRICS_PORT="0")))
-    timings["retrain"] = time.monotonic() - t0
-    if code != EXIT_OK:
-        print(sup.tail("retrain"), file=sys.stderr)
-        print(f"retrain failed with exit code {code}; log: {sup.log_dir / 'retrain.log'}",
-              file=sys.stderr)
+    if (code := batch("retrain")) != EXIT_OK:
         return code
 
     os.environ["STORAGE_EMULATOR_HOST"] = base_env["STORAGE_EMULATOR_HOST"]

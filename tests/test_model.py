@@ -198,3 +198,15 @@ def test_hypermodel_fit_on_staged_data(staged_dir):
     # Hyperband continues a trial part-way: initial_epoch is honoured
     hist = hm.fit(hp, model, data_dir=data_dir, epochs=3, initial_epoch=2, validation=False)
     assert len(hist.history["loss"]) == 1 and "val_auc" not in hist.history
+
+
+def test_shipped_experiments_pin_only_real_hyperparameters():
+    from skin.config import DEFAULT_EXPERIMENT_FILE, PACKAGE_EXPERIMENTS, load_experiment
+
+    for path in sorted(PACKAGE_EXPERIMENTS.glob("*.yaml")):
+        exp = load_experiment(path, env={})
+        M.validate_fixed(exp.search.fixed)
+        hp = keras_tuner.HyperParameters()
+        M.SkinHyperModel(exp).build(hp)
+        assert {k: hp.values[k] for k in exp.search.fixed} == exp.search.fixed
+    assert load_experiment(DEFAULT_EXPERIMENT_FILE, env={}).search.fixed  # the recipe is pinned

@@ -36,7 +36,8 @@ SIZE = 32
 BEST = {
     "trial_id": "0007", "score": 0.81, "objective": "val_auc", "epochs": 2,
     "hyperparameters": {
-        "blocks": 3, "filters": 16, "kernel_size": 3, "block_type": "plain", "batch_norm": True,
+        "stem": 2, "blocks": 3, "filters": 16, "kernel_size": 3, "block_type": "plain",
+        "batch_norm": True,
         "pooling": "avg", "dense_units": 0, "dropout": 0.0, "optimizer": "adam",
         "learning_rate": 3e-3, "weight_decay": 0.0, "lr_schedule": "constant",
         "label_smoothing": 0.0, "augment": 0.0, "mixup": 0.0, "class_weight": False,
@@ -330,10 +331,22 @@ def test_best_values_reach_the_real_hypermodel(tmp_path):
     from skin.model import SkinHyperModel
 
     exp = experiment("b-b", tmp_path)
-    hp = rt._hyperparameters(BEST["hyperparameters"])
-    values = SkinHyperModel(exp).values(hp)
-    assert {k: values[k] for k in values} == {k: v for k, v in BEST["hyperparameters"].items()
+    recorded = {**BEST["hyperparameters"], "stem": 4}   # every value off its default reaches
+    values = SkinHyperModel(exp).values(rt._hyperparameters(recorded))
+    assert {k: values[k] for k in values} == {k: v for k, v in recorded.items()
                                               if not k.startswith("tuner/")}
+
+
+def test_a_best_trial_recorded_before_a_new_hyperparameter_gets_its_default(tmp_path):
+    # A search finished before `stem` existed: its best trial does not name it.
+    from skin.model import SkinHyperModel
+
+    exp = experiment("b-b", tmp_path)
+    old = {k: v for k, v in BEST["hyperparameters"].items() if k != "stem"}
+    values = SkinHyperModel(exp).values(rt._hyperparameters(old))
+    assert values["stem"] == 2
+    assert {k: values[k] for k in old if not k.startswith("tuner/")} == {
+        k: v for k, v in old.items() if not k.startswith("tuner/")}
 
 
 def test_new_version_skips_a_taken_second(storage, bucket):

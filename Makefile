@@ -98,7 +98,7 @@ image-test: venv system-deps ## Build the image; run emulator, stage, chief, 2 w
 	$(PY) -m pytest -q -m image tests/test_image.py
 
 .PHONY: kind-up
-kind-up: ## Create the local kind cluster skin (k8s/kind/cluster.yaml; kind $(KIND_VERSION))
+kind-up: ## Create the local kind cluster skin (k8s/kind/cluster.yaml; kind v0.27 or newer)
 	@command -v $(KIND) >/dev/null || { echo "kind is not installed; get $(KIND_VERSION) from https://kind.sigs.k8s.io"; exit 1; }
 	$(KIND) create cluster --name $(KIND_CLUSTER) --config k8s/kind/cluster.yaml
 

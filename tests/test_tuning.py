@@ -238,6 +238,24 @@ def test_worker_killed_for_good_loses_its_trial_to_another(search, storage):
     assert f"trial {trial_id}: resuming execution 1 at epoch" in s.log("tuner1")
 
 
+def test_an_epoch_longer_than_the_lease_keeps_its_trial(search, storage):
+    # Epochs of 3 x 1.5 s against a 4 s lease: only the mid-epoch heartbeats keep them.
+    s = search(max_trials=2, max_epochs=2, lease_seconds=4, max_trial_retries=0,
+               entry_args=["--batch-seconds", "1.5"])
+    for role in ("chief", "tuner0"):
+        s.start(role)
+    assert s.wait("chief") == 0, s.log("chief")
+    assert s.wait("tuner0") == 0, s.log("tuner0")
+
+    assert "reclaimed" not in s.log("chief"), s.log("chief")[-3000:]
+    result = load_result(storage, s.exp)
+    assert_each_trial_ended_once(s, result)
+    assert len(result["trials"]) == 2
+    for t in result["trials"]:
+        assert [a["status"] for a in t["attempts"]] == ["completed"], t
+        assert t["duration"] > 2 * 4.5  # two epochs, each longer than the lease
+
+
 def test_chief_killed_mid_search_resumes_without_rerunning(search, storage):
     s = search(max_trials=6, max_epochs=2, entry_args=["--epoch-seconds", "0.3"])
     for role in ("chief", "tuner0", "tuner1"):

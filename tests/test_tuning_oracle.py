@@ -177,6 +177,24 @@ def test_expired_lease_requeues_the_trial_then_fails_it_when_retries_run_out(tmp
     assert "lease expired: no report from tuner1" in oracle.reason
 
 
+def test_a_heartbeat_renews_the_lease_and_records_nothing(tmp_path, bucket, storage):
+    from skin.tuning.oracle import LeaseLost
+
+    exp = _exp(tmp_path, bucket, lease_seconds=2, max_trial_retries=1)
+    oracle, _ = _oracle(exp, storage, journal=False)
+    held = oracle.assign("tuner0")
+    trial_id = held.trial.trial_id
+    before = dict(oracle.meta[trial_id]["attempts"][-1])
+    time.sleep(1.2)
+    oracle.heartbeat(trial_id, "tuner0", held.attempt)
+    # Past the first deadline (assign + 2 s) but within the renewed one (heartbeat + 2 s).
+    assert oracle.reclaim_expired(time.monotonic() + 1.2) == []
+    assert oracle.meta[trial_id]["attempts"][-1] == before  # no epoch, no metrics recorded
+    assert oracle.reclaim_expired(time.monotonic() + 2.5) == [(trial_id, "tuner0")]
+    with pytest.raises(LeaseLost):  # too late: the trial was given back
+        oracle.heartbeat(trial_id, "tuner0", held.attempt)
+
+
 def test_a_worker_asking_while_others_run_waits_instead_of_leaving(tmp_path, bucket, storage):
     exp = _exp(tmp_path, bucket, max_trials=1)
     oracle, _ = _oracle(exp, storage, journal=False)

@@ -1,7 +1,7 @@
 """One tuning role with a tiny test hypermodel, as its own process (tests/test_tuning*.py).
 
     KERASTUNER_TUNER_ID=tuner0 SKIN_CONFIG=exp.yaml python tests/tuning_entry.py \
-        [--epoch-seconds S] [--fail]
+        [--epoch-seconds S] [--batch-seconds S] [--fail]
 
 The role, the experiment and the chief's address come from the environment,
 exactly as for ``skin tune``; only the hypermodel differs: a small dense
@@ -33,14 +33,27 @@ class SlowEpochs(keras.callbacks.Callback):
         time.sleep(self.seconds)
 
 
+class SlowBatches(keras.callbacks.Callback):
+    """Each of an epoch's 3 batches takes ``seconds`` more: a long epoch that is still alive."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_batch_begin(self, batch, logs=None):
+        time.sleep(self.seconds)
+
+
 class TinyHyperModel(keras_tuner.HyperModel):
     """A dense classifier on 128 fixed random rows; metrics ``auc`` and ``accuracy``."""
 
     uses_data = False  # the worker skips syncing the staged data
 
-    def __init__(self, epoch_seconds: float = 0.0, fail: bool = False):  # fail: every fit raises
+    def __init__(self, epoch_seconds: float = 0.0, fail: bool = False,
+                 batch_seconds: float = 0.0):  # fail: every fit raises
         super().__init__()
         self.epoch_seconds = epoch_seconds
+        self.batch_seconds = batch_seconds
         self.fail = fail
 
     def build(self, hp):
@@ -60,6 +73,7 @@ class TinyHyperModel(keras_tuner.HyperModel):
         x = rng.normal(size=(128, 8)).astype("float32")
         y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("float32")
         slow = [SlowEpochs(self.epoch_seconds)] if self.epoch_seconds else []
+        slow += [SlowBatches(self.batch_seconds)] if self.batch_seconds else []
         return model.fit(x[:96], y[:96], validation_data=(x[96:], y[96:]), epochs=epochs,
                          initial_epoch=initial_epoch, callbacks=slow + list(callbacks or []),
                          batch_size=32, verbose=0)
@@ -68,6 +82,7 @@ class TinyHyperModel(keras_tuner.HyperModel):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epoch-seconds", type=float, default=0.0)
+    parser.add_argument("--batch-seconds", type=float, default=0.0)
     parser.add_argument("--fail", action="store_true")
     args = parser.parse_args()
     from prometheus_client import CollectorRegistry
@@ -82,7 +97,7 @@ def main() -> int:
     for noisy in ("absl", "urllib3", "google", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     exp = load_experiment()
-    hypermodel = TinyHyperModel(args.epoch_seconds, args.fail)
+    hypermodel = TinyHyperModel(args.epoch_seconds, args.fail, batch_seconds=args.batch_seconds)
     hooks = metrics.role_metrics(CollectorRegistry(), exp, runtime.tuner_id)  # exercised, unserved
     role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
     return role(exp, runtime, Storage(), metrics=hooks, hypermodel=hypermodel)

@@ -203,9 +203,12 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
         @_rpc
         def UpdateTrial(self, request, context):
             worker, attempt, md = self._caller(context)
-            trial = oracle.report(request.trial_id, worker, attempt, dict(request.metrics),
-                                  int(request.step),
-                                  progress_only=md.get(wire.REPORT) == wire.REPORT_EPOCH)
+            if md.get(wire.REPORT) == wire.REPORT_HEARTBEAT:
+                trial = oracle.heartbeat(request.trial_id, worker, attempt)
+            else:
+                trial = oracle.report(request.trial_id, worker, attempt, dict(request.metrics),
+                                      int(request.step),
+                                      progress_only=md.get(wire.REPORT) == wire.REPORT_EPOCH)
             with oracle.lock:
                 proto = trial.to_proto()
             context.set_trailing_metadata(((wire.SEARCH, oracle.state),))

@@ -183,6 +183,13 @@ class ChiefClient:
         self._call("UpdateTrial", request,
                    self._metadata(trial_id, **{wire.REPORT: wire.REPORT_EPOCH}), patient=False)
 
+    def heartbeat(self, trial_id: str) -> None:
+        """Still training ``trial_id`` (mid-epoch): renews its lease. One try, like a report."""
+        request = self._service.UpdateTrialRequest(trial_id=trial_id, metrics={}, step=0)
+        self._call("UpdateTrial", request,
+                   self._metadata(trial_id, **{wire.REPORT: wire.REPORT_HEARTBEAT}),
+                   patient=False)
+
     def update_trial(self, trial_id: str, metrics: dict, step: int = 0):
         from keras_tuner.src.engine import trial as trial_module
 

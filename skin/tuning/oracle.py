@@ -284,6 +284,20 @@ class LeasedOracle:
                 self.listener.worker_report(worker, trial, int(step) + 1)
             return trial
 
+    def heartbeat(self, trial_id: str, worker: str | None, attempt: int | None) -> Any:
+        """A worker still training ``trial_id`` mid-epoch: renews its lease, writes nothing.
+
+        An epoch longer than the lease (a big model, a slow node) would otherwise
+        lose its trial although the worker is alive; :class:`LeaseLost` when the
+        trial was already given away.
+        """
+        with self.lock:
+            if self.state == FAILED:
+                raise SearchStopped(self.state, self.reason)
+            trial, worker = self._check_owner(trial_id, worker, attempt)
+            self.leases[worker] = time.monotonic() + self.lease_seconds
+            return trial
+
     def end(self, trial, worker: str | None, attempt: int | None) -> int:
         """End the worker's attempt of ``trial`` (a Trial from the worker); returns the ticket."""
         with self.lock:

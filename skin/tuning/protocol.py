@@ -40,6 +40,7 @@ LEASE = "skin-lease"
 MESSAGE = "skin-message"
 
 REPORT_EPOCH = "epoch"
+REPORT_HEARTBEAT = "heartbeat"  # mid-epoch: renews the lease, records nothing
 LEASE_LOST = "lost"
 
 

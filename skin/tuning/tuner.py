@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import statistics
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -91,8 +92,79 @@ class _Abandon(Exception):
         self.cause = cause
 
 
+class Heartbeat:
+    """While a trial runs, a thread renews its lease every ``interval_s``.
+
+    Epoch reports renew the lease too, but an epoch, the first graph trace or a
+    checkpoint upload can take longer than the lease on a slow node; without
+    this the chief would give a live worker's trial away. A dead worker sends
+    nothing and loses its trial. Renewal stops once training has made no
+    progress (:meth:`progress`: a batch or an epoch ended) for ``stall_s``, so a
+    hung worker loses it too. Why the trial must stop (lease lost, search over)
+    is kept in :attr:`lost`; the training thread raises it at its next batch
+    (:meth:`check`).
+    """
+
+    def __init__(self, client, trial_id: str, worker: str, interval_s: float, stall_s: float):
+        self.client, self.trial_id, self.worker = client, trial_id, worker
+        self.interval_s, self.stall_s = interval_s, stall_s
+        self.lost: BaseException | None = None
+        self._last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"heartbeat-{trial_id}")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def progress(self) -> None:
+        self._last_progress = time.monotonic()
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise _Abandon(self.lost)
+
+    def _run(self) -> None:
+        stalled = warned = False
+        while not self._stop.wait(self.interval_s):
+            idle = time.monotonic() - self._last_progress
+            if idle > self.stall_s:
+                if not stalled:
+                    log.warning("%s: trial %s made no progress for %.0f s; no more heartbeats "
+                                "(the chief will reclaim it)", self.worker, self.trial_id, idle)
+                stalled = True
+                continue
+            stalled = False
+            try:
+                self.client.heartbeat(self.trial_id)
+                warned = False
+            except LeaseLostError as e:
+                self.lost = e
+                return
+            except RetryableError as e:  # the chief is away (restarting?): keep training
+                if not warned:
+                    log.warning("%s: heartbeat for trial %s not delivered (%s); training on",
+                                self.worker, self.trial_id, e)
+                warned = True
+            except Exception as e:  # noqa: BLE001 - SearchOver / SearchFailedError: stop
+                if type(e).__name__ in ("SearchOver", "SearchFailedError"):
+                    self.lost = e
+                    return
+                log.warning("%s: heartbeat for trial %s failed: %s: %s", self.worker,
+                            self.trial_id, type(e).__name__, e)
+
+
 class EpochReporter(keras.callbacks.Callback):
-    """After each epoch: checkpoint to the bucket, then report to the chief."""
+    """After each epoch: checkpoint to the bucket, then report to the chief.
+
+    After each batch it tells the trial's :class:`Heartbeat` that training
+    moves, and stops the trial when the heartbeat learnt it was lost.
+    """
 
     def __init__(self, tuner: "WorkerTuner", trial, execution: int, state: dict):
         super().__init__()
@@ -103,6 +175,12 @@ class EpochReporter(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.monotonic()
 
+    def on_train_batch_end(self, batch, logs=None):
+        beat = self.tuner.heartbeat
+        if beat is not None:
+            beat.progress()
+            beat.check()
+
     def on_epoch_end(self, epoch, logs=None):
         tuner, trial_id = self.tuner, self.trial.trial_id
         seconds = time.monotonic() - self._t0
@@ -110,6 +188,8 @@ class EpochReporter(keras.callbacks.Callback):
         objective = tuner.oracle.objective
         # Report first: it renews the lease and tells a worker whose trial was given away to
         # stop before it writes over the new holder's checkpoints.
+        if tuner.heartbeat is not None:
+            tuner.heartbeat.progress()
         try:
             tuner.oracle.report_epoch(trial_id, int(epoch), logs)
         except LeaseLostError as e:
@@ -205,6 +285,7 @@ class WorkerTuner(keras_tuner.Tuner):
                              executions_per_trial=exp.search.executions_per_trial, **kwargs)
         self.oracle = client  # everything goes to the chief
         self.exp = exp
+        self.heartbeat: Heartbeat | None = None  # the running trial's
         self.max_epochs = exp.search.max_epochs
         self.hooks = metrics  # not self.metrics: keras_tuner.Tuner uses it for compile metrics
         self.images_per_epoch = images_per_epoch
@@ -253,8 +334,14 @@ class WorkerTuner(keras_tuner.Tuner):
                  attempt, first, last, self._describe(trial))
         wire.hook(self.hooks, "trial_started", last - first)
         t0 = time.monotonic()
+        lease = self.exp.search.lease_seconds
         try:
-            results, best_step = self.run_trial(trial, **fit_kwargs)
+            with Heartbeat(self.oracle, trial_id, self.tuner_id, interval_s=lease / 4,
+                           stall_s=4 * lease) as self.heartbeat:
+                try:
+                    results, best_step = self.run_trial(trial, **fit_kwargs)
+                finally:
+                    self.heartbeat = None
             metrics = tuner_utils.convert_to_metrics_dict(results, self.oracle.objective)
             tracker = trial.metrics
             for name, value in metrics.items():

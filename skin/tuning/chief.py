@@ -95,6 +95,9 @@ class ChiefListener:
         wire.hook(self.metrics, "worker_report", worker, epoch=epochs_done,
                   epochs_budget=int(budget))
 
+    def worker_alive(self, worker: str) -> None:  # a heartbeat: seen, no progress
+        wire.hook(self.metrics, "worker_report", worker)
+
     def search_ended(self, oracle) -> None:
         if oracle.state == "failed":
             log.error("search failed: %s", oracle.reason)

@@ -72,6 +72,7 @@ class Listener(Protocol):
     def trial_started(self, oracle: "LeasedOracle", trial, attempt: dict) -> None: ...
     def trial_ended(self, oracle: "LeasedOracle", trial, attempt: dict) -> None: ...
     def worker_report(self, worker: str, trial, epochs_done: int) -> None: ...
+    def worker_alive(self, worker: str) -> None: ...
     def search_ended(self, oracle: "LeasedOracle") -> None: ...
 
 
@@ -296,6 +297,8 @@ class LeasedOracle:
                 raise SearchStopped(self.state, self.reason)
             trial, worker = self._check_owner(trial_id, worker, attempt)
             self.leases[worker] = time.monotonic() + self.lease_seconds
+            if self.listener is not None:
+                self.listener.worker_alive(worker)
             return trial
 
     def end(self, trial, worker: str | None, attempt: int | None) -> int:

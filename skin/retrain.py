@@ -587,12 +587,14 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
             log.info("ensemble member %d/%d: trial %s", i + 1, len(specs), spec.get("trial_id"))
         member, member_training = train(exp, hypermodel, spec, data_dir,
                                         seed=exp.data.seed + i)
-        labels, probs = split_predictions(member, data_dir, "validation", size)
         entry = {"trial_id": spec.get("trial_id"), "score": spec.get("score"),
                  "objective": spec.get("objective"), "epochs": spec.get("epochs"),
                  "hyperparameters": spec.get("hyperparameters") or {},
-                 "validation_auc": _auc(labels, probs),
+                 "validation_auc": None,
                  "training": {k: v for k, v in member_training.items() if k != "history"}}
+        if len(specs) > 1 or tta:  # one plain member is the published model: no second pass
+            labels, probs = split_predictions(member, data_dir, "validation", size)
+            entry["validation_auc"] = _auc(labels, probs)
         if tta and len(specs) > 1:
             _, tta_probs = split_predictions(inference_model([member], tta=True), data_dir,
                                              "validation", size)
@@ -611,8 +613,8 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     validation = classification_metrics(val_labels, val_probs, threshold)
     log.info("threshold %.4f keeps validation sensitivity %.3f (target %.2f)", threshold,
              validation["sensitivity"] or 0.0, target)
-    if tta and len(members) == 1:
-        members[0]["validation_auc_tta"] = validation["roc_auc"]
+    if len(members) == 1:
+        members[0]["validation_auc_tta" if tta else "validation_auc"] = validation["roc_auc"]
     if len(members) > 1 or tta:
         log.info("validation ROC AUC: published %s; members %s", _fmt(validation["roc_auc"]),
                  ", ".join(f"{m['trial_id']} {_fmt(m['validation_auc'])}"

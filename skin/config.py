@@ -99,6 +99,11 @@ class RetrainConfig:
                                       help="malignant recall the published threshold keeps")
     patience: int = _spec(5, lo=0, hi=1000,
                           help="early-stopping patience on validation (0 = off)")
+    tta: bool = _spec(False, help="test-time augmentation: the published model averages "
+                                  "P(malignant) over the 8 dihedral views of the image")
+    ensemble: int = _spec(1, lo=1, hi=8,
+                          help="publish the mean of the N best distinct trials, each retrained "
+                               "(1 = the best trial alone)")
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "SKIN_MAX_EPOCHS": "search.max_epochs",
     "SKIN_LEASE_SECONDS": "search.lease_seconds",
     "SKIN_RETRAIN_EPOCHS": "retrain.epochs",
+    "SKIN_RETRAIN_TTA": "retrain.tta",
+    "SKIN_RETRAIN_ENSEMBLE": "retrain.ensemble",
     "SKIN_ORACLE_PORT": "chief.oracle_port",
 }
 

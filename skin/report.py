@@ -238,6 +238,7 @@ def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
                 for t in trials]
     best_id = best.trial_id if best else None
     image = base64.b64encode(png).decode("ascii")
+    published = _published_section(result.get("published"), objective)
     return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -246,12 +247,40 @@ def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
         _html_table(["status", "trials"], [[k, v] for k, v in counts.items()]),
         f'<img alt="objective of every trial with the best so far" '
         f'src="data:image/png;base64,{image}">',
+        *published,
         f"<h2>Top {len(top)} trials</h2>",
         _html_table(["trial", objective, "epochs", *names], top_rows),
         "<h2>Every trial</h2>",
         _html_table(["trial", "status", objective, "epochs", "seconds", "worker"], all_rows,
                     classes=["best" if r[0] == best_id else "" for r in all_rows], left=2),
         "</body></html>", ""])
+
+
+def _published_section(published, objective: str) -> list[str]:
+    """The published model's members (an ensemble and/or test-time augmentation), when the
+    retrain adds ``published`` to the result: ``{"version", "tta_views", "validation_auc",
+    "members": [{"trial_id", "score", "validation_auc", "validation_auc_tta",
+    "hyperparameters"}]}``."""
+    if not isinstance(published, dict) or not published.get("members"):
+        return []
+    members = [m for m in published["members"] if isinstance(m, dict)]
+    views = published.get("tta_views") or 1
+    what = (f"the mean of {len(members)} retrained trials" if len(members) > 1
+            else "one retrained trial")
+    if views > 1:
+        what += f", averaged over {views} views of each image (test-time augmentation)"
+    names = sorted({k for m in members for k in (m.get("hyperparameters") or {})})
+    tta = views > 1
+    rows = [[m.get("trial_id"), m.get("score"), m.get("validation_auc"),
+             *([m.get("validation_auc_tta")] if tta else []),
+             *[(m.get("hyperparameters") or {}).get(n, "-") for n in names]] for m in members]
+    rows.append(["published", "-", "-" if tta else published.get("validation_auc"),
+                 *([published.get("validation_auc")] if tta else []), *["" for _ in names]])
+    version = html.escape(str(published.get("version") or ""))
+    return [f"<h2>Published model {version}</h2>", f"<p>{html.escape(what)}.</p>",
+            _html_table(["trial", objective, "validation ROC AUC",
+                         *(["with TTA"] if tta else []), *names], rows,
+                        classes=[""] * len(members) + ["best"])]
 
 
 def render_search_report(result: dict, out_dir) -> tuple[Path, Path]:

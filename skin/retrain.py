@@ -10,6 +10,15 @@ test split when one was staged, else on validation → publication to
 No decision looks at the test split: early stopping, the restored epoch and
 the threshold all use validation only.
 
+``retrain.ensemble: N`` (> 1) retrains the N best completed trials of the search
+with distinct hyperparameters (``top_trials`` over ``tuner/result.json``; the best
+trial first; fewer when fewer exist) and publishes one model, the mean of their
+outputs. ``retrain.tta`` makes the published model average P(malignant) over the 8
+dihedral views of the image (``skin.model.inference_model``). Either way the
+threshold is chosen on the published model's own validation outputs, and
+``metrics.json``, the model card and the run report list the members with their
+validation ROC AUC beside the published model's.
+
 A published version holds ``model.keras`` (self-describing: the serving
 description is inside the archive and in ``serving.json`` beside it),
 ``saved_model/`` (``model.export``), ``metrics.json``, ``learning_curves.png``,
@@ -23,6 +32,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -39,7 +49,7 @@ import skin
 from skin.errors import DataError, SearchFailedError
 from skin.evaluate import (CLASS_NAMES, MODEL_FILE, SERVING_FILE, choose_threshold,
                            classification_metrics, embed_serving, malignant_probability,
-                           roc_curve, serving_document)
+                           roc_auc, roc_curve, serving_document)
 from skin.storage import join
 
 log = logging.getLogger(__name__)
@@ -116,9 +126,13 @@ def _epochs(exp, best: dict) -> int:
     return exp.search.max_epochs
 
 
-def train(exp, hypermodel, best: dict, data_dir: Path) -> tuple[Any, dict]:
-    """The final model, early-stopped on validation with the best epoch's weights restored."""
-    keras.utils.set_random_seed(exp.data.seed)
+def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = None) \
+        -> tuple[Any, dict]:
+    """The final model, early-stopped on validation with the best epoch's weights restored.
+
+    ``seed``: the random seed of this training (default ``data.seed``).
+    """
+    keras.utils.set_random_seed(exp.data.seed if seed is None else seed)
     hp = _hyperparameters(best.get("hyperparameters") or {})
     model = hypermodel.build(hp)
     epochs = _epochs(exp, best)
@@ -373,6 +387,7 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in sorted(hps.items())],
         "",
+        *_composition(metrics),
         "## Provenance",
         "",
         f"- code version: `{metrics['code_version']}`",
@@ -387,6 +402,42 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def _composition(metrics: dict) -> list[str]:
+    """The model card's section on an ensemble and/or test-time augmentation (else nothing)."""
+    ensemble, tta = metrics.get("ensemble") or {}, metrics.get("tta") or {}
+    members = ensemble.get("members") or []
+    if len(members) <= 1 and not tta.get("enabled"):
+        return []
+    views = tta.get("views", 1)
+    lines = ["## Ensemble and test-time augmentation", ""]
+    if len(members) > 1:
+        lines.append(f"The published model is the mean of {len(members)} models, each retrained "
+                     "like the one above from one of the best distinct configurations of the "
+                     f"search (asked for {ensemble.get('requested')}).")
+    if tta.get("enabled"):
+        lines.append(f"It averages P(malignant) over {views} views of each image (identity, "
+                     "flips and rotations by 90 degrees): a lesion has no orientation. The "
+                     "threshold was chosen on these averaged validation outputs.")
+    tta_col = tta.get("enabled")
+    lines += ["", "| member | trial | search score | validation ROC AUC |"
+              + (" with TTA |" if tta_col else ""),
+              "|---|---|---|---|" + ("---|" if tta_col else "")]
+    for i, m in enumerate(members):
+        lines.append(f"| {i} | `{m.get('trial_id')}` | {_fmt(m.get('score'))} | "
+                     f"{_fmt(m.get('validation_auc'))} |"
+                     + (f" {_fmt(m.get('validation_auc_tta'))} |" if tta_col else ""))
+    lines.append(f"| **published** | | | " + (f"| **{_fmt(ensemble.get('validation_auc'))}** |"
+                                                if tta_col else
+                                                f"**{_fmt(ensemble.get('validation_auc'))}** |"))
+    if len(members) > 1:
+        names = sorted({k for m in members for k in (m.get("hyperparameters") or {})})
+        lines += ["", "| hyperparameter | " + " | ".join(f"`{m.get('trial_id')}`" for m in members)
+                  + " |", "|---|" + "---|" * len(members)]
+        lines += [f"| {k} | " + " | ".join(str((m.get("hyperparameters") or {}).get(k, "-"))
+                                           for m in members) + " |" for k in names]
+    return lines + [""]
 
 
 # ---------------------------------------------------------------------------
@@ -431,6 +482,77 @@ def _load_result(storage, exp) -> dict | None:
         return None
 
 
+def _direction(result: dict | None, objective: str) -> str:
+    direction = str((result or {}).get("direction") or "").lower()
+    if direction.startswith(("min", "max")):
+        return direction[:3]
+    return "min" if objective.endswith("loss") else "max"
+
+
+def _hyperparameter_key(values: dict | None) -> str:
+    """What makes two trials the same configuration (keras-tuner's ``tuner/*`` keys aside)."""
+    plain = {k: (v.item() if isinstance(v, np.generic) else v)
+             for k, v in (values or {}).items() if not str(k).startswith("tuner/")}
+    return json.dumps(plain, sort_keys=True, default=str)
+
+
+def top_trials(result: dict | None, n: int, *, best: dict | None = None,
+               objective: str = "val_auc") -> list[dict]:
+    """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
+
+    ``result``: ``tuner/result.json``; trials ranked by score in its ``direction`` (else
+    ``min`` for a loss ``objective``, ``max`` otherwise), ties in the result's order. A
+    configuration that several trials share (Hyperband continues one across rounds)
+    counts once, with its best trial. ``best`` (``best_hyperparameters.json``), when given,
+    comes first whatever the result says. Each entry is shaped like ``best``:
+    ``{"trial_id", "score", "objective", "epochs", "hyperparameters"}``. Fewer than ``n``
+    when fewer distinct configurations completed.
+    """
+    objective = str((result or {}).get("objective") or objective)
+    direction = _direction(result, objective)
+    scored = [t for t in (result or {}).get("trials") or []
+              if isinstance(t, dict) and t.get("status") == "completed"
+              and isinstance(t.get("score"), (int, float)) and not isinstance(t.get("score"), bool)
+              and math.isfinite(t["score"])]
+    scored.sort(key=lambda t: -t["score"] if direction == "max" else t["score"])  # stable
+    picked: list[dict] = []
+    seen: set[str] = set()
+    if best is not None and n > 0:
+        picked.append(dict(best))
+        seen.add(_hyperparameter_key(best.get("hyperparameters")))
+    for t in scored:
+        if len(picked) >= n:
+            break
+        key = _hyperparameter_key(t.get("hyperparameters"))
+        if key in seen:
+            continue
+        seen.add(key)
+        picked.append({"trial_id": t.get("id"), "score": t["score"], "objective": objective,
+                       "epochs": t.get("epochs") or None,
+                       "hyperparameters": dict(t.get("hyperparameters") or {})})
+    return picked
+
+
+def _members(exp, best: dict, result: dict | None) -> list[dict]:
+    """The trials to retrain: the best alone, or the top ``retrain.ensemble``."""
+    wanted = exp.retrain.ensemble
+    if wanted <= 1:
+        return [best]
+    members = top_trials(result, wanted, best=best, objective=exp.search.objective)
+    if len(members) < wanted:
+        log.warning("retrain.ensemble is %d but the search has %d distinct completed "
+                    "configuration(s)%s: ensembling %d", wanted, len(members),
+                    "" if result is not None else " (no tuner/result.json)", len(members))
+    log.info("ensemble of %d: trials %s", len(members),
+             ", ".join(str(m.get("trial_id")) for m in members))
+    return members
+
+
+def _auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
+    auc = roc_auc(labels, probabilities)
+    return None if math.isnan(auc) else auc
+
+
 def _load_best(storage, exp) -> dict:
     from skin.tuning import load_best
 
@@ -455,7 +577,33 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         hypermodel = SkinHyperModel(exp)
     size = exp.data.image_size
 
-    model, training = train(exp, hypermodel, best, data_dir)
+    from skin.model import DIHEDRAL_VIEWS, inference_model
+
+    tta = exp.retrain.tta
+    specs = _members(exp, best, result)
+    trained, members = [], []
+    for i, spec in enumerate(specs):
+        if len(specs) > 1:
+            log.info("ensemble member %d/%d: trial %s", i + 1, len(specs), spec.get("trial_id"))
+        member, member_training = train(exp, hypermodel, spec, data_dir,
+                                        seed=exp.data.seed + i)
+        entry = {"trial_id": spec.get("trial_id"), "score": spec.get("score"),
+                 "objective": spec.get("objective"), "epochs": spec.get("epochs"),
+                 "hyperparameters": spec.get("hyperparameters") or {},
+                 "validation_auc": None,
+                 "training": {k: v for k, v in member_training.items() if k != "history"}}
+        if len(specs) > 1 or tta:  # one plain member is the published model: no second pass
+            labels, probs = split_predictions(member, data_dir, "validation", size)
+            entry["validation_auc"] = _auc(labels, probs)
+        if tta and len(specs) > 1:
+            _, tta_probs = split_predictions(inference_model([member], tta=True), data_dir,
+                                             "validation", size)
+            entry["validation_auc_tta"] = _auc(labels, tta_probs)
+        trained.append((member, member_training))
+        members.append(entry)
+    training = trained[0][1]
+    # The published model: the member itself, or the mean over members (and views).
+    model = inference_model([m for m, _ in trained], tta=tta)
 
     val_labels, val_probs = split_predictions(model, data_dir, "validation", size)
     target = exp.retrain.target_sensitivity
@@ -465,6 +613,13 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     validation = classification_metrics(val_labels, val_probs, threshold)
     log.info("threshold %.4f keeps validation sensitivity %.3f (target %.2f)", threshold,
              validation["sensitivity"] or 0.0, target)
+    if len(members) == 1:
+        members[0]["validation_auc_tta" if tta else "validation_auc"] = validation["roc_auc"]
+    if len(members) > 1 or tta:
+        log.info("validation ROC AUC: published %s; members %s", _fmt(validation["roc_auc"]),
+                 ", ".join(f"{m['trial_id']} {_fmt(m['validation_auc'])}"
+                           + (f" (TTA {_fmt(m['validation_auc_tta'])})" if tta else "")
+                           for m in members))
 
     evaluated_on = "test" if _split_count(manifest, "test") > 0 else "validation"
     if evaluated_on == "test":
@@ -496,6 +651,9 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         "best_trial": {k: best.get(k) for k in ("trial_id", "score", "objective", "epochs")},
         "hyperparameters": best.get("hyperparameters") or {},
         "training": training,
+        "tta": {"enabled": tta, "views": DIHEDRAL_VIEWS if tta else 1},
+        "ensemble": {"requested": exp.retrain.ensemble, "size": len(members),
+                     "validation_auc": validation["roc_auc"], "members": members},
         "data": {
             "uri": exp.data_uri,
             "manifest_sha256": manifest_hash(manifest, data_dir),
@@ -506,7 +664,8 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         "experiment": exp.to_dict(),
     }
     curves = {evaluated_on: (eval_labels, eval_probs), "validation": (val_labels, val_probs)}
-    _write_version(local_dir, model, metrics, serving, exp, best, manifest, result,
+    _write_version(local_dir, model, metrics, serving, exp, best, manifest,
+                   _with_members(result, metrics),
                    curves=curves, points={evaluated_on: evaluation, "validation": validation})
 
     storage.upload_dir(local_dir, uri)
@@ -516,6 +675,20 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
              uri, evaluated_on, evaluation["accuracy"] or 0.0, _fmt(evaluation["roc_auc"]),
              _fmt(evaluation["sensitivity"]), _fmt(evaluation["specificity"]))
     return Published(version=version, uri=uri, metrics=metrics, local_dir=local_dir)
+
+
+def _with_members(result: dict | None, metrics: dict) -> dict | None:
+    """The search result plus what the run report shows of the published model: with an
+    ensemble or TTA, its members and their validation ROC AUC (``published``)."""
+    ensemble, tta = metrics["ensemble"], metrics["tta"]
+    if result is None or (ensemble["size"] == 1 and not tta["enabled"]):
+        return result
+    return {**result, "published": {
+        "version": metrics["version"], "tta_views": tta["views"],
+        "validation_auc": ensemble["validation_auc"],
+        "members": [{k: m.get(k) for k in ("trial_id", "score", "validation_auc",
+                                          "validation_auc_tta", "hyperparameters")}
+                    for m in ensemble["members"]]}}
 
 
 def export_saved_model(model, path: Path, image_size: int) -> None:

@@ -58,6 +58,13 @@ def doc(**sections):
     (doc(search={"fixed": {"lr": [1, 2]}}), "search.fixed.lr", "a single value"),
     (doc(retrain={"target_sensitivity": 0}), "retrain.target_sensitivity", "> 0.0"),
     (doc(retrain={"target_sensitivity": 1.5}), "retrain.target_sensitivity", "<= 1.0"),
+    (doc(retrain={"tta": "yes"}), "retrain.tta", "true or false"),
+    (doc(retrain={"tta": 1}), "retrain.tta", "true or false"),
+    (doc(retrain={"ensemble": 0}), "retrain.ensemble", ">= 1"),
+    (doc(retrain={"ensemble": 9}), "retrain.ensemble", "<= 8"),
+    (doc(retrain={"ensemble": 2.0}), "retrain.ensemble", "an integer"),
+    (doc(retrain={"ensemble": True}), "retrain.ensemble", "an integer"),
+    (doc(retrain={"ensembles": 2}), "retrain.ensembles", "unknown key"),
     (doc(chief={"oracle_port": 70000}), "chief.oracle_port", "<= 65535"),
 ])
 def test_bad_documents_name_the_key(document, key, fragment):
@@ -94,6 +101,8 @@ def test_shipped_experiment_files_validate(path):
     ("SKIN_DATA_SOURCE", "/data/images", ("data", "source"), "/data/images"),
     ("SKIN_TUNER", "random", ("search", "tuner"), "random"),
     ("SKIN_BUCKET", "my-bucket", ("storage", "bucket"), "my-bucket"),
+    ("SKIN_RETRAIN_TTA", "true", ("retrain", "tta"), True),
+    ("SKIN_RETRAIN_ENSEMBLE", "3", ("retrain", "ensemble"), 3),
 ])
 def test_environment_overrides(var, value, attr, expected):
     exp = parse_experiment(doc(), env={var: value})
@@ -107,6 +116,26 @@ def test_bad_environment_override_names_variable_and_key():
     with pytest.raises(ConfigError, match=r"^SKIN_MAX_EPOCHS \(overrides search.max_epochs: "
                                           r"'many'"):
         parse_experiment(doc(), env={"SKIN_MAX_EPOCHS": "many"})
+
+
+def test_tta_and_ensemble_default_off_and_parse():
+    assert (Experiment().retrain.tta, Experiment().retrain.ensemble) == (False, 1)
+    exp = parse_experiment(doc(retrain={"tta": True, "ensemble": 8}), env={})
+    assert (exp.retrain.tta, exp.retrain.ensemble) == (True, 8)
+    assert parse_experiment(yaml.safe_load(exp.to_yaml()), env={}) == exp
+    for path in (DEFAULT_EXPERIMENT_FILE, QUICKSTART_EXPERIMENT_FILE):
+        shipped = load_experiment(path, env={}).retrain
+        assert (shipped.tta, shipped.ensemble) == (False, 1), path
+
+
+@pytest.mark.parametrize("var, value, key", [
+    ("SKIN_RETRAIN_TTA", "maybe", "retrain.tta"),
+    ("SKIN_RETRAIN_ENSEMBLE", "0", "retrain.ensemble"),
+    ("SKIN_RETRAIN_ENSEMBLE", "two", "retrain.ensemble"),
+])
+def test_bad_tta_and_ensemble_overrides_name_variable_and_key(var, value, key):
+    with pytest.raises(ConfigError, match=rf"^{var} \(overrides {key}: "):
+        parse_experiment(doc(), env={var: value})
 
 
 def test_empty_environment_value_does_not_override():
@@ -191,6 +220,14 @@ def test_cli_config_error_exits_2_before_any_work(tmp_path):
     r = _skin("stage", "--config", str(f), env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
     assert r.returncode == 2, r.stderr
     assert "search.tuner: 'grid'" in r.stderr
+
+
+def test_cli_bad_ensemble_exits_2_before_any_work(tmp_path):
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump(doc(retrain={"ensemble": 20})))
+    r = _skin("retrain", "--config", str(f), env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
+    assert r.returncode == 2, r.stderr
+    assert "retrain.ensemble: 20" in r.stderr
 
 
 def test_cli_bad_tuner_id_exits_2():

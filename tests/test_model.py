@@ -210,3 +210,109 @@ def test_shipped_experiments_pin_only_real_hyperparameters():
         M.SkinHyperModel(exp).build(hp)
         assert {k: hp.values[k] for k in exp.search.fixed} == exp.search.fixed
     assert load_experiment(DEFAULT_EXPERIMENT_FILE, env={}).search.fixed  # the recipe is pinned
+
+
+# ---------------------------------------------------------------------------
+# The published model: test-time augmentation over the dihedral views, ensembles
+
+
+def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
+    """The 8 symmetries of the square, by numpy: rotations of x and of its mirror image."""
+    return [np.ascontiguousarray(np.rot90(v, k, axes=(1, 2)))
+            for v in (x, x[:, :, ::-1]) for k in range(4)]
+
+
+def orientation_sensitive_model(seed: int) -> keras.Model:
+    """A real model of the search space whose head sees positions (flatten), trained a step so
+    batch-norm statistics are not the identity."""
+    keras.utils.set_random_seed(seed)
+    hm = M.SkinHyperModel(experiment())
+    model = hm.build(hyperparameters(**{**CORNERS[0], "blocks": 3, "augment": 0.0}))
+    model.fit(images(8, seed), np.tile(np.array([0, 1], "float32"), 4), epochs=1, batch_size=8,
+              verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def members():
+    return [orientation_sensitive_model(1), orientation_sensitive_model(2)]
+
+
+@pytest.mark.parametrize("views", [1, 2, 4, 8])
+def test_dihedral_views_layer_stacks_the_views_view_major(views):
+    x = images(3)
+    out = M.DihedralViews(views)(x).numpy()
+    assert out.shape == (views * 3, SIZE, SIZE, 3)
+    expected = {0: x, 1: x[:, :, ::-1], 2: x[:, ::-1], 3: x[:, ::-1, ::-1]}
+    for v in range(min(views, 4)):
+        np.testing.assert_array_equal(out[3 * v:3 * v + 3], expected[v])
+    if views == 8:  # as a set, the 8 views are the dihedral group
+        got = sorted(out[3 * v:3 * v + 3].tobytes() for v in range(8))
+        assert got == sorted(v.tobytes() for v in dihedral_views(x))
+
+
+def test_tta_model_is_the_mean_over_the_eight_views(members):
+    base = members[0]
+    tta = M.inference_model([base], tta=True)
+    x = images(4, seed=5)
+    expected = np.mean([base.predict_on_batch(v) for v in dihedral_views(x)], axis=0)
+    got = tta.predict_on_batch(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # The base model does depend on orientation, so the equality above says something ...
+    assert np.abs(base.predict_on_batch(x) - got).max() > 1e-4
+    # ... and the TTA model does not: any view of the input gives the same output.
+    for view in dihedral_views(x)[1:]:
+        np.testing.assert_allclose(tta.predict_on_batch(view), got, rtol=1e-5, atol=1e-6)
+
+
+def test_one_member_without_tta_is_published_as_it_is(members):
+    assert M.inference_model(members[:1]) is members[0]
+
+
+def test_ensemble_is_the_mean_of_its_members(members):
+    x = images(5, seed=6)
+    separate = [m.predict_on_batch(x) for m in members]
+    assert np.abs(separate[0] - separate[1]).max() > 1e-4  # two different models
+    ensemble = M.inference_model(members)
+    np.testing.assert_allclose(ensemble.predict_on_batch(x), np.mean(separate, axis=0),
+                               rtol=1e-5, atol=1e-6)
+    both = M.inference_model(members, tta=True)
+    expected = np.mean([m.predict_on_batch(v) for m in members for v in dihedral_views(x)], axis=0)
+    np.testing.assert_allclose(both.predict_on_batch(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
+    import subprocess
+    import sys
+
+    from skin.retrain import export_saved_model
+
+    model = M.inference_model(members, tta=True)
+    x = images(3, seed=7)
+    expected = model.predict_on_batch(x)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True, compile=False)
+    np.testing.assert_allclose(loaded.predict_on_batch(x), expected, rtol=1e-5, atol=1e-6)
+    names = {type(layer).__name__ for layer in loaded.layers}
+    assert {"DihedralViews", "ViewMean", "Average"} <= names and "Lambda" not in names
+    export_saved_model(loaded, tmp_path / "saved_model", SIZE)
+    exported = tf.saved_model.load(str(tmp_path / "saved_model"))
+    np.testing.assert_allclose(np.asarray(exported.serve(x)), expected, rtol=1e-5, atol=1e-5)
+    # A fresh process that only knows skin.evaluate loads it (the layers register themselves).
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np; from skin.evaluate import load_published\n"
+            "m, _ = load_published(sys.argv[1]); x = np.load(sys.argv[2])\n"
+            "np.save(sys.argv[3], m.predict_on_batch(x))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "p.npy")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_model_rejects_mismatched_members(members):
+    other = M.SkinHyperModel(experiment(image_size=48)).build(hyperparameters(blocks=3))
+    with pytest.raises(ValueError, match="member 1"):
+        M.inference_model([members[0], other])
+    with pytest.raises(ValueError, match="views"):
+        M.DihedralViews(3)

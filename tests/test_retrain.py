@@ -65,14 +65,15 @@ RESULT = {
 }
 
 
-def experiment(bucket: str, source: Path, *, test_fraction: float = 0.2, epochs: int = 2):
+def experiment(bucket: str, source: Path, *, test_fraction: float = 0.2, epochs: int = 2,
+               **retrain):
     return parse_experiment({
         "apiVersion": "skin/v1", "kind": "Experiment", "name": "rt",
         "storage": {"bucket": bucket, "prefix": "it"},
         "data": {"source": str(source), "validation_fraction": 0.3,
                  "test_fraction": test_fraction, "image_size": SIZE, "seed": 3, "shards": 1},
         "search": {"tuner": "random", "max_trials": 2, "max_epochs": 3},
-        "retrain": {"epochs": epochs, "patience": 1, "target_sensitivity": 0.9},
+        "retrain": {"epochs": epochs, "patience": 1, "target_sensitivity": 0.9, **retrain},
     }, env={})
 
 
@@ -170,6 +171,8 @@ def test_metrics_json(run):
         training["epochs_trained"]
     assert training["monitor"] == "val_auc" and training["best_epoch"] >= 1
     assert metrics["hyperparameters"] == BEST["hyperparameters"]
+    assert metrics["tta"] == {"enabled": False, "views": 1}  # the defaults: one plain model
+    assert (metrics["ensemble"]["size"], metrics["ensemble"]["members"][0]["trial_id"]) == (1, "0007")
     assert metrics["data"]["manifest_sha256"]
     assert metrics["code_version"].startswith("0.")
 
@@ -221,6 +224,7 @@ def test_model_card(run):
                    f"{published.metrics['threshold']:.4f}", "apiVersion: skin/v1",
                    "Evaluated on the **test** split"):
         assert needle in card, needle
+    assert "Ensemble and test-time augmentation" not in card
 
 
 def test_evaluate_and_predict_the_published_model_from_the_bucket(run, real_or_synthetic_images,
@@ -256,6 +260,8 @@ def _stand_in_hypermodel():
     from skin import data as skin_data
 
     class TinyHyperModel(keras_tuner.HyperModel):
+        built: list = []  # every model build() made, in order (per instance once assigned)
+
         def build(self, hp):
             units = hp.Choice("units", [4, 8])
             inputs = keras.Input((SIZE, SIZE, 3))
@@ -267,6 +273,7 @@ def _stand_in_hypermodel():
             model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy",
                           metrics=[keras.metrics.AUC(name="auc"),
                                    keras.metrics.BinaryAccuracy(name="accuracy")])
+            self.built = [*self.built, model]
             return model
 
         def fit(self, hp, model, *, data_dir, epochs, callbacks=None, **kw):
@@ -381,3 +388,139 @@ def test_run_report_is_rendered_from_the_search_result(tmp_path):
     rt._render_report(RESULT, tmp_path)
     assert (tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
     assert "0007" in (tmp_path / "report.html").read_text()
+
+
+# ---------------------------------------------------------------------------
+# Ensemble of the top trials, test-time augmentation
+
+
+def _scored(tid, score, units, status="completed", **extra):
+    return {"id": tid, "status": status, "score": score, "epochs": 1,
+            "hyperparameters": {"units": units, **extra}}
+
+
+@pytest.mark.parametrize("direction, expected", [
+    ("max", ["0005", "0002", "0003"]),
+    ("min", ["0004", "0007", "0003"]),  # configuration 1 at its best: 0007
+])
+def test_top_trials_are_distinct_and_in_objective_order(direction, expected):
+    result = {"objective": "val_x", "direction": direction, "trials": [
+        _scored("0001", 0.60, 1),
+        _scored("0002", 0.80, 2),
+        _scored("0003", 0.70, 3),
+        _scored("0004", 0.50, 4),
+        _scored("0005", 0.90, 5),
+        _scored("0006", 0.85, 5, **{"tuner/epochs": 9}),    # 0005's configuration, continued
+        _scored("0007", 0.55, 1, **{"tuner/trial_id": "1"}),  # 0001's, continued
+        _scored("0008", 0.99, 8, status="failed"),
+        _scored("0009", None, 9),
+        _scored("0010", 0.40, 4, status="cancelled"),
+    ]}
+    top = rt.top_trials(result, 3)
+    assert [t["trial_id"] for t in top] == expected
+    assert top[0] == {"trial_id": expected[0], "score": {"max": 0.90, "min": 0.50}[direction],
+                      "objective": "val_x", "epochs": 1,
+                      "hyperparameters": {"units": {"max": 5, "min": 4}[direction]}}
+    everything = rt.top_trials(result, 8)
+    assert len(everything) == 5  # five distinct configurations completed
+    assert len({json.dumps(t["hyperparameters"]) for t in everything}) == 5
+    # The best trial of best_hyperparameters.json comes first; its configuration only once.
+    best = {"trial_id": "0003", "score": 0.7, "hyperparameters": {"units": 3}}
+    assert [t["trial_id"] for t in rt.top_trials(result, 3, best=best)] == [
+        "0003", *[t for t in expected if t != "0003"][:2]]
+
+
+def test_top_trials_direction_from_the_objective_and_without_a_result():
+    result = {"objective": "val_loss", "trials": [_scored("1", 0.3, 1), _scored("2", 0.2, 2)]}
+    assert [t["trial_id"] for t in rt.top_trials(result, 2)] == ["2", "1"]
+    assert rt.top_trials(None, 3, best={"trial_id": "x"}) == [{"trial_id": "x"}]
+    assert rt.top_trials(None, 3) == []
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(emulator, real_or_synthetic_images, tmp_path_factory):
+    """A retrain with retrain.ensemble 3 (the search has 2 distinct configurations) and TTA,
+    with the stand-in hypermodel; no test split."""
+    bucket = f"rte-{uuid.uuid4().hex[:8]}"
+    emulator.ensure_bucket(bucket)
+    exp = experiment(bucket, real_or_synthetic_images, test_fraction=0.0, epochs=1,
+                     ensemble=3, tta=True)
+    storage = RecordingStorage()
+    stage(exp, storage)
+    result = {**RESULT, "trials": [_scored("0001", 0.64, 4), _scored("0002", 0.81, 8),
+                                   _scored("0003", 0.70, 8, **{"tuner/epochs": 1}),
+                                   _scored("0004", 0.95, 4, status="failed")]}
+    storage.write_json(join(exp.tuner_uri, "result.json"), result)
+    storage.written.clear()
+    hypermodel = _stand_in_hypermodel()
+    best = {"trial_id": "0002", "score": 0.81, "objective": "val_auc", "epochs": 1,
+            "hyperparameters": {"units": 8}}
+    published = rt.retrain(exp, Runtime(work_dir=tmp_path_factory.mktemp("work")), storage,
+                           hypermodel=hypermodel, best=best)
+    return exp, storage, published, hypermodel
+
+
+def _views(x):
+    return [np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))) for v in (x, x[:, :, ::-1])
+            for k in range(4)]
+
+
+def test_ensemble_publishes_one_model_the_mean_of_its_members(ensemble_run):
+    import keras
+
+    exp, storage, published, hypermodel = ensemble_run
+    members = hypermodel.built
+    assert [m.get_layer(index=2).filters for m in members] == [8, 4]  # best first, then 0001
+    model = keras.models.load_model(published.local_dir / "model.keras", safe_mode=True,
+                                    compile=False)
+    x = np.random.default_rng(1).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+    per_member = [np.mean([m.predict_on_batch(v) for v in _views(x)], axis=0) for m in members]
+    assert np.abs(per_member[0] - per_member[1]).max() > 1e-4
+    np.testing.assert_allclose(model.predict_on_batch(x), np.mean(per_member, axis=0),
+                               rtol=1e-5, atol=1e-6)
+    # the SavedModel serves the same ensemble
+    import tensorflow as tf
+
+    exported = tf.saved_model.load(str(published.local_dir / "saved_model"))
+    np.testing.assert_allclose(np.asarray(exported.serve(x)), model.predict_on_batch(x),
+                               atol=1e-5)
+
+
+def test_ensemble_threshold_and_metrics_from_the_published_model(ensemble_run, tmp_path):
+    exp, storage, published, hypermodel = ensemble_run
+    m = published.metrics
+    assert storage.read_json(join(published.uri, "metrics.json")) == json.loads(json.dumps(m))
+    assert m["tta"] == {"enabled": True, "views": 8}
+    ens = m["ensemble"]
+    assert (ens["requested"], ens["size"]) == (3, 2)
+    assert [(e["trial_id"], e["hyperparameters"]) for e in ens["members"]] == [
+        ("0002", {"units": 8}), ("0001", {"units": 4})]
+    for e in ens["members"]:
+        assert 0.0 <= e["validation_auc"] <= 1.0 and 0.0 <= e["validation_auc_tta"] <= 1.0
+        assert e["training"]["epochs_budget"] == 1
+    assert ens["validation_auc"] == m["validation"]["roc_auc"]
+    # The threshold is chosen on the published (ensemble + TTA) model's own validation outputs.
+    model, info = ev.load_published(published.local_dir)
+    data_dir = published.local_dir.parents[1] / "data"
+    labels, probs = rt.split_predictions(model, data_dir, "validation", SIZE)
+    assert info.threshold == pytest.approx(ev.choose_threshold(labels, probs, 0.9), abs=1e-6)
+    assert m["validation"]["roc_auc"] == pytest.approx(ev.roc_auc(labels, probs), abs=1e-6)
+    # Each member's own figure is what it scores alone.
+    member_labels, member_probs = rt.split_predictions(hypermodel.built[1], data_dir,
+                                                       "validation", SIZE)
+    assert ens["members"][1]["validation_auc"] == pytest.approx(
+        ev.roc_auc(member_labels, member_probs), abs=1e-6)
+
+
+def test_ensemble_is_listed_in_the_card_and_report_and_latest_moves_last(ensemble_run):
+    exp, storage, published, _ = ensemble_run
+    card = (published.local_dir / "model_card.md").read_text()
+    assert "## Ensemble and test-time augmentation" in card
+    assert "mean of 2 models" in card and "8 views" in card
+    assert "| 0 | `0002` |" in card and "| 1 | `0001` |" in card
+    report = (published.local_dir / "report.html").read_text()
+    assert f"Published model {published.version}" in report
+    assert "the mean of 2 retrained trials, averaged over 8 views" in report
+    latest = join(exp.models_uri, "LATEST")
+    assert storage.written[-1] == latest and storage.written.count(latest) == 1
+    assert storage.read_text(latest).strip() == published.version

@@ -19,7 +19,8 @@ from PIL import Image
 from skin import synthetic
 from skin.config import API_VERSION, KIND, Experiment, parse_experiment
 from skin.errors import DataError
-from skin.stage import CLASSES, near_duplicate_groups, split_groups, stage
+from skin.grouping import near_duplicate_groups, split_groups
+from skin.stage import CLASSES, stage
 from skin.storage import Storage, join
 
 

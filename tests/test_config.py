@@ -123,9 +123,12 @@ def test_tta_and_ensemble_default_off_and_parse():
     exp = parse_experiment(doc(retrain={"tta": True, "ensemble": 8}), env={})
     assert (exp.retrain.tta, exp.retrain.ensemble) == (True, 8)
     assert parse_experiment(yaml.safe_load(exp.to_yaml()), env={}) == exp
-    for path in (DEFAULT_EXPERIMENT_FILE, QUICKSTART_EXPERIMENT_FILE):
+    # The real experiment publishes with TTA (it won on validation, BENCHMARKS.md);
+    # the quickstart keeps `make run` lean.
+    for path, expected in ((DEFAULT_EXPERIMENT_FILE, (True, 1)),
+                           (QUICKSTART_EXPERIMENT_FILE, (False, 1))):
         shipped = load_experiment(path, env={}).retrain
-        assert (shipped.tta, shipped.ensemble) == (False, 1), path
+        assert (shipped.tta, shipped.ensemble) == expected, path
 
 
 @pytest.mark.parametrize("var, value, key", [

@@ -1,0 +1,55 @@
+"""The images/s pair of `make bench-quality` alone, for the code of one source tree.
+
+    .venv/bin/python bench/quality_ips.py --out runs/bench-quality [--tree DIR] [--rounds 5]
+
+Reuses an earlier run's bucket (``OUT/bucket``: staged data and best configuration) and
+runs ``bench/quality.py``'s ``images_per_second`` (the staged tf.data pipeline against the
+same images in memory, alternating epochs, medians after the cache fills) with the
+``skin`` package of ``--tree`` (default: this checkout), so two versions of the input
+pipeline can be compared on the same machine minutes apart: check out the older one
+with ``git worktree add DIR COMMIT`` and pass ``--tree DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="the OUT of an earlier make bench-quality")
+    ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]))
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    tree, out = Path(args.tree).resolve(), Path(args.out).resolve()
+    sys.path[:0] = [str(tree), str(tree / "bench")]
+
+    import quality
+    import skin
+    from skin import data as skin_data
+    from skin.config import load_experiment
+    from skin.emulator import Emulator
+    from skin.storage import Storage, join
+
+    if not Path(skin.__file__).resolve().is_relative_to(tree):
+        print(f"skin comes from {skin.__file__}, not {tree}", file=sys.stderr)
+        return 2
+    exp = load_experiment(out / "experiment.yaml", env={})
+    with Emulator(bucket=exp.storage.bucket, data_dir=str(out / "bucket")) as emu:
+        os.environ.update(emu.environ())
+        storage = Storage()
+        best = storage.read_json(join(exp.tuner_uri, "best_hyperparameters.json"))
+        data_dir = Path(skin_data.sync_data(storage, exp.data_uri, out / "bench-work" / "data"))
+    result = quality.images_per_second(exp, best, data_dir, rounds=args.rounds)
+    print(json.dumps({"tree": str(tree), **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -627,27 +627,49 @@ def role_metrics(registry: CollectorRegistry, exp, tuner_id: str) -> "ChiefMetri
 
 
 class _ScrapeWatch:
-    """A collector that exposes nothing and notes each scrape (collect runs once per scrape)."""
+    """Notes when scrapes start and end; exposes nothing itself.
+
+    Two marker collectors (:meth:`marker`) go around the served metrics: the start
+    marker is collected first in a scrape, the end marker last.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self.scrapes = 0
+        self.starts = self.scrapes = 0  # scrapes: the ones whose collection finished
         self.last_scrape: float | None = None
+
+    def marker(self, end: bool) -> "_ScrapeMark":
+        return _ScrapeMark(self, end)
+
+    def _note(self, end: bool) -> None:
+        with self._cond:
+            if end:
+                self.scrapes += 1
+                self.last_scrape = time.time()
+                self._cond.notify_all()
+            else:
+                self.starts += 1
+
+    def wait(self, timeout: float) -> bool:
+        """Until a scrape that started after this call has collected everything."""
+        with self._cond:
+            wanted = self.starts + 1  # scrapes are serial per scraper: the next one to start
+            seen = self._cond.wait_for(lambda: self.scrapes >= wanted, timeout=timeout)
+        if seen:
+            time.sleep(0.1)  # let the HTTP server send the body before the caller exits
+        return seen
+
+
+class _ScrapeMark:
+    def __init__(self, watch: _ScrapeWatch, end: bool) -> None:
+        self.watch, self.end = watch, end
 
     def describe(self):  # keeps registration from calling collect()
         return []
 
     def collect(self):
-        with self._cond:
-            self.scrapes += 1
-            self.last_scrape = time.time()
-            self._cond.notify_all()
+        self.watch._note(self.end)
         return []
-
-    def wait(self, timeout: float) -> bool:
-        with self._cond:
-            seen = self.scrapes
-            return self._cond.wait_for(lambda: self.scrapes > seen, timeout=timeout)
 
 
 @dataclass
@@ -686,10 +708,32 @@ class MetricsServer:
         self.close()
 
 
+class _Delegate:
+    """A collector that yields everything ``registry`` holds at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        return self.registry.collect()
+
+
 def serve(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
     """Serve ``registry`` on ``http://host:port/metrics``; port 0 picks a free one
-    (``.port`` is the bound port)."""
+    (``.port`` is the bound port).
+
+    Markers around ``registry`` note when each scrape starts and ends, so
+    :meth:`MetricsServer.wait_for_scrape` returns once a scrape that *started* after
+    the call has read the role's metrics: a role's last counter increments reach
+    Prometheus before it exits (a scrape already under way may have read them earlier).
+    """
     watch = _ScrapeWatch()
-    registry.register(watch)
-    server, thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
+    served = CollectorRegistry(auto_describe=False)
+    served.register(watch.marker(end=False))
+    served.register(_Delegate(registry))
+    served.register(watch.marker(end=True))
+    server, thread = prometheus_client.start_http_server(port, addr=host, registry=served)
     return MetricsServer(host, server.server_port, server, thread, watch)

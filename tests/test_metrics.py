@@ -327,6 +327,44 @@ def test_serve_binds_a_free_port_and_reports_scrapes():
         urllib.request.urlopen(server.url, timeout=2)
 
 
+def test_wait_for_scrape_ignores_a_scrape_that_read_the_values_before_the_wait():
+    from prometheus_client import Counter
+
+    r = CollectorRegistry()
+    done = Counter("skin_test_trials_done", "trials done", registry=r)
+    inside, gate = threading.Event(), threading.Event()
+
+    class Slow:  # holds the first scrape after it has read the counter
+        def describe(self):
+            return []
+
+        def collect(self):
+            inside.set()
+            gate.wait(5)
+            return []
+
+    r.register(Slow())
+    with m.serve(r, "127.0.0.1", 0) as server:
+        first: dict = {}
+        scrape = threading.Thread(target=lambda: first.setdefault(
+            "body", urllib.request.urlopen(server.url, timeout=10).read().decode()))
+        scrape.start()
+        assert inside.wait(5)  # the first scrape has read skin_test_trials_done 0
+        waiter = threading.Thread(target=lambda: setattr(server, "_got",
+                                                         server.wait_for_scrape(10)))
+        waiter.start()
+        time.sleep(0.05)
+        done.inc()  # the role's last increment, then it waits for a scrape before exiting
+        gate.set()
+        scrape.join()
+        assert "skin_test_trials_done_total 0.0" in first["body"]
+        time.sleep(0.3)
+        assert waiter.is_alive()  # that scrape read the old value: not the one to wait for
+        body = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        waiter.join()
+        assert server._got is True and "skin_test_trials_done_total 1.0" in body
+
+
 def test_role_metrics_configures_the_hooks_from_the_experiment():
     from skin.config import parse_experiment
 

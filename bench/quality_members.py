@@ -67,17 +67,24 @@ def main(argv=None) -> int:
             models.append(model)
 
     rows = []
+
+    def score(members: list, tta: bool, label, trials: list) -> dict:
+        """Threshold on validation; test figures at it and at 0.5."""
+        model = inference_model(members, tta=tta)
+        vy, vp = split_predictions(model, data_dir, "validation", size)
+        ty, tp = split_predictions(model, data_dir, "test", size)
+        thr = choose_threshold(vy, vp, target)
+        row = {"members": label, "tta": tta, "threshold": thr, "trials": trials,
+               "validation": classification_metrics(vy, vp, thr),
+               "test": classification_metrics(ty, tp, thr),
+               "test_at_0.5": classification_metrics(ty, tp, 0.5)}
+        rows.append(row)
+        return row
+
     for k in range(1, len(models) + 1):
         for tta in (False, True):
-            model = inference_model(models[:k], tta=tta)
-            vy, vp = split_predictions(model, data_dir, "validation", size)
-            ty, tp = split_predictions(model, data_dir, "test", size)
-            thr = choose_threshold(vy, vp, target)
-            val, test = classification_metrics(vy, vp, thr), classification_metrics(ty, tp, thr)
-            at_half = classification_metrics(ty, tp, 0.5)
-            rows.append({"members": k, "tta": tta, "threshold": thr,
-                         "trials": [t["trial_id"] for t in picked[:k]],
-                         "validation": val, "test": test, "test_at_0.5": at_half})
+            row = score(models[:k], tta, k, [t["trial_id"] for t in picked[:k]])
+            val, test = row["validation"], row["test"]
             print(json.dumps({"members": k, "tta": tta, "val_auc": val["roc_auc"],
                               "test_auc": test["roc_auc"], "test_acc": test["accuracy"],
                               "test_sens": test["sensitivity"]}), flush=True)
@@ -86,14 +93,7 @@ def main(argv=None) -> int:
 
     published, _ = load_published(out / "model")
     for tta in (False, True):
-        model = inference_model([published], tta=tta)
-        vy, vp = split_predictions(model, data_dir, "validation", size)
-        ty, tp = split_predictions(model, data_dir, "test", size)
-        thr = choose_threshold(vy, vp, target)
-        rows.append({"members": "published", "tta": tta, "threshold": thr, "trials": ["model/"],
-                     "validation": classification_metrics(vy, vp, thr),
-                     "test": classification_metrics(ty, tp, thr),
-                     "test_at_0.5": classification_metrics(ty, tp, 0.5)})
+        score([published], tta, "published", ["model/"])
     (out / "members.json").write_text(json.dumps({"trials": picked, "rows": rows}, indent=2,
                                                  default=str))
     print()

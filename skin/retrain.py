@@ -353,8 +353,8 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         f"the highest threshold that kept validation sensitivity >= "
         f"{metrics['target_sensitivity']:.2f}.",
         "",
-        f"    skin evaluate --model <this folder> --data <folder with benign/ and malignant/>",
-        f"    skin predict --model <this folder> image.jpg ...",
+        "    skin evaluate --model <this folder> --data <folder with benign/ and malignant/>",
+        "    skin predict --model <this folder> image.jpg ...",
         "",
         "## Metrics",
         "",
@@ -428,7 +428,7 @@ def _composition(metrics: dict) -> list[str]:
         lines.append(f"| {i} | `{m.get('trial_id')}` | {_fmt(m.get('score'))} | "
                      f"{_fmt(m.get('validation_auc'))} |"
                      + (f" {_fmt(m.get('validation_auc_tta'))} |" if tta_col else ""))
-    lines.append(f"| **published** | | | " + (f"| **{_fmt(ensemble.get('validation_auc'))}** |"
+    lines.append("| **published** | | | " + (f"| **{_fmt(ensemble.get('validation_auc'))}** |"
                                                 if tta_col else
                                                 f"**{_fmt(ensemble.get('validation_auc'))}** |"))
     if len(members) > 1:
@@ -489,13 +489,6 @@ def _direction(result: dict | None, objective: str) -> str:
     return "min" if objective.endswith("loss") else "max"
 
 
-def _hyperparameter_key(values: dict | None) -> str:
-    """What makes two trials the same configuration (keras-tuner's ``tuner/*`` keys aside)."""
-    plain = {k: (v.item() if isinstance(v, np.generic) else v)
-             for k, v in (values or {}).items() if not str(k).startswith("tuner/")}
-    return json.dumps(plain, sort_keys=True, default=str)
-
-
 def top_trials(result: dict | None, n: int, *, best: dict | None = None,
                objective: str = "val_auc") -> list[dict]:
     """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
@@ -508,6 +501,8 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     ``{"trial_id", "score", "objective", "epochs", "hyperparameters"}``. Fewer than ``n``
     when fewer distinct configurations completed.
     """
+    from skin.tuning.tuner import values_hash  # what makes two trials one configuration
+
     objective = str((result or {}).get("objective") or objective)
     direction = _direction(result, objective)
     scored = [t for t in (result or {}).get("trials") or []
@@ -519,11 +514,11 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     seen: set[str] = set()
     if best is not None and n > 0:
         picked.append(dict(best))
-        seen.add(_hyperparameter_key(best.get("hyperparameters")))
+        seen.add(values_hash(best.get("hyperparameters") or {}))
     for t in scored:
         if len(picked) >= n:
             break
-        key = _hyperparameter_key(t.get("hyperparameters"))
+        key = values_hash(t.get("hyperparameters") or {})
         if key in seen:
             continue
         seen.add(key)

@@ -24,24 +24,19 @@ import keras_tuner  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-class SlowEpochs(keras.callbacks.Callback):
-    def __init__(self, seconds: float):
+class Slow(keras.callbacks.Callback):
+    """``epoch_seconds`` more before each epoch; ``batch_seconds`` more before each of its
+    3 batches (a long epoch that is still alive)."""
+
+    def __init__(self, epoch_seconds: float, batch_seconds: float):
         super().__init__()
-        self.seconds = seconds
+        self.epoch_seconds, self.batch_seconds = epoch_seconds, batch_seconds
 
     def on_epoch_begin(self, epoch, logs=None):
-        time.sleep(self.seconds)
-
-
-class SlowBatches(keras.callbacks.Callback):
-    """Each of an epoch's 3 batches takes ``seconds`` more: a long epoch that is still alive."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
+        time.sleep(self.epoch_seconds)
 
     def on_train_batch_begin(self, batch, logs=None):
-        time.sleep(self.seconds)
+        time.sleep(self.batch_seconds)
 
 
 class TinyHyperModel(keras_tuner.HyperModel):
@@ -72,8 +67,8 @@ class TinyHyperModel(keras_tuner.HyperModel):
         rng = np.random.default_rng(0)
         x = rng.normal(size=(128, 8)).astype("float32")
         y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("float32")
-        slow = [SlowEpochs(self.epoch_seconds)] if self.epoch_seconds else []
-        slow += [SlowBatches(self.batch_seconds)] if self.batch_seconds else []
+        slow = [Slow(self.epoch_seconds, self.batch_seconds)] \
+            if self.epoch_seconds or self.batch_seconds else []
         return model.fit(x[:96], y[:96], validation_data=(x[96:], y[96:]), epochs=epochs,
                          initial_epoch=initial_epoch, callbacks=slow + list(callbacks or []),
                          batch_size=32, verbose=0)

@@ -83,6 +83,36 @@ def predict_tta(model, x, batch, tta):
     return np.mean(out, 0)
 
 
+def cutmix(images, labels, prob):
+    """With probability ``prob`` per image, paste a random box (side sqrt(1-lam) of the image,
+    lam ~ U(0,1)) from a shuffled partner of the batch; the label is mixed by pasted area."""
+    import tensorflow as tf
+
+    images = tf.cast(images, tf.float32)
+    labels = tf.cast(labels, tf.float32)
+    n = tf.shape(images)[0]
+    h, w = tf.shape(images)[1], tf.shape(images)[2]
+    order = tf.random.shuffle(tf.range(n))
+    partner, partner_y = tf.gather(images, order), tf.gather(labels, order)
+    lam = tf.random.uniform([n])
+    cut = tf.sqrt(1.0 - lam)
+    ch = tf.cast(cut * tf.cast(h, tf.float32), tf.int32)
+    cw = tf.cast(cut * tf.cast(w, tf.float32), tf.int32)
+    cy = tf.random.uniform([n], 0, h, dtype=tf.int32)
+    cx = tf.random.uniform([n], 0, w, dtype=tf.int32)
+    y0, y1 = tf.maximum(cy - ch // 2, 0), tf.minimum(cy + ch // 2, h)
+    x0, x1 = tf.maximum(cx - cw // 2, 0), tf.minimum(cx + cw // 2, w)
+    rows, cols = tf.range(h)[None, :, None], tf.range(w)[None, None, :]
+    box = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None])
+           & (cols >= x0[:, None, None]) & (cols < x1[:, None, None]))
+    apply = tf.random.uniform([n]) < prob
+    box = box & apply[:, None, None]
+    area = tf.reduce_mean(tf.cast(box, tf.float32), axis=[1, 2])
+    images = tf.where(box[..., None], partner, images)
+    labels = labels * (1 - area) + partner_y * area
+    return images, labels
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=96)
@@ -97,6 +127,12 @@ def main(argv=None):
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--train-on-val", action="store_true",
                     help="also train on validation (threshold then from the train+val fit)")
+    ap.add_argument("--eval-sizes", type=int, nargs="*", default=[],
+                    help="also score the trained weights on images resized to these sizes "
+                         "(train-test resolution discrepancy; global pooling makes it possible)")
+    ap.add_argument("--cutmix", type=float, default=0.0,
+                    help="probability of pasting a random box from another image of the batch "
+                         "(labels mixed by area); a prototype, not in the product")
     ap.add_argument("--log", default="/tmp/skin-quality-explore.jsonl")
     args = ap.parse_args(argv)
 
@@ -138,6 +174,8 @@ def main(argv=None):
                  .batch(bs).map(lambda a, b: (tf.cast(a, tf.float32), b)).prefetch(2))
         val = (tf.data.Dataset.from_tensor_slices((xs["val"], ys["val"])).batch(128)
                .map(lambda a, b: (tf.cast(a, tf.float32), b)))
+        if args.cutmix:
+            train = train.map(lambda a, b: cutmix(a, b, args.cutmix))
         steps = math.ceil(len(tx) / bs)
         t0 = time.time()
         hist = M.fit_datasets(values, model, train, val, epochs=args.epochs, steps_per_epoch=steps,
@@ -171,6 +209,16 @@ def main(argv=None):
                                        test_thr=v["test"]["at_thr"])
                           for k, v in variants.items()},
         )
+        for size in args.eval_sizes:
+            xe, _, _ = quality_data.load(size)
+            other = M.build_model(values, size, seed=None)
+            other.set_weights(model.get_weights())
+            pv = predict_tta(other, xe[sp == 1].astype(np.float32), 128, args.tta)
+            pt = predict_tta(other, xe[sp == 2].astype(np.float32), 128, args.tta)
+            thr_e = threshold_for(ys["val"], pv, args.target)
+            res.setdefault("eval_sizes", {})[str(size)] = dict(
+                thr=round(thr_e, 4), val=summary(ys["val"], pv, thr_e),
+                test=summary(ys["test"], pt, thr_e))
         results.append(res)
         line = json.dumps(res)
         print(line, flush=True)

@@ -9,7 +9,8 @@
    retrain, publish), timed; the published model is left at ``OUT/model/``.
 2. Reads what the run left in the bucket: stage report, the search's
    ``result.json`` (trials, statuses, timings) and the best hyperparameters.
-3. The model available after 20 minutes: the best trial that had finished
+3. The model available after 20 minutes: the published model when the
+   pipeline finished within 20 minutes, else the best trial that had finished
    20 minutes after the run started, its checkpoint scored on the test split
    at a threshold chosen on validation.
 4. Images per second of the best configuration, in one process: the staged
@@ -136,8 +137,20 @@ def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -
     model = SkinHyperModel(exp).build(_hp(trial["hyperparameters"]))
     model.load_weights(str(weights))
     scored = score_model(model, data_dir, exp.data.image_size, exp.retrain.target_sensitivity)
-    return {"trial_id": trial["id"], "objective_score": score, "epochs": trial.get("epochs"),
-            "finished_after_s": round(ended - started_at, 1), **scored}
+    return {"kind": "trial", "trial_id": trial["id"], "objective_score": score,
+            "epochs": trial.get("epochs"), "finished_after_s": round(ended - started_at, 1),
+            **scored}
+
+
+def early_published(published: dict, wall: float) -> dict:
+    """The published model as the model available at minute EARLY_MINUTES (the pipeline
+    had finished by then): its own figures, threshold chosen on validation."""
+    test = {k: published.get(k) for k in ("n", "accuracy", "roc_auc", "sensitivity",
+                                          "specificity", "precision", "f1", "threshold",
+                                          "confusion_matrix")}
+    return {"kind": "published", "finished_after_s": round(wall, 1),
+            "threshold": published.get("threshold"),
+            "validation": published.get("validation") or {}, "test": test}
 
 
 def EpochClock():
@@ -284,9 +297,12 @@ def markdown(report: dict) -> str:
     e = report.get("early")
     if e:
         te = e["test"]
+        what = (f"published model, done at {e['finished_after_s'] / 60:.1f} min"
+                if e.get("kind") == "published" else
+                f"best trial done by minute {EARLY_MINUTES:.0f} ({e['trial_id']}, at "
+                f"{e['finished_after_s'] / 60:.1f} min)")
         lines.append(
-            f"| best trial done by minute {EARLY_MINUTES:.0f} ({e['trial_id']}, at "
-            f"{e['finished_after_s'] / 60:.1f} min) | {report['split_seed']} | "
+            f"| {what} | {report['split_seed']} | "
             f"{_f(e['validation']['roc_auc'])} | {_f(te['accuracy'])} | {_f(te['roc_auc'])} | "
             f"{_f(te['sensitivity'])} | {_f(te['specificity'])} | {_f(e['threshold'], 4)} | "
             f"{te['confusion_matrix']} |")
@@ -371,7 +387,10 @@ def main(argv=None) -> int:
         work = out / "bench-work"
         data_dir = Path(skin_data.sync_data(storage, exp.data_uri, work / "data"))
         t0 = time.monotonic()
-        report["early"] = early_model(exp, storage, result, started_at, data_dir)
+        if wall <= EARLY_MINUTES * 60:
+            report["early"] = early_published(report["published"], wall)
+        else:
+            report["early"] = early_model(exp, storage, result, started_at, data_dir)
         report["images_per_second"] = images_per_second(exp, report["best"], data_dir)
         report["timings"]["bench_extras_s"] = round(time.monotonic() - t0, 1)
         with open(out / "bench-quality.json", "w") as f:

@@ -113,6 +113,38 @@ def cutmix(images, labels, prob):
     return images, labels
 
 
+def hair(images, labels, prob, max_hairs=8):
+    """Draw up to ``max_hairs`` dark, slightly transparent segments (hairs across the lesion,
+    as dermoscopy photos have them) on each image with probability ``prob``."""
+    import tensorflow as tf
+
+    images = tf.cast(images, tf.float32)
+    n, h, w = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    yy = tf.cast(tf.range(h), tf.float32)[None, None, :, None]
+    xx = tf.cast(tf.range(w), tf.float32)[None, None, None, :]
+    # segment endpoints [n, k]: a random point and a direction, length 30-100% of the side
+    cy, cx = tf.random.uniform([n, max_hairs]) * hf, tf.random.uniform([n, max_hairs]) * wf
+    ang = tf.random.uniform([n, max_hairs]) * 3.14159
+    length = (0.3 + 0.7 * tf.random.uniform([n, max_hairs])) * hf
+    dy, dx = tf.sin(ang) * length / 2, tf.cos(ang) * length / 2
+    ay, ax = (cy - dy)[..., None, None], (cx - dx)[..., None, None]
+    by, bx = (cy + dy)[..., None, None], (cx + dx)[..., None, None]
+    vy, vx = by - ay, bx - ax
+    t = ((yy - ay) * vy + (xx - ax) * vx) / (vy * vy + vx * vx + 1e-6)
+    t = tf.clip_by_value(t, 0.0, 1.0)
+    dist = tf.sqrt((yy - ay - t * vy) ** 2 + (xx - ax - t * vx) ** 2)  # [n, k, h, w]
+    width = (0.5 * tf.random.uniform([n, max_hairs]) - 0.3)[..., None, None] * hf / 64.0
+    count = tf.random.uniform([n], 1, max_hairs + 1, dtype=tf.int32)
+    on = tf.sequence_mask(count, max_hairs)[..., None, None]
+    on = on & (tf.random.uniform([n])[:, None, None, None] < prob)
+    alpha = tf.where(on, tf.clip_by_value(1.0 - (dist - width), 0.0, 1.0) * 0.75, 0.0)
+    cover = 1.0 - tf.reduce_prod(1.0 - alpha, axis=1)  # [n, h, w]
+    shade = tf.random.uniform([n, 1, 1, 1], 10.0, 60.0)  # near-black to dark brown
+    images = images * (1.0 - cover[..., None]) + shade * cover[..., None]
+    return images, labels
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=96)
@@ -133,6 +165,9 @@ def main(argv=None):
     ap.add_argument("--cutmix", type=float, default=0.0,
                     help="probability of pasting a random box from another image of the batch "
                          "(labels mixed by area); a prototype, not in the product")
+    ap.add_argument("--hair", type=float, default=0.0,
+                    help="probability of drawing 1-8 random dark hairs (thin segments) on a "
+                         "training image; a prototype, not in the product")
     ap.add_argument("--log", default="/tmp/skin-quality-explore.jsonl")
     args = ap.parse_args(argv)
 
@@ -176,6 +211,8 @@ def main(argv=None):
                .map(lambda a, b: (tf.cast(a, tf.float32), b)))
         if args.cutmix:
             train = train.map(lambda a, b: cutmix(a, b, args.cutmix))
+        if args.hair:
+            train = train.map(lambda a, b: hair(a, b, args.hair))
         steps = math.ceil(len(tx) / bs)
         t0 = time.time()
         hist = M.fit_datasets(values, model, train, val, epochs=args.epochs, steps_per_epoch=steps,

@@ -131,8 +131,32 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den else None
 
 
+Z_95 = 1.959963984540054  # two-sided 95 %
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> list[float] | None:
+    """Wilson score interval of a proportion (95 % by default); None when ``n`` is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0/n and n/n,
+    which is where small medical test sets put sensitivity and specificity.
+    """
+    if n <= 0:
+        return None
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    p = successes / n
+    den = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def classification_metrics(labels: Sequence, scores: Sequence, threshold: float) -> dict:
-    """The published figures at ``threshold``. A ratio with nothing to divide by is None."""
+    """The published figures at ``threshold``. A ratio with nothing to divide by is None.
+
+    ``intervals_95`` holds the Wilson 95 % interval of accuracy, sensitivity and
+    specificity: with a few hundred test images they are several points wide.
+    """
     y, s = _as_arrays(labels, scores)
     (tn, fp), (fn, tp) = confusion_matrix(y, s, threshold)
     sensitivity = _ratio(tp, tp + fn)
@@ -153,6 +177,11 @@ def classification_metrics(labels: Sequence, scores: Sequence, threshold: float)
         "f1": f1,
         "threshold": float(threshold),
         "confusion_matrix": [[tn, fp], [fn, tp]],
+        "intervals_95": {
+            "accuracy": wilson_interval(tp + tn, int(y.size)),
+            "sensitivity": wilson_interval(tp, tp + fn),
+            "specificity": wilson_interval(tn, tn + fp),
+        },
     }
 
 
@@ -512,6 +541,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _ci(result: dict, key: str) -> str:
+    ci = (result.get("intervals_95") or {}).get(key)
+    return f"   95 % interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+
+
 def format_report(result: dict) -> str:
     """A readable report of :func:`evaluate`'s result (what ``skin evaluate`` prints)."""
     (tn, fp), (fn, tp) = result["confusion_matrix"]
@@ -523,10 +557,11 @@ def format_report(result: dict) -> str:
         + (f", {result['n_skipped']} unreadable skipped" if result.get("n_skipped") else ""),
         f"Threshold:    {result['threshold']:.4f} (published; malignant when p >= threshold)",
         "",
-        f"Accuracy      {_fmt(result['accuracy'])}",
+        f"Accuracy      {_fmt(result['accuracy'])}{_ci(result, 'accuracy')}",
         f"ROC AUC       {_fmt(result['roc_auc'])}",
-        f"Sensitivity   {_fmt(result['sensitivity'])}   (malignant recall)",
-        f"Specificity   {_fmt(result['specificity'])}   (benign recall)",
+        f"Sensitivity   {_fmt(result['sensitivity'])}   (malignant recall)"
+        f"{_ci(result, 'sensitivity')}",
+        f"Specificity   {_fmt(result['specificity'])}   (benign recall){_ci(result, 'specificity')}",
         f"Precision     {_fmt(result['precision'])}",
         f"F1            {_fmt(result['f1'])}",
         "",

@@ -312,6 +312,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _interval(metrics: dict, key: str) -> str:
+    ci = (metrics.get("intervals_95") or {}).get(key)
+    return f"{ci[0]:.3f} – {ci[1]:.3f}" if ci else ""
+
+
 def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> str:
     splits = manifest.get("splits", {})
     split_rows = [f"| {name} | {s.get('count', '?')} | {s.get('benign', '?')} | "
@@ -364,9 +369,14 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
            " (no test split was staged: these numbers are from the data that chose the "
            "threshold and the epoch, so they are optimistic)") + ".",
         "",
-        f"| metric | {metrics['evaluated_on']} | validation |",
-        "|---|---|---|",
-        *[f"| {k} | {_fmt(metrics[k])} | {_fmt(val.get(k))} |" for k in rows],
+        f"| metric | {metrics['evaluated_on']} | 95 % interval ({metrics['evaluated_on']}) "
+        "| validation |",
+        "|---|---|---|---|",
+        *[f"| {k} | {_fmt(metrics[k])} | {_interval(metrics, k)} | {_fmt(val.get(k))} |"
+          for k in rows],
+        "",
+        "The intervals are Wilson score intervals over the evaluated images: the range the "
+        "figure could take on another sample of the same size.",
         "",
         f"Confusion matrix on {metrics['evaluated_on']} (rows true, columns predicted; "
         f"benign, malignant): tn={cm[0][0]}, fp={cm[0][1]}, fn={cm[1][0]}, tp={cm[1][1]}.",

@@ -388,7 +388,9 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
     for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1",
                 "threshold"):
         if key in metrics:
-            lines.append(f"  {key:<12} {_fmt(metrics[key])}")
+            ci = (metrics.get("intervals_95") or {}).get(key)
+            lines.append(f"  {key:<12} {_fmt(metrics[key])}"
+                         + (f"  (95 % interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
     if "confusion_matrix" in metrics:
         lines.append(f"  confusion    [[tn, fp], [fn, tp]] = {metrics['confusion_matrix']}")
     lines += ["where everything went:",

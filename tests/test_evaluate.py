@@ -142,6 +142,47 @@ def test_classification_metrics_asymmetric_case():
     assert m["f1"] == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
 
 
+@pytest.mark.parametrize("successes, n, low, high", [
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson, no correction)
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_interval_matches_published_values(successes, n, low, high):
+    lo, hi = ev.wilson_interval(successes, n)
+    assert (lo, hi) == (pytest.approx(low, abs=5e-5), pytest.approx(high, abs=5e-5))
+
+
+def test_wilson_interval_edges():
+    lo, hi = ev.wilson_interval(0, 29)
+    assert ev.wilson_interval(29, 29) == [pytest.approx(1 - hi), 1.0]  # symmetric in p, 1 - p
+    assert lo == 0.0
+    assert ev.wilson_interval(0, 0) is None
+    with pytest.raises(ValueError, match="successes must be in"):
+        ev.wilson_interval(5, 4)
+
+
+def test_classification_metrics_carry_intervals():
+    # tn=3 fp=1 fn=2 tp=4, as above
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    scores = [0.1, 0.2, 0.3, 0.9, 0.4, 0.45, 0.6, 0.7, 0.8, 0.95]
+    m = ev.classification_metrics(labels, scores, 0.5)
+    ci = m["intervals_95"]
+    assert ci["sensitivity"] == pytest.approx(ev.wilson_interval(4, 6))
+    assert ci["specificity"] == pytest.approx(ev.wilson_interval(3, 4))
+    assert ci["accuracy"] == pytest.approx(ev.wilson_interval(7, 10))
+    for key, (lo, hi) in ci.items():
+        assert lo < m[key] < hi, key
+    text = ev.format_report({**m, "model": "x", "data": "y"})
+    lo, hi = ci["sensitivity"]
+    assert f"95 % interval {lo:.3f}-{hi:.3f}" in text
+    # No malignant image: no sensitivity interval, and the report still renders.
+    m = ev.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    assert m["intervals_95"]["sensitivity"] is None
+    json.dumps(m, allow_nan=False)
+
+
 def test_classification_metrics_undefined_ratios_are_none_and_json_clean():
     m = ev.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)  # no malignant, none predicted
     assert m["sensitivity"] is None and m["precision"] is None and m["f1"] is None

@@ -225,6 +225,9 @@ def test_model_card(run):
                    "Evaluated on the **test** split"):
         assert needle in card, needle
     assert "Ensemble and test-time augmentation" not in card
+    lo, hi = published.metrics["intervals_95"]["sensitivity"]
+    assert lo <= published.metrics["sensitivity"] <= hi
+    assert f"| sensitivity | {published.metrics['sensitivity']:.4f} | {lo:.3f} – {hi:.3f} |" in card
 
 
 def test_evaluate_and_predict_the_published_model_from_the_bucket(run, real_or_synthetic_images,

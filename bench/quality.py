@@ -236,14 +236,11 @@ def split_seed_run(exp, storage, best: dict, seed: int, work: Path,
     stage(exp_s, storage, work_dir=work / f"stage-{seed}")
     data_dir = skin_data.sync_data(storage, exp_s.data_uri, work / f"data-{seed}")
     staged_s = time.monotonic() - t0
-    members, training = [], {}
-    for i, spec in enumerate(_members(exp_s, best, result)):
-        member, member_training = train(exp_s, SkinHyperModel(exp_s), spec, Path(data_dir),
-                                        seed=exp_s.data.seed + i)
-        members.append(member)
-        seconds = training.get("seconds", 0.0) + member_training["seconds"]
-        training = {**(training or member_training), "seconds": seconds}
-    model = inference_model(members, tta=exp.retrain.tta)
+    trained = [train(exp_s, SkinHyperModel(exp_s), spec, Path(data_dir), seed=exp_s.data.seed + i)
+               for i, spec in enumerate(_members(exp_s, best, result))]
+    # The first member's epochs; the seconds of all of them.
+    training = {**trained[0][1], "seconds": sum(t["seconds"] for _, t in trained)}
+    model = inference_model([m for m, _ in trained], tta=exp.retrain.tta)
     scored = score_model(model, Path(data_dir), exp.data.image_size,
                          exp.retrain.target_sensitivity)
     manifest = skin_data.load_manifest(data_dir)

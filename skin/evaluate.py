@@ -541,9 +541,15 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def interval_text(metrics: dict, key: str, sep: str = "-") -> str:
+    """``metrics``' 95 % interval of ``key`` as "low-high" (3 decimals); "" when it has none."""
+    ci = (metrics.get("intervals_95") or {}).get(key)
+    return f"{ci[0]:.3f}{sep}{ci[1]:.3f}" if ci else ""
+
+
 def _ci(result: dict, key: str) -> str:
-    ci = (result.get("intervals_95") or {}).get(key)
-    return f"   95 % interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+    text = interval_text(result, key)
+    return f"   95 % interval {text}" if text else ""
 
 
 def format_report(result: dict) -> str:
@@ -561,7 +567,8 @@ def format_report(result: dict) -> str:
         f"ROC AUC       {_fmt(result['roc_auc'])}",
         f"Sensitivity   {_fmt(result['sensitivity'])}   (malignant recall)"
         f"{_ci(result, 'sensitivity')}",
-        f"Specificity   {_fmt(result['specificity'])}   (benign recall){_ci(result, 'specificity')}",
+        f"Specificity   {_fmt(result['specificity'])}   (benign recall)"
+        f"{_ci(result, 'specificity')}",
         f"Precision     {_fmt(result['precision'])}",
         f"F1            {_fmt(result['f1'])}",
         "",

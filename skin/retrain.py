@@ -48,8 +48,8 @@ import numpy as np
 import skin
 from skin.errors import DataError, SearchFailedError
 from skin.evaluate import (CLASS_NAMES, MODEL_FILE, SERVING_FILE, choose_threshold,
-                           classification_metrics, embed_serving, malignant_probability,
-                           roc_auc, roc_curve, serving_document)
+                           classification_metrics, embed_serving, interval_text,
+                           malignant_probability, roc_auc, roc_curve, serving_document)
 from skin.storage import join
 
 log = logging.getLogger(__name__)
@@ -312,11 +312,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _interval(metrics: dict, key: str) -> str:
-    ci = (metrics.get("intervals_95") or {}).get(key)
-    return f"{ci[0]:.3f} – {ci[1]:.3f}" if ci else ""
-
-
 def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> str:
     splits = manifest.get("splits", {})
     split_rows = [f"| {name} | {s.get('count', '?')} | {s.get('benign', '?')} | "
@@ -372,8 +367,8 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         f"| metric | {metrics['evaluated_on']} | 95 % interval ({metrics['evaluated_on']}) "
         "| validation |",
         "|---|---|---|---|",
-        *[f"| {k} | {_fmt(metrics[k])} | {_interval(metrics, k)} | {_fmt(val.get(k))} |"
-          for k in rows],
+        *[f"| {k} | {_fmt(metrics[k])} | {interval_text(metrics, k, ' – ')} "
+          f"| {_fmt(val.get(k))} |" for k in rows],
         "",
         "The intervals are Wilson score intervals over the evaluated images: the range the "
         "figure could take on another sample of the same size.",

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skin.config import Experiment
+from skin.evaluate import interval_text
 from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, FATAL_EXIT_CODES, EXIT_RETRYABLE,
                          RetryableError)
 
@@ -388,9 +389,9 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
     for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1",
                 "threshold"):
         if key in metrics:
-            ci = (metrics.get("intervals_95") or {}).get(key)
+            ci = interval_text(metrics, key)
             lines.append(f"  {key:<12} {_fmt(metrics[key])}"
-                         + (f"  (95 % interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
+                         + (f"  (95 % interval {ci})" if ci else ""))
     if "confusion_matrix" in metrics:
         lines.append(f"  confusion    [[tn, fp], [fn, tp]] = {metrics['confusion_matrix']}")
     lines += ["where everything went:",

@@ -247,6 +247,7 @@ def split_seed_run(exp, storage, best: dict, seed: int, work: Path,
     return {"split_seed": seed, "stage_s": round(staged_s, 1),
             "train_s": training["seconds"], "epochs_trained": training["epochs_trained"],
             "best_epoch": training["best_epoch"],
+            "published_epoch": training.get("published_epoch"),
             "splits": {k: v.get("count") for k, v in manifest["splits"].items() if v},
             **scored}
 

@@ -99,6 +99,9 @@ class RetrainConfig:
                                       help="malignant recall the published threshold keeps")
     patience: int = _spec(5, lo=0, hi=1000,
                           help="early-stopping patience on validation (0 = off)")
+    restore_best: bool = _spec(True, help="publish the weights of the best validation epoch "
+                                          "(false: the last epoch's, and validation is then "
+                                          "used for the threshold alone)")
     tta: bool = _spec(False, help="test-time augmentation: the published model averages "
                                   "P(malignant) over the 8 dihedral views of the image")
     ensemble: int = _spec(1, lo=1, hi=8,
@@ -176,6 +179,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SKIN_LEASE_SECONDS": "search.lease_seconds",
     "SKIN_RETRAIN_EPOCHS": "retrain.epochs",
     "SKIN_RETRAIN_TTA": "retrain.tta",
+    "SKIN_RETRAIN_RESTORE_BEST": "retrain.restore_best",
     "SKIN_RETRAIN_ENSEMBLE": "retrain.ensemble",
     "SKIN_ORACLE_PORT": "chief.oracle_port",
 }

@@ -128,7 +128,8 @@ def _epochs(exp, best: dict) -> int:
 
 def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = None) \
         -> tuple[Any, dict]:
-    """The final model, early-stopped on validation with the best epoch's weights restored.
+    """The final model, early-stopped on validation (``retrain.patience``), with the best
+    validation epoch's weights restored (``retrain.restore_best``) or the last epoch's.
 
     ``seed``: the random seed of this training (default ``data.seed``).
     """
@@ -138,22 +139,28 @@ def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = Non
     epochs = _epochs(exp, best)
     monitor, mode = _monitor(exp.search.objective)
     curves = Curves(epochs)
-    # patience 0 switches early stopping off; the best validation epoch is still restored.
+    # patience 0 switches early stopping off. restore_best: the best validation epoch's
+    # weights are published, else the last epoch's (chosen by no one: validation then
+    # only picks the threshold, so its figures stay an unbiased estimate).
+    restore = exp.retrain.restore_best
     stopper = keras.callbacks.EarlyStopping(
-        monitor=monitor, mode=mode, restore_best_weights=True,
+        monitor=monitor, mode=mode, restore_best_weights=restore,
         patience=exp.retrain.patience if exp.retrain.patience else epochs + 1)
     log.info("retraining trial %s's configuration for up to %d epochs (early stopping on %s, "
-             "patience %s)", best.get("trial_id", "?"), epochs, monitor,
-             exp.retrain.patience or "off")
+             "patience %s; publishing the %s epoch's weights)", best.get("trial_id", "?"), epochs,
+             monitor, exp.retrain.patience or "off", "best" if restore else "last")
     started = time.monotonic()
     hypermodel.fit(hp, model, data_dir=data_dir, epochs=epochs, callbacks=[stopper, curves])
     values = curves.history.get(monitor, [])
     best_epoch = (int(np.argmin(values) if mode == "min" else np.argmax(values)) + 1
                   if values else None)
+    trained = len(next(iter(curves.history.values()), []))
     training = {
         "epochs_budget": epochs,
-        "epochs_trained": len(next(iter(curves.history.values()), [])),
+        "epochs_trained": trained,
         "best_epoch": best_epoch,
+        "restored_best": restore,
+        "published_epoch": best_epoch if restore else (trained or None),
         "monitor": monitor,
         "patience": exp.retrain.patience,
         "seconds": round(time.monotonic() - started, 1),
@@ -205,7 +212,7 @@ def _pyplot():
     return plt
 
 
-def plot_learning_curves(history: dict[str, list[float]], best_epoch: int | None,
+def plot_learning_curves(history: dict[str, list[float]], published_epoch: int | None,
                          path: Path) -> None:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -221,8 +228,8 @@ def plot_learning_curves(history: dict[str, list[float]], best_epoch: int | None
                 epochs = np.arange(1, len(history[key]) + 1)
                 ax.plot(epochs, history[key], style, marker="o", ms=3,
                         label="validation" if key.startswith("val_") else "train")
-        if best_epoch:
-            ax.axvline(best_epoch, color="grey", lw=0.8, ls=":", label="restored epoch")
+        if published_epoch:
+            ax.axvline(published_epoch, color="grey", lw=0.8, ls=":", label="published epoch")
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -312,6 +319,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _published_epoch(training: dict) -> str:
+    """The model card's words for which epoch's weights were published."""
+    best = training.get("best_epoch")
+    if training.get("restored_best", True):
+        return f"restored epoch {best} (best {training['monitor']})"
+    return (f"published the last epoch's weights (epoch {training.get('published_epoch')}; "
+            f"the best {training['monitor']} was at epoch {best})")
+
+
 def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> str:
     splits = manifest.get("splits", {})
     split_rows = [f"| {name} | {s.get('count', '?')} | {s.get('benign', '?')} | "
@@ -385,8 +401,7 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         f"- best trial: `{best.get('trial_id', 'n/a')}`, {best.get('objective', exp.search.objective)}"
         f" = {_fmt(best.get('score'))} in the search ({exp.search.tuner})",
         f"- retrained for {metrics['training']['epochs_trained']} of "
-        f"{metrics['training']['epochs_budget']} epochs; restored epoch "
-        f"{metrics['training']['best_epoch']} (best {metrics['training']['monitor']})",
+        f"{metrics['training']['epochs_budget']} epochs; {_published_epoch(metrics['training'])}",
         "",
         "| hyperparameter | value |",
         "|---|---|",
@@ -717,7 +732,9 @@ def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, be
     (local_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
     export_saved_model(model, local_dir / "saved_model", metrics["image_size"])
     (local_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_learning_curves(metrics["training"]["history"], metrics["training"]["best_epoch"],
+    plot_learning_curves(metrics["training"]["history"],
+                         metrics["training"].get("published_epoch",
+                                                 metrics["training"]["best_epoch"]),
                          local_dir / "learning_curves.png")
     plot_roc(curves, points, local_dir / "roc.png")
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["evaluated_on"],

@@ -102,6 +102,7 @@ def test_shipped_experiment_files_validate(path):
     ("SKIN_TUNER", "random", ("search", "tuner"), "random"),
     ("SKIN_BUCKET", "my-bucket", ("storage", "bucket"), "my-bucket"),
     ("SKIN_RETRAIN_TTA", "true", ("retrain", "tta"), True),
+    ("SKIN_RETRAIN_RESTORE_BEST", "false", ("retrain", "restore_best"), False),
     ("SKIN_RETRAIN_ENSEMBLE", "3", ("retrain", "ensemble"), 3),
 ])
 def test_environment_overrides(var, value, attr, expected):

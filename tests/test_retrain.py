@@ -228,6 +228,49 @@ def test_model_card(run):
     lo, hi = published.metrics["intervals_95"]["sensitivity"]
     assert lo <= published.metrics["sensitivity"] <= hi
     assert f"| sensitivity | {published.metrics['sensitivity']:.4f} | {lo:.3f} – {hi:.3f} |" in card
+    training = published.metrics["training"]
+    assert training["restored_best"] is True  # the default
+    assert training["published_epoch"] == training["best_epoch"]
+    assert f"restored epoch {training['best_epoch']} (best val_auc)" in card
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_restore_best_publishes_the_best_or_the_last_epochs_weights(run, restore_best):
+    """Three real epochs on the staged set; validation AUC is made to peak at epoch 1, so
+    the best and the last epoch differ, and the returned weights are compared with
+    snapshots taken at the end of each epoch."""
+    import keras
+
+    from skin.model import SkinHyperModel
+
+    exp, runtime = run[0], run[1]
+    exp = replace(exp, retrain=replace(exp.retrain, epochs=3, patience=0,
+                                       restore_best=restore_best))
+    snapshots: list[list[np.ndarray]] = []
+
+    class PeakAtEpochOne(keras.callbacks.Callback):
+        # Runs before the early stopper and rewrites the epoch's val_auc in place.
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_auc"] = 0.9 - 0.1 * epoch
+            snapshots.append([w.copy() for w in self.model.get_weights()])
+
+    class Rigged(SkinHyperModel):
+        def fit(self, hp, model, *, callbacks=None, **kw):
+            return super().fit(hp, model, callbacks=[PeakAtEpochOne(), *(callbacks or [])], **kw)
+
+    model, training = rt.train(exp, Rigged(exp), BEST, runtime.work_dir / "data")
+    assert (training["epochs_trained"], training["best_epoch"]) == (3, 1)
+    assert training["restored_best"] is restore_best
+    assert training["published_epoch"] == (1 if restore_best else 3)
+    expected = snapshots[training["published_epoch"] - 1]
+    other = snapshots[2 if restore_best else 0]
+    got = model.get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert not all(np.array_equal(a, b) for a, b in zip(got, other))
+    card_words = rt._published_epoch(training)
+    assert card_words == ("restored epoch 1 (best val_auc)" if restore_best else
+                          "published the last epoch's weights (epoch 3; the best val_auc was "
+                          "at epoch 1)")
 
 
 def test_evaluate_and_predict_the_published_model_from_the_bucket(run, real_or_synthetic_images,

@@ -145,6 +145,60 @@ def hair(images, labels, prob, max_hairs=8):
     return images, labels
 
 
+def sam_model(model, rho: float):
+    """``model`` rebuilt as a Keras model whose train step is sharpness-aware minimisation
+    (Foret et al. 2021): the gradient is taken at the weights moved by ``rho`` along the
+    normalised gradient, then applied at the original weights (2 passes per batch)."""
+    import keras
+    import tensorflow as tf
+
+    class SAM(keras.Model):
+        def train_step(self, data):
+            x, y = data[:2]
+            tv = self.trainable_variables
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+            grads = tape.gradient(loss, tv)
+            scale = rho / (tf.linalg.global_norm(grads) + 1e-12)
+            eps = [g * scale for g in grads]
+            for v, e in zip(tv, eps):
+                v.assign_add(e)
+            with tf.GradientTape() as tape:
+                loss2 = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+            grads = tape.gradient(loss2, tv)
+            for v, e in zip(tv, eps):
+                v.assign_sub(e)
+            self.optimizer.apply(grads, tv)
+            for m in self.metrics:
+                if m.name == "loss":
+                    m.update_state(loss)
+                else:
+                    m.update_state(y, y_pred)
+            return {m.name: m.result() for m in self.metrics}
+
+    sam = SAM(inputs=model.inputs, outputs=model.outputs, name=model.name)
+    sam.compile(optimizer=model.optimizer, loss=model.loss, metrics=[
+        keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+    return sam
+
+
+def EpochEval(xv, yv, xt, yt):
+    """Per-epoch validation and test ROC AUC (one view), to compare weight choices afterwards."""
+    import keras
+
+    class _E(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.val, self.test = [], []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.val.append(round(roc_auc(yv, self.model.predict(xv, batch_size=128, verbose=0)[:, 0]), 4))
+            self.test.append(round(roc_auc(yt, self.model.predict(xt, batch_size=128, verbose=0)[:, 0]), 4))
+
+    return _E()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=96)
@@ -168,6 +222,13 @@ def main(argv=None):
     ap.add_argument("--hair", type=float, default=0.0,
                     help="probability of drawing 1-8 random dark hairs (thin segments) on a "
                          "training image; a prototype, not in the product")
+    ap.add_argument("--save-preds", default="",
+                    help="directory: save each seed's validation and test predictions there "
+                         "(TAG-sSEED.npz), so ensembles across runs can be scored afterwards")
+    ap.add_argument("--sam", type=float, default=0.0,
+                    help="sharpness-aware minimisation with this rho (0: off); a prototype")
+    ap.add_argument("--epoch-eval", action="store_true",
+                    help="record validation and test ROC AUC after every epoch")
     ap.add_argument("--log", default="/tmp/skin-quality-explore.jsonl")
     args = ap.parse_args(argv)
 
@@ -200,6 +261,13 @@ def main(argv=None):
     for seed in args.seeds:
         keras.utils.set_random_seed(seed)
         model = M.build_model(values, args.size, seed=None)
+        if args.sam:
+            model = sam_model(model, args.sam)
+        callbacks = []
+        if args.epoch_eval:
+            ee = EpochEval(xs["val"].astype(np.float32), ys["val"], xs["test"].astype(np.float32),
+                           ys["test"])
+            callbacks.append(ee)
         bs = int(values["batch_size"])
         tx, ty = xs["train"], ys["train"]
         if args.train_on_val:
@@ -217,7 +285,7 @@ def main(argv=None):
         t0 = time.time()
         hist = M.fit_datasets(values, model, train, val, epochs=args.epochs, steps_per_epoch=steps,
                               class_counts=(int((ty == 0).sum()), int((ty == 1).sum())), seed=seed,
-                              verbose=2)
+                              callbacks=callbacks, verbose=2)
         train_s = time.time() - t0
         h = hist.history
         variants = {}
@@ -232,6 +300,10 @@ def main(argv=None):
         thr = threshold_for(ys["val"], pv, args.target)
         ens_v.append(pv)
         ens_t.append(pt)
+        if args.save_preds:
+            Path(args.save_preds).mkdir(parents=True, exist_ok=True)
+            np.savez(Path(args.save_preds) / f"{args.tag}-s{seed}.npz", val=pv, test=pt,
+                     y_val=ys["val"], y_test=ys["test"], split_seed=args.split_seed)
         res = dict(
             tag=args.tag, size=args.size, epochs=args.epochs, seed=seed, split_seed=args.split_seed,
             tta=args.tta, bf16=args.bf16, threads=args.threads, train_s=round(train_s, 1),
@@ -246,6 +318,8 @@ def main(argv=None):
                                        test_thr=v["test"]["at_thr"])
                           for k, v in variants.items()},
         )
+        if args.epoch_eval:
+            res["epoch_auc"] = dict(val=ee.val, test=ee.test)
         for size in args.eval_sizes:
             xe, _, _ = quality_data.load(size)
             other = M.build_model(values, size, seed=None)

@@ -732,9 +732,7 @@ def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, be
     (local_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
     export_saved_model(model, local_dir / "saved_model", metrics["image_size"])
     (local_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_learning_curves(metrics["training"]["history"],
-                         metrics["training"].get("published_epoch",
-                                                 metrics["training"]["best_epoch"]),
+    plot_learning_curves(metrics["training"]["history"], metrics["training"]["published_epoch"],
                          local_dir / "learning_curves.png")
     plot_roc(curves, points, local_dir / "roc.png")
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["evaluated_on"],

@@ -145,6 +145,33 @@ def hair(images, labels, prob, max_hairs=8):
     return images, labels
 
 
+def split_data(size: int, split_seed: int):
+    """The grouped 70/15/15 split of the in-memory images: ({part: images}, {part: labels},
+    the part index of every image)."""
+    import quality_data
+
+    x, y, paths = quality_data.load(size)
+    sp = quality_data.split(y, quality_data.groups(paths, y), split_seed)
+    parts = ("train", "val", "test")
+    return ({k: x[sp == i] for i, k in enumerate(parts)},
+            {k: y[sp == i].astype(np.float32) for i, k in enumerate(parts)}, sp)
+
+
+def configured_values(sets: list[str]) -> dict:
+    """The hypermodel's default values with ``name=value`` items applied over them."""
+    import keras_tuner
+
+    from skin import model as M
+
+    values = M._define(keras_tuner.HyperParameters(), {})
+    for item in sets:
+        k, val = item.split("=", 1)
+        if k not in values:
+            raise SystemExit(f"unknown hyperparameter {k}")
+        values[k] = yaml.safe_load(val)
+    return values
+
+
 def sam_model(model, rho: float):
     """``model`` rebuilt as a Keras model whose train step is sharpness-aware minimisation
     (Foret et al. 2021): the gradient is taken at the weights moved by ``rho`` along the
@@ -236,26 +263,14 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
-    import keras_tuner
 
     import quality_data
     from skin import model as M
 
     if args.bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    x, y, paths = quality_data.load(args.size)
-    g = quality_data.groups(paths, y)
-    sp = quality_data.split(y, g, args.split_seed)
-    xs = {k: x[sp == i] for i, k in enumerate(("train", "val", "test"))}
-    ys = {k: y[sp == i].astype(np.float32) for i, k in enumerate(("train", "val", "test"))}
-
-    hp = keras_tuner.HyperParameters()
-    values = M._define(hp, {})
-    for item in args.set:
-        k, val = item.split("=", 1)
-        if k not in values:
-            raise SystemExit(f"unknown hyperparameter {k}")
-        values[k] = yaml.safe_load(val)
+    xs, ys, sp = split_data(args.size, args.split_seed)
+    values = configured_values(args.set)
     results = []
     ens_v, ens_t = [], []
     for seed in args.seeds:

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
 
 def main(argv=None):
@@ -53,25 +52,13 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
-    import keras_tuner
 
-    import quality_data
-    from quality_explore import predict_tta, summary, threshold_for
+    from quality_explore import (configured_values, predict_tta, split_data, summary,
+                                 threshold_for)
     from skin import model as M
 
-    x, y, paths = quality_data.load(args.size)
-    g = quality_data.groups(paths, y)
-    sp = quality_data.split(y, g, args.split_seed)
-    xs = {k: x[sp == i] for i, k in enumerate(("train", "val", "test"))}
-    ys = {k: y[sp == i].astype(np.float32) for i, k in enumerate(("train", "val", "test"))}
-
-    hp = keras_tuner.HyperParameters()
-    values = M._define(hp, {})
-    for item in args.set:
-        k, val = item.split("=", 1)
-        if k not in values:
-            raise SystemExit(f"unknown hyperparameter {k}")
-        values[k] = yaml.safe_load(val)
+    xs, ys, _ = split_data(args.size, args.split_seed)
+    values = configured_values(args.set)
 
     for seed in args.seeds:
         keras.utils.set_random_seed(seed)
@@ -93,7 +80,7 @@ def main(argv=None):
         steps = len(xs["train"]) // bs
         total = steps * args.pretrain_epochs
         sched = keras.optimizers.schedules.CosineDecay(
-            0.0, total - steps, warmup_target=args.pretrain_lr, warmup_steps=steps)
+            0.0, max(1, total - steps), warmup_target=args.pretrain_lr, warmup_steps=steps)
         opt = keras.optimizers.AdamW(sched, weight_decay=1e-4)
         tau = args.temperature
 

@@ -28,8 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import yaml  # noqa: E402
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,6 +41,7 @@ def main(argv=None) -> int:
     import keras_tuner
 
     from quality import DEFAULT_DATA, machine, split_seed_run
+    from quality_explore import apply_sets
     from skin.config import load_experiment
     from skin.emulator import Emulator
     from skin.model import _define
@@ -55,12 +54,7 @@ def main(argv=None) -> int:
     else:
         best = {"trial_id": "defaults", "hyperparameters": _define(keras_tuner.HyperParameters(),
                                                                    exp.search.fixed)}
-    values = dict(best["hyperparameters"])
-    for item in args.set:
-        k, v = item.split("=", 1)
-        if k not in values:
-            raise SystemExit(f"unknown hyperparameter {k}")
-        values[k] = yaml.safe_load(v)
+    values = apply_sets(best["hyperparameters"], args.set)
     best = {**best, "trial_id": "configured", "hyperparameters": values}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

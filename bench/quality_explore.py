@@ -157,19 +157,25 @@ def split_data(size: int, split_seed: int):
             {k: y[sp == i].astype(np.float32) for i, k in enumerate(parts)}, sp)
 
 
-def configured_values(sets: list[str]) -> dict:
-    """The hypermodel's default values with ``name=value`` items applied over them."""
-    import keras_tuner
-
-    from skin import model as M
-
-    values = M._define(keras_tuner.HyperParameters(), {})
+def apply_sets(values: dict, sets: list[str]) -> dict:
+    """``values`` with ``name=value`` items (YAML values) applied over them; an unknown
+    name exits with a message."""
+    values = dict(values)
     for item in sets:
         k, val = item.split("=", 1)
         if k not in values:
             raise SystemExit(f"unknown hyperparameter {k}")
         values[k] = yaml.safe_load(val)
     return values
+
+
+def configured_values(sets: list[str]) -> dict:
+    """The hypermodel's default values with ``name=value`` items applied over them."""
+    import keras_tuner
+
+    from skin import model as M
+
+    return apply_sets(M._define(keras_tuner.HyperParameters(), {}), sets)
 
 
 def sam_model(model, rho: float):

@@ -378,7 +378,8 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         "published threshold"
         + ("" if metrics["evaluated_on"] == "test" else
            " (no test split was staged: these numbers are from the data that chose the "
-           "threshold and the epoch, so they are optimistic)") + ".",
+           "threshold" + (" and the epoch" if metrics["training"].get("restored_best", True)
+                          else "") + ", so they are optimistic)") + ".",
         "",
         f"| metric | {metrics['evaluated_on']} | 95 % interval ({metrics['evaluated_on']}) "
         "| validation |",

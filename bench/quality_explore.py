@@ -169,13 +169,35 @@ def apply_sets(values: dict, sets: list[str]) -> dict:
     return values
 
 
-def configured_values(sets: list[str]) -> dict:
+def configured_values(sets: list[str], backbone: str = "none") -> dict:
     """The hypermodel's default values with ``name=value`` items applied over them."""
     import keras_tuner
 
     from skin import model as M
 
-    return apply_sets(M._define(keras_tuner.HyperParameters(), {}), sets)
+    return apply_sets(M._define(keras_tuner.HyperParameters(), {}, backbone), sets)
+
+
+def geometric_augmentation(zoom: float, colour: bool):
+    """A replacement for skin.model._augmentation (exploration only): flips and rotation as
+    always, zoom in/out by up to ``zoom``, and the colour layers of ``strength`` only when
+    ``colour`` (else none), to tell scale jitter and colour jitter apart."""
+    import keras
+
+    from skin import model as M
+
+    stock = M._augmentation
+
+    def augmentation(strength, seed):
+        layers = [layer for layer in stock(strength, seed)
+                  if layer.name in ("aug_flip", "aug_rotate")
+                  or (colour and layer.name not in ("aug_zoom",))]
+        if zoom:
+            layers.insert(2, keras.layers.RandomZoom((-zoom, zoom), fill_mode="reflect",
+                                                     seed=seed, name="aug_zoom"))
+        return layers
+
+    M._augmentation = augmentation
 
 
 def sam_model(model, rho: float):
@@ -262,6 +284,12 @@ def main(argv=None):
                     help="sharpness-aware minimisation with this rho (0: off); a prototype")
     ap.add_argument("--epoch-eval", action="store_true",
                     help="record validation and test ROC AUC after every epoch")
+    ap.add_argument("--backbone", default="none",
+                    help="a skin.backbone name, randomly initialised, in place of the CNN body")
+    ap.add_argument("--zoom", type=float, default=None,
+                    help="replace the augmentation's zoom by +-ZOOM (exploration of scale jitter)")
+    ap.add_argument("--no-colour", action="store_true",
+                    help="with --zoom: drop the contrast/brightness/colour layers")
     ap.add_argument("--log", default="/tmp/skin-quality-explore.jsonl")
     args = ap.parse_args(argv)
 
@@ -276,12 +304,19 @@ def main(argv=None):
     if args.bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     xs, ys, sp = split_data(args.size, args.split_seed)
-    values = configured_values(args.set)
+    values = configured_values(args.set, args.backbone)
+    backbone = None
+    if args.backbone != "none":
+        from skin.backbone import Backbone
+
+        backbone = Backbone(args.backbone, None, True)
+    if args.zoom is not None:
+        geometric_augmentation(args.zoom, colour=not args.no_colour)
     results = []
     ens_v, ens_t = [], []
     for seed in args.seeds:
         keras.utils.set_random_seed(seed)
-        model = M.build_model(values, args.size, seed=None)
+        model = M.build_model(values, args.size, seed=None, backbone=backbone)
         if args.sam:
             model = sam_model(model, args.sam)
         callbacks = []
@@ -329,7 +364,8 @@ def main(argv=None):
             tag=args.tag, size=args.size, epochs=args.epochs, seed=seed, split_seed=args.split_seed,
             tta=args.tta, bf16=args.bf16, threads=args.threads, train_s=round(train_s, 1),
             img_s=round(args.epochs * len(tx) / train_s, 1), params=model.count_params(),
-            set=args.set, thr=round(thr, 4),
+            set=args.set, backbone=args.backbone, zoom=args.zoom, colour=not args.no_colour,
+            thr=round(thr, 4),
             val=summary(ys["val"], pv, thr), test=summary(ys["test"], pt, thr),
             curve_val_auc=[round(a, 3) for a in h.get("val_auc", [])],
             curve_val_acc=[round(a, 3) for a in h.get("val_accuracy", [])],
@@ -343,7 +379,7 @@ def main(argv=None):
             res["epoch_auc"] = dict(val=ee.val, test=ee.test)
         for size in args.eval_sizes:
             xe, _, _ = quality_data.load(size)
-            other = M.build_model(values, size, seed=None)
+            other = M.build_model(values, size, seed=None, backbone=backbone)
             other.set_weights(model.get_weights())
             pv = predict_tta(other, xe[sp == 1].astype(np.float32), 128, args.tta)
             pt = predict_tta(other, xe[sp == 2].astype(np.float32), 128, args.tta)

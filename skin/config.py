@@ -109,6 +109,18 @@ class RetrainConfig:
                                "(1 = the best trial alone)")
 
 
+_BACKBONES = ("none", "mobilenetv2", "efficientnetb0")  # skin.backbone.NAMES (no TF import here)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = _spec("none", choices=_BACKBONES,
+                      help="a keras.applications backbone in place of the searched CNN body")
+    weights: str = _spec("", help="'' (random: from scratch), 'imagenet' (Keras downloads them), "
+                                  "a gs:// URI or a local path of a weights file")
+    trainable: bool = _spec(True, help="fine-tune the backbone (false: train the head alone)")
+
+
 @dataclass(frozen=True)
 class ChiefConfig:
     oracle_port: int = _spec(8000, lo=1, hi=65535, help="gRPC port of the oracle")
@@ -124,6 +136,7 @@ class Experiment:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     chief: ChiefConfig = field(default_factory=ChiefConfig)
     source_file: str = field(default="", compare=False, metadata=dict(internal=True))
 
@@ -181,6 +194,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "SKIN_RETRAIN_TTA": "retrain.tta",
     "SKIN_RETRAIN_RESTORE_BEST": "retrain.restore_best",
     "SKIN_RETRAIN_ENSEMBLE": "retrain.ensemble",
+    "SKIN_BACKBONE": "backbone.name",
+    "SKIN_BACKBONE_WEIGHTS": "backbone.weights",
     "SKIN_ORACLE_PORT": "chief.oracle_port",
 }
 
@@ -307,6 +322,17 @@ def _check_cross_field(exp: Experiment) -> None:
         raise ConfigError(
             f"data.validation_fraction: {d.validation_fraction!r} is not valid with "
             f"data.test_fraction {d.test_fraction!r}; expected the two to leave >= 10% for training")
+    b = exp.backbone
+    weights = b.weights.strip()
+    if weights and b.name == "none":
+        raise ConfigError(f"backbone.weights: {b.weights!r} is not valid with backbone.name "
+                          "'none'; expected '' (or name a backbone)")
+    if not b.trainable and not weights:
+        raise ConfigError("backbone.trainable: false is not valid without backbone.weights; "
+                          "expected true (a frozen random backbone learns nothing)")
+    if weights and weights != "imagenet" and "://" in weights and not weights.startswith("gs://"):
+        raise ConfigError(f"backbone.weights: {b.weights!r} is not valid; expected '', 'imagenet', "
+                          "a gs:// URI or a local path")
     if exp.search.tuner == "hyperband" and exp.search.max_epochs < exp.search.hyperband_factor:
         raise ConfigError(
             f"search.max_epochs: {exp.search.max_epochs!r} is not valid for hyperband; expected "

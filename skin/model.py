@@ -38,6 +38,10 @@ The hyperparameters (``HYPERPARAMETER_NAMES``) and what they do:
 ``batch_size``      training batch size
 ==================  =====================================================================
 
+An optional pretrained (or random) ``keras.applications`` network replaces the stem and
+blocks (``exp.backbone``, ``skin.backbone``): the body's hyperparameters are then not
+searched, and with pretrained weights the learning rate is searched lower.
+
 ``exp.search.fixed`` pins any of them to one value (``validate_fixed`` checks the
 names); the shipped default experiment pins the ones that did not matter in the
 research recorded in BENCHMARKS.md, so the tuner spends its budget where it counts.
@@ -96,8 +100,19 @@ def validate_fixed(fixed: dict) -> None:
                 + ", ".join(HYPERPARAMETER_NAMES))
 
 
-def _define(hp: keras_tuner.HyperParameters, fixed: dict) -> dict[str, Any]:
-    """Declare the search space on ``hp`` and return the values for this build."""
+# Learning rates searched when a pretrained backbone is fine-tuned (skin.backbone).
+FINE_TUNE_LEARNING_RATES = [3e-5, 1e-4, 3e-4, 1e-3]
+
+
+def _define(hp: keras_tuner.HyperParameters, fixed: dict, backbone: str = "none",
+            pretrained: bool = False) -> dict[str, Any]:
+    """Declare the search space on ``hp`` and return the values for this build.
+
+    With a ``backbone`` other than ``"none"`` the from-scratch body's hyperparameters
+    (``skin.backbone.BODY_HYPERPARAMETERS``) are not declared; with ``pretrained`` weights
+    the learning rate is searched over ``FINE_TUNE_LEARNING_RATES``.
+    """
+    body = backbone == "none"
 
     def choice(name, values, **kw):
         if name in fixed:
@@ -110,17 +125,22 @@ def _define(hp: keras_tuner.HyperParameters, fixed: dict) -> dict[str, Any]:
         return hp.Boolean(name, default=default)
 
     v: dict[str, Any] = {}
-    v["stem"] = choice("stem", [2, 4], default=2)
-    v["blocks"] = choice("blocks", [3, 4, 5], default=4)
-    v["filters"] = choice("filters", [16, 24, 32], default=16)
-    v["kernel_size"] = choice("kernel_size", [3, 5], default=3)
-    v["block_type"] = choice("block_type", ["plain", "residual", "separable"], default="residual")
-    v["batch_norm"] = boolean("batch_norm", True)
+    if body:
+        v["stem"] = choice("stem", [2, 4], default=2)
+        v["blocks"] = choice("blocks", [3, 4, 5], default=4)
+        v["filters"] = choice("filters", [16, 24, 32], default=16)
+        v["kernel_size"] = choice("kernel_size", [3, 5], default=3)
+        v["block_type"] = choice("block_type", ["plain", "residual", "separable"],
+                                 default="residual")
+        v["batch_norm"] = boolean("batch_norm", True)
     v["pooling"] = choice("pooling", ["avg", "max", "flatten"], default="avg")
     v["dense_units"] = choice("dense_units", [0, 64, 128, 256], default=128)
     v["dropout"] = choice("dropout", [0.0, 0.2, 0.3, 0.5], default=0.3)
     v["optimizer"] = choice("optimizer", ["adam", "adamw", "sgd"], default="adamw")
-    v["learning_rate"] = choice("learning_rate", [3e-4, 1e-3, 3e-3, 1e-2], default=3e-3)
+    if pretrained:
+        v["learning_rate"] = choice("learning_rate", FINE_TUNE_LEARNING_RATES, default=1e-4)
+    else:
+        v["learning_rate"] = choice("learning_rate", [3e-4, 1e-3, 3e-3, 1e-2], default=3e-3)
     v["weight_decay"] = choice("weight_decay", [0.0, 1e-4, 1e-3, 1e-2, 5e-2], default=1e-2)
     v["lr_schedule"] = choice("lr_schedule", ["constant", "cosine"], default="cosine")
     v["label_smoothing"] = choice("label_smoothing", [0.0, 0.05, 0.1], default=0.05)
@@ -191,22 +211,26 @@ def _block(x, filters, kernel, block_type, batch_norm, name):
     return keras.layers.MaxPooling2D(2, padding="same", name=name + "_pool")(y)
 
 
-def build_model(values: dict[str, Any], image_size: int, seed: int | None = None) -> keras.Model:
-    """The compiled model for one set of hyperparameter values."""
+def build_model(values: dict[str, Any], image_size: int, seed: int | None = None,
+                backbone=None) -> keras.Model:
+    """The compiled model for one set of hyperparameter values.
+
+    ``backbone`` (a ``skin.backbone.Backbone``, weights resolved): its network replaces
+    the searched body; augmentation, head and training stay as the values say.
+    """
     v = values
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     x = inputs
     for layer in _augmentation(v["augment"], seed):
         x = layer(x)
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(x)
-    stem = int(v["stem"])
-    x = _conv_strided(x, v["filters"], v["kernel_size"], min(stem, 2), v["batch_norm"], "stem")
-    x = keras.layers.Activation("relu", name="stem_relu")(x)
-    if stem == 4:
-        x = keras.layers.MaxPooling2D(2, padding="same", name="stem_pool")(x)
-    for i in range(v["blocks"]):
-        filters = min(v["filters"] * 2 ** i, MAX_FILTERS)
-        x = _block(x, filters, v["kernel_size"], v["block_type"], v["batch_norm"], f"block{i}")
+    if backbone is not None and backbone.name != "none":
+        net = backbone.build(image_size)
+        pre = backbone.preprocess()
+        if pre is not None:
+            x = pre(x)
+        x = net(x)
+    else:
+        x = _body(x, v)
     if v["pooling"] == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     elif v["pooling"] == "max":
@@ -238,6 +262,20 @@ def build_model(values: dict[str, Any], image_size: int, seed: int | None = None
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
     return model
+
+
+def _body(x, v: dict[str, Any]):
+    """The searched from-scratch CNN: stem and blocks."""
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(x)
+    stem = int(v["stem"])
+    x = _conv_strided(x, v["filters"], v["kernel_size"], min(stem, 2), v["batch_norm"], "stem")
+    x = keras.layers.Activation("relu", name="stem_relu")(x)
+    if stem == 4:
+        x = keras.layers.MaxPooling2D(2, padding="same", name="stem_pool")(x)
+    for i in range(v["blocks"]):
+        filters = min(v["filters"] * 2 ** i, MAX_FILTERS)
+        x = _block(x, filters, v["kernel_size"], v["block_type"], v["batch_norm"], f"block{i}")
+    return x
 
 
 class WarmupCosine(keras.callbacks.Callback):
@@ -316,17 +354,34 @@ def fit_datasets(values: dict[str, Any], model: keras.Model, train, validation, 
 class SkinHyperModel(keras_tuner.HyperModel):
     """The search space over ``exp`` (image size, pinned hyperparameters, seed)."""
 
-    def __init__(self, exp, name: str = "skin", tunable: bool = True):
+    def __init__(self, exp, name: str = "skin", tunable: bool = True, *, storage=None,
+                 cache_dir=None):
         super().__init__(name=name, tunable=tunable)
         self.exp = exp
         self.fixed = dict(exp.search.fixed)
         validate_fixed(self.fixed)
+        self._storage, self._cache_dir = storage, cache_dir
+        self._backbone = None
+
+    def backbone(self):
+        """The experiment's backbone with its weights fetched (once), or None."""
+        b = self.exp.backbone
+        if b.name == "none":
+            return None
+        if self._backbone is None:
+            from skin.backbone import fetch_weights
+
+            self._backbone = fetch_weights(b.name, b.weights, b.trainable, storage=self._storage,
+                                           cache_dir=self._cache_dir)
+        return self._backbone
 
     def values(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
-        return _define(hp, self.fixed)
+        b = self.exp.backbone
+        return _define(hp, self.fixed, b.name, pretrained=bool(b.weights.strip()))
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
-        return build_model(self.values(hp), self.exp.data.image_size, seed=None)
+        return build_model(self.values(hp), self.exp.data.image_size, seed=None,
+                           backbone=self.backbone())
 
     def fit(self, hp, model, *, data_dir, epochs, callbacks=None, validation=True, **kw):
         from skin import data as skin_data

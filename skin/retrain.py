@@ -28,6 +28,7 @@ description is inside the archive and in ``serving.json`` beside it),
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -339,7 +340,7 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
     lines = [
         f"# Model card: {exp.name} {version}",
         "",
-        "A from-scratch CNN that scores dermoscopic images of skin lesions as benign or "
+        f"{_what_model(exp)} that scores dermoscopic images of skin lesions as benign or "
         "malignant, found by a distributed keras-tuner search and retrained on its best "
         "configuration.",
         "",
@@ -423,6 +424,22 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def _what_model(exp) -> str:
+    """The model card's first words: the from-scratch CNN or the backbone it is built on."""
+    b = exp.backbone
+    if b.name == "none":
+        return "A from-scratch CNN"
+    weights = b.weights.strip()
+    if not weights:
+        origin = "randomly initialised (trained from scratch)"
+    elif weights == "imagenet":
+        origin = "ImageNet weights from Keras"
+    else:
+        origin = f"weights from `{weights}`"
+    mode = "fine-tuned" if b.trainable else "frozen, the head trained alone"
+    return f"A CNN on a {b.name} backbone ({origin}; {mode})"
 
 
 def _composition(metrics: dict) -> list[str]:
@@ -590,7 +607,8 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     if hypermodel is None:
         from skin.model import SkinHyperModel
 
-        hypermodel = SkinHyperModel(exp)
+        hypermodel = SkinHyperModel(exp, storage=storage,
+                                     cache_dir=Path(runtime.work_dir) / "backbone")
     size = exp.data.image_size
 
     from skin.model import DIHEDRAL_VIEWS, inference_model
@@ -666,6 +684,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         "serving": serving,
         "best_trial": {k: best.get(k) for k in ("trial_id", "score", "objective", "epochs")},
         "hyperparameters": best.get("hyperparameters") or {},
+        "backbone": dataclasses.asdict(exp.backbone),
         "training": training,
         "tta": {"enabled": tta, "views": DIHEDRAL_VIEWS if tta else 1},
         "ensemble": {"requested": exp.retrain.ensemble, "size": len(members),

@@ -25,6 +25,7 @@ import logging
 import tempfile
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 
@@ -350,7 +351,8 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
         if hypermodel is None:
             from skin.model import SkinHyperModel
 
-            hypermodel = SkinHyperModel(exp)
+            hypermodel = SkinHyperModel(exp, storage=storage,
+                                         cache_dir=Path(runtime.work_dir) / "backbone")
         try:
             populate_space(oracle, hypermodel)
         except Exception as e:  # noqa: BLE001 - nothing can run: end the search, tell the workers

@@ -105,7 +105,8 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
     if hypermodel is None:
         from skin.model import SkinHyperModel
 
-        hypermodel = SkinHyperModel(exp)
+        hypermodel = SkinHyperModel(exp, storage=storage,
+                                     cache_dir=Path(runtime.work_dir) / "backbone")
     fit_kwargs: dict = {}
     images = 0
     if getattr(hypermodel, "uses_data", True):

@@ -1,0 +1,299 @@
+"""skin.backbone: a keras.applications network in place of the searched body, its weights
+from a bucket, a local file or Keras; the search space, the retrain and the chief with it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import h5py
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+
+from skin import backbone as B
+from skin import model as M
+from skin import retrain as rt
+from skin.config import API_VERSION, KIND, Runtime, parse_experiment
+from skin.errors import ConfigError
+from skin.storage import join
+
+SIZE = 32
+
+
+def experiment(bucket: str = "skin-test", source: str = "synthetic", **backbone):
+    return parse_experiment({
+        "apiVersion": API_VERSION, "kind": KIND, "name": "bb",
+        "storage": {"bucket": bucket, "prefix": "it"},
+        "data": {"source": str(source), "validation_fraction": 0.3, "test_fraction": 0.2,
+                 "image_size": SIZE, "seed": 3, "shards": 1},
+        "search": {"tuner": "random", "max_trials": 2, "max_epochs": 2},
+        "retrain": {"epochs": 2, "patience": 0, "target_sensitivity": 0.9, "restore_best": False},
+        "backbone": backbone,
+    }, env={})
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype("float32")
+
+
+def nested(model: keras.Model) -> keras.Model:
+    """The backbone inside a built model (its only nested Model)."""
+    (net,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return net
+
+
+def same_weights(a: keras.Model, b: keras.Model) -> bool:
+    wa, wb = a.get_weights(), b.get_weights()
+    return len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
+
+
+def save_legacy_h5(net: keras.Model, path) -> None:
+    """The HDF5 layout of Keras's own ImageNet files (what a user uploads to a bucket)."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, net)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fetch_cache():
+    B.clear_cache()
+    yield
+    B.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def donor():
+    """A MobileNetV2 with weights that differ from any fresh initialisation: the
+    'pretrained' weights of these tests."""
+    keras.utils.set_random_seed(123)
+    net = keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), include_top=False,
+                                         weights=None)
+    net.set_weights([w + np.float32(0.01) for w in net.get_weights()])
+    return net
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+
+def test_the_default_is_no_backbone_and_the_searched_cnn():
+    exp = experiment()
+    assert (exp.backbone.name, exp.backbone.weights, exp.backbone.trainable) == ("none", "", True)
+    hp = keras_tuner.HyperParameters()
+    M.SkinHyperModel(exp).build(hp)
+    assert set(B.BODY_HYPERPARAMETERS) <= set(hp.values)
+
+
+@pytest.mark.parametrize("backbone, message", [
+    ({"name": "resnet9000"}, "backbone.name: 'resnet9000' is not valid; expected one of 'none'"),
+    ({"weights": "imagenet"}, "backbone.weights: 'imagenet' is not valid with backbone.name 'none'"),
+    ({"name": "mobilenetv2", "trainable": False}, "backbone.trainable: false is not valid without "
+                                                  "backbone.weights"),
+    ({"name": "mobilenetv2", "weights": "s3://b/w.h5"}, "backbone.weights: 's3://b/w.h5' is not "
+                                                        "valid; expected '', 'imagenet', a gs://"),
+    ({"name": "mobilenetv2", "trainable": "yes"}, "backbone.trainable: 'yes' is not valid"),
+])
+def test_bad_backbone_settings_name_the_key(backbone, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        experiment(**backbone)
+
+
+def test_environment_overrides_the_backbone():
+    doc = experiment().to_dict()
+    exp = parse_experiment(doc, env={"SKIN_BACKBONE": "efficientnetb0",
+                                     "SKIN_BACKBONE_WEIGHTS": "gs://w/effnet.h5"})
+    assert (exp.backbone.name, exp.backbone.weights) == ("efficientnetb0", "gs://w/effnet.h5")
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0"])
+def test_a_random_backbone_replaces_the_body_trains_and_round_trips(name, tmp_path):
+    hm = M.SkinHyperModel(experiment(name=name))
+    hp = keras_tuner.HyperParameters()
+    model = hm.build(hp)
+    # The body's hyperparameters are not searched; the head's and training's are.
+    assert set(hp.values).isdisjoint(B.BODY_HYPERPARAMETERS)
+    assert {"pooling", "dense_units", "dropout", "learning_rate", "augment"} <= set(hp.values)
+    assert hp.values["learning_rate"] == 3e-3  # from scratch: the from-scratch rates
+    net = nested(model)
+    assert net.trainable and len(net.trainable_weights) > 0
+    x, y = images(8), np.array([0, 1] * 4, "float32")
+    before = [w.copy() for w in net.get_weights()]
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert not all(np.array_equal(a, b) for a, b in zip(before, net.get_weights()))
+    p = model.predict(x, verbose=0)
+    assert p.shape == (8, 1) and np.all((p >= 0) & (p <= 1))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), p, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["keras3", "legacy-h5"])
+def test_weights_from_a_bucket_load_into_the_backbone_and_stay_frozen(
+        fmt, donor, emulator, storage, bucket, tmp_path):
+    local = tmp_path / ("donor.weights.h5" if fmt == "keras3" else "donor_no_top.h5")
+    donor.save_weights(local) if fmt == "keras3" else save_legacy_h5(donor, local)
+    uri = f"gs://{bucket}/weights/{local.name}"
+    storage.upload_file(local, uri)
+
+    exp = experiment(bucket, name="mobilenetv2", weights=uri, trainable=False)
+    hm = M.SkinHyperModel(exp, storage=storage, cache_dir=tmp_path / "cache")
+    hp = keras_tuner.HyperParameters()
+    model = hm.build(hp)
+    net = nested(model)
+    assert same_weights(net, donor)
+    assert hp.values["learning_rate"] == 1e-4  # pretrained: the fine-tuning rates
+    assert hm.backbone().weights.startswith(str(tmp_path / "cache"))
+    # Frozen: the head learns, the backbone (batch-norm statistics included) does not.
+    head = model.get_layer("malignant").get_weights()[0].copy()
+    model.fit(images(8), np.array([0, 1] * 4, "float32"), epochs=1, batch_size=4, verbose=0)
+    assert same_weights(net, donor)
+    assert not np.array_equal(model.get_layer("malignant").get_weights()[0], head)
+
+
+def test_pretrained_and_trainable_fine_tunes_with_frozen_batch_norm_statistics(
+        donor, tmp_path):
+    local = tmp_path / "donor.weights.h5"
+    donor.save_weights(local)
+    exp = experiment(name="mobilenetv2", weights=str(local), trainable=True)
+    model = M.SkinHyperModel(exp).build(keras_tuner.HyperParameters())
+    net = nested(model)
+    assert same_weights(net, donor)
+    model.fit(images(8), np.array([0, 1] * 4, "float32"), epochs=1, batch_size=4, verbose=0)
+    moved = [w.path for w, start in zip(net.weights, donor.get_weights())
+             if not np.array_equal(w.numpy(), start)]
+    assert any(p.endswith("kernel") for p in moved)  # fine-tuned
+    assert not any("moving_" in p for p in moved)  # inference-mode batch norm
+
+
+def test_keras_imagenet_file_for_efficientnet_goes_through_keras_cache(
+        emulator, storage, bucket, tmp_path, monkeypatch):
+    """Keras builds EfficientNet with one more rescaling for its ImageNet file than for
+    other files: a file with that file's MD5 is handed to Keras as weights='imagenet'.
+    Keras's real file cannot be downloaded here, so the test's own file stands in for it
+    (its MD5 in our table and in Keras's), and Keras's cache is a temporary folder."""
+    import keras.src.applications.efficientnet as keras_efficientnet
+    import keras.src.backend.config as keras_config
+
+    net = keras.applications.EfficientNetB0(input_shape=(SIZE, SIZE, 3), include_top=False,
+                                            weights=None)
+    local = tmp_path / "efficientnetb0_notop.h5"
+    save_legacy_h5(net, local)
+    digest = B.md5(local)
+    monkeypatch.setitem(B.IMAGENET_FILES, "efficientnetb0", ("efficientnetb0_notop.h5", digest))
+    monkeypatch.setitem(keras_efficientnet.WEIGHTS_HASHES, "b0", ("unused", digest))
+    (tmp_path / "keras-home").mkdir()
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras-home"))
+    uri = f"gs://{bucket}/weights/efficientnetb0_notop.h5"
+    storage.upload_file(local, uri)
+
+    exp = experiment(bucket, name="efficientnetb0", weights=uri)
+    model = M.SkinHyperModel(exp, storage=storage, cache_dir=tmp_path / "c").build(
+        keras_tuner.HyperParameters())
+    built = nested(model)
+    assert (tmp_path / "keras-home" / "models" / "efficientnetb0_notop.h5").is_file()
+    assert len(built.layers) == len(net.layers) + 1  # Keras's ImageNet-only rescaling
+    assert same_weights(built, net)
+
+    # Any other file is loaded into the network Keras builds for random weights.
+    monkeypatch.setitem(B.IMAGENET_FILES, "efficientnetb0", ("efficientnetb0_notop.h5", "0" * 32))
+    B.clear_cache()
+    other = nested(M.SkinHyperModel(exp, storage=storage, cache_dir=tmp_path / "d").build(
+        keras_tuner.HyperParameters()))
+    assert len(other.layers) == len(net.layers) and same_weights(other, net)
+
+
+def test_missing_or_mismatched_weights_are_config_errors_naming_the_file(
+        donor, emulator, storage, bucket, tmp_path):
+    missing = f"gs://{bucket}/weights/nope.h5"
+    hm = M.SkinHyperModel(experiment(bucket, name="mobilenetv2", weights=missing),
+                          storage=storage, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match=f"backbone.weights: '{missing}' does not exist"):
+        hm.build(keras_tuner.HyperParameters())
+
+    with pytest.raises(ConfigError, match="is not a file on this machine"):
+        M.SkinHyperModel(experiment(name="mobilenetv2", weights=str(tmp_path / "absent.h5"))
+                         ).build(keras_tuner.HyperParameters())
+
+    # MobileNetV2's weights offered to EfficientNetB0.
+    local = tmp_path / "mnv2_no_top.h5"
+    save_legacy_h5(donor, local)
+    uri = f"gs://{bucket}/weights/mnv2_no_top.h5"
+    storage.upload_file(local, uri)
+    hm = M.SkinHyperModel(experiment(bucket, name="efficientnetb0", weights=uri),
+                          storage=storage, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match=f"backbone.weights: '{uri}' does not fit efficientnetb0"):
+        hm.build(keras_tuner.HyperParameters())
+
+
+def test_the_file_is_downloaded_once_per_process(donor, emulator, storage, bucket, tmp_path):
+    local = tmp_path / "w.weights.h5"
+    donor.save_weights(local)
+    uri = f"gs://{bucket}/weights/w.weights.h5"
+    storage.upload_file(local, uri)
+    first = B.fetch_weights("mobilenetv2", uri, True, storage=storage, cache_dir=tmp_path / "c")
+    storage.delete(uri)  # a second build (the next trial) does not go back to the bucket
+    again = B.fetch_weights("mobilenetv2", uri, True, storage=storage, cache_dir=tmp_path / "c")
+    assert first.weights == again.weights
+    assert B.md5(first.weights) == B.md5(local)
+
+
+# ---------------------------------------------------------------------------
+# The product with a backbone: the chief, the retrain
+
+
+def test_the_chief_fails_the_search_at_once_when_the_weights_are_missing(
+        emulator, storage, bucket, tmp_path):
+    from conftest import free_port
+    from skin.tuning import load_result, run_chief
+
+    missing = f"gs://{bucket}/weights/missing.h5"
+    exp = experiment(bucket, name="mobilenetv2", weights=missing)
+    runtime = Runtime(tuner_id="chief", oracle_port=free_port(), work_dir=tmp_path / "work")
+    assert run_chief(exp, runtime, storage) == 4
+    result = load_result(storage, exp)
+    assert result["outcome"] == "failed"
+    assert f"backbone.weights: '{missing}' does not exist" in result["reason"]
+
+
+def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_synthetic_images,
+                                                     tmp_path):
+    from skin.stage import stage
+
+    bucket = f"bb-{uuid.uuid4().hex[:8]}"
+    emulator.ensure_bucket(bucket)
+    from skin.storage import Storage
+
+    storage = Storage()
+    local = tmp_path / "donor.weights.h5"
+    donor.save_weights(local)
+    uri = f"gs://{bucket}/weights/donor.weights.h5"
+    storage.upload_file(local, uri)
+    exp = experiment(bucket, real_or_synthetic_images, name="mobilenetv2", weights=uri,
+                     trainable=False)
+    stage(exp, storage)
+    best = {"trial_id": "0003", "score": 0.7, "objective": "val_auc", "epochs": 2,
+            "hyperparameters": {"pooling": "avg", "dense_units": 0, "dropout": 0.0,
+                                "optimizer": "adam", "learning_rate": 1e-3,
+                                "weight_decay": 0.0, "lr_schedule": "constant",
+                                "label_smoothing": 0.0, "augment": 0.0, "mixup": 0.0,
+                                "class_weight": False, "batch_size": 16}}
+    published = rt.retrain(exp, Runtime(work_dir=tmp_path / "work"), storage, best=best)
+
+    metrics = json.loads(storage.read_text(join(published.uri, "metrics.json")))
+    assert metrics["backbone"] == {"name": "mobilenetv2", "weights": uri, "trainable": False}
+    card = storage.read_text(join(published.uri, "model_card.md"))
+    assert f"A CNN on a mobilenetv2 backbone (weights from `{uri}`; frozen" in card
+    model_path = tmp_path / "model.keras"
+    storage.download_file(join(published.uri, "model.keras"), model_path)
+    import skin.model  # noqa: F401 -- registers the layers the published model uses
+
+    model = keras.models.load_model(model_path, safe_mode=True)
+    # The frozen backbone is published with the weights it was given.
+    assert same_weights(nested(model), donor)

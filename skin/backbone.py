@@ -52,6 +52,9 @@ IMAGENET_FILES: dict[str, tuple[str, str]] = {
     "efficientnetb0": ("efficientnetb0_notop.h5", "50bc09e76180e00e4465e1a485ddc09d"),
 }
 
+# Batch-norm momentum of a randomly initialised backbone (see Backbone.build).
+RANDOM_INIT_BN_MOMENTUM = 0.99
+
 _fetch_lock = threading.Lock()
 _fetched: dict[tuple[str, str], str] = {}
 
@@ -104,6 +107,14 @@ class Backbone:
                 raise ConfigError(f"backbone.weights: {self.source!r} does not fit {self.name} "
                                   f"({_short(e)})") from None
         net.trainable = self.trainable
+        if not self.pretrained:
+            # Keras builds MobileNetV2 with batch-norm momentum 0.999: from random weights on
+            # a few thousand images its moving statistics are still near their start when
+            # training ends, and in inference mode every image scores the same (validation
+            # AUC 0.5 for 41 of 60 epochs, BENCHMARKS.md). Keras's default, 0.99, settles.
+            for layer in net.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = RANDOM_INIT_BN_MOMENTUM
         if self.pretrained:
             # Batch norm keeps the statistics the weights were trained with, also while the
             # rest is fine-tuned: a frozen BatchNormalization runs in inference mode. (Calling

@@ -123,6 +123,10 @@ def test_a_random_backbone_replaces_the_body_trains_and_round_trips(name, tmp_pa
     assert hp.values["learning_rate"] == 3e-3  # from scratch: the from-scratch rates
     net = nested(model)
     assert net.trainable and len(net.trainable_weights) > 0
+    # Batch norm that settles within a short training (MobileNetV2 comes with 0.999).
+    norms = [la for la in net.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert norms and all(la.momentum == B.RANDOM_INIT_BN_MOMENTUM for la in norms)
+    assert all(la.trainable for la in norms)
     x, y = images(8), np.array([0, 1] * 4, "float32")
     before = [w.copy() for w in net.get_weights()]
     model.fit(x, y, epochs=1, batch_size=4, verbose=0)
@@ -132,6 +136,8 @@ def test_a_random_backbone_replaces_the_body_trains_and_round_trips(name, tmp_pa
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), p, atol=1e-6)
+    assert all(la.momentum == B.RANDOM_INIT_BN_MOMENTUM for la in nested(loaded).layers
+               if isinstance(la, keras.layers.BatchNormalization))
 
 
 @pytest.mark.parametrize("fmt", ["keras3", "legacy-h5"])
@@ -165,6 +171,8 @@ def test_pretrained_and_trainable_fine_tunes_with_frozen_batch_norm_statistics(
     model = M.SkinHyperModel(exp).build(keras_tuner.HyperParameters())
     net = nested(model)
     assert same_weights(net, donor)
+    norms = [la for la in net.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert norms and not any(la.trainable for la in norms)
     model.fit(images(8), np.array([0, 1] * 4, "float32"), epochs=1, batch_size=4, verbose=0)
     moved = [w.path for w, start in zip(net.weights, donor.get_weights())
              if not np.array_equal(w.numpy(), start)]

@@ -336,13 +336,18 @@ def main(argv=None) -> int:
         print(f"no images at {data} (expected benign/ and malignant/)", file=sys.stderr)
         return 2
 
-    from skin.config import load_experiment
+    from skin.config import ENV_OVERRIDES, load_experiment
     from skin.emulator import Emulator
     from skin.storage import Storage, join
 
-    exp = load_experiment(args.config, env={})
+    # SKIN_* overrides (e.g. SKIN_BACKBONE) reach `skin run` through the environment, so
+    # the split-seed retrains here read them too, and the report names them.
+    overrides = {k: os.environ[k] for k in ENV_OVERRIDES if os.environ.get(k, "") != ""}
+    exp = load_experiment(args.config)
     exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, source=str(data)))
-    report: dict = {"command": f"make bench-quality OUT={args.out}", "config": args.config,
+    report: dict = {"command": " ".join([*(f"{k}={v}" for k, v in overrides.items()),
+                                         f"make bench-quality OUT={args.out}"]),
+                    "config": args.config, "env_overrides": overrides,
                     "data": str(data), "split_seed": exp.data.seed,
                     "retrain": {"tta": exp.retrain.tta, "ensemble": exp.retrain.ensemble}}
     bucket_dir = out / "bucket"

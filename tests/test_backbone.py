@@ -101,6 +101,26 @@ def test_bad_backbone_settings_name_the_key(backbone, message):
         experiment(**backbone)
 
 
+def test_the_config_lists_the_same_backbones_as_the_module():
+    from skin import config
+
+    assert config._BACKBONES == B.NAMES
+
+
+def test_a_saved_search_with_another_backbone_is_another_search():
+    from skin.tuning.oracle import search_fingerprint
+
+    plain = search_fingerprint(experiment())
+    scratch = search_fingerprint(experiment(name="mobilenetv2"))
+    pretrained = search_fingerprint(experiment(name="mobilenetv2", weights="gs://b/w.h5"))
+    frozen = search_fingerprint(experiment(name="mobilenetv2", weights="gs://b/w.h5",
+                                           trainable=False))
+    assert len({plain, scratch, pretrained, frozen}) == 4
+    # Without a backbone the fingerprint is what it was before backbones existed, so a
+    # search saved by an older version still resumes.
+    assert plain == search_fingerprint(experiment(name="none"))
+
+
 def test_environment_overrides_the_backbone():
     doc = experiment().to_dict()
     exp = parse_experiment(doc, env={"SKIN_BACKBONE": "efficientnetb0",

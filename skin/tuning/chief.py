@@ -339,8 +339,8 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
         if loaded.header.get("fingerprint") != oracle.fingerprint:
             raise ConfigError(
                 f"search: the saved search in {store.prefix} was started with different search "
-                "settings (tuner, objective, budget, fixed or seed); use a new experiment name "
-                "or delete that folder")
+                "settings (tuner, objective, budget, fixed, seed or backbone); use a new "
+                "experiment name or delete that folder")
         oracle.restore(loaded.header, loaded.records)
         counts: dict[str, int] = {}
         for t in oracle.trials.values():

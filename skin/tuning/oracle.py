@@ -90,6 +90,9 @@ def search_fingerprint(exp) -> str:
            "max_epochs": s.max_epochs, "factor": s.hyperband_factor,
            "iterations": s.hyperband_iterations, "executions": s.executions_per_trial,
            "fixed": s.fixed, "seed": exp.data.seed}
+    b = exp.backbone
+    if b.name != "none":  # another search space (absent otherwise: older saved searches resume)
+        doc["backbone"] = {"name": b.name, "weights": b.weights.strip(), "trainable": b.trainable}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

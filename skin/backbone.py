@@ -77,9 +77,8 @@ class Backbone:
         import keras
 
         shape = (image_size, image_size, 3)
-        weights, load_file = self.weights, None
-        if weights not in (None, "imagenet"):
-            weights, load_file = _as_keras_weights(self.name, weights)
+        load_file = self.weights if self.weights not in (None, "imagenet") else None
+        weights = None if load_file else self.weights
         try:
             if self.name == "mobilenetv2":
                 net = keras.applications.MobileNetV2(input_shape=shape, include_top=False,
@@ -93,7 +92,7 @@ class Backbone:
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 -- Keras's download and file errors
-            if weights == "imagenet" and load_file is None:
+            if self.source == "imagenet":
                 raise ConfigError(
                     f"backbone.weights: 'imagenet' for {self.name} cannot be loaded ({_short(e)}); "
                     "without internet access, upload Keras's weights file to a bucket and set "
@@ -107,24 +106,24 @@ class Backbone:
                 raise ConfigError(f"backbone.weights: {self.source!r} does not fit {self.name} "
                                   f"({_short(e)})") from None
         net.trainable = self.trainable
-        if not self.pretrained:
-            # Random weights: the moving statistics start at mean 0, variance 1, while deep in
-            # these networks activations vary by 1e-3 or less; whatever is left of the start
-            # when training ends (0.999 ** steps with MobileNetV2's momentum) shrinks every
-            # layer's output in inference mode until all images score the same (validation
-            # AUC 0.5 through 41 of 60 epochs in BENCHMARKS.md, and with 0.99 too in
-            # tests/test_backbone.py). 0.9 (PyTorch's default) forgets the start in ~100 steps.
-            for layer in net.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = RANDOM_INIT_BN_MOMENTUM
-        if self.pretrained:
-            # Batch norm keeps the statistics the weights were trained with, also while the
-            # rest is fine-tuned: a frozen BatchNormalization runs in inference mode. (Calling
-            # the network with training=False does not do it in Keras 3: the outer model's
-            # training flag replaces it.)
-            for layer in net.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.trainable = False
+        for layer in net.layers:
+            if not isinstance(layer, keras.layers.BatchNormalization):
+                continue
+            if self.pretrained:
+                # Batch norm keeps the statistics the weights were trained with, also while
+                # the rest is fine-tuned: a frozen BatchNormalization runs in inference mode.
+                # (Calling the network with training=False does not do it in Keras 3: the
+                # outer model's training flag replaces it.)
+                layer.trainable = False
+            else:
+                # Random weights: the moving statistics start at mean 0, variance 1, while
+                # deep in these networks activations vary by 1e-3 or less; whatever is left of
+                # the start when training ends (0.999 ** steps with MobileNetV2's momentum)
+                # shrinks every layer's output in inference mode until all images score the
+                # same (validation AUC 0.5 through 41 of 60 epochs in BENCHMARKS.md, and with
+                # 0.99 too in tests/test_backbone.py). 0.9 (PyTorch's default) forgets the
+                # start in ~100 steps.
+                layer.momentum = RANDOM_INIT_BN_MOMENTUM
         return net
 
     def preprocess(self):
@@ -153,7 +152,7 @@ def fetch_weights(name: str, weights: str, trainable: bool, *, storage=None,
         if not path.is_file():
             raise ConfigError(f"backbone.weights: {weights!r} is not a file on this machine; "
                               "expected a gs:// URI, 'imagenet' or a local weights file")
-        return Backbone(name, str(path), trainable, weights)
+        return _file_backbone(name, str(path), trainable, weights)
     cache = Path(cache_dir) if cache_dir else Path(_default_cache())
     key = (weights, str(cache))
     with _fetch_lock:
@@ -178,7 +177,7 @@ def fetch_weights(name: str, weights: str, trainable: bool, *, storage=None,
             log.info("backbone %s: weights %s -> %s (%d bytes)", name, weights, target,
                      target.stat().st_size)
             _fetched[key] = local = str(target)
-    return Backbone(name, local, trainable, weights)
+    return _file_backbone(name, local, trainable, weights)
 
 
 def _default_cache() -> str:
@@ -195,8 +194,8 @@ def md5(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _as_keras_weights(name: str, path: str) -> tuple[str | None, str | None]:
-    """``(weights argument for keras.applications, file to load afterwards)`` for a file.
+def _file_backbone(name: str, path: str, trainable: bool, source: str) -> Backbone:
+    """The backbone for a local weights file (decided once, when the file is fetched).
 
     Keras's own ImageNet file of a backbone listed in IMAGENET_FILES goes into Keras's
     cache under Keras's name (``keras.utils.get_file`` from a ``file://`` origin, which checks
@@ -205,7 +204,7 @@ def _as_keras_weights(name: str, path: str) -> tuple[str | None, str | None]:
     """
     known = IMAGENET_FILES.get(name)
     if known is None or md5(path) != known[1]:
-        return None, path
+        return Backbone(name, path, trainable, source)
     import keras
 
     file_name, digest = known
@@ -216,7 +215,7 @@ def _as_keras_weights(name: str, path: str) -> tuple[str | None, str | None]:
         raise ConfigError(f"backbone.weights: {path!r} is Keras's ImageNet file for {name} but "
                           f"cannot be placed in Keras's cache ({_short(e)})") from None
     log.info("backbone %s: %s is Keras's ImageNet file (%s)", name, path, file_name)
-    return "imagenet", None
+    return Backbone(name, "imagenet", trainable, source)
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

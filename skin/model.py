@@ -223,7 +223,7 @@ def build_model(values: dict[str, Any], image_size: int, seed: int | None = None
     x = inputs
     for layer in _augmentation(v["augment"], seed):
         x = layer(x)
-    if backbone is not None and backbone.name != "none":
+    if backbone is not None:
         net = backbone.build(image_size)
         pre = backbone.preprocess()
         if pre is not None:

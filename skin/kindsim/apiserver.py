@@ -101,7 +101,8 @@ class FakeKubeAPI:
         namespace, name = m.groups()
         if self.tokens is not None:
             auth = headers.get("Authorization") or ""
-            who = self.tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
+            scheme, _, token = auth.partition(" ")
+            who = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
             if who is None:
                 return 401, _status(401, "Unauthorized", "Unauthorized")
             sa_namespace, account = who

@@ -13,13 +13,18 @@ only what a cluster adds:
   values, commands and arguments), and Secret, projected and service-account
   token volumes written out as files (podman 4.3's ``kube play`` reads
   Secrets from its own store, so they are bind-mounted read-only instead);
+  ``emptyDir`` volumes are fresh host folders of mode 0777 as the kubelet
+  makes them (podman's own copy the image's folder with its owner, which a
+  cluster would not; ``sizeLimit`` and ``medium`` are not enforced);
 - cluster DNS: each Service's names (``svc``, ``svc.ns``, ``svc.ns.svc``,
   ``svc.ns.svc.cluster.local``) as ``hostAliases`` to the fixed address of the
   pod its selector matches (a Service has no virtual IP here, so clients dial
   the pod's port: :meth:`Cluster.check_services` warns where the two differ).
 
-ConfigMaps and their volumes, ``emptyDir``, security contexts, resources and
-ports are left to ``kube play``.
+ConfigMaps and their volumes, security contexts and resources are
+left to ``kube play``; ``containerPort``s without a ``hostPort`` are dropped
+from what it gets (informational in Kubernetes, published on the host by
+podman 4.3).
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ class BuiltPod:
     config_maps: list[dict]  # the ConfigMaps its configMap volumes name (played with it)
     files: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # host path -> (data, mode)
     env: dict[str, dict[str, str]] = field(default_factory=dict)  # container -> resolved env
+    dirs: list[str] = field(default_factory=list)  # host folders for emptyDirs (mode 0777)
 
 
 class Cluster:
@@ -287,6 +293,13 @@ class Cluster:
             for key in ("command", "args"):
                 if key in c:
                     c[key] = [expand(str(a), env) for a in c[key]]
+            # containerPort is informational in Kubernetes (pods reach each other on any port);
+            # podman 4.3's kube play would publish each one on the host's same port.
+            ports = [p for p in c.get("ports") or [] if p.get("hostPort")]
+            if ports:
+                c["ports"] = ports
+            else:
+                c.pop("ports", None)
             if mounts_sa and not any(m["mountPath"] == SA_DIR for m in c.get("volumeMounts") or []):
                 c.setdefault("volumeMounts", []).append(
                     {"name": "kube-api-access", "mountPath": SA_DIR, "readOnly": True})
@@ -315,7 +328,13 @@ class Cluster:
                     built.files[str(folder / path)] = (data, mode)
             built.files.setdefault(str(folder / ".kindsim"), (b"", 0o644))
             return {"name": name, "hostPath": {"path": str(folder), "type": "Directory"}}
-        if "emptyDir" in vol or "hostPath" in vol or "persistentVolumeClaim" in vol:
+        if "emptyDir" in vol:
+            # The kubelet's emptyDir: a fresh folder, mode 0777, whatever the image holds at
+            # the mount point (podman's volumes copy the image's folder and its owner).
+            folder = volume_root / built.name / name
+            built.dirs.append(str(folder))
+            return {"name": name, "hostPath": {"path": str(folder), "type": "Directory"}}
+        if "hostPath" in vol or "persistentVolumeClaim" in vol:
             return vol
         raise PodConfigError(f"volume {name}: type {sorted(set(vol) - {'name'})} is not "
                              "simulated (configMap, secret, projected, emptyDir, hostPath are)")

@@ -291,6 +291,9 @@ class Simulator:
                 os.chown(p, 0, int(fs_group))
         for folder in {Path(p).parent for p in built.files}:
             folder.chmod(0o755)
+        for folder in built.dirs:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            Path(folder).chmod(0o777)
         (self.opts.out / "volumes").chmod(0o755)
         if (self.opts.out / "volumes" / built.name).exists():
             (self.opts.out / "volumes" / built.name).chmod(0o755)
@@ -414,9 +417,12 @@ class Simulator:
             f", index {slot.index})" if slot.index is not None else ")")
         if job.kind == "Deployment":
             self.ended_pods.append((run.name, slot.key, end.exit_code, "Deployment"))
-            self.say(f"{where} ended (exit {end.exit_code}); the Deployment starts another")
+            job.counted[slot.key] = job.counted.get(slot.key, 0) + 1
+            delay = jobctl.replacement_delay(job.counted[slot.key], self.opts.backoff_scale)
+            self.say(f"{where} ended (exit {end.exit_code}); the Deployment starts another "
+                     f"in {delay:.0f} s")
             self._report_tail(run.name, log_path)
-            self.pending[slot.key] = time.monotonic() + 1
+            self.pending[slot.key] = time.monotonic() + delay
             return
         if end.succeeded:
             self.say(f"{where} succeeded in {took:.0f} s")
@@ -434,8 +440,8 @@ class Simulator:
         if action == jobctl.COUNT:
             key = slot.key if per_index else ""
             job.counted[key] = job.counted.get(key, 0) + 1
-            verdict += f", failure {job.counted[key]} of {limit + 1} allowed" + (
-                " for this index" if per_index else "")
+            verdict += f", counted failure {job.counted[key]} (" + (
+                f"backoffLimitPerIndex {limit})" if per_index else f"backoffLimit {limit})")
             if job.counted[key] > limit:
                 action = jobctl.FAIL_INDEX if per_index else jobctl.FAIL_JOB
                 verdict += " -> backoff limit exceeded"

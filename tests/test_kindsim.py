@@ -205,3 +205,18 @@ def test_the_chiefs_patch_starts_the_suspended_job_and_nothing_else_may(api):
 
 def test_merge_patch():
     assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None, "d": 3}}) == {"a": {"c": 2, "d": 3}}
+
+
+def test_a_secret_users_create_by_hand_reaches_an_optional_secret_volume(kind_yaml, tmp_path):
+    c = _with_secret(kind_yaml)
+    docs = [o for o in c.objects if not (o["kind"] == "Secret")]
+    bare = Cluster(yaml.safe_dump_all(docs + [next(o for o in c.objects if o["kind"] == "Secret")
+                                              | {"metadata": {"name": "other", "namespace": "skin"}}]))
+    bare.assign_addresses("10.9.8")
+    with pytest.raises(PodConfigError, match="secret 'oracle-token' not found"):
+        bare.build_pod(bare.slots["skin-workers/0"], "skin-workers-0-x", "t", tmp_path)
+    bare.add_secret("oracle-token", {"token": "made-here"})
+    built = bare.build_pod(bare.slots["skin-workers/0"], "skin-workers-0-x", "t", tmp_path)
+    assert built.env["worker"]["TOKEN"] == "made-here"
+    with pytest.raises(Exception, match="already in the rendered manifests"):
+        bare.add_secret("oracle-token", {"token": "again"})

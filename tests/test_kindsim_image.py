@@ -75,9 +75,13 @@ def overlay(tmp_path: Path, patches: list[dict] | None = None) -> str:
     return render(folder)
 
 
+# As Makefile KIND_SIM_SECRETS: the Secrets a user creates by hand before kubectl apply.
+SECRETS = ["skin-oracle-token/token"]
+
+
 def simulator(tmp_path: Path, text: str, timeout_s: float = 900) -> Simulator:
     return Simulator(text, SimOptions(out=tmp_path / "sim", images=IMAGES, timeout_s=timeout_s,
-                                      backoff_scale=0.05))
+                                      backoff_scale=0.05, secrets=SECRETS))
 
 
 def container_log(sim: Simulator, pod: str, container: str) -> str:

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", action="append", default=[], metavar="FROM=TO",
                    help="run image TO where the YAML names FROM (repeatable; FROM without a "
                         "tag matches every tag)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME/KEY",
+                   help="a Secret users create by hand before kubectl apply: made here with a "
+                        "random value under KEY (repeatable)")
     p.add_argument("--out", type=Path, default=Path("build/kind-sim"),
                    help="rendered YAML, played pods, logs, model (default build/kind-sim)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds (default 3600)")
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = args.manifests.read_text() if args.manifests else render(args.overlay)
         sim = Simulator(text, SimOptions(out=args.out, images=images, timeout_s=args.timeout,
-                                         backoff_scale=args.backoff_scale, keep=args.keep))
+                                         backoff_scale=args.backoff_scale, keep=args.keep,
+                                         secrets=args.secret))
         return sim.run()
     except (ConfigError, RuntimeError, OSError) as e:
         print(f"kind-sim: error: {e}", file=sys.stderr)

@@ -118,7 +118,7 @@ class BuiltPod:
     config_maps: list[dict]  # the ConfigMaps its configMap volumes name (played with it)
     files: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # host path -> (data, mode)
     env: dict[str, dict[str, str]] = field(default_factory=dict)  # container -> resolved env
-    dirs: list[str] = field(default_factory=list)  # host folders for emptyDirs (mode 0777)
+    dirs: dict[str, int] = field(default_factory=dict)  # host folder -> mode (volumes)
 
 
 class Cluster:
@@ -139,6 +139,17 @@ class Cluster:
         self.sa_dirs: dict[str, str] = {}  # ServiceAccount -> host folder with token, ca.crt
 
     # --- objects -------------------------------------------------------------------------
+
+    def add_secret(self, name: str, data: dict[str, str]) -> None:
+        """A Secret the user creates by hand before ``kubectl apply`` (in the workloads'
+        namespace), e.g. ``kubectl create secret generic NAME --from-literal=KEY=VALUE``."""
+        if self.get("Secret", name) is not None:
+            raise ConfigError(f"Secret {name}: already in the rendered manifests")
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": name, "namespace": self.namespace(self.workloads[0])},
+                  "stringData": dict(data)}
+        self.objects.append(secret)
+        self.by_kind.setdefault("Secret", {})[name] = secret
 
     def get(self, kind: str, name: str) -> dict | None:
         return self.by_kind.get(kind, {}).get(name)
@@ -326,13 +337,13 @@ class Cluster:
             for source in sources:
                 for path, (data, mode) in self._source_files(source, name, default_mode).items():
                     built.files[str(folder / path)] = (data, mode)
-            built.files.setdefault(str(folder / ".kindsim"), (b"", 0o644))
+            built.dirs[str(folder)] = 0o755
             return {"name": name, "hostPath": {"path": str(folder), "type": "Directory"}}
         if "emptyDir" in vol:
             # The kubelet's emptyDir: a fresh folder, mode 0777, whatever the image holds at
             # the mount point (podman's volumes copy the image's folder and its owner).
             folder = volume_root / built.name / name
-            built.dirs.append(str(folder))
+            built.dirs[str(folder)] = 0o777
             return {"name": name, "hostPath": {"path": str(folder), "type": "Directory"}}
         if "hostPath" in vol or "persistentVolumeClaim" in vol:
             return vol

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import yaml
 
+from skin.errors import ConfigError
 from skin.kindsim import jobs as jobctl
 from skin.kindsim.apiserver import FakeKubeAPI, Rbac
 from skin.kindsim.pods import SA_DIR, BuiltPod, Cluster, PodConfigError, Slot, play_yaml
@@ -71,6 +72,9 @@ class SimOptions:
     backoff_scale: float = 0.1  # the Job controller's 10 s, 20 s, ... back-off, scaled
     log_lines: int = 30  # of a failed pod, in the report
     keep: bool = False  # leave the pods and the network (podman pod ps) for a look
+    # Secrets a user creates by hand before `kubectl apply`, as "NAME/KEY": each is made
+    # here with a random value (as `--from-literal=KEY=$(openssl rand -hex 32)` would).
+    secrets: list[str] = field(default_factory=list)
     fetch_model: bool = True
 
 
@@ -115,6 +119,14 @@ class Simulator:
     def __init__(self, yaml_text: str, opts: SimOptions):
         self.cluster = Cluster(yaml_text)
         self.opts = opts
+        made: dict[str, dict[str, str]] = {}
+        for ref in opts.secrets:
+            name, sep, key = ref.partition("/")
+            if not sep or not name or not key:
+                raise ConfigError(f"secret {ref!r}: expected NAME/KEY")
+            made.setdefault(name, {})[key] = secrets.token_hex(32)
+        for name, data in made.items():
+            self.cluster.add_secret(name, data)
         self.run_id = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
         self.network = f"kindsim-{self.run_id}"
         self.jobs = {(w["kind"], w["metadata"]["name"]): JobState(w)
@@ -282,6 +294,9 @@ class Simulator:
 
     def _write_files(self, built: BuiltPod) -> None:
         fs_group = (built.doc["spec"].get("securityContext") or {}).get("fsGroup")
+        for folder, mode in built.dirs.items():
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            Path(folder).chmod(mode)
         for path, (data, mode) in built.files.items():
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -289,11 +304,8 @@ class Simulator:
             p.chmod(mode)
             if fs_group is not None and os.geteuid() == 0:
                 os.chown(p, 0, int(fs_group))
-        for folder in {Path(p).parent for p in built.files}:
+        for folder in {Path(p).parent for p in built.files} - {Path(d) for d in built.dirs}:
             folder.chmod(0o755)
-        for folder in built.dirs:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            Path(folder).chmod(0o777)
         (self.opts.out / "volumes").chmod(0o755)
         if (self.opts.out / "volumes" / built.name).exists():
             (self.opts.out / "volumes" / built.name).chmod(0o755)

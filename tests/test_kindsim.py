@@ -4,6 +4,7 @@ the API server. The pods themselves run in tests/test_kindsim_image.py (make ima
 from __future__ import annotations
 
 import base64
+import re
 import json
 import shutil
 import urllib.error
@@ -220,3 +221,13 @@ def test_a_secret_users_create_by_hand_reaches_an_optional_secret_volume(kind_ya
     assert built.env["worker"]["TOKEN"] == "made-here"
     with pytest.raises(Exception, match="already in the rendered manifests"):
         bare.add_secret("oracle-token", {"token": "again"})
+
+
+def test_the_local_fake_gcs_server_image_is_the_release_the_kind_overlay_pins():
+    dockerfile = (REPO / "images/fake-gcs-server.Dockerfile").read_text()
+    built = re.search(r"^ARG FAKE_GCS_VERSION=(\S+)$", dockerfile, re.M).group(1)
+    overlay = yaml.safe_load((REPO / "k8s/kind/fake-gcs/kustomization.yaml").read_text())
+    pinned = next(i["newTag"] for i in overlay["images"] if i["name"] == "fsouza/fake-gcs-server")
+    makefile = (REPO / "Makefile").read_text()
+    local = re.search(r"^FAKE_GCS_IMAGE \?= \S+:(\S+)$", makefile, re.M).group(1)
+    assert built == pinned == local

@@ -554,7 +554,7 @@ class Simulator:
                 timings[key] = job.finished - job.started
         summary = skin_run._summary(exp, self.opts.out, version, model_dir, timings, None)
         print(summary.replace("skin run:", "skin kind-sim:", 1)
-              .replace(str(self.opts.out / "logs"), str(self.opts.out / "logs") + " (one per pod)"),
+              .replace(f"{self.opts.out / 'logs'}/", f"{self.opts.out / 'logs'}/  (one per pod)"),
               flush=True)
         (self.opts.out / "published.json").write_text(json.dumps(
             {"version": version, "model_dir": str(model_dir),

@@ -363,6 +363,14 @@ class Simulator:
             batch = [j for j in self.jobs.values() if j.kind == "Job"]
             if all(j.finished for j in batch):
                 return self._succeed()
+            if not self.pending and not any(p.slot.kind == "Job" for p in self.pods.values()):
+                self._events()  # an un-suspend that came with the last pod's end
+                waiting = [j for j in batch if not j.finished and j.started is None]
+                if waiting and not any(p.slot.kind == "Job" for p in self.pods.values()):
+                    for job in waiting:
+                        self._job_failed(job, "still suspended, and no pod is left that could "
+                                              "start it (nothing PATCHed spec.suspend: false)")
+                    continue
             if now > deadline:
                 running = ", ".join(p.name for p in self.pods.values())
                 self.say(f"FAILED: timeout after {self.opts.timeout_s:.0f} s; still running: "

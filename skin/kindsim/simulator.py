@@ -86,6 +86,8 @@ class PodRun:
     containers: list[str]
     started: float
     conditions: set[str] = field(default_factory=set)
+    sigterm_at: float | None = None  # when the kubelet's SIGTERM went out (disrupt)
+    grace_s: int = 30
 
 
 @dataclass
@@ -406,6 +408,7 @@ class Simulator:
                 run.conditions.add(DISRUPTION)
                 spec = self.cluster.get(run.slot.kind, run.slot.name)["spec"]["template"]["spec"]
                 grace = int(spec.get("terminationGracePeriodSeconds", 30))
+                run.sigterm_at, run.grace_s = time.monotonic(), grace
                 self.say(f"pod {run.name}: preempted (DisruptionTarget): SIGTERM, "
                          f"{grace} s grace, then SIGKILL")
                 threading.Thread(target=podman, args=("pod", "stop", "-t", str(grace), run.name),
@@ -466,9 +469,15 @@ class Simulator:
                 action = jobctl.FAIL_INDEX if per_index else jobctl.FAIL_JOB
                 verdict += " -> backoff limit exceeded"
         self.ended_pods.append((run.name, slot.key, end.exit_code, action))
+        stopped = ""
+        if run.sigterm_at is not None:
+            after = time.monotonic() - run.sigterm_at
+            stopped = (f" {after:.0f} s after SIGTERM (terminationGracePeriodSeconds "
+                       f"{run.grace_s}" + ("; killed when the grace period ran out)"
+                                           if end.exit_code == 137 else ")"))
         self.say(f"{where} FAILED with exit code {end.exit_code}"
-                 + (" after a disruption" if DISRUPTION in end.conditions
-                    else "") + f": {verdict}")
+                 + (" after a disruption" if DISRUPTION in end.conditions else "")
+                 + stopped + f": {verdict}")
         self._report_tail(run.name, log_path)
         if action == jobctl.FAIL_JOB:
             self._job_failed(job, f"{where} exited {end.exit_code}: {verdict}")

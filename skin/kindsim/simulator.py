@@ -228,7 +228,7 @@ class Simulator:
         tls.chmod(0o755)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
-        api_log = open(self.opts.out / "apiserver.log", "w")
+        api_log = self._api_log = open(self.opts.out / "apiserver.log", "w")
         jobs = [w for w in self.cluster.workloads if w["kind"] == "Job"]
         self.api = FakeKubeAPI(
             jobs, tokens=tokens, rbac=Rbac(self.cluster.objects),
@@ -242,6 +242,7 @@ class Simulator:
     def _teardown(self) -> None:
         if self.api is not None:
             self.api.close()
+            self._api_log.close()
         if self.opts.keep:
             self.say(f"--keep: pods and network {self.network} left in place "
                      f"(podman pod ps; podman network rm -f {self.network})")
@@ -250,8 +251,13 @@ class Simulator:
             names = [p.name for p in self.pods.values()]
         for name in names:
             self._save_logs(name)
-            podman("pod", "rm", "-f", "-t", "0", name, env=self.env)
+            self._remove_pod(name)
         podman("network", "rm", "-f", self.network, env=self.env)
+
+    def _remove_pod(self, name: str) -> None:
+        """The pod, and its volumes with it (an emptyDir lives as long as its pod)."""
+        podman("pod", "rm", "-f", "-t", "0", name, env=self.env)
+        shutil.rmtree(self.opts.out / "volumes" / name, ignore_errors=True)
 
     # --- pods -----------------------------------------------------------------------------
 
@@ -282,7 +288,7 @@ class Simulator:
                      "--log-driver", "k8s-file", str(path), timeout=300, env=self.env)
         containers = [f"{name}-{c['name']}" for c in built.doc["spec"]["containers"]]
         if out.returncode != 0:
-            podman("pod", "rm", "-f", "-t", "0", name, env=self.env)
+            self._remove_pod(name)
             self._job_failed(job, f"pod {name}: podman kube play failed: "
                              f"{(out.stderr or out.stdout).strip()[-2000:]}")
             return
@@ -432,7 +438,7 @@ class Simulator:
         slot = run.slot
         job = self.jobs[(slot.kind, slot.name)]
         log_path = self._save_logs(run.name)
-        podman("pod", "rm", "-f", "-t", "0", run.name, env=self.env)
+        self._remove_pod(run.name)
         with self.lock:
             del self.pods[slot.key]
         took = time.monotonic() - run.started

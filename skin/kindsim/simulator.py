@@ -196,6 +196,11 @@ class Simulator:
         self.say(f"network {self.network} ({subnet['subnet']}); Kubernetes API at "
                  f"https://{gateway}:{self.cluster.kube_api[1]}; pods: " + ", ".join(
                      f"{s.key}={s.ip}" for s in self.cluster.slots.values()))
+        for name, (svc, slot) in self.cluster.service_targets().items():
+            for port in svc["spec"].get("ports") or []:
+                if slot is not None and port.get("name") == "metrics":
+                    self.say(f"Service {name} metrics: http://{slot.ip}:{port['port']}/metrics "
+                             f"(skin status --address {slot.ip}:{port['port']} --watch)")
 
     def _start_api(self, gateway: str) -> None:
         """The fake API over TLS, and a service account token folder per ServiceAccount."""

@@ -217,8 +217,11 @@ class Simulator:
             raise RuntimeError(f"openssl: cannot make the API server's certificate: "
                                f"{made.stderr.strip()}")
         tokens = {}
-        for sa in self.cluster.by_kind.get("ServiceAccount", {}).values():
-            ns, name = Cluster.namespace(sa), sa["metadata"]["name"]
+        accounts = {(Cluster.namespace(sa), sa["metadata"]["name"])
+                    for sa in self.cluster.by_kind.get("ServiceAccount", {}).values()}
+        # Every namespace has its ServiceAccount "default".
+        accounts |= {(Cluster.namespace(w), "default") for w in self.cluster.workloads}
+        for ns, name in sorted(accounts):
             token = secrets.token_urlsafe(32)
             tokens[token] = (ns, name)
             folder = tls / f"sa-{name}"

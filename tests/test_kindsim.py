@@ -231,3 +231,19 @@ def test_the_local_fake_gcs_server_image_is_the_release_the_kind_overlay_pins():
     makefile = (REPO / "Makefile").read_text()
     local = re.search(r"^FAKE_GCS_IMAGE \?= \S+:(\S+)$", makefile, re.M).group(1)
     assert built == pinned == local
+
+
+def test_the_simulator_maps_images_and_finds_the_experiment_and_its_bucket(kind_yaml, tmp_path):
+    from skin.kindsim.simulator import SimOptions, Simulator
+
+    sim = Simulator(kind_yaml, SimOptions(out=tmp_path, images={
+        "fsouza/fake-gcs-server": "localhost/fake-gcs-server:1.54.0",
+        "localhost/skin:dev": "localhost/skin:image-test"}, secrets=["tok/token"]))
+    assert sim._image("fsouza/fake-gcs-server:1.54.0") == "localhost/fake-gcs-server:1.54.0"
+    assert sim._image("localhost/skin:dev") == "localhost/skin:image-test"
+    assert sim._image("localhost/skin:other") == "localhost/skin:other"
+    assert len(sim.cluster.get("Secret", "tok")["stringData"]["token"]) == 64
+    sim.cluster.assign_addresses("10.9.8")
+    doc, storage = sim._experiment()
+    assert doc["name"] == "quickstart"  # k8s/kind/experiment.yaml, through the ConfigMap
+    assert storage == f"http://{sim.cluster.slots['fake-gcs-server'].ip}:4443"

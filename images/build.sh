@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the skin image (images/Dockerfile) from the repository root.
 #
-#   images/build.sh IMAGE_REF [TARGET]      TARGET: runtime (default) or emulator
+#   images/build.sh IMAGE_REF [TARGET]      TARGET: runtime (default), emulator, or
+#                                           fake-gcs-server (images/fake-gcs-server.Dockerfile)
 #
 # Environment:
 #   IMAGE_BASE        debootstrap (default): the local base from images/build-base.sh,
@@ -15,14 +16,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE_REF=${1:?usage: images/build.sh IMAGE_REF [runtime|emulator]}
+IMAGE_REF=${1:?usage: images/build.sh IMAGE_REF [runtime|emulator|fake-gcs-server]}
 TARGET=${2:-runtime}
+DOCKERFILE=images/Dockerfile
+if [ "$TARGET" = fake-gcs-server ]; then
+  DOCKERFILE=images/fake-gcs-server.Dockerfile; TARGET=
+fi
 IMAGE_BASE=${IMAGE_BASE:-debootstrap}
 TF_VARIANT=${TF_VARIANT:-cpu}
 TOOL=${CONTAINER_TOOL:-podman}
 LOCAL_BASE=localhost/skin-base:bookworm-py311
 
-args=(-f images/Dockerfile --target "$TARGET" --build-arg "TF_VARIANT=$TF_VARIANT" -t "$IMAGE_REF")
+args=(-f "$DOCKERFILE" ${TARGET:+--target "$TARGET"} --build-arg "TF_VARIANT=$TF_VARIANT" -t "$IMAGE_REF")
 case "$IMAGE_BASE" in
   debootstrap) images/build-base.sh "$LOCAL_BASE"; args+=(--build-arg "BASE_IMAGE=$LOCAL_BASE") ;;
   registry) ;;
@@ -44,4 +49,4 @@ fi
 echo "[build] $TOOL build ${args[*]} ." >&2
 start=$SECONDS
 "$TOOL" build "${args[@]}" .
-echo "[build] $IMAGE_REF ($TARGET, $TF_VARIANT) built in $((SECONDS - start)) s" >&2
+echo "[build] $IMAGE_REF (${TARGET:-$DOCKERFILE}, $TF_VARIANT) built in $((SECONDS - start)) s" >&2

@@ -31,43 +31,6 @@ ORACLE_PORT = 8000
 KUBE_API_PORT = 8001
 NAMESPACE, RETRAIN_JOB = "skin", "skin-retrain"
 
-# Just enough of the Kubernetes API for the chief's un-suspend (GET and PATCH of one
-# Job), run in a container of its own; it prints every request as a JSON line.
-FAKE_KUBE_API = f"""
-import json, sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-PATH = '/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{RETRAIN_JOB}'
-job = {{'apiVersion': 'batch/v1', 'kind': 'Job',
-        'metadata': {{'name': '{RETRAIN_JOB}', 'namespace': '{NAMESPACE}'}},
-        'spec': {{'suspend': True, 'template': {{'spec': {{'restartPolicy': 'Never',
-                 'containers': [{{'name': 'retrain', 'image': 'skin'}}]}}}}}}}}
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-    def handle_one(self, method):
-        n = int(self.headers.get('Content-Length') or 0)
-        body = json.loads(self.rfile.read(n)) if n else None
-        path = self.path.split('?')[0]
-        print(json.dumps([method, path, self.headers.get('Content-Type'), body]), flush=True)
-        if path != PATH:
-            status, doc = 404, {{'kind': 'Status', 'apiVersion': 'v1', 'code': 404}}
-        else:
-            if method == 'PATCH':
-                job['spec'].update(body['spec'])
-            status, doc = 200, job
-        data = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    def do_GET(self):
-        self.handle_one('GET')
-    def do_PATCH(self):
-        self.handle_one('PATCH')
-print('listening', flush=True)
-HTTPServer(('0.0.0.0', {KUBE_API_PORT}), Handler).serve_forever()
-"""
 
 pytestmark = [
     pytest.mark.image,
@@ -246,7 +209,10 @@ def test_the_roles_as_containers_publish_a_model(pod):
     assert pod.wait(stage, timeout=600) == 0, f"stage failed\n{pod.logs()}"
     timings["stage"] = time.monotonic() - t
 
-    kubeapi = pod.start("kubeapi", "python", "-c", FAKE_KUBE_API, env={})
+    # Just enough of the Kubernetes API for the chief's un-suspend (kind-sim's, from the
+    # image); it prints every request as a JSON line.
+    kubeapi = pod.start("kubeapi", "python", "-m", "skin.kindsim.apiserver", "--port",
+                        str(KUBE_API_PORT), "--job", f"{NAMESPACE}/{RETRAIN_JOB}", env={})
     t = time.monotonic()
     chief = pod.start("chief", "python", "-m", "jobs.tune", env={
         **storage_env, "KERASTUNER_TUNER_ID": "chief", "KERASTUNER_ORACLE_PORT": str(ORACLE_PORT),

@@ -155,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         summary = import_weights(args.source, args.backbone, args.out,
                                  include_top=args.include_top, source_eps=args.source_bn_epsilon)
         print(f"{summary['out']}: {summary['backbone']} weights, {summary['tensors']} tensors "
-              f"from {summary['from']} ({summary['parameters']} parameters)")
+              f"from {summary['from']} ({summary['parameters']} numbers)")
         return 0
     if args.command == "status":
         from skin.status import main_status

@@ -346,3 +346,20 @@ def test_the_network_is_lite0(state):
     assert all(la.epsilon == 1e-3 for la in net.layers
                if isinstance(la, keras.layers.BatchNormalization))
     assert len([la for la in net.layers if isinstance(la, keras.layers.Add)]) == 9
+
+
+def test_the_network_and_the_import_are_pure_keras():
+    """No TensorFlow import in skin.lite0, skin.weights, skin.backbone: they run on Keras's
+    JAX backend too (the GPU machines have no TensorFlow)."""
+    import ast
+    from pathlib import Path
+
+    import skin
+
+    for name in ("lite0.py", "weights.py", "backbone.py"):
+        tree = ast.parse((Path(skin.__file__).parent / name).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module or "" for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom)}
+        assert not any(m.split(".")[0] == "tensorflow" for m in imported), (name, imported)

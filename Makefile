@@ -138,8 +138,11 @@ kind-down: ## Delete the kind cluster
 ##@ Benchmarks
 
 .PHONY: bench-quality
-bench-quality: venv ## Model quality: skin run on ../shared ISIC train with a held-out test part, 3 split seeds; model at OUT/model (OUT=dir; ~1 h, whole machine)
-	$(PY) bench/quality.py $(if $(OUT),--out $(OUT))
+# CONFIG= picks the experiment (default skin/experiments/default.yaml, the from-scratch recipe;
+# skin/experiments/pretrained.yaml fine-tunes ImageNet EfficientNet-Lite0); `make run`'s own
+# default CONFIG does not apply here.
+bench-quality: venv ## Model quality: skin run on ../shared ISIC train with a held-out test part, 3 split seeds; model at OUT/model (OUT=dir CONFIG=file DATA=dir; ~1 h, whole machine)
+	$(PY) bench/quality.py $(if $(OUT),--out $(OUT)) $(if $(filter command line environment override,$(origin CONFIG)),--config $(CONFIG)) $(if $(DATA),--data $(DATA))
 
 .PHONY: bench-scale
 bench-scale: venv ## Chief capacity (ours vs stock keras-tuner, 200/1000 simulated workers, 10k trials) and 1-vs-2 worker scaling (~30 min; OUT=file for the JSON)

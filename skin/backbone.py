@@ -4,13 +4,16 @@ The experiment's ``backbone`` section (``skin.config.BackboneConfig``):
 
 =============  ==========================================================================
 ``name``       ``none`` (the from-scratch CNN of ``skin.model``), ``mobilenetv2`` or
-               ``efficientnetb0`` (``keras.applications``, without their top)
+               ``efficientnetb0`` (``keras.applications``, without their top), or
+               ``efficientnet_lite0`` (``skin.lite0``: EfficientNet-Lite0, whose ImageNet
+               weights come from a PyTorch checkpoint converted by ``skin weights import``)
 ``weights``    ``""``: random initialisation (from scratch); ``imagenet``: Keras's ImageNet
                weights, downloaded by Keras (the cluster needs internet access) or found in
-               its cache (``$KERAS_HOME/models``); ``gs://bucket/path.h5`` or a local path:
-               a weights file for that backbone (Keras's own ImageNet file uploaded to a
-               bucket, for clusters without internet access, or a ``.weights.h5`` saved from
-               the backbone)
+               its cache (``$KERAS_HOME/models``; not for ``efficientnet_lite0``);
+               ``gs://bucket/path.h5`` or a local path: a weights file for that backbone
+               (Keras's own ImageNet file uploaded to a bucket, for clusters without internet
+               access, a ``.weights.h5`` saved from the backbone, or one written by
+               ``skin weights import``)
 ``trainable``  fine-tune the backbone with the head (``true``) or train the head alone on
                frozen features (``false``; needs weights)
 =============  ==========================================================================
@@ -42,7 +45,7 @@ from skin.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-NAMES: tuple[str, ...] = ("none", "mobilenetv2", "efficientnetb0")
+NAMES: tuple[str, ...] = ("none", "mobilenetv2", "efficientnetb0", "efficientnet_lite0")
 # Hyperparameters of skin.model's own CNN body, which a backbone replaces.
 BODY_HYPERPARAMETERS: tuple[str, ...] = ("stem", "blocks", "filters", "kernel_size", "block_type",
                                          "batch_norm")
@@ -86,6 +89,15 @@ class Backbone:
             elif self.name == "efficientnetb0":
                 net = keras.applications.EfficientNetB0(input_shape=shape, include_top=False,
                                                         weights=weights)
+            elif self.name == "efficientnet_lite0":
+                if weights == "imagenet":
+                    raise ConfigError(
+                        "backbone.weights: 'imagenet' is not available for efficientnet_lite0; "
+                        "convert the PyTorch checkpoint with `skin weights import` and set "
+                        "backbone.weights to the file (README.md, Backbones)")
+                from skin import lite0
+
+                net = lite0.build(image_size)
             else:
                 raise ConfigError(f"backbone.name: {self.name!r} is not valid; expected one of "
                                   + ", ".join(repr(n) for n in NAMES[1:]))
@@ -132,7 +144,9 @@ class Backbone:
 
         if self.name == "mobilenetv2":
             return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="backbone_rescale")
-        return None  # EfficientNet rescales and normalises inside
+        # EfficientNet rescales and normalises inside; EfficientNet-Lite0 too ((x - 127) / 128,
+        # its first layer: skin.lite0).
+        return None
 
 
 def fetch_weights(name: str, weights: str, trainable: bool, *, storage=None,

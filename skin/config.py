@@ -109,13 +109,14 @@ class RetrainConfig:
                                "(1 = the best trial alone)")
 
 
-_BACKBONES = ("none", "mobilenetv2", "efficientnetb0")  # skin.backbone.NAMES (no TF import here)
+_BACKBONES = ("none", "mobilenetv2", "efficientnetb0", "efficientnet_lite0")  # skin.backbone.NAMES (no TF import here)
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = _spec("none", choices=_BACKBONES,
-                      help="a keras.applications backbone in place of the searched CNN body")
+                      help="a pretrainable network (keras.applications or skin.lite0) in place "
+                           "of the searched CNN body")
     weights: str = _spec("", help="'' (random: from scratch), 'imagenet' (Keras downloads them), "
                                   "a gs:// URI or a local path of a weights file")
     trainable: bool = _spec(True, help="fine-tune the backbone (false: train the head alone)")
@@ -330,6 +331,10 @@ def _check_cross_field(exp: Experiment) -> None:
     if not b.trainable and not weights:
         raise ConfigError("backbone.trainable: false is not valid without backbone.weights; "
                           "expected true (a frozen random backbone learns nothing)")
+    if weights == "imagenet" and b.name == "efficientnet_lite0":
+        raise ConfigError("backbone.weights: 'imagenet' is not valid with backbone.name "
+                          "'efficientnet_lite0' (Keras has no such file); expected a gs:// URI or "
+                          "a local path of a file written by `skin weights import`")
     if weights and weights != "imagenet" and "://" in weights and not weights.startswith("gs://"):
         raise ConfigError(f"backbone.weights: {b.weights!r} is not valid; expected '', 'imagenet', "
                           "a gs:// URI or a local path")

@@ -3,6 +3,7 @@ from a bucket, a local file or Keras; the search space, the retrain and the chie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 
@@ -95,6 +96,8 @@ def test_the_default_is_no_backbone_and_the_searched_cnn():
     ({"name": "mobilenetv2", "weights": "s3://b/w.h5"}, "backbone.weights: 's3://b/w.h5' is not "
                                                         "valid; expected '', 'imagenet', a gs://"),
     ({"name": "mobilenetv2", "trainable": "yes"}, "backbone.trainable: 'yes' is not valid"),
+    ({"name": "efficientnet_lite0", "weights": "imagenet"},
+     "backbone.weights: 'imagenet' is not valid with backbone.name 'efficientnet_lite0'"),
 ])
 def test_bad_backbone_settings_name_the_key(backbone, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -132,7 +135,7 @@ def test_environment_overrides_the_backbone():
 # The model
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0"])
+@pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0", "efficientnet_lite0"])
 def test_a_random_backbone_replaces_the_body_trains_and_round_trips(name, tmp_path):
     hm = M.SkinHyperModel(experiment(name=name))
     hp = keras_tuner.HyperParameters()
@@ -346,3 +349,113 @@ def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_sy
     model = keras.models.load_model(model_path, safe_mode=True)
     # The frozen backbone is published with the weights it was given.
     assert same_weights(nested(model), donor)
+
+
+# ---------------------------------------------------------------------------
+# EfficientNet-Lite0 with the ImageNet weights imported from the shipped PyTorch checkpoint
+
+
+@pytest.fixture(scope="module")
+def lite0_state():
+    from skin import weights as W
+
+    return W.read_checkpoint(W.packaged_checkpoint())
+
+
+def imported_lite0(storage, bucket, tmp_path) -> str:
+    """`skin weights import` of the shipped checkpoint into the bucket; its gs:// URI."""
+    from skin import weights as W
+    from skin.cli import main
+
+    uri = f"gs://{bucket}/weights/efficientnet_lite0.weights.h5"
+    assert main(["weights", "import", "--from", str(W.packaged_checkpoint()), "--backbone",
+                 "efficientnet_lite0", "--out", uri]) == 0
+    assert storage.exists(uri)
+    return uri
+
+
+def test_lite0_gets_0_to_255_pixels_and_scales_them_as_its_checkpoint_expects():
+    """The product feeds backbones float 0..255 (skin.data); Lite0's first layer maps them to
+    (x - 127) / 128, what its ImageNet checkpoint was trained on; no other layer rescales."""
+    model = M.SkinHyperModel(experiment(name="efficientnet_lite0")).build(
+        keras_tuner.HyperParameters())
+    net = nested(model)
+    assert model.inputs[0].shape[1:] == (SIZE, SIZE, 3)
+    assert [la.name for la in model.layers if isinstance(la, keras.layers.Rescaling)] == []
+    (rescale,) = [la for la in net.layers if isinstance(la, keras.layers.Rescaling)]
+    x = images(2)
+    np.testing.assert_allclose(np.asarray(rescale(x)), (x - 127.0) / 128.0, rtol=1e-6, atol=1e-6)
+    assert net.layers[1] is rescale  # right after the input
+
+
+def test_imported_lite0_weights_classify_a_photograph_through_the_product_model(
+        lite0_state, emulator, storage, bucket, tmp_path):
+    """The weights imported into a bucket, the product's model built at 224 px on them, the
+    photograph read by the product's own image path (skin.data.load_images): the pooled
+    features, with the checkpoint's ImageNet classifier, give the cat its class."""
+    from PIL import Image
+    from skimage import data
+
+    uri = imported_lite0(storage, bucket, tmp_path)
+    exp = experiment(bucket, name="efficientnet_lite0", weights=uri, trainable=True)
+    exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, image_size=224))
+    hp = keras_tuner.HyperParameters()
+    hp.values.update(pooling="avg", augment=0.5)
+    model = M.SkinHyperModel(exp, storage=storage, cache_dir=tmp_path / "cache").build(hp)
+    net = nested(model)
+    # Pretrained: batch norm frozen (inference mode) while the rest is fine-tuned.
+    norms = [la for la in net.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert len(norms) == 49 and not any(la.trainable for la in norms)
+    assert net.trainable and len(net.trainable_weights) > 0
+
+    Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
+    from skin.data import load_images
+
+    x = load_images([tmp_path / "chelsea.png"], 224)
+    assert x.dtype == np.float32 and 100 < x.max() <= 255
+    features = keras.Model(model.inputs, model.get_layer("pool").output).predict(x, verbose=0)
+    logits = features @ lite0_state["_fc.weight"].T + lite0_state["_fc.bias"]
+    assert int(logits.argmax()) in range(281, 286), int(logits.argmax())
+
+
+@pytest.mark.slow
+def test_retrain_publishes_a_lite0_model_on_imported_weights_with_tta(
+        lite0_state, emulator, real_or_synthetic_images, tmp_path):
+    from skin import weights as W
+    from skin.stage import stage
+    from skin.storage import Storage
+
+    bucket = f"lite-{uuid.uuid4().hex[:8]}"
+    emulator.ensure_bucket(bucket)
+    storage = Storage()
+    uri = imported_lite0(storage, bucket, tmp_path)
+    exp = experiment(bucket, real_or_synthetic_images, name="efficientnet_lite0", weights=uri,
+                     trainable=True)
+    exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, tta=True))
+    stage(exp, storage)
+    best = {"trial_id": "0001", "score": 0.7, "objective": "val_auc", "epochs": 1,
+            "hyperparameters": {"pooling": "avg", "dense_units": 0, "dropout": 0.2,
+                                "optimizer": "adamw", "learning_rate": 1e-4,
+                                "weight_decay": 1e-4, "lr_schedule": "cosine",
+                                "label_smoothing": 0.0, "augment": 0.25, "mixup": 0.0,
+                                "class_weight": False, "batch_size": 16}}
+    published = rt.retrain(exp, Runtime(work_dir=tmp_path / "work"), storage, best=best)
+    metrics = json.loads(storage.read_text(join(published.uri, "metrics.json")))
+    assert metrics["backbone"] == {"name": "efficientnet_lite0", "weights": uri, "trainable": True}
+    model_path = tmp_path / "model.keras"
+    storage.download_file(join(published.uri, "model.keras"), model_path)
+    import skin.model  # noqa: F401 -- registers the TTA layers
+
+    model = keras.models.load_model(model_path, safe_mode=True)
+    assert model.get_layer("tta_views") is not None
+    member = nested(model)
+    net = nested(member)
+    imported = W.convert(lite0_state, "efficientnet_lite0", image_size=SIZE)
+    # Fine-tuned (kernels moved), batch-norm statistics those of the checkpoint.
+    for w, start in zip(net.weights, imported.weights):
+        if "moving_" in w.path:
+            np.testing.assert_array_equal(w.numpy(), start.numpy())
+    assert any(not np.array_equal(w.numpy(), s.numpy()) for w, s in
+               zip(net.weights, imported.weights) if w.path.endswith("kernel"))
+    p = model.predict(images(4), verbose=0)
+    assert p.shape == (4, 1) and np.all((p >= 0) & (p <= 1))

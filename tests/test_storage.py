@@ -275,3 +275,34 @@ def test_emulator_as_a_process(monkeypatch):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+def test_emulator_keeps_its_bucket_in_data_dir_across_restarts(tmp_path, monkeypatch):
+    with Emulator(bucket="kept", data_dir=tmp_path / "gcs") as emu:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.endpoint)
+        Storage().write_text("gs://kept/a/b.json", "{}")
+        generation = Storage().stat("gs://kept/a/b.json").version
+    assert (tmp_path / "gcs" / "kept" / "a" / "b.json").read_text() == "{}"
+    with Emulator(data_dir=tmp_path / "gcs") as emu:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.endpoint)
+        assert emu.buckets() == ["kept"]
+        assert Storage().read_text("gs://kept/a/b.json") == "{}"
+        assert Storage().stat("gs://kept/a/b.json").version == generation
+
+
+def test_skin_run_without_fake_gcs_server_says_how_to_start_one(tmp_path):
+    """No binary for this platform (as on macOS): exit 2 with what to do instead."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SKIN_", "KERASTUNER_")) and k != "STORAGE_EMULATOR_HOST"}
+    env["SKIN_FAKE_GCS_SERVER"] = str(tmp_path / "no-such-fake-gcs-server")
+    proc = subprocess.run(
+        [sys.executable, "-m", "skin.cli", "run", "--config", "skin/experiments/quickstart.yaml",
+         "--out", str(tmp_path / "out"), "--metrics-port", "0"],
+        env=env, capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no-such-fake-gcs-server" in proc.stderr
+    assert "fsouza/fake-gcs-server" in proc.stderr
+    assert "STORAGE_EMULATOR_HOST=http://127.0.0.1:4443" in proc.stderr
+    assert not (tmp_path / "out" / "logs" / "stage.log").exists()  # nothing ran
+

@@ -165,8 +165,14 @@ def _disk_storage(root: str):
         def read_bytes(self, uri):
             return super().read_bytes(self._map(uri))
 
-        def write_bytes(self, uri, data):
-            return super().write_bytes(self._map(uri), data)
+        def read_versioned(self, uri):
+            return super().read_versioned(self._map(uri))
+
+        def write_bytes(self, uri, data, **kwargs):
+            return super().write_bytes(self._map(uri), data, **kwargs)
+
+        def stat(self, uri):
+            return super().stat(self._map(uri))
 
         def exists(self, uri):
             return super().exists(self._map(uri))

@@ -287,6 +287,8 @@ def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
         metrics_port = 0 if not opts.metrics_port else opts.metrics_port + i
         env = role_env(name, KERASTUNER_TUNER_ID=name, SKIN_METRICS_PORT=str(metrics_port),
                        **common)
+        if name == "chief":  # restarted here like a pod: wait out a dead chief's lock
+            env.setdefault("SKIN_CHIEF_ON_LOCK_HELD", "wait")
         sup.start(Child(name, _skin("tune", "--tuner-id", name), env))
         if metrics_port:
             print(f"metrics: {name:>7} http://127.0.0.1:{metrics_port}/metrics", flush=True)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import free_port
 from skin.emulator import Emulator
-from skin.errors import RetryableError
+from skin.errors import PreconditionFailedError, RetryableError
 from skin.storage import Storage, is_gcs, join
 
 
@@ -306,3 +306,54 @@ def test_skin_run_without_fake_gcs_server_says_how_to_start_one(tmp_path):
     assert "STORAGE_EMULATOR_HOST=http://127.0.0.1:4443" in proc.stderr
     assert not (tmp_path / "out" / "logs" / "stage.log").exists()  # nothing ran
 
+
+# -- generation preconditions (the real server enforces them; so does the local backend) ------
+
+def test_create_if_absent_and_conditional_replace(storage, root):
+    uri = join(root, "lock.json")
+    first = storage.write_text(uri, "one", if_generation_match=0)
+    assert first > 0
+    with pytest.raises(PreconditionFailedError, match="lock.json: precondition failed"):
+        storage.write_text(uri, "two", if_generation_match=0)  # it exists now
+    data, generation = storage.read_versioned(uri)
+    assert (data, generation) == (b"one", first)
+    second = storage.write_text(uri, "two", if_generation_match=first)
+    assert second != first and storage.stat(uri).version == second
+    with pytest.raises(PreconditionFailedError):  # a writer holding the old generation
+        storage.write_text(uri, "stale", if_generation_match=first)
+    assert storage.read_text(uri) == "two"
+    third = storage.write_json(uri, {"n": 3})  # unconditional writes still replace
+    assert storage.read_versioned(uri) == (b'{\n  "n": 3\n}\n', third)
+
+
+def test_conditional_write_on_a_missing_object_fails_unless_create(storage, root):
+    uri = join(root, "absent.json")
+    with pytest.raises(PreconditionFailedError):
+        storage.write_text(uri, "x", if_generation_match=12345)
+    assert not storage.exists(uri)
+    with pytest.raises(FileNotFoundError):
+        storage.read_versioned(uri)
+
+
+def test_only_one_of_many_racing_creators_wins(storage, root):
+    """Eight threads create the same object at once: exactly one succeeds."""
+    uri = join(root, "race.json")
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def create(i: int) -> None:
+        barrier.wait()
+        try:
+            storage.write_text(uri, f"writer {i}", if_generation_match=0)
+            outcomes.append(f"won {i}")
+        except PreconditionFailedError:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o.startswith("won")]
+    assert len(winners) == 1 and outcomes.count("lost") == 7
+    assert storage.read_text(uri) == "writer " + winners[0].split()[1]

@@ -17,7 +17,7 @@ same folder serves the same bucket. ``port=0`` takes a free port
 
 As a process of its own (``skin run`` and multi-process tests use this)::
 
-    python -m skin.emulator --port 0 --bucket skin-experiments [--data-dir DIR]
+    python -m skin.emulator --port 0 --bucket skin-experiments [--data-dir DIR] [--external-url U]
 
 prints the endpoint (``http://127.0.0.1:PORT``) as its first line of stdout
 and serves until SIGTERM or SIGINT.
@@ -123,8 +123,11 @@ class Emulator:
     """fake-gcs-server as a child process; a context manager."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, bucket: str | None = None,
-                 *, data_dir: str | Path | None = None, quiet: bool = True):
+                 *, data_dir: str | Path | None = None, quiet: bool = True,
+                 external_url: str | None = None):
         self.host = host
+        # Where clients reach it (resumable uploads continue at this address); default: endpoint.
+        self.external_url = external_url
         self.port = port
         self.bucket = bucket
         self.data_dir = Path(data_dir) if data_dir else None
@@ -176,9 +179,10 @@ class Emulator:
 
     def _launch(self, binary: Path, port: int) -> str | None:
         """Start the server on ``port``; None once it answers, else why it did not."""
+        local = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         argv = [str(binary), "-scheme", "http", "-host", self.host, "-port", str(port),
-                "-external-url", f"http://{'127.0.0.1' if self.host == '0.0.0.0' else self.host}"
-                f":{port}", "-log-level", "error" if self.quiet else "info"]
+                "-external-url", self.external_url or f"http://{local}:{port}",
+                "-log-level", "error" if self.quiet else "info"]
         if self.data_dir is not None:
             argv += ["-backend", "filesystem", "-filesystem-root", str(self.data_dir.resolve())]
         else:
@@ -284,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--bucket", action="append", default=[],
                         help="bucket to create (repeatable)")
+    parser.add_argument("--external-url", default=None,
+                        help="the address other hosts use (e.g. http://emulator:9023 in a pod); "
+                             "resumable uploads continue there")
     parser.add_argument("--data-dir", default=None,
                         help="keep objects in this folder, across restarts (default: memory)")
     args = parser.parse_args(argv)
@@ -293,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        emu = Emulator(args.host, args.port, data_dir=args.data_dir).start()
+        emu = Emulator(args.host, args.port, data_dir=args.data_dir,
+                       external_url=args.external_url).start()
     except EmulatorUnavailable as e:
         print(f"skin.emulator: {e}", file=sys.stderr)
         return e.exit_code

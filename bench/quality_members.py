@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from skin.model import SkinHyperModel, hyperparameters_from_values, inference_model
     from skin.retrain import split_predictions, top_trials
     from skin.storage import Storage, join
+    from skin.tuning.tuner import checkpoint_uri
 
     exp = load_experiment(out / "experiment.yaml", env={})
     with Emulator(bucket=exp.storage.bucket, data_dir=str(out / "bucket")) as emu:
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
             local = out / "bench-work" / "members" / str(t["trial_id"])
             local.mkdir(parents=True, exist_ok=True)
             weights = local / "checkpoint.weights.h5"
-            storage.download_file(join(exp.trials_uri, t["trial_id"], "checkpoint.weights.h5"),
+            storage.download_file(checkpoint_uri(storage, exp.trials_uri, t["trial_id"]),
                                   weights)
             values = {k: v for k, v in t["hyperparameters"].items()}
             model = SkinHyperModel(exp).build(hyperparameters_from_values(values))

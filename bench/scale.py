@@ -11,7 +11,8 @@ with the number of workers (about ``workers / think`` calls per second).
 Both chiefs speak keras-tuner's gRPC service, so one driver drives both:
 
 - ``ours``: ``skin.tuning.run_chief`` (random search, 3 float hyperparameters),
-  its state journaled to gcp-storage-emulator (a separate process) as in a run;
+  its state journaled to the storage emulator (a separate process) as in a run
+  (fake-gcs-server since issue 13; the BENCHMARKS rows before it: gcp-storage-emulator);
 - ``stock``: keras-tuner 1.4's ``oracle_chief.start_server`` with the same
   ``RandomSearchOracle``, saving to a local directory (its only mode), verbose 0.
 
@@ -86,7 +87,7 @@ def base_env(**extra) -> dict:
 
 
 class Emulator:
-    """gcp-storage-emulator as its own process (``python -m skin.emulator``)."""
+    """The storage emulator as its own process (``python -m skin.emulator``)."""
 
     def __init__(self, log: Path):
         self.proc = subprocess.Popen([sys.executable, "-m", "skin.emulator", "--port", "0",
@@ -164,8 +165,14 @@ def _disk_storage(root: str):
         def read_bytes(self, uri):
             return super().read_bytes(self._map(uri))
 
-        def write_bytes(self, uri, data):
-            return super().write_bytes(self._map(uri), data)
+        def read_versioned(self, uri):
+            return super().read_versioned(self._map(uri))
+
+        def write_bytes(self, uri, data, **kwargs):
+            return super().write_bytes(self._map(uri), data, **kwargs)
+
+        def stat(self, uri):
+            return super().stat(self._map(uri))
 
         def exists(self, uri):
             return super().exists(self._map(uri))

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chief metrics port; worker i uses PORT+1+i; 0 turns metrics off")
     p.add_argument("--max-restarts", type=int, default=3, metavar="N",
                    help="restarts of a crashed worker or chief, with backoff (as a Job would)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the bucket the last run left in OUT/gcs/ and carry on from it "
+                        "(default: start from an empty bucket)")
 
     p = sub.add_parser("stage", help="check, split and shard the images into the bucket")
     _add_config(p)
@@ -183,7 +186,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.max_restarts < 0:
             raise ConfigError(f"--max-restarts: {args.max_restarts} is not valid; expected >= 0")
         return run_local(exp, RunOptions(out=args.out, metrics_port=args.metrics_port,
-                                         max_restarts=args.max_restarts))
+                                         max_restarts=args.max_restarts, resume=args.resume))
 
     exp = load_experiment(args.config, env)
     from skin.storage import Storage

@@ -126,6 +126,14 @@ class BackboneConfig:
 class ChiefConfig:
     oracle_port: int = _spec(8000, lo=1, hi=65535, help="gRPC port of the oracle")
     metrics_port: int = _spec(9090, lo=0, hi=65535, help="Prometheus port (0 = off)")
+    lock_seconds: float = _spec(
+        30.0, lo=1.0, hi=3600.0,
+        help="the chief's lock in the bucket (tuner/oracle/lock.json) expires this long after "
+             "its last renewal (renewed every third of it); another chief takes over only then")
+    on_lock_held: str = _spec(
+        "auto", choices=("auto", "wait", "exit"),
+        help="a chief that finds the lock held: wait until it is free, or exit 5; auto waits "
+             "under Kubernetes (KUBERNETES_SERVICE_HOST set) and exits on a manual start")
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "SKIN_BACKBONE": "backbone.name",
     "SKIN_BACKBONE_WEIGHTS": "backbone.weights",
     "SKIN_ORACLE_PORT": "chief.oracle_port",
+    "SKIN_CHIEF_LOCK_SECONDS": "chief.lock_seconds",
+    "SKIN_CHIEF_ON_LOCK_HELD": "chief.on_lock_held",
 }
 
 

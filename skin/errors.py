@@ -14,6 +14,9 @@ EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2  # fatal: bad experiment file, bad flag, bad environment value
 EXIT_DATA = 3  # fatal: the data cannot be staged or read (nothing usable, manifest mismatch)
 EXIT_SEARCH_FAILED = 4  # fatal: too many consecutive trials failed; the search space is broken
+EXIT_LOCKED = 5  # a manual chief start found another chief holding the search's lock
+EXIT_FENCED = 6  # a chief lost its lock (or a write precondition failed): it stopped writing
+EXIT_PUBLISH_RACE = 7  # a retrain published its version but another moved models/LATEST first
 EXIT_RETRYABLE = 75  # retry: lost connection, storage unavailable, chief gone (EX_TEMPFAIL)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM (the Job treats a disruption as retryable)
 
@@ -42,6 +45,37 @@ class SearchFailedError(SkinError):
     """The search stopped: too many consecutive trials failed. Fatal."""
 
     exit_code = EXIT_SEARCH_FAILED
+
+
+class PreconditionFailedError(SkinError):
+    """A conditional write found the object changed (HTTP 412): someone else wrote it."""
+
+    exit_code = EXIT_FENCED
+
+    def __init__(self, uri: str, expected_generation: int | None = None):
+        self.uri, self.expected_generation = uri, expected_generation
+        want = ("absent" if expected_generation == 0 else
+                f"at generation {expected_generation}" if expected_generation else "unchanged")
+        super().__init__(f"{uri}: precondition failed (expected it {want}; another writer "
+                         "changed it)")
+
+
+class LockHeldError(SkinError):
+    """Another chief holds this search's lock and it is fresh (a manual second start)."""
+
+    exit_code = EXIT_LOCKED
+
+
+class FencedError(SkinError):
+    """This chief lost its lock: it stops serving and writes nothing more."""
+
+    exit_code = EXIT_FENCED
+
+
+class PublishRaceLostError(SkinError):
+    """Another retrain moved models/LATEST between our read and our write."""
+
+    exit_code = EXIT_PUBLISH_RACE
 
 
 class RetryableError(SkinError):

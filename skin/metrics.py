@@ -251,6 +251,18 @@ class ChiefMetrics:
                                "1 once the search has ended (no more trials).", registry=r)
         self._finished_at = Gauge("skin_chief_search_finished_timestamp_seconds",
                                   "When the search ended (0 while it runs).", registry=r)
+        self._lock_held = Gauge("skin_chief_lock_held",
+                                "1 while this chief holds the search's lock in the bucket (0 "
+                                "while it waits for another chief's to expire).", registry=r)
+        self._lock_lost = Gauge("skin_chief_lock_lost",
+                                "1 once this chief lost its lock to another chief: it stopped "
+                                "serving and exits 6 without writing.", registry=r)
+        self._preconditions = Counter("skin_chief_precondition_failures",
+                                      "Conditional writes of the chief's state (lock, journal, "
+                                      "compaction, header, result) that found the object "
+                                      "changed by another writer.", ["kind"], registry=r)
+        for kind in ("lock", "journal", "compaction", "header", "result"):
+            self._preconditions.labels(kind)
 
     # -- helpers
 
@@ -380,6 +392,14 @@ class ChiefMetrics:
         self._eta.set(0)
         self._end.set(now)
         self._progress.set(now)
+
+    def chief_lock(self, held: bool, lost: bool = False) -> None:
+        self._lock_held.set(1 if held else 0)
+        if lost:
+            self._lock_lost.set(1)
+
+    def precondition_failed(self, kind: str) -> None:
+        self._preconditions.labels(kind).inc()
 
     @property
     def best(self) -> float | None:

@@ -7,6 +7,13 @@ malignant sensitivity >= ``retrain.target_sensitivity``) → evaluation on the
 test split when one was staged, else on validation → publication to
 ``<root>/models/<version>/`` and, written last, ``<root>/models/LATEST``.
 
+Two retrains may race (a retried Job beside a manual run): the version name is
+claimed by creating its ``metrics.json`` only if absent (a placeholder until the
+real one is uploaded), so no two retrains share a folder, and ``LATEST`` is
+written with a precondition on the generation this retrain read when it
+started. The one that loses keeps its complete version in the bucket, leaves
+``LATEST`` naming the other, says so and exits 7 (``PublishRaceLostError``).
+
 No decision looks at the test split: early stopping, the restored epoch and
 the threshold all use validation only.
 
@@ -47,7 +54,8 @@ import keras
 import numpy as np
 
 import skin
-from skin.errors import DataError, SearchFailedError
+from skin.errors import (DataError, PreconditionFailedError, PublishRaceLostError,
+                         SearchFailedError)
 from skin.evaluate import (CLASS_NAMES, MODEL_FILE, SERVING_FILE, choose_threshold,
                            classification_metrics, embed_serving, interval_text,
                            malignant_probability, roc_auc, roc_curve, serving_document)
@@ -482,12 +490,43 @@ def _composition(metrics: dict) -> list[str]:
 # Publishing
 
 def _new_version(storage, models_uri: str) -> str:
-    """A UTC timestamp no published version uses yet."""
+    """A UTC timestamp no published version uses yet, claimed for this retrain: its
+    ``metrics.json`` created only if absent (the upload replaces the placeholder)."""
     while True:
         version = _dt.datetime.now(_dt.timezone.utc).strftime(VERSION_FORMAT)
         if not storage.list(join(models_uri, version) + "/"):
-            return version
+            try:
+                storage.write_json(join(models_uri, version, "metrics.json"),
+                                   {"version": version, "publishing": True},
+                                   if_generation_match=0)
+                return version
+            except PreconditionFailedError:
+                log.info("version %s was just claimed by another retrain; taking the next",
+                         version)
         time.sleep(1.05)
+
+
+def _read_latest(storage, models_uri: str) -> tuple[str | None, int]:
+    """(the version LATEST names, its generation); (None, 0) when nothing is published."""
+    try:
+        data, generation = storage.read_versioned(join(models_uri, "LATEST"))
+    except FileNotFoundError:
+        return None, 0
+    return data.decode("utf-8", errors="replace").strip() or None, generation
+
+
+def _move_latest(storage, models_uri: str, version: str, seen: tuple[str | None, int]) -> None:
+    """Point LATEST at ``version`` unless another retrain moved it since we read ``seen``."""
+    latest = join(models_uri, "LATEST")
+    try:
+        storage.write_text(latest, version + "\n", if_generation_match=seen[1])
+    except PreconditionFailedError:
+        other, _ = _read_latest(storage, models_uri)
+        raise PublishRaceLostError(
+            f"another retrain published {other} while this one ran (LATEST named "
+            f"{seen[0] or 'nothing'} when it started): LATEST stays on {other}. This retrain's "
+            f"version {version} is complete at {join(models_uri, version)}; to serve it "
+            f"instead, write {version!r} into {latest}") from None
 
 
 def _render_report(result: dict | None, out_dir: Path) -> None:
@@ -600,6 +639,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     """Retrain the best configuration, choose the threshold, evaluate, publish. See module doc."""
     from skin import data as skin_data
 
+    latest_seen = _read_latest(storage, exp.models_uri)  # LATEST moves only from here
     best = dict(best) if best is not None else _load_best(storage, exp)
     result = _load_result(storage, exp)
     data_dir = Path(skin_data.sync_data(storage, exp.data_uri, Path(runtime.work_dir) / "data"))
@@ -705,7 +745,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
 
     storage.upload_dir(local_dir, uri)
     # LATEST last: a reader that sees it finds every file of the version already there.
-    storage.write_text(join(exp.models_uri, "LATEST"), version + "\n")
+    _move_latest(storage, exp.models_uri, version, latest_seen)
     log.info("published %s (%s: accuracy %.3f, ROC AUC %s, sensitivity %s, specificity %s)",
              uri, evaluated_on, evaluation["accuracy"] or 0.0, _fmt(evaluation["roc_auc"]),
              _fmt(evaluation["sensitivity"]), _fmt(evaluation["specificity"]))

@@ -2,8 +2,12 @@
 
 The same commands the pods run (``skin stage``, ``skin tune`` as chief and
 as ``tuner<i>``, ``skin retrain``) run here as child processes against one
-bucket, which is an embedded gcp-storage-emulator unless
-``STORAGE_EMULATOR_HOST`` is already set. A crashed chief or worker is
+bucket, which is an embedded fake-gcs-server (:mod:`skin.emulator`) unless
+``STORAGE_EMULATOR_HOST`` is already set. The embedded server keeps its
+objects under ``OUT/gcs/<bucket>/`` (its filesystem backend), so the whole
+bucket outlives the run: ``python -m skin.emulator --data-dir OUT/gcs``
+serves it again for ``skin status`` or ``skin evaluate``. A new run starts
+from an empty bucket unless ``--resume`` keeps the last one. A crashed chief or worker is
 restarted with the same id and bounded, backed-off retries, as a Job
 restarts a pod; fatal exit codes stop the run. Ctrl-C or SIGTERM stops every
 child (they also die with this process: PR_SET_PDEATHSIG), so nothing is
@@ -46,6 +50,7 @@ class RunOptions:
     metrics_port: int = 9090  # chief; worker i gets metrics_port + 1 + i; 0 = off
     max_restarts: int = 3
     restart_backoff_s: float = 1.0
+    resume: bool = False  # keep OUT/gcs (the last run's bucket) instead of starting empty
     quiet: bool = False  # don't echo child output (tests)
 
 
@@ -212,15 +217,25 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
     base_env.update(SKIN_CONFIG=str(exp_file), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                     SKIN_METRICS_HOST="127.0.0.1")
     if "STORAGE_EMULATOR_HOST" not in base_env:
+        from skin.emulator import binary_path
+
+        binary_path()  # no fake-gcs-server here: EmulatorUnavailable says what to do instead
+        gcs_dir = out / "gcs"
+        if gcs_dir.exists() and not opts.resume:
+            shutil.rmtree(gcs_dir)
         port = _free_port()
         emu = Child("storage", [sys.executable, "-m", "skin.emulator", "--host", "127.0.0.1",
-                                "--port", str(port), "--bucket", exp.storage.bucket], base_env)
+                                "--port", str(port), "--bucket", exp.storage.bucket,
+                                "--data-dir", str(gcs_dir)], base_env)
         sup.start(emu)
         base_env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
         _wait_http(f"http://127.0.0.1:{port}/storage/v1/b", timeout_s=60)
-        print(f"storage: embedded GCS emulator at {base_env['STORAGE_EMULATOR_HOST']} "
-              f"(bucket {exp.storage.bucket}; gone when this run ends)", flush=True)
+        print(f"storage: embedded fake-gcs-server at {base_env['STORAGE_EMULATOR_HOST']} "
+              f"(bucket {exp.storage.bucket}, kept in {gcs_dir}/)", flush=True)
     else:
+        from skin.emulator import ensure_bucket
+
+        ensure_bucket(base_env["STORAGE_EMULATOR_HOST"], exp.storage.bucket)
         print(f"storage: {base_env['STORAGE_EMULATOR_HOST']} (STORAGE_EMULATOR_HOST)", flush=True)
     if exp.data.source == "synthetic":
         print("data: SYNTHETIC lesion images (round even blobs vs ragged multi-colour ones); "
@@ -272,6 +287,8 @@ def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
         metrics_port = 0 if not opts.metrics_port else opts.metrics_port + i
         env = role_env(name, KERASTUNER_TUNER_ID=name, SKIN_METRICS_PORT=str(metrics_port),
                        **common)
+        if name == "chief":  # restarted here like a pod: wait out a dead chief's lock
+            env.setdefault("SKIN_CHIEF_ON_LOCK_HELD", "wait")
         sup.start(Child(name, _skin("tune", "--tuner-id", name), env))
         if metrics_port:
             print(f"metrics: {name:>7} http://127.0.0.1:{metrics_port}/metrics", flush=True)
@@ -398,6 +415,9 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
               f"  bucket       {exp.root_uri}/ (data/, tuner/, trials/, models/{version}/)",
               f"  model        {model_dir}  (skin evaluate --model {model_dir} --data DIR)",
               f"  logs         {out / 'logs'}/"]
+    if (out / "gcs").is_dir():
+        lines.append(f"  bucket files {out / 'gcs'}/  (serve them again: python -m skin.emulator "
+                     f"--data-dir {out / 'gcs'}, then set STORAGE_EMULATOR_HOST)")
     report = model_dir / "report.html"
     if report.exists():
         lines.append(f"  run report   {report}")

@@ -10,10 +10,21 @@ path. ``tf.io.gfile`` is deliberately not used for bucket I/O: it ignores
 Errors are typed by intent:
 
 - a missing object is a :class:`FileNotFoundError` naming the URI;
+- a conditional write (``if_generation_match``: the generation the writer last
+  saw, 0 = only if absent) that finds the object changed is a
+  :class:`skin.errors.PreconditionFailedError` (HTTP 412), never retried;
 - transient failures (HTTP 5xx except 501, 429, connection errors, timeouts)
   are retried a few times with exponential backoff and then raised as
   :class:`skin.errors.RetryableError` naming the URI, so a role exits 75 and
   Kubernetes retries the pod.
+
+Generations: every write returns the object's new generation (GCS's
+``generation``; locally the file's ``st_mtime_ns``, made to grow on every
+conditional write, the check and the rename done under an ``flock`` of the
+folder, which is atomic between the processes of one machine). A conditional
+write retried after a lost answer may fail its precondition against its own
+first try: callers treat a failed precondition as "someone else wrote", which
+is the safe reading.
 
 The google library's own retry policy is switched off on every call
 (``retry=None``): its default retries for up to two minutes, which would hide
@@ -23,6 +34,8 @@ an unreachable bucket far longer than a pod's restart would.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from skin.errors import ConfigError, RetryableError
+from skin.errors import ConfigError, PreconditionFailedError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +168,8 @@ class Storage:
                 "GOOGLE_APPLICATION_CREDENTIALS, run on GKE with workload identity, or set "
                 f"{EMULATOR_ENV} for an emulator") from None
 
-    def _call(self, uri: str, what: str, fn: Callable[[], _T]) -> _T:
+    def _call(self, uri: str, what: str, fn: Callable[[], _T],
+              generation: int | None = None) -> _T:
         """Run one bucket operation with retries; map errors to our types."""
         from google.api_core import exceptions as gexc
 
@@ -167,10 +181,14 @@ class Storage:
                 return fn()
             except gexc.NotFound:
                 raise FileNotFoundError(f"{uri}: not found") from None
+            except gexc.PreconditionFailed:
+                raise PreconditionFailedError(uri, generation) from None
             except Exception as e:  # noqa: BLE001 - classified below, re-raised otherwise
                 status = _invalid_response_status(e)
                 if status == 404:
                     raise FileNotFoundError(f"{uri}: not found") from None
+                if status == 412:
+                    raise PreconditionFailedError(uri, generation) from None
                 transient = isinstance(e, self._retryable) or (
                     status is not None and (status == 429 or (status >= 500 and status != 501)))
                 if not transient:
@@ -206,24 +224,68 @@ class Storage:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(f"{uri}: not found") from None
 
-    def write_bytes(self, uri: str | os.PathLike, data: bytes) -> None:
-        """Write (replace) the object; local writes are atomic (temp file + rename)."""
+    def read_versioned(self, uri: str | os.PathLike) -> tuple[bytes, int]:
+        """The object's content and the generation that content is (for a conditional write
+        back); :class:`FileNotFoundError` when missing."""
         uri = _norm(uri)
         if is_gcs(uri):
             blob = self._blob(uri)
+            data = self._call(uri, "read", lambda: blob.download_as_bytes(
+                retry=None, timeout=_TIMEOUT))
+            return data, int(blob.generation or 0)
+        path = Path(uri)
+        with _folder_lock(path.parent, shared=True):
+            try:
+                return path.read_bytes(), path.stat().st_mtime_ns
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise FileNotFoundError(f"{uri}: not found") from None
+
+    def write_bytes(self, uri: str | os.PathLike, data: bytes, *,
+                    if_generation_match: int | None = None) -> int:
+        """Write (replace) the object; its new generation. Local writes are atomic (temp
+        file + rename).
+
+        ``if_generation_match``: write only if the object is at that generation (0: only if
+        it does not exist), else :class:`PreconditionFailedError`. Keep such objects small
+        (one request): fake-gcs-server checks the precondition of single-request uploads
+        only.
+        """
+        uri = _norm(uri)
+        if is_gcs(uri):
+            blob = self._blob(uri)
+            extra = {} if if_generation_match is None else {
+                "if_generation_match": int(if_generation_match)}
             self._call(uri, "write", lambda: blob.upload_from_string(
                 bytes(data), content_type="application/octet-stream", retry=None,
-                timeout=_TIMEOUT))
-            return
-        _atomic_write(Path(uri), lambda f: f.write(data))
+                timeout=_TIMEOUT, **extra), generation=if_generation_match)
+            return int(blob.generation or 0)
+        path = Path(uri)
+        if if_generation_match is None:
+            _atomic_write(path, lambda f: f.write(data))
+            return path.stat().st_mtime_ns
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(path.parent):
+            try:
+                current = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                current = 0
+            if current != if_generation_match:
+                raise PreconditionFailedError(uri, if_generation_match)
+            _atomic_write(path, lambda f: f.write(data))
+            new = path.stat().st_mtime_ns
+            if new <= current:  # a coarse clock: generations still have to grow
+                new = current + 1
+                os.utime(path, ns=(new, new))
+            return new
 
     # -- text and JSON --------------------------------------------------------
 
     def read_text(self, uri: str | os.PathLike) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
-    def write_text(self, uri: str | os.PathLike, text: str) -> None:
-        self.write_bytes(uri, text.encode("utf-8"))
+    def write_text(self, uri: str | os.PathLike, text: str, *,
+                   if_generation_match: int | None = None) -> int:
+        return self.write_bytes(uri, text.encode("utf-8"), if_generation_match=if_generation_match)
 
     def read_json(self, uri: str | os.PathLike) -> Any:
         text = self.read_text(uri)
@@ -232,8 +294,10 @@ class Storage:
         except json.JSONDecodeError as e:
             raise ValueError(f"{_norm(uri)}: not valid JSON ({e})") from None
 
-    def write_json(self, uri: str | os.PathLike, obj: Any) -> None:
-        self.write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    def write_json(self, uri: str | os.PathLike, obj: Any, *,
+                   if_generation_match: int | None = None) -> int:
+        return self.write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n",
+                               if_generation_match=if_generation_match)
 
     # -- objects ------------------------------------------------------------
 
@@ -406,6 +470,21 @@ def _norm(uri: str | os.PathLike) -> str:
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, shared: bool = False):
+    """flock on ``folder/.tmp-lock`` (skipped by listings, like our temp files)."""
+    try:
+        fd = os.open(folder / ".tmp-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except (FileNotFoundError, NotADirectoryError):
+        yield  # no folder: nothing to read, nothing to guard
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:

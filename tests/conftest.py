@@ -1,7 +1,7 @@
 """Shared fixtures: a real storage emulator, a Storage, fresh buckets, small image folders.
 
-Storage is never mocked: ``emulator`` is gcp-storage-emulator on 127.0.0.1
-(one per test session) and ``storage`` is the real google-cloud-storage
+Storage is never mocked: ``emulator`` is fake-gcs-server on 127.0.0.1 (one
+per test session, in memory; it enforces generation preconditions like GCS) and ``storage`` is the real google-cloud-storage
 client pointed at it through ``STORAGE_EMULATOR_HOST``.
 """
 

@@ -198,7 +198,8 @@ def test_the_roles_as_containers_publish_a_model(pod):
     timings = {}
 
     pod.start("emulator", "python", "-m", "skin.emulator", "--host", "0.0.0.0",
-              "--port", str(EMULATOR_PORT), "--bucket", BUCKET, env={}, image=EMULATOR_IMAGE)
+              "--port", str(EMULATOR_PORT), "--bucket", BUCKET,
+              "--external-url", f"http://emulator:{EMULATOR_PORT}", env={}, image=EMULATOR_IMAGE)
     deadline = time.monotonic() + 60
     while "http://" not in podman("logs", pod.containers[0], check=False).stdout:
         assert time.monotonic() < deadline, f"the emulator did not start\n{pod.logs()}"

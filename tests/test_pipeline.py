@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from skin.config import load_experiment
-from skin.storage import join
+from skin.emulator import Emulator
+from skin.storage import Storage, join
 
 pytestmark = pytest.mark.slow
 
@@ -44,17 +45,34 @@ def _skin_env(emulator) -> dict:
     return env
 
 
-def test_skin_run_end_to_end(tmp_path, emulator, storage, bucket, real_or_synthetic_images):
+def test_skin_run_end_to_end(tmp_path, monkeypatch, emulator, bucket,
+                             real_or_synthetic_images):
+    """`skin run` on its embedded fake-gcs-server; the bucket stays under OUT/gcs/."""
     config = _experiment(tmp_path, real_or_synthetic_images, bucket)
     out = tmp_path / "out"
+    env = {k: v for k, v in _skin_env(emulator).items() if k != "STORAGE_EMULATOR_HOST"}
     proc = subprocess.run(
         [sys.executable, "-m", "skin.cli", "run", "--config", str(config), "--out", str(out),
          "--metrics-port", "0"],
-        env=_skin_env(emulator), capture_output=True, text=True, timeout=900)
+        env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "published model" in proc.stdout
+    assert (out / "gcs" / bucket).is_dir()
 
+    # The run is over and its emulator gone; the same folder served again has the whole bucket.
+    reopened = Emulator(data_dir=out / "gcs").start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", reopened.endpoint)
+    storage = Storage()
     exp = load_experiment(config, env={})
+    try:
+        _check_run(exp, storage, out)
+    finally:
+        reopened.stop()
+    _check_published_copy(tmp_path, env, out, real_or_synthetic_images)
+
+
+def _check_run(exp, storage, out: Path) -> None:
+    assert storage.exists(join(exp.data_uri, "manifest.json"))
     result = storage.read_json(join(exp.tuner_uri, "result.json"))
     trials = result["trials"]
     assert len(trials) == 4
@@ -67,6 +85,14 @@ def test_skin_run_end_to_end(tmp_path, emulator, storage, bucket, real_or_synthe
 
     version = storage.read_text(join(exp.models_uri, "LATEST")).strip()
     assert storage.exists(join(exp.models_uri, version, "model.keras"))
+    assert _metrics_version(out) == version
+
+
+def _metrics_version(out: Path) -> str:
+    return json.loads((out / "model" / "metrics.json").read_text())["version"]
+
+
+def _check_published_copy(tmp_path, env, out: Path, real_or_synthetic_images) -> None:
     model_dir = out / "model"
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test"
@@ -74,7 +100,6 @@ def test_skin_run_end_to_end(tmp_path, emulator, storage, bucket, real_or_synthe
 
     # The published copy works with the emulator gone: evaluate and predict on real images.
     report = tmp_path / "eval.json"
-    env = {k: v for k, v in _skin_env(emulator).items() if k != "STORAGE_EMULATOR_HOST"}
     ev = subprocess.run([sys.executable, "-m", "skin.cli", "evaluate", "--model", str(model_dir),
                          "--data", str(real_or_synthetic_images), "--out", str(report)],
                         env=env, capture_output=True, text=True, timeout=300)

@@ -97,9 +97,10 @@ class RecordingStorage(Storage):
         super().upload_file(local_path, uri)
         self._record(uri)
 
-    def write_bytes(self, uri, data):
-        super().write_bytes(uri, data)
+    def write_bytes(self, uri, data, **kwargs):
+        generation = super().write_bytes(uri, data, **kwargs)
         self._record(uri)
+        return generation
 
 
 def stage(exp, storage):

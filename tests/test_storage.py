@@ -14,7 +14,7 @@ import pytest
 
 from conftest import free_port
 from skin.emulator import Emulator
-from skin.errors import RetryableError
+from skin.errors import PreconditionFailedError, RetryableError
 from skin.storage import Storage, is_gcs, join
 
 
@@ -275,3 +275,85 @@ def test_emulator_as_a_process(monkeypatch):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+def test_emulator_keeps_its_bucket_in_data_dir_across_restarts(tmp_path, monkeypatch):
+    with Emulator(bucket="kept", data_dir=tmp_path / "gcs") as emu:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.endpoint)
+        Storage().write_text("gs://kept/a/b.json", "{}")
+        generation = Storage().stat("gs://kept/a/b.json").version
+    assert (tmp_path / "gcs" / "kept" / "a" / "b.json").read_text() == "{}"
+    with Emulator(data_dir=tmp_path / "gcs") as emu:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.endpoint)
+        assert emu.buckets() == ["kept"]
+        assert Storage().read_text("gs://kept/a/b.json") == "{}"
+        assert Storage().stat("gs://kept/a/b.json").version == generation
+
+
+def test_skin_run_without_fake_gcs_server_says_how_to_start_one(tmp_path):
+    """No binary for this platform (as on macOS): exit 2 with what to do instead."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SKIN_", "KERASTUNER_")) and k != "STORAGE_EMULATOR_HOST"}
+    env["SKIN_FAKE_GCS_SERVER"] = str(tmp_path / "no-such-fake-gcs-server")
+    proc = subprocess.run(
+        [sys.executable, "-m", "skin.cli", "run", "--config", "skin/experiments/quickstart.yaml",
+         "--out", str(tmp_path / "out"), "--metrics-port", "0"],
+        env=env, capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no-such-fake-gcs-server" in proc.stderr
+    assert "fsouza/fake-gcs-server" in proc.stderr
+    assert "STORAGE_EMULATOR_HOST=http://127.0.0.1:4443" in proc.stderr
+    assert not (tmp_path / "out" / "logs" / "stage.log").exists()  # nothing ran
+
+
+# -- generation preconditions (the real server enforces them; so does the local backend) ------
+
+def test_create_if_absent_and_conditional_replace(storage, root):
+    uri = join(root, "lock.json")
+    first = storage.write_text(uri, "one", if_generation_match=0)
+    assert first > 0
+    with pytest.raises(PreconditionFailedError, match="lock.json: precondition failed"):
+        storage.write_text(uri, "two", if_generation_match=0)  # it exists now
+    data, generation = storage.read_versioned(uri)
+    assert (data, generation) == (b"one", first)
+    second = storage.write_text(uri, "two", if_generation_match=first)
+    assert second != first and storage.stat(uri).version == second
+    with pytest.raises(PreconditionFailedError):  # a writer holding the old generation
+        storage.write_text(uri, "stale", if_generation_match=first)
+    assert storage.read_text(uri) == "two"
+    third = storage.write_json(uri, {"n": 3})  # unconditional writes still replace
+    assert storage.read_versioned(uri) == (b'{\n  "n": 3\n}\n', third)
+
+
+def test_conditional_write_on_a_missing_object_fails_unless_create(storage, root):
+    uri = join(root, "absent.json")
+    with pytest.raises(PreconditionFailedError):
+        storage.write_text(uri, "x", if_generation_match=12345)
+    assert not storage.exists(uri)
+    with pytest.raises(FileNotFoundError):
+        storage.read_versioned(uri)
+
+
+def test_only_one_of_many_racing_creators_wins(storage, root):
+    """Eight threads create the same object at once: exactly one succeeds."""
+    uri = join(root, "race.json")
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def create(i: int) -> None:
+        barrier.wait()
+        try:
+            storage.write_text(uri, f"writer {i}", if_generation_match=0)
+            outcomes.append(f"won {i}")
+        except PreconditionFailedError:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o.startswith("won")]
+    assert len(winners) == 1 and outcomes.count("lost") == 7
+    assert storage.read_text(uri) == "writer " + winners[0].split()[1]

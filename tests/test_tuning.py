@@ -65,6 +65,8 @@ class Search:
                    KERASTUNER_TUNER_ID=role, KERASTUNER_ORACLE_IP="127.0.0.1",
                    KERASTUNER_ORACLE_PORT=str(self.port),
                    SKIN_WORK_DIR=str(self.tmp / "work" / f"{role}.{n}"),
+                   # Restarted like a pod: a chief waits out the lock of the one it replaces.
+                   SKIN_CHIEF_ON_LOCK_HELD="wait", SKIN_CHIEF_LOCK_SECONDS="5",
                    PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
         log = open(self.tmp / "logs" / f"{role}.{n}.log", "w")
         proc = subprocess.Popen([sys.executable, str(ENTRY), *self.entry_args], env=env,
@@ -183,10 +185,14 @@ def test_chief_and_two_workers_run_a_hyperband_search(search, storage):
     assert best["score"] == max(t["score"] for t in result["trials"])
 
     continued = [t for t in result["trials"] if t["continues"]]
+    by_id = {t["id"]: t for t in result["trials"]}
     assert continued, "hyperband continued no trial"
     logs = s.log()
     for t in continued:
-        assert storage.exists(join(s.exp.trials_uri, t["continues"], "checkpoint.weights.h5"))
+        attempt = [a["n"] for a in by_id[t["continues"]]["attempts"]
+                   if a["status"] == "completed"][0]
+        assert storage.exists(join(s.exp.trials_uri, t["continues"], f"attempt-{attempt}",
+                                   "checkpoint.weights.h5"))
         assert f"trial {t['id']}: starting from the weights of trial {t['continues']}" in logs
         assert t["epochs"] == 3
     # The chief keeps one object per trial plus a small header, not one growing file.

@@ -472,7 +472,7 @@ def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storag
     assert result["counts"] == {"completed": 2}
     for t in result["trials"]:
         # The last epoch checkpoint: the first execution done, the second's epochs.
-        state = storage.read_json(f"{exp.trials_uri}/{t['id']}/{EPOCH_STATE}")
+        state = storage.read_json(f"{exp.trials_uri}/{t['id']}/attempt-1/{EPOCH_STATE}")
         assert state["execution"] == 1 and len(state["done"]) == 1
         first = state["done"][0]["val_auc"]
         second = max(h["val_auc"] for h in state["history"])

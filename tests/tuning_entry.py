@@ -1,12 +1,17 @@
 """One tuning role with a tiny test hypermodel, as its own process (tests/test_tuning*.py).
 
     KERASTUNER_TUNER_ID=tuner0 SKIN_CONFIG=exp.yaml python tests/tuning_entry.py \
-        [--epoch-seconds S] [--batch-seconds S] [--fail]
+        [--epoch-seconds S] [--batch-seconds S] [--fail] [--freeze-before-saving-epoch N]
 
 The role, the experiment and the chief's address come from the environment,
 exactly as for ``skin tune``; only the hypermodel differs: a small dense
 network on fixed random data (it ignores the staged data), so a trial takes
 well under a second plus ``--epoch-seconds`` per epoch.
+
+``--freeze-before-saving-epoch N`` is a fault: the worker stops itself
+(SIGSTOP) once, after reporting its N-th epoch of a trial and before uploading
+that epoch's files, as a worker frozen or partitioned at the worst moment
+would; the test continues it with SIGCONT.
 """
 
 from __future__ import annotations
@@ -74,12 +79,33 @@ class TinyHyperModel(keras_tuner.HyperModel):
                          batch_size=32, verbose=0)
 
 
+def _freeze_before_saving_epoch(n: int) -> None:
+    import signal
+
+    from skin.tuning import tuner
+
+    save_epoch, frozen = tuner.TrialFiles.save_epoch, []
+
+    def freezing(self, trial_id, model, state, *args, **kwargs):
+        if state["epoch"] == n and not frozen:
+            frozen.append(trial_id)
+            logging.getLogger("skin.tuning").warning(
+                "FAULT: freezing before saving epoch %d of trial %s", n, trial_id)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return save_epoch(self, trial_id, model, state, *args, **kwargs)
+
+    tuner.TrialFiles.save_epoch = freezing
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epoch-seconds", type=float, default=0.0)
     parser.add_argument("--batch-seconds", type=float, default=0.0)
     parser.add_argument("--fail", action="store_true")
+    parser.add_argument("--freeze-before-saving-epoch", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    if args.freeze_before_saving_epoch:
+        _freeze_before_saving_epoch(args.freeze_before_saving_epoch)
     from prometheus_client import CollectorRegistry
 
     from skin import metrics, tuning

@@ -11,6 +11,12 @@ reclaim expired leases. When the last trial ends it saves the state, writes
 ``tuner/result.json`` and ``tuner/best_hyperparameters.json``, stops the
 server and, if ``SKIN_RETRAIN_JOB`` is set, starts the retrain Job.
 
+Before it reads anything the chief takes the search's lock
+(``tuner/oracle/lock.json``, :mod:`skin.tuning.lock`): a second chief waits
+for it (Kubernetes) or exits 5 (a manual start). Every write of its state
+goes through the lock's :class:`~skin.tuning.lock.Fence`; a chief that lost
+its lock stops serving at once and exits 6 without writing.
+
 A chief started again (killed, rescheduled) loads its state from
 ``tuner/oracle/`` and carries on: running trials keep their workers and get a
 fresh lease. A chief started after the search ended does only what is left
@@ -30,9 +36,11 @@ from pathlib import Path
 import grpc
 
 from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RETRYABLE, EXIT_SEARCH_FAILED, ConfigError,
-                         RetryableError, SearchFailedError, SkinError, exit_code_for)
+                         FencedError, RetryableError, SearchFailedError, SkinError, exit_code_for)
+from skin.storage import join
 from skin.tuning import protocol as wire
 from skin.tuning.journal import Journal, OracleStore
+from skin.tuning.lock import LOCK_NAME, ChiefLock, Fence, should_wait
 from skin.tuning.results import (best_uri, build_best, build_result, oracle_uri, read_outcome,
                                  result_uri)
 
@@ -316,12 +324,35 @@ def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
 
 
 def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
-    from skin.tuning.oracle import FAILED, make_oracle
-
     if runtime.role != "chief":
         raise ConfigError(f"KERASTUNER_TUNER_ID: {runtime.tuner_id!r} is not valid for the chief; "
                           "expected 'chief'")
 
+    servers: list = []  # stopped at once when the lock is lost
+
+    def lost(reason: str) -> None:
+        for server in servers:
+            server.stop(grace=0)
+
+    lock = ChiefLock(storage, join(oracle_uri(exp), LOCK_NAME), exp.chief.lock_seconds,
+                     metrics=metrics, on_lost=lost)
+    wire.hook(metrics, "chief_lock", False)
+    lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()
+    try:
+        return _serve(exp, runtime, storage, metrics, hypermodel, lock, servers)
+    except RetryableError as e:
+        if lock.lost.is_set():  # the journal stopped on the lost lock: say why
+            raise FencedError(f"this chief lost its lock ({lock.reason}); it stopped "
+                              f"serving ({e})") from None
+        raise
+    finally:
+        lock.release()
+
+
+def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list) -> int:
+    from skin.tuning.oracle import FAILED, make_oracle
+
+    fence = Fence(storage, lock)
     outcome = read_outcome(storage, exp)
     if outcome is not None:
         log.info("the search of %s already ended (%s; %s): nothing to tune. A new search needs "
@@ -333,7 +364,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
 
     port = runtime.oracle_port or exp.chief.oracle_port
     oracle = make_oracle(exp)
-    store = OracleStore(storage, oracle_uri(exp))
+    store = OracleStore(storage, oracle_uri(exp), fence=fence)
     loaded = store.load()
     if loaded.header is not None:
         if loaded.header.get("fingerprint") != oracle.fingerprint:
@@ -358,10 +389,10 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
         except Exception as e:  # noqa: BLE001 - nothing can run: end the search, tell the workers
             reason = f"the search space cannot be built: {type(e).__name__}: {e}"
             log.exception("search failed: %s", reason)
-            storage.write_json(result_uri(exp), {
+            fence.write_json(result_uri(exp), {
                 "outcome": "failed", "reason": reason, "tuner": exp.search.tuner,
                 "objective": oracle.objective.name, "direction": oracle.objective.direction,
-                "best": None, "counts": {}, "trials_by_status": {}, "trials": []})
+                "best": None, "counts": {}, "trials_by_status": {}, "trials": []}, "result")
             raise SearchFailedError(reason) from None
         log.info("new search: %s over %d hyperparameters, objective %s (%s)",
                  exp.search.tuner, len(oracle.hyperparameters.space), oracle.objective.name,
@@ -386,7 +417,9 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
     gc.collect()
     gc.freeze()
     servicer = make_servicer(oracle, metrics)
+    lock.check()
     server = serve(servicer, port)
+    servers.append(server)
     total = oracle.total_estimate()
     log.info("oracle serving on 0.0.0.0:%d: %s, ~%s trials, lease %g s, %d threads", port,
              exp.search.tuner, total or "?", oracle.lease_seconds, RPC_THREADS)
@@ -394,18 +427,21 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
     tick = min(1.0, oracle.lease_seconds / 5)
     try:
         while not oracle.done.wait(tick):
+            lock.check()
             oracle.reclaim_expired()
+            if isinstance(journal.error, FencedError):
+                raise journal.error
             if journal.error is not None:
                 raise RetryableError(f"oracle state cannot be saved: {journal.error}")
         journal.flush()
-        storage.write_json(result_uri(exp), build_result(oracle, exp))
+        fence.write_json(result_uri(exp), build_result(oracle, exp), "result")
         best = build_best(oracle, exp)
         if best is not None and oracle.state != FAILED:
-            storage.write_json(best_uri(exp), best)
+            fence.write_current(best_uri(exp), best, "result")
             log.info("best trial %s: %s=%.4f; wrote %s", best["trial_id"], best["objective"],
                      best["score"], best_uri(exp))
     finally:
-        server.stop(grace=0.5).wait()
+        server.stop(grace=0 if lock.lost.is_set() else 0.5).wait()
     # Fold the journal into one object per trial, if that is quick; the journal alone is a
     # complete state (result.json above is what everyone reads), so the chief need not wait.
     if journal.error is None and not journal.compact(timeout=1.0):

@@ -29,6 +29,11 @@ durable batch, whether or not the last compaction got to write its header.
 Progress reports are marked lazily (they ride with the next batch); what an
 answer waits for is marked urgent. Loading is the one place that reads
 everything.
+
+Fencing: given a :class:`skin.tuning.lock.Fence`, every write is conditioned
+on the chief's lock and on the generation of that object the chief last
+wrote or loaded (0 for one it never saw); a failed condition stops the journal
+(``error``) and the chief, before anything more is written.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ class Loaded:
 class OracleStore:
     """Reads and writes the objects of one search's oracle state (no threads, no policy)."""
 
-    def __init__(self, storage, prefix_uri: str, *, slots: int = 1024):
+    def __init__(self, storage, prefix_uri: str, *, slots: int = 1024, fence=None):
         self.storage = storage
+        self.fence = fence  # skin.tuning.lock.Fence: conditional writes (None: plain ones)
         self.prefix = prefix_uri.rstrip("/")
         self.slots = slots
         self.header_uri = join(self.prefix, "header.json")
@@ -80,33 +86,49 @@ class OracleStore:
 
     def write_batch(self, seq: int, header: dict | None, records: dict[str, dict]) -> None:
         body = {"seq": seq, "header": header, "trials": records}
-        self.storage.write_bytes(self.slot_uri(seq), _dumps(body))
+        self._write(self.slot_uri(seq), _dumps(body), "journal")
 
     def write_compaction(self, journal_from: int, header: dict, records: dict[str, dict]) -> None:
         for trial_id, record in records.items():
-            self.storage.write_bytes(self.trial_uri(trial_id), _dumps(record))
+            self._write(self.trial_uri(trial_id), _dumps(record), "compaction")
         # The header last: until it lands, the batches it would retire still replay.
-        self.storage.write_bytes(self.header_uri,
-                                 _dumps({"journal_from": journal_from, "header": header}))
+        self._write(self.header_uri, _dumps({"journal_from": journal_from, "header": header}),
+                    "header")
+
+    def _write(self, uri: str, data: bytes, what: str) -> None:
+        if self.fence is None:
+            self.storage.write_bytes(uri, data)
+        else:
+            self.fence.write_bytes(uri, data, what)
+
+    def _seen(self, uri: str, generation: int) -> None:
+        if self.fence is not None:
+            self.fence.seen(uri, generation)
 
     def load(self) -> Loaded:
         """Header + trial records + the journal batches the header does not cover."""
         try:
-            top = json.loads(self.storage.read_bytes(self.header_uri))
+            raw, generation = self.storage.read_versioned(self.header_uri)
+            top = json.loads(raw)
+            self._seen(self.header_uri, generation)
         except FileNotFoundError:
             top = {"journal_from": 0, "header": None}
         journal_from = int(top["journal_from"])
         loaded = Loaded(header=top["header"], journal_from=journal_from, next_seq=journal_from)
         for uri in self.storage.list(self.trials_prefix):
             if uri.endswith(".json"):
-                record = json.loads(self.storage.read_bytes(uri))
+                raw, generation = self.storage.read_versioned(uri)
+                record = json.loads(raw)
+                self._seen(uri, generation)
                 loaded.records[record["trial"]["trial_id"]] = record
         batches = []
         for uri in self.storage.list(self.journal_prefix):
             try:
-                batch = json.loads(self.storage.read_bytes(uri))
+                raw, generation = self.storage.read_versioned(uri)
+                batch = json.loads(raw)
             except FileNotFoundError:  # pragma: no cover - listed a moment ago
                 continue
+            self._seen(uri, generation)
             if batch["seq"] >= journal_from:
                 batches.append(batch)
         batches.sort(key=lambda b: b["seq"])

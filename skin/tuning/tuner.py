@@ -5,11 +5,15 @@ building (``_try_build``, ``max_model_size``), callbacks handling and result
 conventions. It replaces what assumes one shared disk or one process:
 
 - ``run_trial`` trains each execution with an epoch callback that, after every
-  epoch, uploads ``trials/<id>/epoch.weights.h5`` + ``epoch.json`` (the last
-  finished epoch, so a restarted or different worker resumes there),
+  epoch, uploads ``trials/<id>/attempt-<n>/epoch.weights.h5`` + ``epoch.json``
+  (the last finished epoch, so a restarted or different worker resumes there),
   uploads ``checkpoint.weights.h5`` when the objective improved (the best
   epoch, what Hyperband's next round starts from), and reports the epoch to
-  the chief, which renews the trial's lease;
+  the chief, which renews the trial's lease. ``<n>`` is the attempt the chief
+  handed out: a worker that lost its lease (frozen, partitioned) and wakes up
+  writes only below its own, older attempt, never over the new holder's
+  files; a new attempt resumes from the newest attempt that saved an epoch,
+  and a trial's checkpoint is read from its newest attempt that has one;
 - a trial with ``tuner/trial_id`` (Hyperband's next round) starts from that
   trial's checkpoint, fetched from the bucket into the local trial dir that
   keras-tuner's ``load_model`` reads, whichever worker trained it;
@@ -209,8 +213,8 @@ class EpochReporter(keras.callbacks.Callback):
             best = self.state.get("best_value")
             if best is None or objective.better_than(value, best):
                 self.state["best_value"] = float(value)
-                tuner.files.save_best(trial_id, self.model)
-        tuner.files.save_epoch(trial_id, self.model, self.state)
+                tuner.files.save_best(trial_id, self.model, tuner.attempt)
+        tuner.files.save_epoch(trial_id, self.model, self.state, tuner.attempt)
         images = tuner.images_per_epoch
         wire.hook(tuner.hooks, "epoch_ended", int(epoch), seconds,
                   images / seconds if images and seconds > 0 else 0.0, logs)
@@ -219,51 +223,101 @@ class EpochReporter(keras.callbacks.Callback):
                  self.state["epochs"], tuner.tuner_id, shown, seconds)
 
 
+ATTEMPT_PREFIX = "attempt-"
+
+
 class TrialFiles:
-    """A trial's files in the bucket (``<root>/trials/<id>/``) and in a local trial dir."""
+    """A trial's files in the bucket (``<root>/trials/<id>/attempt-<n>/``) and in a local
+    trial dir."""
 
     def __init__(self, storage, trials_uri: str, local_dir):
         self.storage, self.trials_uri = storage, trials_uri
         self.local_dir = Path(local_dir)
 
-    def uri(self, trial_id: str, name: str) -> str:
-        return join(self.trials_uri, trial_id, name)
+    def uri(self, trial_id: str, name: str, attempt: int) -> str:
+        return join(self.trials_uri, trial_id, f"{ATTEMPT_PREFIX}{int(attempt)}", name)
 
     def local(self, trial_id: str, name: str) -> Path:
         path = self.local_dir / f"trial_{trial_id}" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def save_best(self, trial_id: str, model) -> None:
+    def attempts_with(self, trial_id: str, name: str) -> list[int]:
+        """The attempts of a trial that have ``name`` in the bucket, newest first."""
+        return attempts_with(self.storage, self.trials_uri, trial_id, name)
+
+    def save_best(self, trial_id: str, model, attempt: int) -> None:
         path = self.local(trial_id, BEST_WEIGHTS)
         model.save_weights(str(path))
         build = self.local(trial_id, BUILD_CONFIG)
         build.write_text(json.dumps(model.get_build_config(), default=str))
-        self.storage.upload_file(build, self.uri(trial_id, BUILD_CONFIG))
-        self.storage.upload_file(path, self.uri(trial_id, BEST_WEIGHTS))
+        self.storage.upload_file(build, self.uri(trial_id, BUILD_CONFIG, attempt))
+        self.storage.upload_file(path, self.uri(trial_id, BEST_WEIGHTS, attempt))
 
-    def save_epoch(self, trial_id: str, model, state: dict) -> None:
+    def save_epoch(self, trial_id: str, model, state: dict, attempt: int) -> None:
         path = self.local(trial_id, EPOCH_WEIGHTS)
         model.save_weights(str(path))
         # Weights first: epoch.json names an epoch only once its weights are in the bucket.
-        self.storage.upload_file(path, self.uri(trial_id, EPOCH_WEIGHTS))
-        self.storage.write_json(self.uri(trial_id, EPOCH_STATE), state)
+        self.storage.upload_file(path, self.uri(trial_id, EPOCH_WEIGHTS, attempt))
+        self.storage.write_json(self.uri(trial_id, EPOCH_STATE, attempt), state)
 
-    def load_epoch_state(self, trial_id: str) -> dict | None:
-        try:
-            return self.storage.read_json(self.uri(trial_id, EPOCH_STATE))
-        except FileNotFoundError:
-            return None
+    def load_epoch_state(self, trial_id: str, attempt: int) -> tuple[dict | None, int]:
+        """The newest saved epoch of this attempt or an earlier one: (epoch.json, its attempt)."""
+        for n in self.attempts_with(trial_id, EPOCH_STATE):
+            if n > attempt:  # a newer holder's: not ours to resume (we are the stale one)
+                continue
+            try:
+                return self.storage.read_json(self.uri(trial_id, EPOCH_STATE, n)), n
+            except FileNotFoundError:
+                continue
+        return None, attempt
 
-    def drop_epoch_state(self, trial_id: str) -> None:
-        self.storage.delete(self.uri(trial_id, EPOCH_STATE))
-        self.storage.delete(self.uri(trial_id, EPOCH_WEIGHTS))
+    def adopt(self, trial_id: str, source: int, attempt: int) -> None:
+        """Copy the best-epoch checkpoint of attempt ``source`` into ``attempt``: the new
+        attempt's folder is whole, whatever the old holder writes into its own later."""
+        for name in (BUILD_CONFIG, BEST_WEIGHTS):
+            try:
+                path = self.fetch(trial_id, name, source)
+            except FileNotFoundError:
+                continue
+            self.storage.upload_file(path, self.uri(trial_id, name, attempt))
 
-    def fetch(self, trial_id: str, name: str) -> Path:
-        """Download one file of a trial into the local trial dir (always fresh)."""
+    def drop_epoch_state(self, trial_id: str, attempt: int) -> None:
+        self.storage.delete(self.uri(trial_id, EPOCH_STATE, attempt))
+        self.storage.delete(self.uri(trial_id, EPOCH_WEIGHTS, attempt))
+
+    def fetch(self, trial_id: str, name: str, attempt: int | None = None) -> Path:
+        """Download one file of a trial into the local trial dir (always fresh); without an
+        ``attempt``, from the newest attempt that has it."""
+        if attempt is None:
+            found = self.attempts_with(trial_id, name)
+            if not found:
+                raise FileNotFoundError(f"{join(self.trials_uri, trial_id)}: no attempt has "
+                                        f"{name}")
+            attempt = found[0]
         path = self.local(trial_id, name)
-        self.storage.download_file(self.uri(trial_id, name), path)
+        self.storage.download_file(self.uri(trial_id, name, attempt), path)
         return path
+
+
+def attempts_with(storage, trials_uri: str, trial_id: str, name: str) -> list[int]:
+    """The attempts of trial ``trial_id`` that have file ``name``, newest first."""
+    prefix = join(trials_uri, trial_id)
+    found = []
+    for uri in storage.list(prefix):
+        rel = uri[len(prefix):].strip("/").split("/")
+        if len(rel) == 2 and rel[1] == name and rel[0].startswith(ATTEMPT_PREFIX):
+            with contextlib.suppress(ValueError):
+                found.append(int(rel[0][len(ATTEMPT_PREFIX):]))
+    return sorted(found, reverse=True)
+
+
+def checkpoint_uri(storage, trials_uri: str, trial_id: str, name: str = BEST_WEIGHTS) -> str:
+    """Where trial ``trial_id``'s best-epoch weights are: its newest attempt that has them."""
+    found = attempts_with(storage, trials_uri, trial_id, name)
+    if not found:
+        raise FileNotFoundError(f"{join(trials_uri, trial_id)}: no attempt has {name}")
+    return join(trials_uri, trial_id, f"{ATTEMPT_PREFIX}{found[0]}", name)
 
 
 def load_weights(model, path) -> None:
@@ -286,6 +340,7 @@ class WorkerTuner(keras_tuner.Tuner):
         self.oracle = client  # everything goes to the chief
         self.exp = exp
         self.heartbeat: Heartbeat | None = None  # the running trial's
+        self.attempt = 1  # the running trial's attempt number (its files' folder)
         self.max_epochs = exp.search.max_epochs
         self.hooks = metrics  # not self.metrics: keras_tuner.Tuner uses it for compile metrics
         self.images_per_epoch = images_per_epoch
@@ -329,6 +384,7 @@ class WorkerTuner(keras_tuner.Tuner):
     def run_one(self, trial, **fit_kwargs) -> str:
         """Train one trial and end it at the chief; returns its status."""
         trial_id, attempt = trial.trial_id, self.oracle.attempts.get(trial.trial_id, 0)
+        self.attempt = max(1, int(attempt or 1))
         first, last = self._epochs(trial)
         log.info("trial %s started on %s (attempt %d, epochs %d->%d)%s", trial_id, self.tuner_id,
                  attempt, first, last, self._describe(trial))
@@ -368,7 +424,8 @@ class WorkerTuner(keras_tuner.Tuner):
             trial.message = traceback.format_exc()
             log.warning("trial %s failed on %s: %s: %s", trial_id, self.tuner_id,
                         type(e).__name__, e)
-            self.files.drop_epoch_state(trial_id)  # a retry starts afresh, not from bad weights
+            # A retry starts afresh, not from bad weights.
+            self.files.drop_epoch_state(trial_id, self.attempt)
         try:
             self.oracle.end_trial(trial)
         except LeaseLostError as e:
@@ -404,7 +461,7 @@ class WorkerTuner(keras_tuner.Tuner):
         first, last = self._epochs(trial)
         past_id = hp.values.get("tuner/trial_id")
         digest = values_hash(hp.values)
-        state = self.files.load_epoch_state(trial_id)
+        state, source = self.files.load_epoch_state(trial_id, self.attempt)
         if state is not None and (state.get("hash") != digest or
                                   state.get("epochs") != last):
             log.warning("trial %s: ignoring an epoch checkpoint of another configuration",
@@ -414,6 +471,9 @@ class WorkerTuner(keras_tuner.Tuner):
             state = {"trial_id": trial_id, "hash": digest, "epochs": last, "execution": 0,
                      "worker": self.tuner_id,
                      "epoch": first, "history": [], "done": [], "best_value": None}
+        elif source != self.attempt:
+            self.files.adopt(trial_id, source, self.attempt)
+        state["attempt"] = self.attempt
         user_callbacks = kwargs.pop("callbacks", [])
         objective = self.oracle.objective
         for execution in range(state["execution"], self.executions_per_trial):
@@ -422,10 +482,10 @@ class WorkerTuner(keras_tuner.Tuner):
             model = self._try_build(hp)
             start = first
             if state["epoch"] > first and state["history"]:
-                load_weights(model, self.files.fetch(trial_id, EPOCH_WEIGHTS))
+                load_weights(model, self.files.fetch(trial_id, EPOCH_WEIGHTS, source))
                 start = state["epoch"]
-                log.info("trial %s: resuming execution %d at epoch %d from the bucket", trial_id,
-                         execution + 1, start + 1)
+                log.info("trial %s: resuming execution %d at epoch %d from the bucket (attempt "
+                         "%d's files)", trial_id, execution + 1, start + 1, source)
             elif past_id:
                 path = self.files.fetch(past_id, BEST_WEIGHTS)
                 if not model.built:

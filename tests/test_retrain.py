@@ -289,9 +289,10 @@ def test_evaluate_and_predict_the_published_model_from_the_bucket(run, real_or_s
     images = sorted(real_or_synthetic_images.rglob("*.jpg"))[:4]
     lines = ev.format_predictions(ev.predict(f"{exp.models_uri}/LATEST", images,
                                              storage=storage)).splitlines()
-    assert len(lines) == 4
-    assert all(line.startswith(str(p)) and re.search(r"\t(benign|malignant)\tp_malignant=[01]\.",
-                                                     line) for p, line in zip(images, lines))
+    assert lines[0].split("\t") == list(ev.PREDICTION_FIELDS) and len(lines) == 5
+    assert all(line.startswith(str(p)) and re.search(r"\t[01]\.\d{6}\t(benign|malignant)\t",
+                                                     line) and published.version in line
+               for p, line in zip(images, lines[1:]))
 
 
 # ---------------------------------------------------------------------------

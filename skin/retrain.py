@@ -463,8 +463,10 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         *_operating_points_section(metrics),
         *_calibration_section(metrics),
         "Near-duplicate photos of one lesion are kept on one side of each split, but the "
-        "dataset is small and from one archive: expect lower figures on other clinics, "
-        "cameras and skin types.",
+        "data set is small and from one source: expect lower figures on other clinics, "
+        "cameras and skin types."
+        if (metrics["data"].get("provenance") or {}).get("kind") != provenance.SYNTHETIC else
+        "These figures are on synthetic images: they only show that the pipeline runs.",
         "",
         "## Training",
         "",

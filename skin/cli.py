@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--config", metavar="FILE",
                    help="experiment file: adds the best trial's hyperparameters from the bucket")
+    p.add_argument("--bucket", metavar="GS_URI",
+                   help="when the chief cannot be reached, show what the bucket says: an "
+                        "experiment root gs://BUCKET/PREFIX/NAME, or a bucket or prefix")
     return parser
 
 
@@ -189,8 +192,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.config:
             from skin.storage import Storage
             experiment, storage = load_experiment(args.config, env), Storage()
+        if args.bucket and not args.bucket.startswith("gs://"):
+            raise ConfigError(f"--bucket: {args.bucket!r} is not valid; expected gs://BUCKET[/…]")
         return main_status(args.address, watch=args.watch, interval=args.interval,
-                           experiment=experiment, storage=storage)
+                           experiment=experiment, storage=storage, bucket=args.bucket)
 
     if args.command == "run":
         from skin.run import RunOptions, run_local

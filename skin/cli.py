@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files or folders; '-' reads paths from standard input, one a line")
     _add_verbose(p)
 
+    p = sub.add_parser("experiments", help="the experiments in a bucket and their state, read "
+                                           "from the bucket alone")
+    p.add_argument("--bucket", metavar="GS_URI",
+                   help="a bucket, prefix or experiment root (default: the bucket and prefix "
+                        "of the experiment file)")
+    _add_config(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
     p = sub.add_parser("status", help="where a running search is, from the chief's metrics")
     p.add_argument("--address", default="127.0.0.1:9090", metavar="HOST:PORT",
                    help="the chief's metrics endpoint (kubectl port-forward svc/... 9090)")
@@ -186,6 +194,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "predict":
         return _predict(args)
+    if args.command == "experiments":
+        return _experiments(args, env)
     if args.command == "status":
         from skin.status import main_status
         experiment = storage = None
@@ -233,6 +243,30 @@ def _dispatch(args: argparse.Namespace) -> int:
                 # Let Prometheus see the final counts before the pod goes away.
                 server.wait_for_scrape(runtime.metrics_linger_seconds)
     return _batch_role(args.command, exp, runtime, storage)
+
+
+def _experiments(args: argparse.Namespace, env) -> int:
+    """``skin experiments``: one line (or JSON object) per experiment below the bucket."""
+    import json
+
+    from skin.config import load_experiment
+    from skin.experiments import format_table, list_experiments
+    from skin.storage import Storage
+
+    base = args.bucket
+    if base is None:
+        exp = load_experiment(args.config, env)
+        base = exp.root_uri.rsplit("/", 1)[0]
+    if not base.startswith("gs://"):
+        raise ConfigError(f"--bucket: {base!r} is not valid; expected gs://BUCKET[/PREFIX]")
+    states = list_experiments(Storage(), base)
+    if args.format == "json":
+        print(json.dumps(states, indent=2))
+    elif states:
+        print(format_table(states))
+    else:
+        print(f"no experiments below {base}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -257,3 +257,26 @@ def test_the_skin_status_command_falls_back_to_the_bucket(storage, bucket):
                         ("running", "searching")):
         assert f"experiment {name} at {roots[name]}: {state}" in out.stdout
     assert "published  20260101-000000 (test ROC AUC 0.750, 95 % CI 0.600-0.900)" in out.stdout
+
+
+def test_skin_experiments_lists_them_with_their_state(storage, bucket):
+    import json
+
+    roots = _three_experiments(storage, bucket)
+    env = dict(os.environ, SKIN_LOG_LEVEL="WARNING")
+    out = subprocess.run([sys.executable, "-m", "skin.cli", "experiments", "--bucket",
+                          f"gs://{bucket}", "--format", "json"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == EXIT_OK, out.stderr
+    doc = {d["experiment"]: d for d in json.loads(out.stdout)}
+    assert {k: (v["state"], v["root"]) for k, v in doc.items()} == {
+        "done": ("published", roots["done"]), "broken": ("failed", roots["broken"]),
+        "running": ("searching", roots["running"])}
+    assert doc["done"]["best"]["score"] == 0.8123 and doc["done"]["published"] == "20260101-000000"
+    text = subprocess.run([sys.executable, "-m", "skin.cli", "experiments", "--bucket",
+                           f"gs://{bucket}/experiments"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert text.returncode == EXIT_OK, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split()[:5] == ["EXPERIMENT", "STATE", "TRIALS", "BEST", "PUBLISHED"]
+    assert len(lines) == 4 and any(re.match(r"running\s+searching\s+3\s", ln) for ln in lines)

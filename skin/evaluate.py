@@ -648,7 +648,7 @@ def figure_rows(metrics: dict, *, sep: str = "-", digits: int = 3) -> list[dict]
             rows.append({"key": key, "name": name, "value": _fmt(pv.get(key), digits),
                          "interval": interval,
                          "method": "from the Wilson bounds" if interval else "",
-                         "note": f"at prevalence {pv['prevalence']:.3g}"})
+                         "note": f"at a prevalence of {100 * pv['prevalence']:.3g} %"})
     return rows
 
 

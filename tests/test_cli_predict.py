@@ -161,7 +161,7 @@ def test_evaluate_json_with_prevalence(model, real_or_synthetic_images, tmp_path
                 "--prevalence", "0.05")
     assert text.returncode == EXIT_OK
     for needle in ("ROC AUC", "(DeLong)", "Brier score", "ECE", "10 equal-width bins",
-                   "PPV", "at prevalence 0.05"):
+                   "PPV", "at a prevalence of 5 %"):
         assert needle in text.stdout, needle
     bad = skin("evaluate", "--model", model, "--data", real_or_synthetic_images,
                "--prevalence", "5")

@@ -279,7 +279,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], points: dict[str,
                          if auc is not None else "")
         ax.plot(fpr, tpr, color=st["color"], ls=st["ls"], lw=st["lw"], alpha=st["alpha"],
                 marker=st["marker"], ms=3.5, markevery=max(1, len(fpr) // 12),
-                drawstyle="steps-post", label=label, zorder=2 if split == "validation" else 3)
+                label=label, zorder=2 if split == "validation" else 3)
         if m.get("sensitivity") is not None and m.get("specificity") is not None:
             ax.plot([1 - m["specificity"]], [m["sensitivity"]], marker=st["marker"], ms=10,
                     mfc="none" if split == "validation" else st["color"], mec=st["color"],

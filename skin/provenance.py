@@ -10,7 +10,8 @@ when a model was trained on synthetic images.
 
 - ``data.licence`` is ``isic``, or
 - a ``README.md`` in the source folder or up to two folders above it (the shared copy keeps
-  its README one level above ``train/``) names the ISIC Archive;
+  its README one level above ``train/``) is about the ISIC Archive's images (its title
+  names ISIC; a README that only mentions them, like this project's, does not count);
 
 any other ``data.licence`` text is quoted as given, and otherwise the card says the
 licence is unknown and how to state it.
@@ -51,6 +52,14 @@ def _kind(source: str) -> str:
     return FOLDER
 
 
+def _about_isic(text: str) -> bool:
+    """A README about the ISIC images: its title (first non-empty line) names ISIC and the
+    text names the ISIC Archive. A README that merely mentions them (this project's own,
+    above a data folder inside the checkout) is not one."""
+    title = next((line for line in text.splitlines() if line.strip()), "").lower()
+    return "isic" in title and "isic archive" in text.lower()
+
+
 def _readme_names_isic(root: Path | None) -> Path | None:
     """The README next to the data (or up to two folders above) that names the ISIC Archive."""
     if root is None:
@@ -60,8 +69,7 @@ def _readme_names_isic(root: Path | None) -> Path | None:
         for name in _README_NAMES:
             path = folder / name
             try:
-                if path.is_file() and "isic archive" in path.read_text(
-                        errors="replace")[:20_000].lower():
+                if path.is_file() and _about_isic(path.read_text(errors="replace")[:20_000]):
                     return path
             except OSError:
                 continue

@@ -183,8 +183,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     runtime = runtime_from_env(env)
     _setup_logging(runtime.log_level)
 
-    if args.command in ("evaluate", "predict") and not args.verbose:
-        _quiet_tensorflow()
+    if args.command in ("evaluate", "predict"):
+        from skin.evaluate import check_model
+        check_model(args.model)  # a missing model is named at once, before TensorFlow loads
+        if not args.verbose:
+            _quiet_tensorflow()
     if args.command == "evaluate":
         import json
 

@@ -17,7 +17,8 @@ import threading
 from typing import Sequence
 
 from skin import __version__
-from skin.errors import ConfigError, SkinError, exit_code_for
+from skin.errors import (EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, SkinError,
+                         exit_code_for)
 
 log = logging.getLogger("skin")
 
@@ -25,6 +26,41 @@ log = logging.getLogger("skin")
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="experiment file (default: $SKIN_CONFIG or the shipped default experiment)")
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="log progress and TensorFlow's start-up messages to standard error")
+
+
+def _quiet_tensorflow() -> None:
+    """Keep TensorFlow's and absl's start-up messages off standard error: only the
+    command's own warnings and errors go there (``--verbose`` lets everything through)."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger().setLevel(logging.WARNING)
+    # TensorFlow's native libraries print a few lines while they load, through absl before
+    # its logging is set up (TF_CPP_MIN_LOG_LEVEL does not reach them): load them with
+    # file descriptor 2 on /dev/null. An import error still surfaces, after it is restored.
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _read_image_args(images: Sequence[str]) -> list[str]:
+    """The image arguments, with '-' replaced by the paths on standard input (one a line)."""
+    out: list[str] = []
+    for item in images:
+        if item == "-":
+            out.extend(line.rstrip("\r\n") for line in sys.stdin if line.strip())
+        else:
+            out.append(item)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model version folder, .keras file, gs://…/models/LATEST or OUT/model")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="folder with benign/ and malignant/ image folders")
-    p.add_argument("--out", metavar="FILE", help="write the metrics as JSON here")
+    p.add_argument("--out", metavar="FILE", help="also write the metrics as JSON here")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="what goes to standard output (default text)")
+    p.add_argument("--prevalence", type=float, metavar="P",
+                   help="add PPV and NPV at this share of malignant lesions (e.g. 0.06)")
+    _add_verbose(p)
 
-    p = sub.add_parser("predict", help="malignant probability and label for images")
+    p = sub.add_parser(
+        "predict", help="malignant probability and label for images",
+        description="Score images. Exit 0: every image scored; 1: some could not be (each "
+                    "named on standard error); 3: none could.")
     p.add_argument("--model", required=True, metavar="URI")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--format", choices=("tsv", "csv", "json"), default="tsv",
+                   help="tsv or csv with a header line, or json: an array of one object per "
+                        "image (default tsv)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files or folders; '-' reads paths from standard input, one a line")
+    _add_verbose(p)
+
+    p = sub.add_parser("experiments", help="the experiments in a bucket and their state, read "
+                                           "from the bucket alone")
+    p.add_argument("--bucket", metavar="GS_URI",
+                   help="a bucket, prefix or experiment root (default: the bucket and prefix "
+                        "of the experiment file)")
+    _add_config(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
 
     p = sub.add_parser("weights", help="backbone weights: import a PyTorch checkpoint")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -98,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--config", metavar="FILE",
                    help="experiment file: adds the best trial's hyperparameters from the bucket")
+    p.add_argument("--bucket", metavar="GS_URI",
+                   help="when the chief cannot be reached, show what the bucket says: an "
+                        "experiment root gs://BUCKET/PREFIX/NAME, or a bucket or prefix")
     return parser
 
 
@@ -144,15 +204,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     runtime = runtime_from_env(env)
     _setup_logging(runtime.log_level)
 
+    if args.command in ("evaluate", "predict"):
+        from skin.evaluate import check_model
+        check_model(args.model)  # a missing model is named at once, before TensorFlow loads
+        if not args.verbose:
+            _quiet_tensorflow()
     if args.command == "evaluate":
+        import json
+
         from skin.evaluate import evaluate, format_report
-        result = evaluate(args.model, args.data, out=args.out)
-        print(format_report(result))
-        return 0
+        result = evaluate(args.model, args.data, out=args.out, prevalence=args.prevalence)
+        print(json.dumps(result, indent=2) if args.format == "json" else format_report(result))
+        return EXIT_OK
     if args.command == "predict":
-        from skin.evaluate import format_predictions, predict
-        print(format_predictions(predict(args.model, args.images)))
-        return 0
+        return _predict(args)
+    if args.command == "experiments":
+        return _experiments(args, env)
     if args.command == "weights":
         from skin.weights import import_weights
         summary = import_weights(args.source, args.backbone, args.out,
@@ -166,8 +233,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.config:
             from skin.storage import Storage
             experiment, storage = load_experiment(args.config, env), Storage()
+        if args.bucket and not args.bucket.startswith("gs://"):
+            raise ConfigError(f"--bucket: {args.bucket!r} is not valid; expected gs://BUCKET[/…]")
         return main_status(args.address, watch=args.watch, interval=args.interval,
-                           experiment=experiment, storage=storage)
+                           experiment=experiment, storage=storage, bucket=args.bucket)
 
     if args.command == "run":
         from skin.run import RunOptions, run_local
@@ -205,6 +274,51 @@ def _dispatch(args: argparse.Namespace) -> int:
                 # Let Prometheus see the final counts before the pod goes away.
                 server.wait_for_scrape(runtime.metrics_linger_seconds)
     return _batch_role(args.command, exp, runtime, storage)
+
+
+def _experiments(args: argparse.Namespace, env) -> int:
+    """``skin experiments``: one line (or JSON object) per experiment below the bucket."""
+    import json
+
+    from skin.config import load_experiment
+    from skin.experiments import format_table, list_experiments
+    from skin.storage import Storage
+
+    base = args.bucket
+    if base is None:
+        exp = load_experiment(args.config, env)
+        base = exp.root_uri.rsplit("/", 1)[0]
+    if not base.startswith("gs://"):
+        raise ConfigError(f"--bucket: {base!r} is not valid; expected gs://BUCKET[/PREFIX]")
+    states = list_experiments(Storage(), base)
+    if args.format == "json":
+        print(json.dumps(states, indent=2))
+    elif states:
+        print(format_table(states))
+    else:
+        print(f"no experiments below {base}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """``skin predict``: the table on standard output, each image that could not be scored
+    named on standard error; exit 0 (all scored), 1 (some not) or 3 (none)."""
+    from skin.evaluate import format_predictions, predict
+
+    predictions = predict(args.model, _read_image_args(args.images))
+    print(format_predictions(predictions, args.format), flush=True)
+    failed = [p for p in predictions if p.error is not None]
+    for p in failed:
+        print(f"skin predict: {p.path}: {p.error}", file=sys.stderr)
+    if not failed:
+        return EXIT_OK
+    if len(failed) == len(predictions):
+        print(f"skin predict: error: none of the {len(predictions)} images could be scored "
+              f"(exit {EXIT_DATA})", file=sys.stderr)
+        return EXIT_DATA
+    print(f"skin predict: {len(failed)} of {len(predictions)} images could not be scored "
+          f"(exit {EXIT_SOME_FAILED})", file=sys.stderr)
+    return EXIT_SOME_FAILED
 
 
 def _batch_role(command: str, exp, runtime, storage) -> int:

@@ -70,6 +70,9 @@ class DataConfig:
         0.97, lo=0.5, hi=1.0, help="thumbnail correlation at which two images count as one lesion")
     synthetic_images_per_class: int = _spec(
         120, lo=8, hi=5000, help="images per class when source is 'synthetic'")
+    licence: str = _spec("", help="licence of the images for the model card: '' detects it "
+                                  "(the ISIC set by its README), 'isic' the ISIC Archive's "
+                                  "terms, any other text is quoted as given")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,11 @@ class RetrainConfig:
     ensemble: int = _spec(1, lo=1, hi=8,
                           help="publish the mean of the N best distinct trials, each retrained "
                                "(1 = the best trial alone)")
+    reference_prevalence: float = _spec(
+        0.062, lo=0.0, hi=1.0, lo_open=True, hi_open=True,
+        help="share of malignant lesions the model card states PPV and NPV at (default: "
+             "6.2 %, urgent suspected skin cancer referrals in England 2023 confirmed as "
+             "cancer, BCC excluded; skin.clinical.REFERENCE_PREVALENCE_SOURCE)")
 
 
 _BACKBONES = ("none", "mobilenetv2", "efficientnetb0", "efficientnet_lite0")  # skin.backbone.NAMES (no TF import here)

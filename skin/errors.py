@@ -11,6 +11,11 @@ from __future__ import annotations
 # 0 and 1 keep their usual meaning (1: an unexpected bug, retried by the Job's backoffLimit).
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
+# `skin predict` (a command for people and scripts, never a Job): 1 also when some inputs
+# could not be scored (each named on stderr, the others scored), 3 (EXIT_DATA) when none
+# could, 0 only when every input was scored. Like grep, gsutil and kubectl: non-zero when
+# anything failed.
+EXIT_SOME_FAILED = 1
 EXIT_CONFIG = 2  # fatal: bad experiment file, bad flag, bad environment value
 EXIT_DATA = 3  # fatal: the data cannot be staged or read (nothing usable, manifest mismatch)
 EXIT_SEARCH_FAILED = 4  # fatal: too many consecutive trials failed; the search space is broken

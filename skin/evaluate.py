@@ -151,12 +151,22 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> list[float] | No
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def classification_metrics(labels: Sequence, scores: Sequence, threshold: float) -> dict:
+INTERVAL_METHODS = {"accuracy": "Wilson", "sensitivity": "Wilson", "specificity": "Wilson",
+                    "roc_auc": "DeLong"}
+
+
+def classification_metrics(labels: Sequence, scores: Sequence, threshold: float, *,
+                           extended: bool = True) -> dict:
     """The published figures at ``threshold``. A ratio with nothing to divide by is None.
 
     ``intervals_95`` holds the Wilson 95 % interval of accuracy, sensitivity and
-    specificity: with a few hundred test images they are several points wide.
+    specificity and the DeLong interval of the ROC AUC (``interval_methods`` says which):
+    with a few hundred test images they are several points wide. ``extended`` adds the
+    Brier score, the expected calibration error and the calibration bins
+    (:mod:`skin.clinical`).
     """
+    from skin import clinical
+
     y, s = _as_arrays(labels, scores)
     (tn, fp), (fn, tp) = confusion_matrix(y, s, threshold)
     sensitivity = _ratio(tp, tp + fn)
@@ -165,7 +175,7 @@ def classification_metrics(labels: Sequence, scores: Sequence, threshold: float)
     f1 = (None if sensitivity is None or precision is None
           else (2 * precision * sensitivity / (precision + sensitivity)
                 if precision + sensitivity else 0.0))
-    return {
+    result = {
         "n": int(y.size),
         "n_benign": int(tn + fp),
         "n_malignant": int(tp + fn),
@@ -181,8 +191,13 @@ def classification_metrics(labels: Sequence, scores: Sequence, threshold: float)
             "accuracy": wilson_interval(tp + tn, int(y.size)),
             "sensitivity": wilson_interval(tp, tp + fn),
             "specificity": wilson_interval(tn, tn + fp),
+            "roc_auc": clinical.auc_interval(y, s),
         },
+        "interval_methods": dict(INTERVAL_METHODS),
     }
+    if extended:
+        result.update(clinical.extended_metrics(y, s))
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -198,6 +213,7 @@ class ServingInfo:
     version: str = ""
     source: str = ""  # where the model was loaded from (resolved)
     described: bool = True  # False when no serving description was found (defaults used)
+    data_source_kind: str = ""  # what it was trained on: synthetic, folder, zip, gcs ('' unknown)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -208,15 +224,22 @@ class ServingInfo:
     def from_dict(cls, doc: dict, **override: Any) -> "ServingInfo":
         values = dict(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
                       class_names=tuple(doc.get("class_names") or CLASS_NAMES),
-                      version=str(doc.get("version") or ""))
+                      version=str(doc.get("version") or ""),
+                      data_source_kind=str((doc.get("data_source") or {}).get("kind") or ""))
         values.update(override)
         return cls(**values)
 
 
 def serving_document(threshold: float, image_size: int, version: str,
-                     class_names: Sequence[str] = CLASS_NAMES) -> dict:
-    """The serving description retrain writes beside and inside ``model.keras``."""
-    return {
+                     class_names: Sequence[str] = CLASS_NAMES,
+                     data_source: dict | None = None) -> dict:
+    """The serving description retrain writes beside and inside ``model.keras``.
+
+    ``data_source``: what the model was trained on (``{"kind": "synthetic" | "folder" |
+    "zip" | "gcs", "dataset", "licence"}``, :func:`skin.provenance.serving_entry`):
+    ``predict`` and ``evaluate`` warn when it is synthetic.
+    """
+    doc = {
         "threshold": float(threshold),
         "image_size": int(image_size),
         "class_names": list(class_names),
@@ -225,6 +248,9 @@ def serving_document(threshold: float, image_size: int, version: str,
         "input": f"float32 RGB pixels 0..255, shape [batch, {image_size}, {image_size}, 3]",
         "output": f"probability of '{class_names[1]}'; predict it when >= threshold",
     }
+    if data_source is not None:
+        doc["data_source"] = dict(data_source)
+    return doc
 
 
 def embed_serving(keras_file: Path, doc: dict) -> None:
@@ -310,6 +336,31 @@ def _is_remote(uri: str) -> bool:
     return str(uri).startswith("gs://")
 
 
+def check_model(model_uri: str | os.PathLike, storage=None) -> str:
+    """Where the ``model.keras`` that ``model_uri`` means is, without loading it (no
+    TensorFlow): a missing model is reported before anything about the data."""
+    uri = str(model_uri)
+    if _is_remote(uri):
+        if storage is None:
+            from skin.storage import Storage
+
+            storage = Storage()
+        return _resolve_remote(uri, storage)
+    return str(_resolve_local(Path(uri).expanduser()))
+
+
+_warned_synthetic: set[str] = set()
+
+
+def warn_if_synthetic(info: "ServingInfo") -> None:
+    """Once per model and process: a model trained on synthetic images says nothing about
+    real lesions."""
+    if info.data_source_kind == "synthetic" and info.source not in _warned_synthetic:
+        _warned_synthetic.add(info.source)
+        log.warning("model %s was trained on SYNTHETIC images (data.source: synthetic): its "
+                    "scores say nothing about real skin lesions", info.version or info.source)
+
+
 def load_published(model_uri: str | os.PathLike, storage=None):
     """``(keras.Model, ServingInfo)`` for a published model, loaded in Keras safe mode.
 
@@ -341,6 +392,7 @@ def load_published(model_uri: str | os.PathLike, storage=None):
         model, info = _load_file(keras, keras_file, source=str(keras_file))
     log.info("loaded model %s (version %s, threshold %.4f, image size %d)", info.source,
              info.version or "?", info.threshold, info.image_size)
+    warn_if_synthetic(info)
     return model, info
 
 
@@ -475,7 +527,7 @@ def iter_image_batches(paths: Sequence[Path], image_size: int, batch_size: int,
                 images.append(_load_one(paths[i], image_size, load_images))
                 kept.append(i)
             except Exception as e:  # noqa: BLE001
-                log.warning("skipping %s: %s", paths[i], e)
+                log.info("skipping %s: %s", paths[i], e)
                 skipped.append({"path": str(paths[i]), "reason": str(e)})
         if kept:
             yield np.stack(images), kept
@@ -485,17 +537,28 @@ def iter_image_batches(paths: Sequence[Path], image_size: int, batch_size: int,
 # skin evaluate
 
 def evaluate(model_uri: str | os.PathLike, data_dir: str | os.PathLike,
-             out: str | os.PathLike | None = None, *, storage=None, batch_size: int = 32) -> dict:
+             out: str | os.PathLike | None = None, *, storage=None, batch_size: int = 32,
+             prevalence: float | None = None) -> dict:
     """Metrics of a published model on a labelled folder (``benign/``, ``malignant/``).
 
     Returns, and writes to ``out`` as JSON when given, at least: n, accuracy,
     roc_auc, sensitivity, specificity, precision, f1, threshold (the published
-    one), confusion_matrix ``[[tn, fp], [fn, tp]]``, and the skipped files.
+    one), confusion_matrix ``[[tn, fp], [fn, tp]]``, the intervals, Brier score,
+    ECE and calibration bins, and the skipped files. ``prevalence`` adds
+    ``at_prevalence``: PPV and NPV at that share of malignant lesions.
+
+    The model is checked before the data (a missing model is named first), and the
+    folder before the model is loaded (no TensorFlow start-up for a wrong folder).
     """
+    from skin import clinical
+
     if batch_size < 1:
         raise ConfigError(f"batch_size: {batch_size!r} is not valid; expected >= 1")
+    if prevalence is not None:
+        prevalence = clinical.check_prevalence(prevalence, "--prevalence")
+    check_model(model_uri, storage)
     data_dir = Path(data_dir).expanduser()
-    labelled = find_labelled_images(data_dir)  # fails fast, before loading the model
+    labelled = find_labelled_images(data_dir)
     model, info = load_published(model_uri, storage)
     paths = [p for p, _ in labelled]
     labels = np.array([y for _, y in labelled], np.int64)
@@ -517,7 +580,10 @@ def evaluate(model_uri: str | os.PathLike, data_dir: str | os.PathLike,
         "files_found": len(paths),
         "skipped": skipped,
         "n_skipped": len(skipped),
+        "trained_on": info.data_source_kind or "unknown",
     })
+    if prevalence is not None:
+        result["at_prevalence"] = clinical.predictive_values(result, prevalence)
     if out is not None:
         _write_json(out, result, storage)
     return result
@@ -547,9 +613,43 @@ def interval_text(metrics: dict, key: str, sep: str = "-") -> str:
     return f"{ci[0]:.3f}{sep}{ci[1]:.3f}" if ci else ""
 
 
-def _ci(result: dict, key: str) -> str:
-    text = interval_text(result, key)
-    return f"   95 % interval {text}" if text else ""
+FIGURES = (  # (key, name, what it means): the order every report lists them in
+    ("accuracy", "Accuracy", ""),
+    ("roc_auc", "ROC AUC", ""),
+    ("sensitivity", "Sensitivity", "malignant recall"),
+    ("specificity", "Specificity", "benign recall"),
+    ("precision", "Precision", "at this set's prevalence"),
+    ("f1", "F1", ""),
+    ("brier", "Brier score", "0 is perfect; 0.25 is a constant 0.5"),
+    ("ece", "ECE", "expected calibration error"),
+)
+
+
+def figure_rows(metrics: dict, *, sep: str = "-", digits: int = 3) -> list[dict]:
+    """The figures of :func:`classification_metrics` as rows for any report (the text of
+    ``skin evaluate``, the model card, ``report.html``): ``{"key", "name", "value",
+    "interval", "method", "note"}``, numbers already formatted. One formatter for all.
+    ``at_prevalence`` (PPV, NPV) adds two rows."""
+    methods = metrics.get("interval_methods") or {}
+    rows = []
+    for key, name, note in FIGURES:
+        if key not in metrics:
+            continue
+        if key == "ece" and metrics.get("calibration"):
+            note = f"{note}, {metrics['calibration']['bins']} equal-width bins"
+        interval = interval_text(metrics, key, sep)
+        rows.append({"key": key, "name": name, "value": _fmt(metrics[key], digits),
+                     "interval": interval, "method": methods.get(key, "") if interval else "",
+                     "note": note})
+    pv = metrics.get("at_prevalence")
+    if pv:
+        for key, name in (("ppv", "PPV"), ("npv", "NPV")):
+            interval = interval_text(pv, key, sep)
+            rows.append({"key": key, "name": name, "value": _fmt(pv.get(key), digits),
+                         "interval": interval,
+                         "method": "from the Wilson bounds" if interval else "",
+                         "note": f"at a prevalence of {100 * pv['prevalence']:.3g} %"})
+    return rows
 
 
 def format_report(result: dict) -> str:
@@ -562,15 +662,19 @@ def format_report(result: dict) -> str:
         f"({result['n_benign']} benign, {result['n_malignant']} malignant)"
         + (f", {result['n_skipped']} unreadable skipped" if result.get("n_skipped") else ""),
         f"Threshold:    {result['threshold']:.4f} (published; malignant when p >= threshold)",
-        "",
-        f"Accuracy      {_fmt(result['accuracy'])}{_ci(result, 'accuracy')}",
-        f"ROC AUC       {_fmt(result['roc_auc'])}",
-        f"Sensitivity   {_fmt(result['sensitivity'])}   (malignant recall)"
-        f"{_ci(result, 'sensitivity')}",
-        f"Specificity   {_fmt(result['specificity'])}   (benign recall)"
-        f"{_ci(result, 'specificity')}",
-        f"Precision     {_fmt(result['precision'])}",
-        f"F1            {_fmt(result['f1'])}",
+    ]
+    if result.get("trained_on") == "synthetic":
+        lines.append("Trained on:   SYNTHETIC images: these figures say nothing about real "
+                     "lesions")
+    lines.append("")
+    for row in figure_rows(result):
+        line = f"{row['name']:<13} {row['value']}"
+        if row["interval"]:
+            line += f"   95 % interval {row['interval']} ({row['method']})"
+        if row["note"]:
+            line += f"   ({row['note']})"
+        lines.append(line)
+    lines += [
         "",
         "Confusion matrix   predicted benign   predicted malignant",
         f"  benign          {tn:>16d}   {fp:>19d}",
@@ -588,6 +692,10 @@ def format_report(result: dict) -> str:
 # ---------------------------------------------------------------------------
 # skin predict
 
+PREDICTION_FIELDS = ("path", "probability", "label", "threshold", "model_version", "error")
+PREDICTION_FORMATS = ("tsv", "csv", "json")
+
+
 @dataclass(frozen=True)
 class Prediction:
     path: str
@@ -595,9 +703,10 @@ class Prediction:
     label: str | None  # the class at the published threshold
     threshold: float = DEFAULT_THRESHOLD
     error: str | None = None
+    model_version: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: getattr(self, k) for k in PREDICTION_FIELDS}
 
 
 def _expand(images: Iterable[str | os.PathLike]) -> list[Path]:
@@ -613,7 +722,9 @@ def predict(model_uri: str | os.PathLike, images: Iterable[str | os.PathLike], *
     """P(malignant) and the label at the published threshold, one per image (folders expand).
 
     A missing or unreadable image gives a Prediction with ``error`` set, in its place.
+    The model is checked first (a missing model is named before anything else).
     """
+    check_model(model_uri, storage)
     paths = _expand(images)
     if not paths:
         raise DataError("no images to predict (give image files or folders of .jpg/.jpeg/.png)")
@@ -637,19 +748,32 @@ def predict(model_uri: str | os.PathLike, images: Iterable[str | os.PathLike], *
         if i in probabilities:
             p = probabilities[i]
             label = info.class_names[1] if p >= info.threshold else info.class_names[0]
-            predictions.append(Prediction(str(path), p, label, info.threshold))
+            predictions.append(Prediction(str(path), p, label, info.threshold,
+                                          model_version=info.version))
         else:
             reason = errors.get(i) or by_path.get(str(path), "unreadable")
-            predictions.append(Prediction(str(path), None, None, info.threshold, reason))
+            predictions.append(Prediction(str(path), None, None, info.threshold, reason,
+                                          model_version=info.version))
     return predictions
 
 
-def format_predictions(predictions: Sequence[Prediction]) -> str:
-    """One line per image: path, label, P(malignant) (tab-separated)."""
-    lines = []
+def format_predictions(predictions: Sequence[Prediction], fmt: str = "tsv") -> str:
+    """The predictions for a program to read: ``tsv`` or ``csv`` with a header line
+    (:data:`PREDICTION_FIELDS`), or ``json``, an array of one object per image with the
+    same fields. An image that could not be scored has an empty probability and label
+    and its reason in ``error``."""
+    if fmt == "json":
+        return json.dumps([p.to_dict() for p in predictions], indent=1)
+    if fmt not in ("tsv", "csv"):
+        raise ConfigError(f"--format: {fmt!r} is not valid; expected one of "
+                          f"{', '.join(PREDICTION_FORMATS)}")
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
+    writer.writerow(PREDICTION_FIELDS)
     for p in predictions:
-        if p.error is not None:
-            lines.append(f"{p.path}\terror\t{p.error}")
-        else:
-            lines.append(f"{p.path}\t{p.label}\tp_malignant={p.probability:.4f}")
-    return "\n".join(lines)
+        writer.writerow([p.path, "" if p.probability is None else f"{p.probability:.6f}",
+                         p.label or "", f"{p.threshold:.6f}", p.model_version, p.error or ""])
+    return buf.getvalue().rstrip("\n")

@@ -1,4 +1,8 @@
-"""The search at a glance: a PNG and a small self-contained HTML page.
+"""The run report: a small self-contained HTML page (``report.html``) and the search's PNG.
+
+With the published model's ``metrics.json`` the page starts with the model
+(:mod:`skin.run_report`: test figures with intervals, ROC, confusion matrix, reliability
+diagram, operating points), then shows the search.
 
 :func:`render_search_report` takes the chief's ``<root>/tuner/result.json``
 (every trial's id, status, score, hyperparameters, worker, epochs, duration;
@@ -221,9 +225,8 @@ def _html_table(header: list[str], rows: list[list[Any]], classes: list[str] | N
     return "\n".join(out)
 
 
-def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
-          top: list[TrialRow], counts: dict[str, int], png: bytes) -> str:
-    title = "Search report" + (f": {result['experiment']}" if result.get("experiment") else "")
+def _search_sections(result: dict, trials: list[TrialRow], objective: str, direction: str,
+                     top: list[TrialRow], counts: dict[str, int], png: bytes) -> list[str]:
     best = top[0] if top else None
     summary = (f"{len(trials)} trials; objective <b>{html.escape(objective)}</b> "
                f"({'maximised' if direction == 'max' else 'minimised'})")
@@ -239,10 +242,8 @@ def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
     best_id = best.trial_id if best else None
     image = base64.b64encode(png).decode("ascii")
     published = _published_section(result.get("published"), objective)
-    return "\n".join([
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>", f"<p>{summary}</p>",
+    return [
+        "<h2>The search</h2>", f"<p>{summary}</p>",
         "<h2>Trials by status</h2>",
         _html_table(["status", "trials"], [[k, v] for k, v in counts.items()]),
         f'<img alt="objective of every trial with the best so far" '
@@ -252,8 +253,14 @@ def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
         _html_table(["trial", objective, "epochs", *names], top_rows),
         "<h2>Every trial</h2>",
         _html_table(["trial", "status", objective, "epochs", "seconds", "worker"], all_rows,
-                    classes=["best" if r[0] == best_id else "" for r in all_rows], left=2),
-        "</body></html>", ""])
+                    classes=["best" if r[0] == best_id else "" for r in all_rows], left=2)]
+
+
+def _page(title: str, sections: list[str]) -> str:
+    return "\n".join([
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>", *sections, "</body></html>", ""])
 
 
 def _published_section(published, objective: str) -> list[str]:
@@ -277,23 +284,41 @@ def _published_section(published, objective: str) -> list[str]:
     rows.append(["published", "-", "-" if tta else published.get("validation_auc"),
                  *([published.get("validation_auc")] if tta else []), *["" for _ in names]])
     version = html.escape(str(published.get("version") or ""))
-    return [f"<h2>Published model {version}</h2>", f"<p>{html.escape(what)}.</p>",
+    return [f"<h2>Published model {version}: its members</h2>", f"<p>{html.escape(what)}.</p>",
             _html_table(["trial", objective, "validation ROC AUC",
                          *(["with TTA"] if tta else []), *names], rows,
                         classes=[""] * len(members) + ["best"])]
 
 
-def render_search_report(result: dict, out_dir) -> tuple[Path, Path]:
-    """Write ``search.png`` and ``report.html`` into ``out_dir``; their paths."""
+def render_search_report(result: dict | None, out_dir, metrics: dict | None = None) \
+        -> tuple[Path | None, Path]:
+    """Write ``report.html`` (and ``search.png`` when there is a search ``result``) into
+    ``out_dir``; their paths. With ``metrics`` (the published version's ``metrics.json``)
+    the page is the run report: the model's figures and the plots beside it in
+    ``out_dir`` (:mod:`skin.run_report`) first, then the search."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trials = trials_of(result)
-    objective, direction = objective_of(result)
-    top = top_trials(trials, direction)
-    counts = counts_of(result, trials)
-    png = _draw(trials, objective, direction, top)
-    png_path, html_path = out / PNG_NAME, out / HTML_NAME
-    png_path.write_bytes(png)
-    html_path.write_text(_page(result, trials, objective, direction, top, counts, png),
-                         encoding="utf-8")
+    sections: list[str] = []
+    name = (result or {}).get("experiment") or ((metrics or {}).get("experiment") or {}).get(
+        "name")
+    if metrics is not None:
+        from skin.run_report import model_sections
+
+        sections += model_sections(metrics, out)
+    png_path = None
+    if result is not None:
+        trials = trials_of(result)
+        objective, direction = objective_of(result)
+        top = top_trials(trials, direction)
+        counts = counts_of(result, trials)
+        png = _draw(trials, objective, direction, top)
+        png_path = out / PNG_NAME
+        png_path.write_bytes(png)
+        sections += _search_sections(result, trials, objective, direction, top, counts, png)
+    else:
+        sections.append("<h2>The search</h2><p>No search result was found in the bucket.</p>")
+    title = ("Run report" if metrics is not None else "Search report") + (
+        f": {name}" if name else "")
+    html_path = out / HTML_NAME
+    html_path.write_text(_page(title, sections), encoding="utf-8")
     return png_path, html_path

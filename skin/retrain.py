@@ -29,8 +29,14 @@ validation ROC AUC beside the published model's.
 A published version holds ``model.keras`` (self-describing: the serving
 description is inside the archive and in ``serving.json`` beside it),
 ``saved_model/`` (``model.export``), ``metrics.json``, ``learning_curves.png``,
-``roc.png``, ``confusion_matrix.png``, ``model_card.md`` and, when
-:mod:`skin.report` is there, the run report of the search.
+``roc.png``, ``confusion_matrix.png``, ``reliability.png``, ``model_card.md`` and
+``report.html``, the run report (:mod:`skin.report`: the model's figures, then the search).
+
+The card, the run report and ``metrics.json`` carry the 95 % intervals (Wilson; DeLong for
+the ROC AUC), the Brier score and calibration (:mod:`skin.clinical`), PPV and NPV at
+``retrain.reference_prevalence``, the operating points for other target sensitivities,
+and the data's provenance and licence as the stage found them (:mod:`skin.provenance`;
+``serving.json`` carries the source kind, so predict/evaluate warn on a synthetic model).
 """
 
 from __future__ import annotations
@@ -56,8 +62,9 @@ import numpy as np
 import skin
 from skin.errors import (DataError, PreconditionFailedError, PublishRaceLostError,
                          SearchFailedError)
+from skin import clinical, provenance
 from skin.evaluate import (CLASS_NAMES, MODEL_FILE, SERVING_FILE, choose_threshold,
-                           classification_metrics, embed_serving, interval_text,
+                           classification_metrics, embed_serving, figure_rows, interval_text,
                            malignant_probability, roc_auc, roc_curve, serving_document)
 from skin.storage import join
 
@@ -65,10 +72,6 @@ log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 32
 VERSION_FORMAT = "%Y%m%d-%H%M%S"
-LICENCE_NOTE = (
-    "Images from the ISIC Archive (International Skin Imaging Collaboration), via the Kaggle "
-    "dataset \"Skin Cancer: Malignant vs. Benign\". Licensed per image, mostly CC-BY-NC: "
-    "non-commercial use only, with attribution to the ISIC Archive. Do not monetise this model.")
 INTENDED_USE = (
     "Research and teaching on distributed hyperparameter search. Not a medical device: it must "
     "not be used to diagnose, screen or triage anyone.")
@@ -249,26 +252,54 @@ def plot_learning_curves(history: dict[str, list[float]], published_epoch: int |
     plt.close(fig)
 
 
+# One look per split on every plot, so validation and test stay apart even where they
+# overlap: colour, line style and marker all differ.
+SPLIT_STYLE = {
+    "validation": dict(color="#1f77b4", ls="-", lw=2.4, marker="o", alpha=0.75),
+    "test": dict(color="#d62728", ls="--", lw=1.6, marker="s", alpha=1.0),
+}
+
+
+def _style(split: str) -> dict:
+    return SPLIT_STYLE.get(split, dict(color="#2ca02c", ls=":", lw=1.6, marker="^", alpha=1.0))
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], points: dict[str, dict],
              path: Path) -> None:
-    """ROC curves by split, with the operating point at the published threshold."""
+    """ROC curves by split, with the operating point at the published threshold.
+
+    Validation is a thick solid blue line, test a thin dashed red one with square markers
+    drawn on top: one cannot hide the other."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 4.6))
-    for split, (labels, scores) in curves.items():
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    order = sorted(curves, key=lambda k: k != "validation")  # validation underneath
+    for split in order:
+        labels, scores = curves[split]
         try:
             fpr, tpr, _ = roc_curve(labels, scores)
         except ValueError:
             continue  # one class only: no curve
-        auc = points[split].get("roc_auc")
-        line, = ax.plot(fpr, tpr, label=f"{split} (AUC {auc:.3f})" if auc is not None else split)
+        st = _style(split)
         m = points[split]
+        auc = m.get("roc_auc")
+        ci = interval_text(m, "roc_auc")
+        label = split + (f" (AUC {auc:.3f}" + (f", 95 % CI {ci}" if ci else "") + ")"
+                         if auc is not None else "")
+        ax.plot(fpr, tpr, color=st["color"], ls=st["ls"], lw=st["lw"], alpha=st["alpha"],
+                marker=st["marker"], ms=3.5, markevery=max(1, len(fpr) // 12),
+                label=label, zorder=2 if split == "validation" else 3)
         if m.get("sensitivity") is not None and m.get("specificity") is not None:
-            ax.plot([1 - m["specificity"]], [m["sensitivity"]], "o", color=line.get_color())
+            ax.plot([1 - m["specificity"]], [m["sensitivity"]], marker=st["marker"], ms=10,
+                    mfc="none" if split == "validation" else st["color"], mec=st["color"],
+                    mew=2, ls="none", zorder=4,
+                    label=f"{split} at threshold {m['threshold']:.3f}")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("1 - specificity (benign called malignant)")
     ax.set_ylabel("sensitivity (malignant found)")
-    ax.set_title("ROC; dots: the published threshold")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("ROC by split; big markers: the published threshold", fontsize=10)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(loc="lower right", fontsize=7.5)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -277,16 +308,61 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], points: dict[str,
 
 def plot_confusion_matrix(matrix: list[list[int]], split: str, threshold: float,
                           path: Path) -> None:
+    """Counts with the row rates: specificity and false-positive rate on the benign row,
+    false-negative rate (missed) and sensitivity on the malignant row."""
     plt = _pyplot()
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.imshow(m, cmap="Blues")
+    rows = m.sum(axis=1, keepdims=True)
+    rates = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)
+    names = [["specificity", "false positives"], ["missed (FNR)", "sensitivity"]]
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (i, j), count in np.ndenumerate(m):
-        ax.text(j, i, str(count), ha="center", va="center",
-                color="white" if count > m.max() / 2 else "black", fontsize=13)
+        ax.text(j, i, f"{count}\n{100 * rates[i, j]:.1f} %\n{names[i][j]}", ha="center",
+                va="center", color="white" if rates[i, j] > 0.5 else "black", fontsize=10)
     ax.set_xticks([0, 1], [f"predicted\n{c}" for c in CLASS_NAMES])
-    ax.set_yticks([0, 1], list(CLASS_NAMES))
-    ax.set_title(f"{split}, threshold {threshold:.3f}")
+    ax.set_yticks([0, 1], [f"{c}\n(n={int(rows[k, 0])})" for k, c in enumerate(CLASS_NAMES)])
+    ax.set_title(f"{split}, threshold {threshold:.3f} (rates per true class)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(points: dict[str, dict], path: Path) -> None:
+    """Reliability diagram: per probability bin, the share that was malignant against the
+    mean predicted probability (on the diagonal: calibrated), and the images per bin."""
+    plt = _pyplot()
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.2, 5.6), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1.2]})
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
+    splits = sorted(points.items(), key=lambda kv: kv[0] != "validation")
+    for k, (split, m) in enumerate(splits):
+        cal = (m.get("calibration") or {}).get("table") or []
+        if not cal:
+            continue
+        st = _style(split)
+        ece = m.get("ece")
+        ax.plot([b["mean_probability"] for b in cal], [b["fraction_malignant"] for b in cal],
+                color=st["color"], ls=st["ls"], lw=st["lw"] * 0.8, marker=st["marker"], ms=6,
+                alpha=max(st["alpha"], 0.85),
+                label=f"{split} (ECE {ece:.3f}, Brier {m.get('brier'):.3f})"
+                if ece is not None and m.get("brier") is not None else split)
+        width = 0.8 * (cal[0]["high"] - cal[0]["low"]) / len(splits)  # side by side in a bin
+        centres = [(b["low"] + b["high"]) / 2 for b in cal]
+        hist.bar([c + (k - (len(splits) - 1) / 2) * width for c in centres],
+                 [b["n"] for b in cal], width=width, color=st["color"], alpha=0.8,
+                 hatch="" if split == "validation" else "//", edgecolor="white", label=split)
+    bins = next(((m.get("calibration") or {}).get("bins") for m in points.values()), 10)
+    ax.set_ylabel("fraction malignant")
+    ax.set_title(f"Reliability ({bins} equal-width bins of P(malignant))", fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7.5)
+    hist.set_xlabel("predicted P(malignant)")
+    hist.set_ylabel("images per bin")
+    hist.grid(alpha=0.3)
+    hist.legend(fontsize=7.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -342,9 +418,7 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
     split_rows = [f"| {name} | {s.get('count', '?')} | {s.get('benign', '?')} | "
                   f"{s.get('malignant', '?')} |" for name, s in splits.items() if s]
     hps = best.get("hyperparameters") or {}
-    val = metrics["validation"]
     cm = metrics["confusion_matrix"]
-    rows = ["accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1"]
     lines = [
         f"# Model card: {exp.name} {version}",
         "",
@@ -358,12 +432,10 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         "",
         "## Data",
         "",
-        LICENCE_NOTE,
-        "",
-        f"- staged data: `{exp.data_uri}`",
-        f"- source: `{exp.data.source}`" + (f", test source `{exp.data.test_source}`"
-                                            if exp.data.test_source else ""),
-        f"- manifest sha256: `{metrics['data']['manifest_sha256']}`",
+        *provenance.card_lines(metrics["data"].get("provenance") or {},
+                               test=metrics["data"].get("test_provenance"),
+                               manifest_sha256=metrics["data"]["manifest_sha256"],
+                               data_uri=exp.data_uri),
         f"- source fingerprint: `{manifest.get('source_fingerprint', 'n/a')}`",
         "",
         "| split | images | benign | malignant |",
@@ -390,21 +462,19 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
            "threshold" + (" and the epoch" if metrics["training"].get("restored_best", True)
                           else "") + ", so they are optimistic)") + ".",
         "",
-        f"| metric | {metrics['evaluated_on']} | 95 % interval ({metrics['evaluated_on']}) "
-        "| validation |",
-        "|---|---|---|---|",
-        *[f"| {k} | {_fmt(metrics[k])} | {interval_text(metrics, k, ' – ')} "
-          f"| {_fmt(val.get(k))} |" for k in rows],
-        "",
-        "The intervals are Wilson score intervals over the evaluated images: the range the "
-        "figure could take on another sample of the same size.",
+        *_metric_table(metrics),
         "",
         f"Confusion matrix on {metrics['evaluated_on']} (rows true, columns predicted; "
         f"benign, malignant): tn={cm[0][0]}, fp={cm[0][1]}, fn={cm[1][0]}, tp={cm[1][1]}.",
         "",
+        *_prevalence_section(metrics),
+        *_operating_points_section(metrics),
+        *_calibration_section(metrics),
         "Near-duplicate photos of one lesion are kept on one side of each split, but the "
-        "dataset is small and from one archive: expect lower figures on other clinics, "
-        "cameras and skin types.",
+        "data set is small and from one source: expect lower figures on other clinics, "
+        "cameras and skin types."
+        if (metrics["data"].get("provenance") or {}).get("kind") != provenance.SYNTHETIC else
+        "These figures are on synthetic images: they only show that the pipeline runs.",
         "",
         "## Training",
         "",
@@ -432,6 +502,109 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def _metric_table(metrics: dict) -> list[str]:
+    """The card's figures: :func:`skin.evaluate.figure_rows` (the one formatter that
+    ``skin evaluate`` and ``report.html`` use too), evaluated split and validation."""
+    split = metrics["evaluated_on"]
+    val = {r["key"]: r["value"] for r in figure_rows(metrics["validation"])}
+    lines = [f"| metric | {split} | 95 % interval ({split}) | validation |", "|---|---|---|---|"]
+    for r in figure_rows(metrics, sep=" – "):
+        interval = f"{r['interval']} ({r['method']})" if r["interval"] else ""
+        name = r["name"] + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {name} | {r['value']} | {interval} | {val.get(r['key'], '')} |")
+    return lines + [
+        "",
+        "Intervals: Wilson score intervals for the proportions (accuracy, sensitivity, "
+        "specificity), DeLong's method for the ROC AUC; PPV and NPV take theirs from the "
+        "Wilson bounds of sensitivity and specificity (approximate). Each is the range the "
+        "figure could take on another sample of the same size."]
+
+
+def _p3(value) -> str:
+    """A figure as the card's tables show it (3 decimals, like skin.evaluate.figure_rows)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _prevalence_section(metrics: dict) -> list[str]:
+    pv = metrics.get("at_prevalence")
+    ref = metrics.get("reference_prevalence") or {}
+    if not pv or pv.get("ppv") is None:
+        return []
+    split = metrics["evaluated_on"]
+    n_mal, n = metrics["n_malignant"], metrics["n"]
+    return [
+        "## At a clinic's prevalence",
+        "",
+        f"The {split} set is {100 * n_mal / n:.0f} % malignant; precision on it says little "
+        "about a clinic where far fewer lesions are. At a prevalence of "
+        f"**{100 * pv['prevalence']:.1f} %** ({ref.get('source', 'retrain.reference_prevalence')})"
+        f", the {split} sensitivity and specificity give:",
+        "",
+        f"- PPV (a malignant call is right): **{_p3(pv['ppv'])}** "
+        f"(95 % interval {interval_text(pv, 'ppv', ' – ') or 'n/a'})",
+        f"- NPV (a benign call is right): **{_p3(pv['npv'])}** "
+        f"(95 % interval {interval_text(pv, 'npv', ' – ') or 'n/a'})",
+        "",
+        "Set `retrain.reference_prevalence` for another population, or ask "
+        "`skin evaluate --prevalence P`.",
+        "",
+    ]
+
+
+def _operating_points_section(metrics: dict) -> list[str]:
+    ops = metrics.get("operating_points") or []
+    if not ops:
+        return []
+    split = metrics["evaluated_on"]
+    pv = (metrics.get("reference_prevalence") or {}).get("value")
+    lines = [
+        "## Operating points",
+        "",
+        f"Thresholds chosen on validation for other target sensitivities, and what each "
+        f"gives on {split} (the published one keeps {metrics['target_sensitivity']:.2f}).",
+        "",
+        f"| target sensitivity | threshold | validation sensitivity | validation specificity "
+        f"| {split} sensitivity | {split} specificity |"
+        + (f" PPV at {100 * pv:.1f} % | NPV at {100 * pv:.1f} % |" if pv else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if pv else ""),
+    ]
+    for r in ops:
+        t = r["test"]
+        mark = " (published)" if abs(r["target_sensitivity"] -
+                                     metrics["target_sensitivity"]) < 1e-9 else ""
+        lines.append(
+            f"| {r['target_sensitivity']:.2f}{mark} | {r['threshold']:.4f} | "
+            f"{_p3(r['validation']['sensitivity'])} | {_p3(r['validation']['specificity'])} | "
+            f"{_p3(t['sensitivity'])} ({interval_text(t, 'sensitivity', ' – ')}) | "
+            f"{_p3(t['specificity'])} ({interval_text(t, 'specificity', ' – ')}) |"
+            + (f" {_p3(t.get('ppv'))} | {_p3(t.get('npv'))} |" if pv else ""))
+    return lines + [""]
+
+
+def _calibration_section(metrics: dict) -> list[str]:
+    cal = metrics.get("calibration") or {}
+    if not cal.get("table"):
+        return []
+    split = metrics["evaluated_on"]
+    lines = [
+        "## Calibration",
+        "",
+        f"Does P(malignant) mean what it says? On {split}: Brier score "
+        f"**{_p3(metrics.get('brier'))}**, expected calibration error "
+        f"**{_p3(metrics.get('ece'))}** over {cal['bins']} equal-width bins of the "
+        "probability (validation: Brier "
+        f"{_p3(metrics['validation'].get('brier'))}, ECE {_p3(metrics['validation'].get('ece'))})."
+        " The reliability diagram is `reliability.png`.",
+        "",
+        "| P(malignant) bin | images | mean P(malignant) | fraction malignant |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {b['low']:.1f} – {b['high']:.1f} | {b['n']} | {b['mean_probability']:.3f} | "
+              f"{b['fraction_malignant']:.3f} |" for b in cal["table"]]
+    return lines + ["", "The decision uses the threshold above, not 0.5: a model can rank "
+                    "well (high AUC) and still be miscalibrated.", ""]
 
 
 def _what_model(exp) -> str:
@@ -529,8 +702,10 @@ def _move_latest(storage, models_uri: str, version: str, seen: tuple[str | None,
             f"instead, write {version!r} into {latest}") from None
 
 
-def _render_report(result: dict | None, out_dir: Path) -> None:
-    if result is None:
+def _render_report(result: dict | None, out_dir: Path, metrics: dict | None = None) -> None:
+    """``report.html``: the published model's figures and plots (``metrics`` and the PNGs
+    in ``out_dir``), then the search (``result``), when there is either."""
+    if result is None and metrics is None:
         log.info("no search result in the bucket: no run report")
         return
     try:
@@ -539,7 +714,7 @@ def _render_report(result: dict | None, out_dir: Path) -> None:
         log.info("skin.report.render_search_report is not available: no run report")
         return
     try:
-        render_search_report(result, out_dir)
+        render_search_report(result, out_dir, metrics=metrics)
     except Exception:  # noqa: BLE001 - the report is a by-product; the model is published anyway
         log.exception("the run report failed; publishing without it")
 
@@ -702,6 +877,15 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         log.warning("no test split was staged: evaluating on validation (optimistic)")
         eval_labels, eval_probs = val_labels, val_probs
     evaluation = classification_metrics(eval_labels, eval_probs, threshold)
+    prevalence = exp.retrain.reference_prevalence
+    evaluation["at_prevalence"] = clinical.predictive_values(evaluation, prevalence)
+    operating = clinical.operating_points(val_labels, val_probs, eval_labels, eval_probs,
+                                          prevalence=prevalence)
+    source_doc = provenance.of_manifest(manifest, exp.data.licence) or {}
+    test_doc = provenance.of_manifest(manifest, exp.data.licence, "test_source")
+    if source_doc.get("kind") == provenance.SYNTHETIC:
+        log.warning("trained on SYNTHETIC images: the published model says nothing about real "
+                    "lesions (its serving.json says so, and predict/evaluate warn)")
 
     version = _new_version(storage, exp.models_uri)
     uri = join(exp.models_uri, version)
@@ -710,7 +894,8 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         shutil.rmtree(local_dir)
     local_dir.mkdir(parents=True)
 
-    serving = serving_document(threshold, size, version)
+    serving = serving_document(threshold, size, version,
+                               data_source=provenance.serving_entry(source_doc))
     metrics = {
         **evaluation,
         "evaluated_on": evaluated_on,
@@ -729,8 +914,16 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         "tta": {"enabled": tta, "views": DIHEDRAL_VIEWS if tta else 1},
         "ensemble": {"requested": exp.retrain.ensemble, "size": len(members),
                      "validation_auc": validation["roc_auc"], "members": members},
+        "reference_prevalence": {
+            "value": prevalence,
+            "source": (clinical.REFERENCE_PREVALENCE_SOURCE
+                       if prevalence == clinical.DEFAULT_REFERENCE_PREVALENCE
+                       else "retrain.reference_prevalence in the experiment file")},
+        "operating_points": operating,
         "data": {
             "uri": exp.data_uri,
+            "provenance": source_doc,
+            "test_provenance": test_doc,
             "manifest_sha256": manifest_hash(manifest, data_dir),
             "splits": {k: {f: v.get(f) for f in ("count", "benign", "malignant")}
                        for k, v in (manifest.get("splits") or {}).items() if v},
@@ -797,6 +990,7 @@ def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, be
     plot_roc(curves, points, local_dir / "roc.png")
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["evaluated_on"],
                           metrics["threshold"], local_dir / "confusion_matrix.png")
+    plot_reliability(points, local_dir / "reliability.png")
     (local_dir / "model_card.md").write_text(model_card(exp, metrics["version"], metrics, best,
                                                         manifest))
-    _render_report(result, local_dir)
+    _render_report(result, local_dir, metrics)

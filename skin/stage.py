@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from skin import provenance
 from skin.config import Experiment
 from skin.errors import DataError
 from skin.grouping import CLASSES, SPLITS, near_duplicate_groups, split_groups
@@ -84,6 +85,7 @@ class StageReport:
     source: str
     test_source: str = ""
     synthetic: bool = False
+    provenance: dict[str, dict] = field(default_factory=dict)  # skin.provenance, by source
     already_staged: bool = False
     fingerprint: str = ""
     files: int = 0  # files found under the label folders
@@ -429,10 +431,14 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
         scratch = Path(tmp)
         root = _resolve_source(source, storage, scratch, exp, work_dir, report, "source")
         items = _scan(root, "source", report)
+        report.provenance["source"] = provenance.describe(
+            source, root, synthetic=report.synthetic, licence=exp.data.licence)
         if exp.data.test_source:
             test_root = _resolve_source(exp.data.test_source, storage, scratch, exp, work_dir,
                                         report, "test_source")
             items += _scan(test_root, "test", report)
+            report.provenance["test_source"] = provenance.describe(
+                exp.data.test_source, test_root, licence=exp.data.licence)
         report.files = len(items)
         log.info("staging %d files from %s%s", len(items), source,
                  f" (+ test {exp.data.test_source})" if exp.data.test_source else "")
@@ -650,6 +656,7 @@ def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str,
         "source": report.source,
         "test_source": report.test_source,
         "synthetic": report.synthetic,
+        "provenance": report.provenance,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "image_size": exp.data.image_size,
         "classes": list(CLASSES),

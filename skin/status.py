@@ -9,6 +9,11 @@ The best trial is named by ``skin_chief_best_trial_number``, keras-tuner's
 numeric trial id as a gauge *value* (a trial id is never a label). Its
 hyperparameters are not metrics: given an experiment and a storage, the
 status also reads ``<root>/tuner/best_hyperparameters.json`` from the bucket.
+
+When the chief cannot be reached, the status says how to reach it on Kubernetes
+(``kubectl port-forward`` of the chief's Service, named as in ``k8s/base``) and, given a
+bucket (``--bucket``, or the experiment of ``--config``), falls back to what the bucket
+says (:mod:`skin.experiments`): staged, searching, retraining, published or failed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,28 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
 from skin.metrics import TRIAL_STATUSES
+
+
+# The chief's metrics on Kubernetes: k8s/base (namespace.yaml, network/chief-service.yaml).
+# tests/test_status.py checks these against the manifests.
+K8S_NAMESPACE = "skin"
+CHIEF_SERVICE = "skin-chief"
+CHIEF_METRICS_PORT = 9090
+
+
+def port_forward_hint(address: str) -> str:
+    """How to reach the chief's metrics from a laptop when it runs on Kubernetes."""
+    local = address.rsplit(":", 1)[-1].split("/", 1)[0] if ":" in address.split("//")[-1] \
+        else str(CHIEF_METRICS_PORT)
+    if not local.isdigit():
+        local = str(CHIEF_METRICS_PORT)
+    return (f"  On Kubernetes, forward the chief's metrics port first, then run skin status "
+            f"again:\n"
+            f"    kubectl -n {K8S_NAMESPACE} port-forward svc/{CHIEF_SERVICE} "
+            f"{local}:{CHIEF_METRICS_PORT}\n"
+            f"  (another namespace: -n NAMESPACE; another local port: --address "
+            f"127.0.0.1:PORT). Without the chief, --bucket gs://BUCKET/PREFIX/NAME shows what "
+            f"the bucket says.")
 
 
 @dataclass
@@ -204,17 +231,22 @@ def format_status(status: Status) -> str:
 
 def main_status(address: str, watch: bool = False, interval: float = 5.0, *,
                 experiment=None, storage=None, out: TextIO | None = None,
-                refreshes: int | None = None,
+                refreshes: int | None = None, bucket: str | None = None,
                 sleep: Callable[[float], None] = time.sleep) -> int:
     """``skin status``: print the table once (or every ``interval`` seconds with ``watch``,
     until Ctrl-C or ``refreshes`` tables). With ``experiment`` and ``storage`` it adds the
-    best trial's hyperparameters from the bucket. Exit 0, or 75 (retryable) when the chief
-    cannot be read and not watching."""
+    best trial's hyperparameters from the bucket.
+
+    When the chief cannot be read: how to reach it (``kubectl port-forward``), and, with
+    ``bucket`` (an experiment root, or a bucket or prefix holding several) or
+    ``experiment``, what the bucket says instead. Exit 0; 75 (retryable) when the chief
+    cannot be read and there is no bucket to fall back to (or it holds no experiment)."""
     out = out or sys.stdout
     clear = watch and out.isatty()
     shown = 0
     try:
         while True:
+            fallback = ""
             try:
                 status = fetch(address)
                 if experiment is not None and storage is not None:
@@ -223,18 +255,46 @@ def main_status(address: str, watch: bool = False, interval: float = 5.0, *,
                 ok = True
             except (OSError, ValueError) as e:
                 reason = getattr(e, "reason", None) or e
-                text = f"skin status: cannot read the chief's metrics at {_url(address)}: {reason}"
+                text = (f"skin status: cannot read the chief's metrics at {_url(address)}: "
+                        f"{reason}\n{port_forward_hint(address)}")
                 ok = False
+                fallback = _from_bucket(bucket, experiment, storage)
             if clear:
                 out.write("\033[H\033[J")
             if watch:
                 text += f"\n(refreshing every {interval:g}s; Ctrl-C to stop)"
             print(text, file=out if ok or watch else sys.stderr, flush=True)
+            if fallback:
+                print(fallback, file=out, flush=True)
             shown += 1
             if not watch:
-                return EXIT_OK if ok else EXIT_RETRYABLE
+                return EXIT_OK if ok or fallback else EXIT_RETRYABLE
             if refreshes is not None and shown >= refreshes:
                 return EXIT_OK
             sleep(interval)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _from_bucket(bucket: str | None, experiment, storage) -> str:
+    """What the bucket says about the experiment(s), as text; '' when there is nothing."""
+    if bucket is None and experiment is None:
+        return ""
+    from skin.experiments import experiment_state, format_state, list_experiments
+
+    if storage is None:
+        from skin.storage import Storage
+
+        storage = Storage()
+    base = bucket or experiment.root_uri
+    try:
+        states = list_experiments(storage, base)
+        if experiment is not None:
+            states = [s for s in states if s["root"] == experiment.root_uri] or \
+                [experiment_state(storage, experiment.root_uri)]
+    except (OSError, ValueError) as e:
+        return f"skin status: cannot read {base} either: {e}"
+    states = [s for s in states if s["state"] != "empty"]
+    if not states:
+        return ""
+    return "\n".join([f"From the bucket ({base}):"] + [format_state(s) for s in states])

@@ -214,13 +214,25 @@ def test_format_report_shows_every_figure():
         assert needle in text, needle
 
 
-def test_format_predictions_one_line_per_image():
-    preds = [ev.Prediction("a.jpg", 0.91234, "malignant", 0.4),
-             ev.Prediction("b.jpg", 0.1, "benign", 0.4),
-             ev.Prediction("c.jpg", None, None, 0.4, "no such file")]
+def test_format_predictions_tsv_csv_json_carry_every_field():
+    import csv
+    import io
+
+    preds = [ev.Prediction("a.jpg", 0.91234, "malignant", 0.4, model_version="v1"),
+             ev.Prediction("b, c.jpg", 0.1, "benign", 0.4, model_version="v1"),
+             ev.Prediction("c.jpg", None, None, 0.4, "no such file", model_version="v1")]
     lines = ev.format_predictions(preds).splitlines()
-    assert lines == ["a.jpg\tmalignant\tp_malignant=0.9123", "b.jpg\tbenign\tp_malignant=0.1000",
-                     "c.jpg\terror\tno such file"]
+    assert lines == ["path\tprobability\tlabel\tthreshold\tmodel_version\terror",
+                     "a.jpg\t0.912340\tmalignant\t0.400000\tv1\t",
+                     "b, c.jpg\t0.100000\tbenign\t0.400000\tv1\t",
+                     "c.jpg\t\t\t0.400000\tv1\tno such file"]
+    rows = list(csv.DictReader(io.StringIO(ev.format_predictions(preds, "csv"))))
+    assert [r["path"] for r in rows] == ["a.jpg", "b, c.jpg", "c.jpg"]  # quoted comma
+    assert rows[0] == {"path": "a.jpg", "probability": "0.912340", "label": "malignant",
+                       "threshold": "0.400000", "model_version": "v1", "error": ""}
+    assert json.loads(ev.format_predictions(preds, "json")) == [p.to_dict() for p in preds]
+    with pytest.raises(ConfigError, match="--format"):
+        ev.format_predictions(preds, "xml")
 
 
 # ---------------------------------------------------------------------------
@@ -507,7 +519,7 @@ def test_predict_one_per_image_in_order(real_or_synthetic_images, tmp_path):
     model, _ = ev.load_published(model_dir)
     direct = ev.malignant_probability(model, load_images([str(images[0])], SIZE))[0]
     assert preds[0].probability == pytest.approx(float(direct), abs=1e-6)
-    lines = ev.format_predictions(preds).splitlines()
+    lines = ev.format_predictions(preds).splitlines()[1:]
     assert len(lines) == len(asked)
     assert all(line.startswith(str(path)) for line, path in zip(lines, asked))
 

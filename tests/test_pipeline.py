@@ -116,8 +116,8 @@ def _check_published_copy(tmp_path, env, out: Path, real_or_synthetic_images) ->
                          *map(str, images)], env=env, capture_output=True, text=True, timeout=300)
     assert pr.returncode == 0, pr.stderr[-3000:]
     lines = [line for line in pr.stdout.splitlines() if line.strip()]
-    assert len(lines) == 3
-    for image, line in zip(images, lines):
+    assert lines[0].startswith("path\tprobability\tlabel") and len(lines) == 4  # header + 3
+    for image, line in zip(images, lines[1:]):
         assert str(image) in line and ("malignant" in line or "benign" in line)
 
 

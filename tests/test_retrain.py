@@ -28,7 +28,7 @@ from skin.errors import RetryableError
 from skin.storage import Storage, join
 
 VERSION_FILES = {"model.keras", "serving.json", "metrics.json", "model_card.md",
-                 "learning_curves.png", "roc.png", "confusion_matrix.png",
+                 "learning_curves.png", "roc.png", "confusion_matrix.png", "reliability.png",
                  "saved_model/saved_model.pb", "search.png", "report.html"}
 SIZE = 32
 
@@ -136,7 +136,7 @@ def test_published_layout_in_the_bucket_and_locally(run):
     assert local == in_bucket
     assert published.local_dir == run[1].work_dir / "published" / published.version
     assert storage.read_text(join(exp.models_uri, "LATEST")).strip() == published.version
-    for png in ("learning_curves.png", "roc.png", "confusion_matrix.png"):
+    for png in ("learning_curves.png", "roc.png", "confusion_matrix.png", "reliability.png"):
         assert (published.local_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -202,6 +202,8 @@ def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
     beside = json.loads((published.local_dir / "serving.json").read_text())
     assert inside == beside
     assert beside["threshold"] == published.metrics["threshold"]
+    assert beside["data_source"]["kind"] == "folder"  # the staged source's kind
+    assert ev.load_published(published.local_dir)[1].data_source_kind == "folder"
     assert (beside["image_size"], beside["class_names"], beside["version"]) == (
         SIZE, ["benign", "malignant"], published.version)
 
@@ -218,21 +220,87 @@ def test_saved_model_export_matches_keras(run):
 
 
 def test_model_card(run):
-    published = run[3]
+    exp, _, _, published = run
     card = (published.local_dir / "model_card.md").read_text()
-    for needle in (published.metrics["data"]["manifest_sha256"], published.metrics["code_version"],
-                   "ISIC Archive", "non-commercial", "Not a medical device", "block_type",
-                   f"{published.metrics['threshold']:.4f}", "apiVersion: skin/v1",
-                   "Evaluated on the **test** split"):
+    m = published.metrics
+    for needle in (m["data"]["manifest_sha256"], m["code_version"],
+                   "Not a medical device", "block_type",
+                   f"{m['threshold']:.4f}", "apiVersion: skin/v1",
+                   "Evaluated on the **test** split",
+                   # A folder of images without a README or data.licence: the licence is not
+                   # guessed, and the folder's path is named.
+                   "- source: a local folder, `" + exp.data.source + "`",
+                   "licence of these images is not known", "`data.licence`",
+                   "## At a clinic's prevalence", "## Operating points", "## Calibration",
+                   "DeLong", "Wilson", "10 equal-width bins", "Mitra"):
         assert needle in card, needle
+    assert "ISIC" not in card and "CC-BY-NC" not in card
     assert "Ensemble and test-time augmentation" not in card
-    lo, hi = published.metrics["intervals_95"]["sensitivity"]
-    assert lo <= published.metrics["sensitivity"] <= hi
-    assert f"| sensitivity | {published.metrics['sensitivity']:.4f} | {lo:.3f} – {hi:.3f} |" in card
-    training = published.metrics["training"]
+    lo, hi = m["intervals_95"]["sensitivity"]
+    assert lo <= m["sensitivity"] <= hi
+    assert (f"| Sensitivity (malignant recall) | {m['sensitivity']:.3f} | {lo:.3f} – {hi:.3f} "
+            "(Wilson) |") in card
+    lo, hi = m["intervals_95"]["roc_auc"]
+    assert f"| ROC AUC | {m['roc_auc']:.3f} | {lo:.3f} – {hi:.3f} (DeLong) |" in card
+    pv = m["at_prevalence"]
+    assert pv["prevalence"] == 0.062 and f"**{pv['ppv']:.3f}**" in card
+    assert m["reference_prevalence"]["source"].startswith("urgent suspected skin cancer")
+    for row in m["operating_points"]:
+        assert f"| {row['target_sensitivity']:.2f}" in card and f"{row['threshold']:.4f}" in card
+    training = m["training"]
     assert training["restored_best"] is True  # the default
     assert training["published_epoch"] == training["best_epoch"]
     assert f"restored epoch {training['best_epoch']} (best val_auc)" in card
+
+
+def test_card_names_the_isic_licence_only_for_the_isic_images(run, tmp_path):
+    """The same published metrics, carded for three sources: the ISIC folder (recognised by
+    the dataset's README next to it, or by data.licence: isic), synthetic images and
+    another folder."""
+    from skin import provenance
+
+    exp, _, _, published = run
+    isic = tmp_path / "skin-cancer-isic"
+    (isic / "train").mkdir(parents=True)
+    readme = Path(__file__).resolve().parents[2] / "shared/datasets/skin-cancer-isic/README.md"
+    (isic / "README.md").write_text(readme.read_text() if readme.is_file() else
+                                    "# Skin Cancer (ISIC Archive)\nImages from the ISIC Archive.")
+    cases = {
+        "isic-readme": provenance.describe(str(isic / "train"), isic / "train"),
+        "isic-config": provenance.describe(str(tmp_path / "elsewhere"), tmp_path,
+                                           licence="isic"),
+        "synthetic": provenance.describe("synthetic", synthetic=True),
+        "other": provenance.describe(str(tmp_path / "mine"), tmp_path / "mine"),
+        "own-text": provenance.describe(str(tmp_path / "mine"), licence="CC-BY 4.0, ours"),
+    }
+    cards = {}
+    for name, doc in cases.items():
+        metrics = json.loads(json.dumps(published.metrics))
+        metrics["data"]["provenance"] = doc
+        cards[name] = rt.model_card(exp, published.version, metrics, BEST, {})
+    for name in ("isic-readme", "isic-config"):
+        assert "ISIC Archive" in cards[name] and "CC-BY-NC" in cards[name], name
+    assert f"recognised by {isic / 'README.md'}" in cards["isic-readme"]
+    for name in ("synthetic", "other", "own-text"):
+        assert "ISIC" not in cards[name] and "CC-BY-NC" not in cards[name], name
+    assert "SYNTHETIC images" in cards["synthetic"]
+    assert "CC-BY 4.0, ours" in cards["own-text"]
+
+
+def test_run_report_shows_the_model_then_the_search(run):
+    published = run[3]
+    page = (published.local_dir / "report.html").read_text()
+    m = published.metrics
+    assert page.index("Published model") < page.index("The search")
+    for heading in ("ROC", "Confusion matrix", "Calibration", "Operating points", "Training"):
+        assert f"<h2>{heading}</h2>" in page, heading
+    lo, hi = m["intervals_95"]["roc_auc"]
+    assert f"{m['roc_auc']:.3f}" in page and f"{lo:.3f} – {hi:.3f} (DeLong)" in page
+    assert page.count("data:image/png;base64,") == 5  # roc, cm, reliability, curves, search
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    (tn, fp), (fn, tp) = m["confusion_matrix"]
+    assert f"{tp} ({tp / (tp + fn):.3f} sensitivity)" in page
+    assert "0007" in page  # the search's best trial
 
 
 @pytest.mark.parametrize("restore_best", [True, False])
@@ -290,9 +358,10 @@ def test_evaluate_and_predict_the_published_model_from_the_bucket(run, real_or_s
     images = sorted(real_or_synthetic_images.rglob("*.jpg"))[:4]
     lines = ev.format_predictions(ev.predict(f"{exp.models_uri}/LATEST", images,
                                              storage=storage)).splitlines()
-    assert len(lines) == 4
-    assert all(line.startswith(str(p)) and re.search(r"\t(benign|malignant)\tp_malignant=[01]\.",
-                                                     line) for p, line in zip(images, lines))
+    assert lines[0].split("\t") == list(ev.PREDICTION_FIELDS) and len(lines) == 5
+    assert all(line.startswith(str(p)) and re.search(r"\t[01]\.\d{6}\t(benign|malignant)\t",
+                                                     line) and published.version in line
+               for p, line in zip(images, lines[1:]))
 
 
 # ---------------------------------------------------------------------------

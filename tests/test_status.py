@@ -148,3 +148,135 @@ def test_the_skin_status_command(chief):
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "trials     running 2  completed 3  failed 1  invalid 0  reclaimed 1" in out.stdout
+
+
+# ---------------------------------------------------------------------------
+# When the chief cannot be reached: how to reach it, and what the bucket says
+
+
+def test_the_port_forward_hint_names_what_the_manifests_name():
+    import yaml
+
+    from skin import status
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    service = yaml.safe_load((repo / "k8s/base/network/chief-service.yaml").read_text())
+    namespace = yaml.safe_load((repo / "k8s/base/namespace.yaml").read_text())
+    assert service["metadata"]["name"] == status.CHIEF_SERVICE
+    assert namespace["metadata"]["name"] == status.K8S_NAMESPACE
+    metrics_port = next(p for p in service["spec"]["ports"] if p["name"] == "metrics")
+    assert metrics_port["port"] == status.CHIEF_METRICS_PORT
+    for overlay in ("tuning", "kind"):
+        kustomization = yaml.safe_load((repo / f"k8s/{overlay}/kustomization.yaml").read_text())
+        assert kustomization.get("namespace", status.K8S_NAMESPACE) == status.K8S_NAMESPACE
+    hint = status.port_forward_hint("127.0.0.1:9191")
+    assert "kubectl -n skin port-forward svc/skin-chief 9191:9090" in hint
+
+
+def _three_experiments(storage, bucket: str) -> dict[str, str]:
+    """A published, a failed and a running experiment, written the way stage, the chief
+    and the retrain write them (the running one through the chief's own journal store)."""
+    from skin.tuning.journal import OracleStore
+
+    base = f"gs://{bucket}/experiments"
+    manifest = {"source": "synthetic", "synthetic": True,
+                "splits": {"train": {"count": 40}, "validation": {"count": 10},
+                           "test": {"count": 10}}}
+    roots = {name: f"{base}/{name}" for name in ("done", "broken", "running")}
+    for root in roots.values():
+        storage.write_json(f"{root}/data/manifest.json", manifest)
+    storage.write_json(f"{roots['done']}/tuner/result.json", {
+        "outcome": "completed", "reason": "", "objective": "val_auc", "direction": "max",
+        "best": {"trial_id": "0003", "score": 0.8123}, "counts": {"completed": 5, "failed": 1}})
+    storage.write_json(f"{roots['done']}/models/20260101-000000/metrics.json", {
+        "evaluated_on": "test", "n": 10, "roc_auc": 0.75, "sensitivity": 0.8,
+        "specificity": 0.6, "threshold": 0.4, "intervals_95": {"roc_auc": [0.6, 0.9]}})
+    storage.write_text(f"{roots['done']}/models/LATEST", "20260101-000000\n")
+    storage.write_json(f"{roots['broken']}/tuner/result.json", {
+        "outcome": "failed", "reason": "3 consecutive trials failed", "objective": "val_auc",
+        "best": None, "counts": {"failed": 3}})
+    store = OracleStore(storage, f"{roots['running']}/tuner/oracle")
+    store.write_batch(0, {"version": 1}, {
+        "0000": {"trial": {"trial_id": "0000", "status": "COMPLETED", "score": 0.7}, "meta": {}},
+        "0001": {"trial": {"trial_id": "0001", "status": "RUNNING", "score": None}, "meta": {}}})
+    store.write_batch(1, None, {
+        "0002": {"trial": {"trial_id": "0002", "status": "RUNNING", "score": None}, "meta": {}}})
+    return roots
+
+
+def test_experiment_states_from_the_bucket(storage, bucket):
+    from skin.experiments import experiment_state, format_table, list_experiments
+
+    roots = _three_experiments(storage, bucket)
+    states = {s["experiment"]: s for s in list_experiments(storage, f"gs://{bucket}")}
+    assert {k: v["state"] for k, v in states.items()} == {
+        "done": "published", "broken": "failed", "running": "searching"}
+    assert states["done"]["published"] == "20260101-000000"
+    assert states["done"]["best"] == {"trial_id": "0003", "score": 0.8123}
+    assert states["done"]["test"]["roc_auc_interval_95"] == [0.6, 0.9]
+    assert states["broken"]["reason"] == "3 consecutive trials failed"
+    assert states["running"]["trials"] == {"completed": 1, "running": 2}
+    assert states["running"]["images"] == {"train": 40, "validation": 10, "test": 10}
+    assert experiment_state(storage, f"gs://{bucket}/nothing")["state"] == "empty"
+    # A completed search without a published model is being retrained.
+    storage.write_json(f"{roots['running']}/tuner/result.json",
+                       {"outcome": "completed", "best": {"trial_id": "0000", "score": 0.7},
+                        "counts": {"completed": 3}})
+    assert experiment_state(storage, roots["running"])["state"] == "retraining"
+    table = format_table(list_experiments(storage, f"gs://{bucket}/experiments"))
+    assert re.search(r"done\s+published\s+6\s+0\.8123\s+20260101-000000", table), table
+
+
+def test_unreachable_chief_says_how_to_reach_it_and_falls_back_to_the_bucket(
+        storage, bucket, capsys):
+    roots = _three_experiments(storage, bucket)
+    out = io.StringIO()
+    assert main_status("127.0.0.1:1", out=out, bucket=roots["running"],
+                       storage=storage) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "cannot read the chief's metrics" in err
+    assert "kubectl -n skin port-forward svc/skin-chief 1:9090" in err
+    text = out.getvalue()
+    assert f"From the bucket ({roots['running']})" in text
+    assert "experiment running" in text and ": searching" in text
+    assert "trials     completed 1  running 2" in text
+    # Without a bucket: the hint, and exit 75 as before.
+    assert main_status("127.0.0.1:1", out=io.StringIO()) == EXIT_RETRYABLE
+    assert "port-forward" in capsys.readouterr().err
+
+
+def test_the_skin_status_command_falls_back_to_the_bucket(storage, bucket):
+    roots = _three_experiments(storage, bucket)
+    env = dict(os.environ, SKIN_LOG_LEVEL="WARNING")
+    out = subprocess.run([sys.executable, "-m", "skin.cli", "status", "--address",
+                          "127.0.0.1:1", "--bucket", f"gs://{bucket}"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == EXIT_OK, out.stderr
+    assert "port-forward svc/skin-chief" in out.stderr
+    for name, state in (("done", "published"), ("broken", "failed"),
+                        ("running", "searching")):
+        assert f"experiment {name} at {roots[name]}: {state}" in out.stdout
+    assert "published  20260101-000000 (test ROC AUC 0.750, 95 % CI 0.600-0.900)" in out.stdout
+
+
+def test_skin_experiments_lists_them_with_their_state(storage, bucket):
+    import json
+
+    roots = _three_experiments(storage, bucket)
+    env = dict(os.environ, SKIN_LOG_LEVEL="WARNING")
+    out = subprocess.run([sys.executable, "-m", "skin.cli", "experiments", "--bucket",
+                          f"gs://{bucket}", "--format", "json"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == EXIT_OK, out.stderr
+    doc = {d["experiment"]: d for d in json.loads(out.stdout)}
+    assert {k: (v["state"], v["root"]) for k, v in doc.items()} == {
+        "done": ("published", roots["done"]), "broken": ("failed", roots["broken"]),
+        "running": ("searching", roots["running"])}
+    assert doc["done"]["best"]["score"] == 0.8123 and doc["done"]["published"] == "20260101-000000"
+    text = subprocess.run([sys.executable, "-m", "skin.cli", "experiments", "--bucket",
+                           f"gs://{bucket}/experiments"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert text.returncode == EXIT_OK, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split()[:5] == ["EXPERIMENT", "STATE", "TRIALS", "BEST", "PUBLISHED"]
+    assert len(lines) == 4 and any(re.match(r"running\s+searching\s+3\s", ln) for ln in lines)

@@ -11,7 +11,9 @@ from __future__ import annotations
 # 0 and 1 keep their usual meaning (1: an unexpected bug, retried by the Job's backoffLimit).
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
-EXIT_CONFIG = 2  # fatal: bad experiment file, bad flag, bad environment value
+EXIT_CONFIG = 2  # fatal: bad experiment file, bad flag, bad environment value; the oracle token
+#                  missing (chief in Kubernetes, or a Secret file that is not there) or refused
+#                  by the chief; retrain's best hyperparameters outside the search space
 EXIT_DATA = 3  # fatal: the data cannot be staged or read (nothing usable, manifest mismatch)
 EXIT_SEARCH_FAILED = 4  # fatal: too many consecutive trials failed; the search space is broken
 EXIT_RETRYABLE = 75  # retry: lost connection, storage unavailable, chief gone (EX_TEMPFAIL)

@@ -485,3 +485,47 @@ def test_skin_retrain_on_a_tampered_best_exits_2_and_publishes_nothing(tmp_path,
     assert "learning_rate: 7.5 is not valid" in done.stdout + done.stderr
     assert storage.list(exp.models_uri) == []
     assert not storage.exists(join(exp.models_uri, "LATEST"))
+
+
+# -- the oracle's checks, in process --------------------------------------------------------
+
+
+def test_a_refused_ending_changes_nothing_and_a_reported_objective_may_end_a_trial(tmp_path,
+                                                                                   bucket):
+    from keras_tuner.src.engine import metrics_tracking
+    from keras_tuner.src.engine import trial as trial_module
+
+    from skin.tuning.oracle import Refused, make_oracle
+
+    exp = _tiny_exp(tmp_path, bucket)
+    oracle = make_oracle(exp)
+    oracle.hyperparameters.Float("x", 0.0, 1.0)
+    held = oracle.assign("tuner0")
+    tid = held.trial.trial_id
+    before = (oracle.trials[tid].get_state(), [dict(a) for a in oracle.meta[tid]["attempts"]])
+
+    def ending(values=None, **metrics):
+        trial = trial_module.Trial.from_state(oracle.trials[tid].get_state())
+        trial.status = "COMPLETED"
+        trial.metrics = metrics_tracking.MetricsTracker()
+        for name, value in metrics.items():
+            trial.metrics.register(name, direction="max")
+            trial.metrics.update(name, value, step=0)
+        trial.hyperparameters.values.update(values or {})
+        return trial
+
+    for bad, reason in ((ending(val_auc=1.5), "report"), (ending(val_auc=float("nan")), "report"),
+                        (ending(val_accuracy=0.9), "report"),
+                        (ending({"x": 2.0}, val_auc=0.9), "hyperparameters")):
+        with pytest.raises(Refused) as e:
+            oracle.end(bad, "tuner0", held.attempt)
+        assert e.value.reason == reason
+    assert (oracle.trials[tid].get_state(), oracle.meta[tid]["attempts"]) == before
+    with pytest.raises(Refused, match="val_auc"):
+        oracle.report(tid, "tuner0", held.attempt, {"val_auc": float("inf")}, 0,
+                      progress_only=False)
+    # The stock flow: the final metrics in an UpdateTrial, then an ending without them.
+    oracle.report(tid, "tuner0", held.attempt, {"val_auc": 0.75}, 1, progress_only=False)
+    oracle.end(ending(), "tuner0", held.attempt)
+    assert oracle.trials[tid].status == "COMPLETED" and oracle.trials[tid].score == 0.75
+    assert oracle.trials[tid].hyperparameters.values == held.trial.hyperparameters.values

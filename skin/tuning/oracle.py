@@ -341,7 +341,8 @@ class LeasedOracle:
             # stock end_trial would take the caller's hyperparameters and merge them into the space.
             ending = trial_module.Trial(current.hyperparameters, trial_id=trial_id,
                                         status=trial.status, message=trial.message)
-            if trial.status == TrialStatus.COMPLETED:
+            if trial.status == TrialStatus.COMPLETED and \
+                    trial.metrics.exists(self.objective.name):
                 current.metrics = trial.metrics  # the worker's final metrics win
             self._end_attempt(ending, worker, None)
             return self._tickets.get(trial_id, -1)
@@ -358,8 +359,14 @@ class LeasedOracle:
             raise Refused("hyperparameters", f"trial {trial.trial_id}: the hyperparameters are "
                           f"the ones the chief issued; the call changed {', '.join(changed[:5])}")
         if trial.status == TrialStatus.COMPLETED:
+            objective = self.objective.name
+            # The objective comes with the ending, or was reported (checked) before it.
+            sent = trial.metrics.exists(objective)
             try:
-                checks.check_tracker(trial.metrics, self.objective.name)
+                checks.check_tracker(trial.metrics if sent else current.metrics, objective)
+                if not sent:
+                    for name, value in checks.tracker_values(trial.metrics):
+                        checks.check_metric(name, value)
             except ValueError as e:
                 raise Refused("report", f"trial {trial.trial_id}: {e}") from None
 

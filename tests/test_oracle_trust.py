@@ -529,3 +529,24 @@ def test_a_refused_ending_changes_nothing_and_a_reported_objective_may_end_a_tri
     oracle.end(ending(), "tuner0", held.attempt)
     assert oracle.trials[tid].status == "COMPLETED" and oracle.trials[tid].score == 0.75
     assert oracle.trials[tid].hyperparameters.values == held.trial.hyperparameters.values
+
+
+def test_a_worker_fails_a_diverged_trial_instead_of_reporting_nan():
+    from types import SimpleNamespace
+
+    import keras_tuner
+    from keras_tuner.src import errors as kt_errors
+
+    from skin.tuning.tuner import EpochReporter
+
+    reported = []
+    tuner = SimpleNamespace(
+        oracle=SimpleNamespace(objective=keras_tuner.Objective("val_auc", "max"),
+                               report_epoch=lambda *a: reported.append(a)),
+        heartbeat=None, tuner_id="tuner0")
+    reporter = EpochReporter(tuner, SimpleNamespace(trial_id="0007"), 0,
+                             {"history": [], "epochs": 3})
+    with pytest.raises(kt_errors.FailedTrialError, match=r"epoch 2: metric loss: nan is not "
+                                                         r"finite \(training diverged\)"):
+        reporter.on_epoch_end(1, {"loss": float("nan"), "val_auc": 0.5})
+    assert reported == []  # nothing the chief would refuse was sent

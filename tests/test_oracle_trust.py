@@ -195,8 +195,9 @@ def test_hostile_calls_are_refused_and_counted_while_workers_publish_their_own_b
                           for n, (e, g) in outcomes.items())
         print(f"\nhostile calls against the chief:\n{table}\nrefusals counted: {refused}")
         assert all(e == g for e, g in outcomes.values()), table
-        assert {k: v for k, v in refused.items() if v} == {"unauthenticated": 8, "identity": 6, "not_holder": 2, "report": 6,
-                           "hyperparameters": 1, "space": 1}, refused
+        assert {k: v for k, v in refused.items() if v} == {
+            "unauthenticated": 8, "identity": 6, "not_holder": 2, "report": 6,
+            "hyperparameters": 1, "space": 1}, refused
         log = s.log("chief")
         assert len(re.findall(r"refused .*'tuner7'", log)) == 1, log[-3000:]
         assert TOKEN not in log

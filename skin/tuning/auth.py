@@ -172,8 +172,8 @@ class CallerCheck:
         if raw is not None:
             attempt = int(raw) if raw.isdigit() and 0 < len(raw) < 10 else 0
             if attempt < 1:
-                raise self._deny(context, method, worker, f"{wire.ATTEMPT} {wire.ascii_value(raw, 32)!r} "
-                                 "is not a positive integer")
+                raise self._deny(context, method, worker, f"{wire.ATTEMPT} "
+                                 f"{wire.ascii_value(raw, 32)!r} is not a positive integer")
         elif attempt_required:
             raise self._deny(context, method, worker, f"no {wire.ATTEMPT} metadata: a report or "
                              "an ending names the attempt it belongs to")

@@ -125,7 +125,11 @@ kind-load: images ## Load the image into the kind nodes (the kind overlay runs l
 	$(KIND) load image-archive --name $(KIND_CLUSTER) "$$tmp/skin.tar"
 
 .PHONY: kind-deploy
-kind-deploy: ## Start the experiment in the kind cluster (kubectl apply -k k8s/kind)
+kind-deploy: ## Start the experiment in the kind cluster (oracle token Secret once, then kubectl apply -k k8s/kind)
+	kubectl apply -f k8s/base/namespace.yaml
+	@kubectl -n skin get secret skin-oracle-token >/dev/null 2>&1 || \
+	  kubectl -n skin create secret generic skin-oracle-token \
+	    --from-literal=token="$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(32))')"
 	kubectl apply -k k8s/kind
 	@echo "follow it:  kubectl -n skin get jobs,pods -w"
 	@echo "search:     kubectl -n skin port-forward svc/skin-chief 9090 & $(SKIN) status --watch"

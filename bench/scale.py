@@ -146,6 +146,7 @@ def _bench_experiment(name: str, trials: int, port: int):
 
     return parse_experiment({
         "apiVersion": "skin/v1", "kind": "Experiment", "name": name,
+        "workers": 10_000,  # the chief accepts tuner0..tuner9999, as many as drive() simulates
         "storage": {"bucket": BUCKET, "prefix": "capacity"},
         "search": {"tuner": "random", "objective": "val_auc", "max_trials": trials,
                    "max_epochs": 1, "lease_seconds": 3600},

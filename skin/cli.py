@@ -189,10 +189,11 @@ def _role_metrics(runtime, exp):
         return None, None
     registry = CollectorRegistry()
     hooks = m.role_metrics(registry, exp, runtime.tuner_id)
-    server = m.serve(registry, runtime.metrics_host, port)
-    log.info("%s metrics on http://%s:%d/metrics", runtime.tuner_id, runtime.metrics_host,
-             server.port)
-    return hooks, server
+    # One endpoint per address (in a pod: the pod IP for Prometheus, loopback for port-forward).
+    servers = [m.serve(registry, host, port) for host in runtime.metrics_hosts]
+    for server in servers:
+        log.info("%s metrics on %s", runtime.tuner_id, server.url)
+    return hooks, servers[0]
 
 
 def _dispatch(args: argparse.Namespace) -> int:

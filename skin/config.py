@@ -411,10 +411,19 @@ _TUNER_ID_RE = re.compile(r"^(chief|tuner(0|[1-9][0-9]*))$")
 @dataclass(frozen=True)
 class Runtime:
     tuner_id: str = ""  # KERASTUNER_TUNER_ID: 'chief' or 'tuner<N>' ('' outside tuning)
-    oracle_ip: str = "127.0.0.1"  # KERASTUNER_ORACLE_IP: the chief binds 0.0.0.0 whatever this says
+    oracle_ip: str = "127.0.0.1"  # KERASTUNER_ORACLE_IP: where workers dial the chief
     oracle_port: int | None = None  # KERASTUNER_ORACLE_PORT (None: the experiment's chief.oracle_port)
     work_dir: Path = Path("/tmp/skin")  # SKIN_WORK_DIR: local scratch (an emptyDir in Kubernetes)
-    metrics_host: str = "0.0.0.0"  # SKIN_METRICS_HOST
+    # SKIN_BIND_ADDRESS: where the oracle (and, unless SKIN_METRICS_HOST says otherwise, the
+    # metrics endpoint) listens; comma-separated. Default: 127.0.0.1; in a pod $POD_IP and
+    # 127.0.0.1 (kubectl port-forward dials the pod's loopback).
+    bind_address: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"  # SKIN_METRICS_HOST (default: bind_address)
+    # SKIN_ORACLE_TOKEN, or the file SKIN_ORACLE_TOKEN_FILE (a mounted Secret): every oracle
+    # call carries it (skin.tuning.auth). Never shown: repr leaves it out.
+    oracle_token: str = field(default="", repr=False)
+    oracle_tls_dir: str = ""  # SKIN_ORACLE_TLS_DIR: tls.crt/tls.key (chief), ca.crt (workers)
+    in_kubernetes: bool = False  # KUBERNETES_SERVICE_HOST is set
     metrics_port: int | None = None  # SKIN_METRICS_PORT (None: role default; 0: off)
     retrain_job: str = ""  # SKIN_RETRAIN_JOB: suspended Job the chief starts when the search ends
     namespace: str = ""  # SKIN_NAMESPACE or POD_NAMESPACE
@@ -433,6 +442,60 @@ class Runtime:
     @property
     def worker_index(self) -> int | None:
         return int(self.tuner_id[5:]) if self.role == "worker" else None
+
+    @property
+    def bind_hosts(self) -> tuple[str, ...]:
+        return _hosts(self.bind_address)
+
+    @property
+    def metrics_hosts(self) -> tuple[str, ...]:
+        return _hosts(self.metrics_host)
+
+
+def _hosts(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(h.strip() for h in value.split(",") if h.strip()))
+
+
+MIN_TOKEN_CHARS = 16
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces (a metadata value)
+
+
+def _oracle_token(env: Mapping[str, str]) -> str:
+    """The oracle token from SKIN_ORACLE_TOKEN or SKIN_ORACLE_TOKEN_FILE; never echoed."""
+    value, path = env.get("SKIN_ORACLE_TOKEN", ""), env.get("SKIN_ORACLE_TOKEN_FILE", "")
+    name = "SKIN_ORACLE_TOKEN"
+    if value and path:
+        raise ConfigError("SKIN_ORACLE_TOKEN and SKIN_ORACLE_TOKEN_FILE: both set; expected one")
+    if path:
+        name = f"SKIN_ORACLE_TOKEN_FILE ({path})"
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"SKIN_ORACLE_TOKEN_FILE: {path} cannot be read ({e.strerror or e}); is the "
+                "token Secret created and mounted? (docs/kubernetes.md, \"The oracle token\")") \
+                from None
+        if not value:
+            raise ConfigError(f"{name}: the file is empty; expected the experiment's token")
+    if value and (len(value) < MIN_TOKEN_CHARS or not _TOKEN_RE.match(value)):
+        raise ConfigError(f"{name}: not valid ({len(value)} characters); expected at least "
+                          f"{MIN_TOKEN_CHARS} printable ASCII characters without spaces")
+    return value
+
+
+def _bind_address(env: Mapping[str, str], in_kubernetes: bool) -> str:
+    value = env.get("SKIN_BIND_ADDRESS", "").strip()
+    if not value:
+        pod_ip = env.get("POD_IP", "").strip()
+        value = f"{pod_ip},127.0.0.1" if in_kubernetes and pod_ip else \
+            "0.0.0.0" if in_kubernetes else "127.0.0.1"
+    for host in _hosts(value):
+        if not re.match(r"^[A-Za-z0-9.:\[\]-]+$", host):
+            raise ConfigError(f"SKIN_BIND_ADDRESS: {host!r} is not valid; expected IP addresses "
+                              "or host names, comma-separated")
+    if not _hosts(value):
+        raise ConfigError(f"SKIN_BIND_ADDRESS: {value!r} is not valid; expected an address")
+    return value
 
 
 def _env_int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
@@ -473,12 +536,18 @@ def runtime_from_env(env: Mapping[str, str] | None = None) -> Runtime:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"SKIN_LOG_LEVEL: {level!r} is not valid; expected one of DEBUG, INFO, "
                           "WARNING, ERROR")
+    in_kubernetes = bool(env.get("KUBERNETES_SERVICE_HOST", ""))
+    bind_address = _bind_address(env, in_kubernetes)
     return Runtime(
         tuner_id=tuner_id,
         oracle_ip=env.get("KERASTUNER_ORACLE_IP", "") or "127.0.0.1",
         oracle_port=_env_int(env, "KERASTUNER_ORACLE_PORT", 1, 65535),
         work_dir=Path(env.get("SKIN_WORK_DIR", "") or "/tmp/skin"),
-        metrics_host=env.get("SKIN_METRICS_HOST", "") or "0.0.0.0",
+        bind_address=bind_address,
+        metrics_host=env.get("SKIN_METRICS_HOST", "") or bind_address,
+        oracle_token=_oracle_token(env),
+        oracle_tls_dir=env.get("SKIN_ORACLE_TLS_DIR", ""),
+        in_kubernetes=in_kubernetes,
         metrics_port=_env_int(env, "SKIN_METRICS_PORT", 0, 65535),
         retrain_job=env.get("SKIN_RETRAIN_JOB", ""),
         namespace=env.get("SKIN_NAMESPACE", "") or env.get("POD_NAMESPACE", ""),

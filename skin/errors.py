@@ -16,7 +16,9 @@ EXIT_UNEXPECTED = 1
 # could, 0 only when every input was scored. Like grep, gsutil and kubectl: non-zero when
 # anything failed.
 EXIT_SOME_FAILED = 1
-EXIT_CONFIG = 2  # fatal: bad experiment file, bad flag, bad environment value
+EXIT_CONFIG = 2  # fatal: bad experiment file, bad flag, bad environment value; the oracle token
+#                  missing (chief in Kubernetes, or a Secret file that is not there) or refused
+#                  by the chief; retrain's best hyperparameters outside the search space
 EXIT_DATA = 3  # fatal: the data cannot be staged or read (nothing usable, manifest mismatch)
 EXIT_SEARCH_FAILED = 4  # fatal: too many consecutive trials failed; the search space is broken
 EXIT_LOCKED = 5  # a manual chief start found another chief holding the search's lock

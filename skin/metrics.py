@@ -55,6 +55,9 @@ TRIAL_STATUSES = ("running",) + TRIAL_END_STATUSES
 # other method names are accepted as they come (the set is fixed by the code, not by data).
 ORACLE_METHODS = ("GetSpace", "UpdateSpace", "CreateTrial", "UpdateTrial", "EndTrial",
                   "GetTrial", "GetBestTrials")
+# Why the chief refused an oracle call (skin.tuning.auth, skin.tuning.oracle); "other" is a guard.
+ORACLE_REFUSAL_REASONS = ("unauthenticated", "identity", "not_holder", "report", "hyperparameters",
+                          "space", "other")
 
 # Trials last minutes to hours (seconds in local runs).
 TRIAL_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800,
@@ -233,6 +236,16 @@ class ChiefMetrics:
         for method in ORACLE_METHODS:
             self._oracle_calls.labels(method)
             self._oracle_latency.labels(method)
+        self._refused = Counter("skin_oracle_refused_calls",
+                                "Oracle calls refused, by reason: unauthenticated (no or wrong "
+                                "token), identity (worker id or attempt missing or not this "
+                                "experiment's), not_holder (the caller does not hold the trial), "
+                                "report (metrics not finite, out of range, objective missing), "
+                                "hyperparameters (not the ones the chief issued), space "
+                                "(UpdateSpace that is not the chief's space).",
+                                ["reason"], registry=r)
+        for reason in ORACLE_REFUSAL_REASONS:
+            self._refused.labels(reason)
 
         self._done = Gauge("skin_chief_search_trials_done",
                            "Trials the search counts as done.", registry=r)
@@ -346,6 +359,9 @@ class ChiefMetrics:
                 self._progress.set(now)
             if epochs_budget is not None:
                 self._worker_budget.labels(worker).set(epochs_budget)
+
+    def oracle_refused(self, reason: str) -> None:
+        self._refused.labels(reason if reason in ORACLE_REFUSAL_REASONS else "other").inc()
 
     def oracle_call(self, method: str, seconds: float) -> None:
         self._oracle_calls.labels(method).inc()

@@ -17,6 +17,11 @@ started. The one that loses keeps its complete version in the bucket, leaves
 No decision looks at the test split: early stopping, the restored epoch and
 the threshold all use validation only.
 
+Before anything is downloaded or trained, every configuration about to be
+retrained is checked against the experiment's search space and ``search.fixed``
+(:func:`check_members`): the bucket's ``best_hyperparameters.json`` is data, and
+a value the search could not have issued exits 2 with nothing published.
+
 ``retrain.ensemble: N`` (> 1) retrains the N best completed trials of the search
 with distinct hyperparameters (``top_trials`` over ``tuner/result.json``; the best
 trial first; fewer when fewer exist) and publishes one model, the mean of their
@@ -60,7 +65,7 @@ import keras
 import numpy as np
 
 import skin
-from skin.errors import (DataError, PreconditionFailedError, PublishRaceLostError,
+from skin.errors import (ConfigError, DataError, PreconditionFailedError, PublishRaceLostError,
                          SearchFailedError)
 from skin import clinical, provenance
 from skin.evaluate import (CLASS_NAMES, MODEL_FILE, SERVING_FILE, choose_threshold,
@@ -810,6 +815,31 @@ def _load_best(storage, exp) -> dict:
                                 f"finished ({e})") from None
 
 
+def check_members(exp, hypermodel, specs: list[dict]) -> None:
+    """Train only what the search could have issued: every configuration's values allowed by
+    the experiment's search space and ``search.fixed``, nothing missing, nothing extra.
+
+    The space is built the way the chief builds it (``populate_space``), from the code and
+    the experiment file, not from anything in the bucket. A mismatch is a ConfigError
+    (exit 2) naming the key and the value, raised before anything is trained or published.
+    """
+    from skin.tuning.checks import check_values
+    from skin.tuning.chief import populate_space
+    from skin.tuning.oracle import make_oracle
+
+    oracle = make_oracle(exp, leased=False)
+    populate_space(oracle, hypermodel)
+    for spec in specs:
+        values = {k: v for k, v in (spec.get("hyperparameters") or {}).items()
+                  if not k.startswith("tuner/")}  # keras-tuner's bookkeeping, not the model's
+        try:
+            check_values(oracle.hyperparameters, values, exp.search.fixed)
+        except ValueError as e:
+            raise ConfigError(f"{join(exp.tuner_uri, 'best_hyperparameters.json')} (trial "
+                              f"{spec.get('trial_id', '?')}): {e}; nothing was trained or "
+                              "published") from None
+
+
 def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None) -> Published:
     """Retrain the best configuration, choose the threshold, evaluate, publish. See module doc."""
     from skin import data as skin_data
@@ -817,19 +847,20 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     latest_seen = _read_latest(storage, exp.models_uri)  # LATEST moves only from here
     best = dict(best) if best is not None else _load_best(storage, exp)
     result = _load_result(storage, exp)
-    data_dir = Path(skin_data.sync_data(storage, exp.data_uri, Path(runtime.work_dir) / "data"))
-    manifest = skin_data.load_manifest(data_dir)
     if hypermodel is None:
         from skin.model import SkinHyperModel
 
         hypermodel = SkinHyperModel(exp, storage=storage,
                                      cache_dir=Path(runtime.work_dir) / "backbone")
+    specs = _members(exp, best, result)
+    check_members(exp, hypermodel, specs)  # before any download or training: exit 2 on a mismatch
+    data_dir = Path(skin_data.sync_data(storage, exp.data_uri, Path(runtime.work_dir) / "data"))
+    manifest = skin_data.load_manifest(data_dir)
     size = exp.data.image_size
 
     from skin.model import DIHEDRAL_VIEWS, inference_model
 
     tta = exp.retrain.tta
-    specs = _members(exp, best, result)
     trained, members = [], []
     for i, spec in enumerate(specs):
         if len(specs) > 1:

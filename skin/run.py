@@ -9,7 +9,10 @@ bucket outlives the run: ``python -m skin.emulator --data-dir OUT/gcs``
 serves it again for ``skin status`` or ``skin evaluate``. A new run starts
 from an empty bucket unless ``--resume`` keeps the last one. A crashed chief or worker is
 restarted with the same id and bounded, backed-off retries, as a Job
-restarts a pod; fatal exit codes stop the run. Ctrl-C or SIGTERM stops every
+restarts a pod; fatal exit codes stop the run. Everything listens on
+127.0.0.1 only, and the oracle takes calls only with a fresh random token
+made for this run, which the chief and the workers get in their environment
+(``SKIN_ORACLE_TOKEN``), never on a command line or in a log. Ctrl-C or SIGTERM stops every
 child (they also die with this process: PR_SET_PDEATHSIG), so nothing is
 left behind.
 """
@@ -21,6 +24,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -213,9 +217,10 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
     import yaml
     exp_file.write_text(yaml.safe_dump(doc, sort_keys=False))
 
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")
+                and k not in ("SKIN_ORACLE_TOKEN", "SKIN_ORACLE_TOKEN_FILE", "SKIN_ORACLE_TLS_DIR")}
     base_env.update(SKIN_CONFIG=str(exp_file), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-                    SKIN_METRICS_HOST="127.0.0.1")
+                    SKIN_BIND_ADDRESS="127.0.0.1", SKIN_METRICS_HOST="127.0.0.1")
     if "STORAGE_EMULATOR_HOST" not in base_env:
         from skin.emulator import binary_path
 
@@ -281,7 +286,9 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
 
 def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
     oracle_port = str(_free_port())
-    common = dict(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=oracle_port)
+    # A fresh token per run, in the environment of the chief and the workers only.
+    common = dict(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=oracle_port,
+                  SKIN_ORACLE_TOKEN=secrets.token_urlsafe(32))
     roles = ["chief"] + [f"tuner{i}" for i in range(exp.workers)]
     for i, name in enumerate(roles):
         metrics_port = 0 if not opts.metrics_port else opts.metrics_port + i

@@ -264,7 +264,8 @@ def test_a_worker_gets_its_tuner_id_from_the_completion_index(overlay):
     template = env_value(c, "KERASTUNER_TUNER_ID")
     assert template == "tuner$(JOB_COMPLETION_INDEX)"
     # What the kubelet makes of it, for index 3, is a worker id skin accepts.
-    env = {k: v["value"] for k, v in env_of(c).items() if "value" in v}
+    env = {k: v["value"] for k, v in env_of(c).items()
+           if "value" in v and k != "SKIN_ORACLE_TOKEN_FILE"}  # the Secret: tests below
     env["KERASTUNER_TUNER_ID"] = template.replace("$(JOB_COMPLETION_INDEX)", "3")
     runtime = runtime_from_env(env)
     assert (runtime.role, runtime.worker_index) == ("worker", 3)
@@ -295,8 +296,8 @@ def test_workers_dial_the_chief_service_on_the_oracle_port(overlay):
     worker_ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
     assert int(env_value(worker, "SKIN_METRICS_PORT")) == worker_ports["metrics"]
     # The runtimes parse (POD_NAMESPACE comes from the downward API).
-    assert runtime_from_env({**{k: v.get("value", "skin") for k, v in env_of(chief).items()}}) \
-        .role == "chief"
+    assert runtime_from_env({**{k: v.get("value", "skin") for k, v in env_of(chief).items()
+                                if k != "SKIN_ORACLE_TOKEN_FILE"}}).role == "chief"
     assert chief["readinessProbe"]["tcpSocket"]["port"] == "oracle"
 
 
@@ -366,7 +367,8 @@ def test_only_workers_reach_the_oracle_and_only_monitoring_the_metrics(overlay):
     for role in ("chief", "worker"):
         peers = _allowed_peers(overlay, labels[role], "metrics")
         assert peers == [{"namespaceSelector": {
-            "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}], role
+            "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}], role
     for role in ("stage", "retrain"):
         assert _allowed_peers(overlay, labels[role], "metrics") == [], role
 
@@ -457,3 +459,136 @@ def test_the_kind_cluster_has_one_control_plane_and_two_workers():
     cluster = yaml.safe_load((REPO / "k8s/kind/cluster.yaml").read_text())
     assert cluster["kind"] == "Cluster"
     assert [n["role"] for n in cluster["nodes"]] == ["control-plane", "worker", "worker"]
+
+
+# === issue 12: the oracle token, the bind address, per-role identities, egress ==============
+# (h12; a separate block so that other branches' manifest tests merge beside it)
+
+PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
+
+
+def _secret_volume_of(obj: dict, container: dict, path: str) -> dict | None:
+    """The secret volume whose mount holds ``path`` in ``container``, if any."""
+    volumes = {v["name"]: v for v in pod_spec(obj).get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if path.startswith(mount["mountPath"].rstrip("/") + "/") and \
+                "secret" in volumes[mount["name"]]:
+            return {**volumes[mount["name"]], "mount": mount}
+    return None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_chief_and_workers_read_the_oracle_token_from_the_secret_and_nobody_else(overlay):
+    jobs = skin_jobs(overlay)
+    for role, job in jobs.items():
+        (c,) = pod_spec(job)["containers"]
+        env = env_of(c)
+        if role in ("chief", "worker"):
+            path = env["SKIN_ORACLE_TOKEN_FILE"]["value"]
+            assert "SKIN_ORACLE_TOKEN" not in env  # never a literal in a manifest
+            volume = _secret_volume_of(job, c, path)
+            assert volume is not None, role
+            assert volume["secret"]["secretName"] == "skin-oracle-token"
+            assert path.endswith("/token")  # the Secret's key
+            # Optional, so a missing Secret is the chief's clear exit 2, not a stuck pod.
+            assert volume["secret"]["optional"] is True
+            assert volume["mount"]["readOnly"] is True
+            # They listen on the pod address (downward API), not on every interface.
+            assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+            assert "SKIN_BIND_ADDRESS" not in env or env["SKIN_BIND_ADDRESS"]["value"] != "0.0.0.0"
+        else:
+            assert not any(k.startswith("SKIN_ORACLE_TOKEN") for k in env), role
+            assert all("secret" not in v for v in pod_spec(job).get("volumes", [])), role
+    runtime = runtime_from_env({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_IP": "10.8.0.4",
+                                "KERASTUNER_TUNER_ID": "chief"})
+    assert runtime.bind_hosts == ("10.8.0.4", "127.0.0.1")
+
+
+def test_the_docs_say_how_to_create_the_token_secret_and_what_a_missing_one_does():
+    docs = (REPO / "docs/kubernetes.md").read_text()
+    command = "kubectl -n skin create secret generic skin-oracle-token"
+    assert command in docs
+    assert command in (REPO / "k8s/tuning/kustomization.yaml").read_text()
+    assert "skin-oracle-token" in (REPO / "Makefile").read_text()  # kind-deploy makes one
+    section = docs[docs.index("### The oracle token"):]
+    assert "exit 2" in section[:3000] or "exits 2" in section[:3000]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_role_runs_as_its_own_service_account(overlay):
+    jobs = skin_jobs(overlay)
+    accounts = {sa["metadata"]["name"]: sa for sa in objects(overlay, "ServiceAccount")}
+    names = {role: pod_spec(job)["serviceAccountName"] for role, job in jobs.items()}
+    assert len(set(names.values())) == len(jobs) == 4, names
+    for role, name in names.items():
+        assert name == f"skin-{role}" and name in accounts
+        assert accounts[name].get("automountServiceAccountToken") is False
+    if overlay == "tuning":
+        gsas = {name: accounts[name]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+                for name in names.values()}
+        assert len(set(gsas.values())) == 4
+        for name, gsa in gsas.items():
+            assert gsa.startswith(f"{name}@"), gsa
+        docs = (REPO / "docs/kubernetes.md").read_text()
+        for role, prefix in (("stage", "data/"), ("worker", "trials/"), ("chief", "tuner/"),
+                             ("retrain", "models/")):
+            assert f"skin-{role}@" in docs and prefix in docs
+
+
+def _egress(overlay: str, pod_labels: dict) -> list[dict]:
+    """Every egress rule of the policies that select a pod."""
+    rules = []
+    for policy in objects(overlay, "NetworkPolicy"):
+        if selects(policy["spec"]["podSelector"], pod_labels):
+            rules.extend(policy["spec"].get("egress", []))
+    return rules
+
+
+def _ports(rule: dict) -> set:
+    return {(p.get("port"), p.get("protocol", "TCP")) for p in rule.get("ports", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_skin_pod_is_isolated_both_ways(overlay):
+    for role, job in skin_jobs(overlay).items():
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        types = set()
+        for policy in objects(overlay, "NetworkPolicy"):
+            if selects(policy["spec"]["podSelector"], labels):
+                types |= set(policy["spec"]["policyTypes"])
+        assert types == {"Ingress", "Egress"}, role
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_egress_is_what_each_role_needs(overlay):
+    jobs = skin_jobs(overlay)
+    chief_labels = jobs["chief"]["spec"]["template"]["metadata"]["labels"]
+    oracle_port = experiment(overlay).chief.oracle_port
+    for role, job in jobs.items():
+        rules = _egress(overlay, job["spec"]["template"]["metadata"]["labels"])
+        assert all(rule.get("to") and rule.get("ports") for rule in rules), role  # no open rule
+        peers = [(peer, _ports(rule)) for rule in rules for peer in rule["to"]]
+        # DNS, to the cluster DNS pods only
+        dns = [p for p, ports in peers if (53, "UDP") in ports]
+        assert dns and all(p["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"} for p in dns)
+        # The Google APIs over HTTPS, and the metadata server
+        public = [p for p, ports in peers if (443, "TCP") in ports and "ipBlock" in p
+                  and PRIVATE_RANGES <= set(p["ipBlock"].get("except", []))]
+        assert public, role
+        assert any(p.get("ipBlock", {}).get("cidr") == "169.254.169.254/32"
+                   and (80, "TCP") in ports for p, ports in peers), role
+        # The oracle: workers only
+        to_oracle = [p for p, ports in peers if "podSelector" in p
+                     and selects(p["podSelector"], chief_labels) and (oracle_port, "TCP") in ports]
+        assert bool(to_oracle) == (role == "worker"), role
+        # The Kubernetes API (any address, its ports): the chief only
+        api = [p for p, ports in peers if "ipBlock" in p and not p["ipBlock"].get("except")
+               and ports & {(443, "TCP"), (6443, "TCP")}]
+        assert bool(api) == (role == "chief"), role
+        # Nothing else: every peer is one of the above (plus kind's in-cluster bucket)
+        for peer, ports in peers:
+            if "podSelector" in peer and not selects(peer["podSelector"], chief_labels) and \
+                    peer["podSelector"]["matchLabels"] != {"k8s-app": "kube-dns"}:
+                assert overlay == "kind" and peer["podSelector"]["matchLabels"] == {
+                    "app.kubernetes.io/name": "fake-gcs-server"} and ports == {(4443, "TCP")}, \
+                    (role, peer)

@@ -16,6 +16,7 @@ from skin import metrics as m
 
 FORBIDDEN_LABELS = {"trial", "trial_id", "id", "hp", "hyperparameter", "value", "image"}
 ALLOWED_LABELS = {"role", "status", "worker", "method", "split", "le", "kind", "metric", "phase",
+                  "reason",  # skin_oracle_refused_calls_total: a fixed set (ORACLE_REFUSAL_REASONS)
                   # the build/search info metrics' descriptive labels (one series each)
                   "version", "python_version", "keras_tuner_version", "tensorflow_version",
                   "experiment", "tuner", "objective", "direction"}

@@ -585,7 +585,7 @@ def test_ensemble_publishes_one_model_the_mean_of_its_members(ensemble_run):
     import keras
 
     exp, storage, published, hypermodel = ensemble_run
-    members = hypermodel.built
+    members = hypermodel.built[1:]  # the first build probed the search space (check_members)
     assert [m.get_layer(index=2).filters for m in members] == [8, 4]  # best first, then 0001
     model = keras.models.load_model(published.local_dir / "model.keras", safe_mode=True,
                                     compile=False)
@@ -622,7 +622,7 @@ def test_ensemble_threshold_and_metrics_from_the_published_model(ensemble_run, t
     assert info.threshold == pytest.approx(ev.choose_threshold(labels, probs, 0.9), abs=1e-6)
     assert m["validation"]["roc_auc"] == pytest.approx(ev.roc_auc(labels, probs), abs=1e-6)
     # Each member's own figure is what it scores alone.
-    member_labels, member_probs = rt.split_predictions(hypermodel.built[1], data_dir,
+    member_labels, member_probs = rt.split_predictions(hypermodel.built[2], data_dir,  # [0]: probe
                                                        "validation", SIZE)
     assert ens["members"][1]["validation_auc"] == pytest.approx(
         ev.roc_auc(member_labels, member_probs), abs=1e-6)

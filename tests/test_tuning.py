@@ -58,7 +58,7 @@ class Search:
         self.runs: dict[str, int] = {}
         (tmp_path / "logs").mkdir(exist_ok=True)
 
-    def start(self, role: str) -> subprocess.Popen:
+    def start(self, role: str, **extra_env: str) -> subprocess.Popen:
         n = self.runs[role] = self.runs.get(role, 0) + 1
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KERASTUNER_", "SKIN_"))}
         env.update(self.emulator.environ(), SKIN_CONFIG=str(self.config),
@@ -68,6 +68,7 @@ class Search:
                    # Restarted like a pod: a chief waits out the lock of the one it replaces.
                    SKIN_CHIEF_ON_LOCK_HELD="wait", SKIN_CHIEF_LOCK_SECONDS="5",
                    PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        env.update(extra_env)
         log = open(self.tmp / "logs" / f"{role}.{n}.log", "w")
         proc = subprocess.Popen([sys.executable, str(ENTRY), *self.entry_args], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)

@@ -119,7 +119,10 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     exp = load_experiment()
     hypermodel = TinyHyperModel(args.epoch_seconds, args.fail, batch_seconds=args.batch_seconds)
-    hooks = metrics.role_metrics(CollectorRegistry(), exp, runtime.tuner_id)  # exercised, unserved
+    registry = CollectorRegistry()
+    hooks = metrics.role_metrics(registry, exp, runtime.tuner_id)  # exercised; served when asked
+    if runtime.metrics_port:
+        metrics.serve(registry, runtime.metrics_hosts[0], runtime.metrics_port)
     role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
     return role(exp, runtime, Storage(), metrics=hooks, hypermodel=hypermodel)
 

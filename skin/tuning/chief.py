@@ -1,7 +1,11 @@
 """The chief: keras-tuner's oracle behind gRPC, with leases, state in the bucket, clean endings.
 
-``run_chief`` serves keras-tuner's ``OracleService`` on ``0.0.0.0:<port>``
-from a thread pool (stock keras-tuner serves one call at a time). Every call
+``run_chief`` serves keras-tuner's ``OracleService`` on ``<bind address>:<port>``
+(loopback unless told otherwise; the pod address in Kubernetes) from a thread
+pool (stock keras-tuner serves one call at a time). A call without the
+experiment's token, or from a worker id this experiment cannot have, is refused
+before it reaches the oracle (``auth.py``); reports are checked as data
+(``oracle.py``, ``checks.py``). Every call
 that changes the search takes the oracle's lock, marks what changed for the
 journal, releases the lock, and answers once the change is in the bucket
 (group commit: one write carries every change made meanwhile).
@@ -38,6 +42,7 @@ import grpc
 from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RETRYABLE, EXIT_SEARCH_FAILED, ConfigError,
                          FencedError, RetryableError, SearchFailedError, SkinError, exit_code_for)
 from skin.storage import join
+from skin.tuning import auth
 from skin.tuning import protocol as wire
 from skin.tuning.journal import Journal, OracleStore
 from skin.tuning.lock import LOCK_NAME, ChiefLock, Fence, should_wait
@@ -134,7 +139,16 @@ def _rpc(method):
         t0 = time.perf_counter()
         try:
             return method(self, request, context)
+        except auth.Refusal as e:  # logged once per caller by auth.CallerCheck
+            wire.hook(self.metrics, "oracle_refused", e.reason)
+            context.abort(e.code, wire.ascii_value(e))
+        except self.Refused as e:
+            wire.hook(self.metrics, "oracle_refused", e.reason)
+            log.warning("%s refused: %s", name, e)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED if e.denied else
+                          grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
         except self.LeaseLost as e:
+            wire.hook(self.metrics, "oracle_refused", "not_holder")
             context.set_trailing_metadata(((wire.LEASE, wire.LEASE_LOST),
                                            (wire.SEARCH, self.oracle.state)))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e))
@@ -159,47 +173,48 @@ def _servicer_base():
     return oracle_chief.OracleServicer
 
 
-def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
-    """keras-tuner's OracleServicer, subclassed: locking, leases, durable answers."""
+def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: int | None = None):
+    """keras-tuner's OracleServicer, subclassed: locking, leases, durable answers, callers
+    checked (``workers``: the experiment's worker count; None accepts any ``tuner<N>``)."""
     from keras_tuner.src import protos
     from keras_tuner.src.engine import hyperparameters as hp_module
     from keras_tuner.src.engine import trial as trial_module
 
-    from skin.tuning.oracle import LeaseLost, SearchStopped
+    from skin.tuning.oracle import LeaseLost, Refused, SearchStopped
 
     service = protos.get_service()
+    callers = auth.CallerCheck(workers)
 
     class OracleServicer(_servicer_base()):
         def __init__(self):
             super().__init__(oracle)
             self.metrics = metrics
-            self.LeaseLost, self.SearchStopped = LeaseLost, SearchStopped
+            self.LeaseLost, self.SearchStopped, self.Refused = LeaseLost, SearchStopped, Refused
 
         def _wait(self, ticket: int) -> None:
             if ticket >= 0 and oracle.journal is not None:
                 oracle.journal.wait(ticket, wait_timeout_s)
 
         @staticmethod
-        def _caller(context) -> tuple[str | None, int | None, dict]:
-            md = dict(context.invocation_metadata() or ())
-            attempt = md.get(wire.ATTEMPT)
-            return md.get(wire.WORKER), int(attempt) if attempt else None, md
+        def _caller(context, method: str, **kw) -> tuple[str, int | None, dict]:
+            return callers.caller(context, method, **kw)
 
         @_rpc
         def GetSpace(self, request, context):
+            self._caller(context, "GetSpace")
             with oracle.lock:
                 return service.GetSpaceResponse(hyperparameters=oracle.get_space().to_proto())
 
         @_rpc
         def UpdateSpace(self, request, context):
+            self._caller(context, "UpdateSpace")
             hps = hp_module.HyperParameters.from_proto(request.hyperparameters)
-            with oracle.lock:
-                oracle.update_space(hps)
-                oracle.save()
+            oracle.confirm_space(hps)  # never merged: the space is the chief's
             return service.UpdateSpaceResponse()
 
         @_rpc
         def CreateTrial(self, request, context):
+            self._caller(context, "CreateTrial", tuner_id=request.tuner_id)
             assignment = oracle.assign(request.tuner_id)
             self._wait(assignment.ticket)
             md = [(wire.SEARCH, oracle.state)]
@@ -214,7 +229,7 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
 
         @_rpc
         def UpdateTrial(self, request, context):
-            worker, attempt, md = self._caller(context)
+            worker, attempt, md = self._caller(context, "UpdateTrial", attempt_required=True)
             if md.get(wire.REPORT) == wire.REPORT_HEARTBEAT:
                 trial = oracle.heartbeat(request.trial_id, worker, attempt)
             else:
@@ -228,7 +243,7 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
 
         @_rpc
         def EndTrial(self, request, context):
-            worker, attempt, md = self._caller(context)
+            worker, attempt, md = self._caller(context, "EndTrial", attempt_required=True)
             trial = trial_module.Trial.from_proto(request.trial)
             trial.message = md.get(wire.MESSAGE)  # not part of keras-tuner's Trial message
             self._wait(oracle.end(trial, worker, attempt))
@@ -240,6 +255,7 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
 
         @_rpc
         def GetTrial(self, request, context):
+            self._caller(context, "GetTrial")
             with oracle.lock:
                 trial = oracle.trials.get(request.trial_id)
                 if trial is None:
@@ -248,6 +264,7 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
 
         @_rpc
         def GetBestTrials(self, request, context):
+            self._caller(context, "GetBestTrials")
             with oracle.lock:
                 trials = oracle.get_best_trials(request.num_trials)
                 return service.GetBestTrialsResponse(trials=[t.to_proto() for t in trials])
@@ -255,20 +272,33 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0):
     return OracleServicer()
 
 
-def serve(servicer, port: int, host: str = "0.0.0.0", threads: int = RPC_THREADS) -> grpc.Server:
-    """Start a gRPC server for ``servicer``; RetryableError when the port cannot be bound."""
+def serve(servicer, port: int, host: str = "127.0.0.1", threads: int = RPC_THREADS, *,
+          token: str = "", tls_dir: str = "", metrics=None) -> grpc.Server:
+    """Start a gRPC server for ``servicer`` on ``host`` (comma-separated addresses): with
+    ``token``, calls without it are refused; with ``tls_dir``, TLS. RetryableError when a
+    port cannot be bound."""
     from keras_tuner.src import protos
 
+    interceptors = []
+    if token:
+        interceptors.append(auth.TokenInterceptor(
+            token, on_refused=lambda reason: wire.hook(metrics, "oracle_refused", reason)))
+    credentials = auth.server_credentials(tls_dir) if tls_dir else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
                                                     thread_name_prefix="oracle-rpc"),
-                         options=[("grpc.so_reuseport", 0)])
+                         interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise RetryableError(f"the oracle cannot listen on {host}:{port} (port in use?)")
+    for h in (h.strip() for h in host.split(",") if h.strip()):
+        address = f"[{h}]:{port}" if ":" in h and not h.startswith("[") else f"{h}:{port}"
+        try:
+            bound = server.add_secure_port(address, credentials) if credentials else \
+                server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            server.stop(0)
+            raise RetryableError(f"the oracle cannot listen on {address} (port in use, or not "
+                                 "an address of this host?)")
     server.start()
     return server
 
@@ -327,6 +357,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
     if runtime.role != "chief":
         raise ConfigError(f"KERASTUNER_TUNER_ID: {runtime.tuner_id!r} is not valid for the chief; "
                           "expected 'chief'")
+    auth.check_chief_settings(runtime, runtime.bind_hosts)  # no open oracle: exit 2
 
     servers: list = []  # stopped at once when the lock is lost
 
@@ -416,13 +447,17 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
     # them all and pauses every RPC for 100+ ms. Freeze them out of the collector's sight.
     gc.collect()
     gc.freeze()
-    servicer = make_servicer(oracle, metrics)
+    servicer = make_servicer(oracle, metrics, workers=exp.workers)
+    server = serve(servicer, port, runtime.bind_address, token=runtime.oracle_token,
+                   tls_dir=runtime.oracle_tls_dir, metrics=metrics)
     lock.check()
-    server = serve(servicer, port)
     servers.append(server)
     total = oracle.total_estimate()
-    log.info("oracle serving on 0.0.0.0:%d: %s, ~%s trials, lease %g s, %d threads", port,
-             exp.search.tuner, total or "?", oracle.lease_seconds, RPC_THREADS)
+    log.info("oracle serving on %s port %d (%s, %s): %s, ~%s trials, lease %g s, %d threads",
+             ", ".join(runtime.bind_hosts), port,
+             "token required" if runtime.oracle_token else "NO token",
+             "TLS" if runtime.oracle_tls_dir else "no TLS", exp.search.tuner, total or "?",
+             oracle.lease_seconds, RPC_THREADS)
     listener._report_progress(oracle)
     tick = min(1.0, oracle.lease_seconds / 5)
     try:

@@ -4,7 +4,11 @@ It offers what keras-tuner's ``Tuner`` expects of ``self.oracle`` (``objective``
 ``create_trial``, ``update_trial``, ``end_trial``, ``get_trial``, ...) over the
 stock gRPC service, and adds what the stock client lacks:
 
-- it names the worker and the attempt on every call (``protocol.py``);
+- it names the worker and the attempt on every call (``protocol.py``) and
+  carries the experiment's token (``authorization: Bearer``), over TLS when
+  ``tls_dir`` holds the chief's CA (``auth.py``); a chief that refuses this
+  worker (``UNAUTHENTICATED``, ``PERMISSION_DENIED``) is a ``ConfigError``
+  (exit 2): retrying cannot cure a wrong token or id;
 - a chief that does not answer (starting, restarting, gone) is retried with
   exponential backoff for at most ``patience_s``; meanwhile, every failed try
   looks at ``tuner/result.json`` in the bucket, so a worker whose chief has
@@ -23,7 +27,8 @@ from typing import Callable
 
 import grpc
 
-from skin.errors import RetryableError, SearchFailedError
+from skin.errors import ConfigError, RetryableError, SearchFailedError
+from skin.tuning import auth
 from skin.tuning import protocol as wire
 
 log = logging.getLogger("skin.tuning")
@@ -51,7 +56,7 @@ class LeaseLostError(Exception):
 class ChiefClient:
     def __init__(self, address: str, worker_id: str, local_oracle, *, patience_s: float,
                  outcome: Callable[[], dict | None] | None = None, call_timeout_s: float = 60.0,
-                 max_backoff_s: float = 5.0):
+                 max_backoff_s: float = 5.0, token: str = "", tls_dir: str = ""):
         from keras_tuner.src import protos
 
         self.address = address
@@ -62,7 +67,10 @@ class ChiefClient:
         self.call_timeout_s = call_timeout_s
         self.max_backoff_s = max_backoff_s
         self._service = protos.get_service()
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._auth = (auth.bearer(token),) if token else ()
+        self.channel = grpc.secure_channel(address, auth.channel_credentials(tls_dir),
+                                           options=CHANNEL_OPTIONS) if tls_dir else \
+            grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = protos.get_service_grpc().OracleStub(self.channel)
         self.attempts: dict[str, int] = {}
         self.answered = False  # has the chief ever answered this client?
@@ -84,7 +92,7 @@ class ChiefClient:
     # -- the call, with retries ----------------------------------------------------------
 
     def _metadata(self, trial_id: str | None = None, **extra: str):
-        md = [(wire.WORKER, self.worker_id)]
+        md = [*self._auth, (wire.WORKER, self.worker_id)]
         if trial_id and trial_id in self.attempts:
             md.append((wire.ATTEMPT, str(self.attempts[trial_id])))
         md.extend(extra.items())
@@ -140,6 +148,10 @@ class ChiefClient:
             self.search_state = state
         if trailing.get(wire.LEASE) == wire.LEASE_LOST:
             raise LeaseLostError(e.details()) from None
+        if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise ConfigError(f"the chief at {self.address} refused {self.worker_id} "
+                              f"({e.code().name}: {e.details()}); check SKIN_ORACLE_TOKEN(_FILE) "
+                              "and the worker id against the chief's") from None
         if state in ("failed", "finished") and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
             self._raise_outcome({"outcome": "failed" if state == "failed" else "completed",
                                  "reason": trailing.get(wire.REASON, e.details())})

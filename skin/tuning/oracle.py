@@ -11,6 +11,11 @@ the search algorithm stays keras-tuner's. What the mixin changes:
 - **Ownership.** Reports and endings name the worker and the attempt; one that
   no longer holds the trial gets :class:`LeaseLost`, so a reclaimed trial is
   never ended twice. Ending the same attempt twice is harmless (a retried RPC).
+- **Reports are data.** Metrics must be finite and in range and a completed
+  trial must carry the objective (``checks.py``); an ending keeps the
+  hyperparameters the chief issued (one that sends others is refused); a
+  worker's ``UpdateSpace`` may only confirm the chief's space. A refused call
+  raises :class:`Refused` before anything changes.
 - **Persistence.** Instead of rewriting all of its state on every change
   (stock ``Oracle.save``), each change marks the trials it touched and the
   header for :class:`~skin.tuning.journal.Journal`. Everything that grows with
@@ -43,6 +48,7 @@ from keras_tuner.src.tuners.hyperband import HyperbandOracle
 from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
 
 from skin.errors import ConfigError
+from skin.tuning import checks
 
 log = logging.getLogger("skin.tuning")
 
@@ -55,6 +61,15 @@ _DERIVED_STATE = ("ongoing_trials", "start_order", "end_order", "run_times", "re
 
 class LeaseLost(Exception):
     """The caller does not (or no longer) hold this trial."""
+
+
+class Refused(ValueError):
+    """A report or space the chief refuses; nothing changed. ``reason`` labels the refusal
+    counter; ``denied``: the caller may not do this at all (else its data is wrong)."""
+
+    def __init__(self, reason: str, message: str, *, denied: bool = False):
+        super().__init__(message)
+        self.reason, self.denied = reason, denied
 
 
 class SearchStopped(Exception):
@@ -211,7 +226,6 @@ class LeasedOracle:
         if trial is None:
             raise LeaseLost(f"trial {trial_id} is unknown to the chief")
         holder = self.holder(trial_id)
-        worker = worker or holder
         current = self.meta[trial_id]["attempts"][-1]["n"] if self.meta[trial_id]["attempts"] \
             else 0
         if holder is None or worker != holder or self.ongoing_trials.get(worker) is not trial \
@@ -274,6 +288,10 @@ class LeasedOracle:
             if self.state == FAILED:
                 raise SearchStopped(self.state, self.reason)
             trial, worker = self._check_owner(trial_id, worker, attempt)
+            try:
+                metrics = checks.check_metrics(metrics)
+            except ValueError as e:
+                raise Refused("report", f"trial {trial_id}: {e}") from None
             self.leases[worker] = time.monotonic() + self.lease_seconds
             meta = self.meta[trial_id]
             meta["epochs"] = meta["attempts"][-1]["epochs"] = int(step) + 1
@@ -318,16 +336,56 @@ class LeasedOracle:
             if self.state == FAILED:
                 raise SearchStopped(self.state, self.reason)
             current, worker = self._check_owner(trial_id, worker, attempt)
-            objective = self.objective.name
-            if trial.status == TrialStatus.COMPLETED:
-                if trial.metrics.exists(objective):
-                    current.metrics = trial.metrics  # the worker's final metrics win
-                if not current.metrics.exists(objective) or \
-                        current.metrics.get_best_value(objective) is None:
-                    trial.status = TrialStatus.INVALID
-                    trial.message = f"the objective {objective!r} was not reported"
-            self._end_attempt(trial, worker, None)
+            self._check_ending(trial, current)
+            # The chief's own trial, with the caller's status, message and (checked) metrics:
+            # stock end_trial would take the caller's hyperparameters and merge them into the space.
+            ending = trial_module.Trial(current.hyperparameters, trial_id=trial_id,
+                                        status=trial.status, message=trial.message)
+            if trial.status == TrialStatus.COMPLETED and \
+                    trial.metrics.exists(self.objective.name):
+                current.metrics = trial.metrics  # the worker's final metrics win
+            self._end_attempt(ending, worker, None)
             return self._tickets.get(trial_id, -1)
+
+    def _check_ending(self, trial, current) -> None:
+        """Refused unless the ending is one the chief can take as it is."""
+        ends = (TrialStatus.COMPLETED, TrialStatus.INVALID, TrialStatus.FAILED)
+        if trial.status not in ends:
+            raise Refused("report", f"trial {trial.trial_id}: status {trial.status!r} is not an "
+                                    f"ending; expected one of {', '.join(ends)}")
+        changed = checks.changed_values(current.hyperparameters.values,
+                                        trial.hyperparameters.values, self.hyperparameters)
+        if changed:
+            raise Refused("hyperparameters", f"trial {trial.trial_id}: the hyperparameters are "
+                          f"the ones the chief issued; the call changed {', '.join(changed[:5])}")
+        if trial.status == TrialStatus.COMPLETED:
+            objective = self.objective.name
+            # The objective comes with the ending, or was reported (checked) before it.
+            sent = trial.metrics.exists(objective)
+            try:
+                checks.check_tracker(trial.metrics if sent else current.metrics, objective)
+                if not sent:
+                    for name, value in checks.tracker_values(trial.metrics):
+                        checks.check_metric(name, value)
+            except ValueError as e:
+                raise Refused("report", f"trial {trial.trial_id}: {e}") from None
+
+    def confirm_space(self, hps) -> None:
+        """A worker's UpdateSpace: every hyperparameter it sends must be the chief's own, the
+        same; anything new or different is :class:`Refused`, never merged."""
+        with self.lock:
+            from keras_tuner.src.engine import hyperparameters as hp_module
+
+            # Compare after the same proto round trip the caller's space went through.
+            ours: dict[str, list[dict]] = {}
+            for hp in hp_module.HyperParameters.from_proto(self.get_space().to_proto()).space:
+                ours.setdefault(hp.name, []).append(hp.get_config())
+            for hp in hps.space:
+                if hp.get_config() not in ours.get(hp.name, []):
+                    what = "a new hyperparameter" if hp.name not in ours else \
+                        "a different definition of"
+                    raise Refused("space", f"UpdateSpace: {what} {hp.name!r}; the search space "
+                                  "is the chief's (workers may only confirm it)", denied=True)
 
     def reclaim_expired(self, now: float | None = None) -> list[tuple[str, str]]:
         """End every attempt whose lease has expired; returns ``[(trial_id, worker)]``."""

@@ -1,15 +1,17 @@
 """What chief and workers say to each other beyond keras-tuner's own gRPC messages.
 
-The wire is keras-tuner's ``OracleService`` (``keras_tuner/protos``), so a stock
-keras-tuner worker can still talk to our chief. What the stock messages cannot
-carry travels as gRPC metadata:
+The wire is keras-tuner's ``OracleService`` (``keras_tuner/protos``): a stock
+keras-tuner stub reaches our chief once it sends the metadata below. What the
+stock messages cannot carry travels as gRPC metadata:
 
 ==================  ===========  ==========================================================
 key                 direction    value
 ==================  ===========  ==========================================================
-``skin-worker``     request      the caller's tuner id (``tuner3``)
+``authorization``   request      ``Bearer <the experiment's token>`` on every call (auth.py)
+``skin-worker``     request      the caller's tuner id (``tuner3``), required on every call
 ``skin-attempt``    both         which attempt of a trial (CreateTrial answers it; Update
-                                 and End repeat it), so a reclaimed attempt cannot end a trial
+                                 and End must repeat it), so a reclaimed attempt cannot end
+                                 a trial
 ``skin-report``     request      ``epoch``: an UpdateTrial that only reports progress and
                                  renews the lease (its metrics are not the trial's result)
 ``skin-search``     trailing     ``running`` | ``finished`` | ``failed``
@@ -21,7 +23,10 @@ key                 direction    value
 
 Errors: a lost lease or an ended search is ``FAILED_PRECONDITION`` with the
 trailing keys above; a chief that cannot save its state answers
-``UNAVAILABLE``, which workers retry like a chief that is restarting.
+``UNAVAILABLE``, which workers retry like a chief that is restarting. A call
+without the token is ``UNAUTHENTICATED``; one without a valid worker id or
+attempt ``PERMISSION_DENIED``; a report the chief will not take (metrics not
+finite or out of range, other hyperparameters than issued) ``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from keras_tuner.src.engine import tuner_utils
 
 from skin.errors import RetryableError
 from skin.storage import join
+from skin.tuning import checks
 from skin.tuning import protocol as wire
 from skin.tuning.client import LeaseLostError
 
@@ -190,6 +191,11 @@ class EpochReporter(keras.callbacks.Callback):
         seconds = time.monotonic() - self._t0
         logs = _floats(logs)
         objective = tuner.oracle.objective
+        try:  # the chief refuses a report it cannot use (NaN, inf, an AUC above 1)
+            checks.check_metrics(logs)
+        except ValueError as e:  # a diverged configuration is a result: failed, not retried
+            raise kt_errors.FailedTrialError(f"epoch {epoch + 1}: {e} (training diverged)") \
+                from None
         # Report first: it renews the lease and tells a worker whose trial was given away to
         # stop before it writes over the new holder's checkpoints.
         if tuner.heartbeat is not None:

@@ -96,6 +96,10 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
     if runtime.role != "worker":
         raise ConfigError(f"KERASTUNER_TUNER_ID: {worker!r} is not valid for a worker; expected "
                           "'tuner<N>'")
+    if runtime.in_kubernetes and not runtime.oracle_token:
+        raise ConfigError("SKIN_ORACLE_TOKEN_FILE / SKIN_ORACLE_TOKEN: not set; the chief refuses "
+                          "workers without the experiment's token (docs/kubernetes.md, "
+                          "\"The oracle token\")")
     outcome = read_outcome(storage, exp)
     if outcome is not None:
         if outcome["outcome"] == "failed":
@@ -117,7 +121,8 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
     address = f"{runtime.oracle_ip}:{port}"
     local_oracle = make_oracle(exp, leased=False)
     client = ChiefClient(address, worker, local_oracle, patience_s=chief_patience(exp),
-                         outcome=lambda: read_outcome(storage, exp))
+                         outcome=lambda: read_outcome(storage, exp),
+                         token=runtime.oracle_token, tls_dir=runtime.oracle_tls_dir)
     directory = Path(runtime.work_dir) / "tuner" / worker
     directory.mkdir(parents=True, exist_ok=True)
     tuner = WorkerTuner(local_oracle=local_oracle, client=client, hypermodel=hypermodel,

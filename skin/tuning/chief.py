@@ -448,9 +448,9 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
     gc.collect()
     gc.freeze()
     servicer = make_servicer(oracle, metrics, workers=exp.workers)
+    lock.check()
     server = serve(servicer, port, runtime.bind_address, token=runtime.oracle_token,
                    tls_dir=runtime.oracle_tls_dir, metrics=metrics)
-    lock.check()
     servers.append(server)
     total = oracle.total_estimate()
     log.info("oracle serving on %s port %d (%s, %s): %s, ~%s trials, lease %g s, %d threads",

@@ -316,7 +316,7 @@ def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
 
 
 def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
-    from skin.tuning.oracle import FAILED, make_oracle
+    from skin.tuning.oracle import FAILED, fingerprint_matches, make_oracle
 
     if runtime.role != "chief":
         raise ConfigError(f"KERASTUNER_TUNER_ID: {runtime.tuner_id!r} is not valid for the chief; "
@@ -336,11 +336,11 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
     store = OracleStore(storage, oracle_uri(exp))
     loaded = store.load()
     if loaded.header is not None:
-        if loaded.header.get("fingerprint") != oracle.fingerprint:
+        if not fingerprint_matches(exp, loaded.header.get("fingerprint")):
             raise ConfigError(
                 f"search: the saved search in {store.prefix} was started with different search "
-                "settings (tuner, objective, budget, fixed, seed or backbone); use a new "
-                "experiment name or delete that folder")
+                "settings (tuner, objective, budget, space, fixed, seed, early stopping, confirm "
+                "or backbone); use a new experiment name or delete that folder")
         oracle.restore(loaded.header, loaded.records)
         counts: dict[str, int] = {}
         for t in oracle.trials.values():

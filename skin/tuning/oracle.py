@@ -43,6 +43,7 @@ from keras_tuner.src.tuners.hyperband import HyperbandOracle
 from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
 
 from skin.errors import ConfigError
+from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401
 
 log = logging.getLogger("skin.tuning")
 
@@ -81,19 +82,6 @@ class Assignment:
     trial: Any  # keras_tuner Trial
     attempt: int = 0
     ticket: int = -1  # journal batch to wait for; -1: nothing to wait for
-
-
-def search_fingerprint(exp) -> str:
-    """Which search a saved state belongs to: a restarted chief must not resume another one."""
-    s = exp.search
-    doc = {"tuner": s.tuner, "objective": s.objective, "max_trials": s.max_trials,
-           "max_epochs": s.max_epochs, "factor": s.hyperband_factor,
-           "iterations": s.hyperband_iterations, "executions": s.executions_per_trial,
-           "fixed": s.fixed, "seed": exp.data.seed}
-    b = exp.backbone
-    if b.name != "none":  # another search space (absent otherwise: older saved searches resume)
-        doc["backbone"] = {"name": b.name, "weights": b.weights.strip(), "trainable": b.trainable}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def objective_for(exp) -> keras_tuner.Objective:
@@ -494,6 +482,9 @@ def make_oracle(exp, *, leased: bool = True):
     hps = keras_tuner.HyperParameters()
     for name, value in s.fixed.items():
         hps.Fixed(name, value)
+    for name, spec in s.space.items():  # search.space's fixed ones, like search.fixed
+        if spec["type"] == "fixed":
+            hps.Fixed(name, spec["value"])
     kwargs: dict[str, Any] = dict(
         objective=objective_for(exp), seed=exp.data.seed, hyperparameters=hps,
         allow_new_entries=True, tune_new_entries=True,

@@ -45,6 +45,7 @@ class TrialRow:
     worker: str = ""
     epochs: int | None = None
     duration_s: float | None = None
+    stopped_at: int | None = None  # the epoch the early-stopping rule ended it at
 
 
 def _float(value) -> float | None:
@@ -78,6 +79,7 @@ def _trial(raw: dict, fallback_id: str) -> TrialRow:
         epochs=int(epochs) if isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
         else None,
         duration_s=_float(duration),
+        stopped_at=raw.get("stopped_at") if isinstance(raw.get("stopped_at"), int) else None,
     )
 
 
@@ -232,7 +234,11 @@ def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
     names = sorted({k for t in top for k in t.hyperparameters})
     top_rows = [[t.trial_id, t.score, t.epochs if t.epochs is not None else "-",
                  *[t.hyperparameters.get(n, "-") for n in names]] for t in top]
-    all_rows = [[t.trial_id, t.status, "-" if t.score is None else t.score,
+    stopped = sum(1 for t in trials if t.stopped_at)
+    if stopped:
+        summary += f"; {stopped} stopped early by the median rule (partial scores)"
+    all_rows = [[t.trial_id, t.status + (f" (stopped at epoch {t.stopped_at})" if t.stopped_at
+                                         else ""), "-" if t.score is None else t.score,
                  "-" if t.epochs is None else t.epochs,
                  "-" if t.duration_s is None else round(t.duration_s, 1), t.worker or "-"]
                 for t in trials]

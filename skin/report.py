@@ -254,6 +254,7 @@ def _page(result: dict, trials: list[TrialRow], objective: str, direction: str,
         f'<img alt="objective of every trial with the best so far" '
         f'src="data:image/png;base64,{image}">',
         *published,
+        *_confirmation_section(result.get("confirmation"), objective),
         f"<h2>Top {len(top)} trials</h2>",
         _html_table(["trial", objective, "epochs", *names], top_rows),
         "<h2>Every trial</h2>",
@@ -287,6 +288,21 @@ def _published_section(published, objective: str) -> list[str]:
             _html_table(["trial", objective, "validation ROC AUC",
                          *(["with TTA"] if tta else []), *names], rows,
                         classes=[""] * len(members) + ["best"])]
+
+
+def _confirmation_section(confirmation, objective: str) -> list[str]:
+    """The confirmation of the pick (search.confirm; skin.tuning.confirm.summary): every
+    candidate's scores over seeds, mean and standard deviation, and the margin."""
+    if not isinstance(confirmation, dict) or not confirmation.get("candidates"):
+        return []
+    rows = [[c.get("trial_id"), c.get("n"), c.get("mean"), c.get("std"),
+             ", ".join(_fmt(float(v)) for v in c.get("scores") or [])]
+            for c in confirmation["candidates"] if isinstance(c, dict)]
+    chosen = confirmation.get("chosen")
+    return ["<h2>Confirmation of the pick</h2>",
+            f"<p>{html.escape(str(confirmation.get('text') or ''))}.</p>",
+            _html_table(["trial", "trainings", f"mean {objective}", "std", "scores"], rows,
+                        classes=["best" if r[0] == chosen else "" for r in rows])]
 
 
 def render_search_report(result: dict, out_dir) -> tuple[Path, Path]:

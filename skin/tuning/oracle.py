@@ -28,8 +28,6 @@ durability (:meth:`Journal.wait`) after the lock is released.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -43,8 +41,8 @@ from keras_tuner.src.tuners.hyperband import HyperbandOracle
 from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
 
 from skin.errors import ConfigError
-from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401
 from skin.tuning.confirm import Confirmation
+from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401
 from skin.tuning.stopping import MedianStopping, stopped_reply
 
 log = logging.getLogger("skin.tuning")

@@ -99,3 +99,54 @@ def test_the_recorded_smoke_curves_replay():
     for s in report["strategies"].values():
         assert s["epochs_mean"] > 0 and s["regret_mean"] >= 0
     assert "| random+median |" in search_replay.table(report)
+
+
+def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
+    from keras_tuner.src.engine import metrics_tracking
+    from prometheus_client import CollectorRegistry
+
+    from skin.config import parse_experiment
+    from skin.metrics import ChiefMetrics
+    from skin.tuning.chief import ChiefListener
+    from skin.tuning.oracle import make_oracle
+    from skin.tuning.results import build_result
+
+    exp = parse_experiment({"apiVersion": "skin/v1", "kind": "Experiment", "search": {
+        "tuner": "random", "max_trials": 2, "max_epochs": 3,
+        "early_stopping": {"rule": "median", "start_epoch": 1, "min_trials": 1}}}, env={})
+    oracle = make_oracle(exp)
+    oracle.hyperparameters.Float("x", 0.0, 1.0)
+    registry = CollectorRegistry()
+    oracle.listener = ChiefListener(ChiefMetrics(registry), 3)
+
+    def run(worker, curve, stop_at=None):
+        a = oracle.assign(worker)
+        t, seen = a.trial, []
+        for e, v in enumerate(curve):
+            seen.append(v)
+            reply = oracle.report(t.trial_id, worker, a.attempt, {"val_auc": v}, e,
+                                  progress_only=True)
+            if reply.status == "STOPPED":
+                assert e + 1 == stop_at
+                break
+        else:
+            assert stop_at is None
+        t.metrics = metrics_tracking.MetricsTracker()
+        t.metrics.register("val_auc", direction="max")
+        t.metrics.update("val_auc", max(seen), step=seen.index(max(seen)))
+        t.status = "COMPLETED"
+        oracle.end(t, worker, a.attempt)
+        return t.trial_id
+
+    good = run("tuner0", [0.8, 0.9, 0.95])
+    bad = run("tuner1", [0.5, 0.5, 0.5], stop_at=1)
+    assert oracle.state == "finished"
+    result = build_result(oracle, exp)
+    trials = {t["id"]: t for t in result["trials"]}
+    assert trials[bad]["status"] == "completed" and trials[bad]["score"] == 0.5
+    assert trials[bad]["stopped_at"] == 1 and trials[bad]["epochs"] == 1
+    assert trials[good]["stopped_at"] is None
+    assert result["stopped_early"] == [bad] and result["best"]["trial_id"] == good
+    assert registry.get_sample_value("skin_chief_trials_stopped_early_total") == 1
+    assert registry.get_sample_value("skin_chief_trials_ended_total",
+                                     {"status": "completed"}) == 2

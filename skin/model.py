@@ -42,9 +42,13 @@ An optional pretrained (or random) ``keras.applications`` network replaces the s
 blocks (``exp.backbone``, ``skin.backbone``): the body's hyperparameters are then not
 searched, and with pretrained weights the learning rate is searched lower.
 
-``exp.search.fixed`` pins any of them to one value (``validate_fixed`` checks the
-names); the shipped default experiment pins the ones that did not matter in the
-research recorded in BENCHMARKS.md, so the tuner spends its budget where it counts.
+Their ranges are data (``skin.space``): ``exp.search.space`` states any of them with
+keras-tuner's types and ``exp.search.fixed`` pins any of them to one value; the rest keep
+``skin.space.DEFAULT_SPACE``. ``SkinHyperModel`` checks them (``check_model_space``) and
+declares them in one canonical order. The shipped default experiment pins the ones that
+did not matter in the research recorded in BENCHMARKS.md, so the tuner spends its budget
+where it counts. A confirmation trial's ``tuner/seed`` (skin.tuning.confirm) seeds the
+initial weights, the augmentation and the data order (``trial_seed``).
 
 The published model (``inference_model``): one trained model, or the mean of
 several (``retrain.ensemble``), optionally averaged over the 8 dihedral views of

@@ -150,3 +150,23 @@ def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
     assert registry.get_sample_value("skin_chief_trials_stopped_early_total") == 1
     assert registry.get_sample_value("skin_chief_trials_ended_total",
                                      {"status": "completed"}) == 2
+
+
+def test_the_run_report_shows_stopped_trials_and_the_confirmation(tmp_path):
+    from skin.report import render_search_report
+
+    result = {"objective": "val_auc", "direction": "max", "trials": [
+        {"id": "00", "status": "completed", "score": 0.93, "stopped_at": None},
+        {"id": "01", "status": "completed", "score": 0.51, "stopped_at": 3},
+        {"id": "02", "status": "completed", "score": 0.95, "stopped_at": None}],
+        "confirmation": {"candidates": [
+            {"trial_id": "02", "n": 3, "mean": 0.90, "std": 0.04, "scores": [0.95, 0.88, 0.87]},
+            {"trial_id": "00", "n": 3, "mean": 0.92, "std": 0.01, "scores": [0.93, 0.91, 0.92]}],
+            "chosen": "00", "text": "trial 00 chosen over trial 02 by 0.0200 ± 0.0238: within noise"}}
+    _, page = render_search_report(result, tmp_path)
+    text = page.read_text()
+    assert "1 stopped early by the median rule" in text
+    assert "completed (stopped at epoch 3)" in text
+    assert "Confirmation of the pick" in text
+    assert "trial 00 chosen over trial 02 by 0.0200 ± 0.0238: within noise" in text
+    assert '<tr class="best"><td class="l">00</td>' in text

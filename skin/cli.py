@@ -198,6 +198,7 @@ def _role_metrics(runtime, exp):
 
 def _dispatch(args: argparse.Namespace) -> int:
     from skin.config import load_experiment, runtime_from_env
+    from skin.space import check_model_space
 
     env = dict(os.environ)
     if getattr(args, "tuner_id", None):
@@ -250,6 +251,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers is not None:
             overrides["workers"] = args.workers
         exp = load_experiment(args.config, env, overrides=overrides)
+        check_model_space(exp.search)  # exit 2 before anything starts
         if not 0 <= args.metrics_port <= 65535 - 1 - exp.workers:
             raise ConfigError(f"--metrics-port: {args.metrics_port} is not valid; expected 0 "
                               f"(off) or a port that leaves room for {exp.workers} workers above it")
@@ -259,6 +261,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                                          max_restarts=args.max_restarts, resume=args.resume))
 
     exp = load_experiment(args.config, env)
+    check_model_space(exp.search)  # the skin CNN's names and values, before any work
     from skin.storage import Storage
     storage = Storage()
     if args.command == "tune":

@@ -38,10 +38,11 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 
 def _spec(default: Any, *, help: str, lo: float | None = None, hi: float | None = None,
           choices: tuple | None = None, lo_open: bool = False, hi_open: bool = False,
-          pattern: re.Pattern | None = None) -> Any:
-    """A dataclass field with the range or choices that validation enforces."""
+          pattern: re.Pattern | None = None, parser=None) -> Any:
+    """A dataclass field with the range or choices that validation enforces (``parser``:
+    a function (key path, value) -> value that validates a structured value itself)."""
     meta = dict(help=help, lo=lo, hi=hi, choices=choices, lo_open=lo_open,
-                hi_open=hi_open, pattern=pattern)
+                hi_open=hi_open, pattern=pattern, parser=parser)
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,6 +76,31 @@ class DataConfig:
                                   "terms, any other text is quoted as given")
 
 
+def _parse_space(path: str, value: Any) -> dict:
+    from skin.space import parse_space
+
+    return parse_space(path, value)
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    rule: str = _spec("none", choices=("none", "median"),
+                      help="'median': stop a trial whose best objective by epoch e is worse than "
+                           "the median of the completed trials' running averages at e "
+                           "(random and bayesian tuners)")
+    start_epoch: int = _spec(4, lo=1, hi=1000, help="epochs a trial trains before it may be stopped")
+    min_trials: int = _spec(3, lo=1, hi=100_000,
+                            help="completed trials the median needs before it stops anything")
+
+
+@dataclass(frozen=True)
+class ConfirmConfig:
+    top: int = _spec(0, lo=0, hi=100, help="after the search, train the top N distinct "
+                                          "configurations again (0 = off)")
+    seeds: int = _spec(2, lo=1, hi=100, help="more trainings of each, with other seeds; the "
+                                            "configuration with the best mean is picked")
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     tuner: str = _spec("hyperband", choices=("hyperband", "bayesian", "random"),
@@ -92,6 +118,11 @@ class SearchConfig:
     lease_seconds: float = _spec(300.0, lo=1.0, hi=86_400.0,
                                  help="a trial with no report for this long is reclaimed")
     fixed: dict = _spec({}, help="hyperparameters pinned to one value, by name")
+    space: dict = _spec({}, parser=_parse_space,
+                        help="hyperparameters by name: {type: choice|int|float|boolean|fixed, ...} "
+                             "(skin.space); unnamed ones keep the model's default space")
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 
 
 @dataclass(frozen=True)
@@ -263,6 +294,8 @@ def _coerce(path: str, value: Any, f: dataclasses.Field, ftype: type, from_env: 
             value = ""
         if not isinstance(value, str):
             raise bad()
+    elif m_parser := f.metadata.get("parser"):
+        return m_parser(path, value)
     elif ftype is dict:
         if value is None:
             value = {}
@@ -356,6 +389,14 @@ def _check_cross_field(exp: Experiment) -> None:
     if weights and weights != "imagenet" and "://" in weights and not weights.startswith("gs://"):
         raise ConfigError(f"backbone.weights: {b.weights!r} is not valid; expected '', 'imagenet', "
                           "a gs:// URI or a local path")
+    es = exp.search.early_stopping
+    if es.rule != "none" and exp.search.tuner == "hyperband":
+        raise ConfigError(f"search.early_stopping.rule: {es.rule!r} is not valid with search.tuner "
+                          "'hyperband' (it stops trials itself); expected 'none', or tuner "
+                          "random or bayesian")
+    if es.rule != "none" and es.start_epoch >= exp.search.max_epochs:
+        raise ConfigError(f"search.early_stopping.start_epoch: {es.start_epoch!r} is not valid; "
+                          f"expected < search.max_epochs ({exp.search.max_epochs})")
     if exp.search.tuner == "hyperband" and exp.search.max_epochs < exp.search.hyperband_factor:
         raise ConfigError(
             f"search.max_epochs: {exp.search.max_epochs!r} is not valid for hyperband; expected "

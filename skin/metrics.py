@@ -188,6 +188,13 @@ class ChiefMetrics:
             self._ended.labels(status)
             self._duration.labels(status)
 
+        self._stopped_early = Counter("skin_chief_trials_stopped_early",
+                                      "Trials the early-stopping rule ended before their last "
+                                      "epoch (search.early_stopping); they also count as "
+                                      "completed in skin_chief_trials_ended.", registry=r)
+        self._confirmations = Counter("skin_chief_confirmation_trials_started",
+                                      "Confirmation trials handed out (search.confirm).",
+                                      registry=r)
         self._best_objective = Gauge("skin_chief_best_objective",
                                      "Best score of a completed trial so far (NaN before one).",
                                      registry=r)
@@ -341,6 +348,12 @@ class ChiefMetrics:
                 self._improved.set(now)
                 number = str(trial_id).strip() if trial_id is not None else ""
                 self._best_trial.set(int(number) if number.isdigit() else NAN)
+
+    def trial_stopped_early(self) -> None:
+        self._stopped_early.inc()
+
+    def confirmation_started(self) -> None:
+        self._confirmations.inc()
 
     def _better(self, score: float) -> bool:
         if self._best is None:

@@ -42,9 +42,13 @@ An optional pretrained (or random) ``keras.applications`` network replaces the s
 blocks (``exp.backbone``, ``skin.backbone``): the body's hyperparameters are then not
 searched, and with pretrained weights the learning rate is searched lower.
 
-``exp.search.fixed`` pins any of them to one value (``validate_fixed`` checks the
-names); the shipped default experiment pins the ones that did not matter in the
-research recorded in BENCHMARKS.md, so the tuner spends its budget where it counts.
+Their ranges are data (``skin.space``): ``exp.search.space`` states any of them with
+keras-tuner's types and ``exp.search.fixed`` pins any of them to one value; the rest keep
+``skin.space.DEFAULT_SPACE``. ``SkinHyperModel`` checks them (``check_model_space``) and
+declares them in one canonical order. The shipped default experiment pins the ones that
+did not matter in the research recorded in BENCHMARKS.md, so the tuner spends its budget
+where it counts. A confirmation trial's ``tuner/seed`` (skin.tuning.confirm) seeds the
+initial weights, the augmentation and the data order (``trial_seed``).
 
 The published model (``inference_model``): one trained model, or the mean of
 several (``retrain.ensemble``), optionally averaged over the 8 dihedral views of
@@ -64,91 +68,51 @@ import keras
 import keras_tuner
 import numpy as np
 
-from skin.errors import ConfigError
+from skin import space as skin_space
 
-HYPERPARAMETER_NAMES: tuple[str, ...] = (
-    "stem",
-    "blocks",
-    "filters",
-    "kernel_size",
-    "block_type",
-    "batch_norm",
-    "pooling",
-    "dense_units",
-    "dropout",
-    "optimizer",
-    "learning_rate",
-    "weight_decay",
-    "lr_schedule",
-    "label_smoothing",
-    "augment",
-    "mixup",
-    "class_weight",
-    "batch_size",
-)
+HYPERPARAMETER_NAMES: tuple[str, ...] = skin_space.NAMES
 
 MAX_FILTERS = 256
 WARMUP_EPOCHS = 1.0
+# The hyperparameter a confirmation trial (skin.tuning.confirm) carries: train with this seed.
+SEED_KEY = "tuner/seed"
 
 
 def validate_fixed(fixed: dict) -> None:
-    """Raise ConfigError naming any key of ``search.fixed`` that is not a hyperparameter."""
-    for name in fixed:
-        if name not in HYPERPARAMETER_NAMES:
-            raise ConfigError(
-                f"search.fixed.{name}: unknown hyperparameter; expected one of "
-                + ", ".join(HYPERPARAMETER_NAMES))
+    """Raise ConfigError naming any key of ``search.fixed`` the model cannot take."""
+    skin_space.check_model_space(_Search(fixed, {}))
+
+
+class _Search:
+    def __init__(self, fixed: dict, space: dict):
+        self.fixed, self.space = fixed, space
 
 
 # Learning rates searched when a pretrained backbone is fine-tuned (skin.backbone).
-FINE_TUNE_LEARNING_RATES = [3e-5, 1e-4, 3e-4, 1e-3]
+FINE_TUNE_LEARNING_RATES = skin_space.FINE_TUNE_LEARNING_RATES
 
 
-def _define(hp: keras_tuner.HyperParameters, fixed: dict, backbone: str = "none",
+def _define(hp: keras_tuner.HyperParameters, space: dict | None = None, backbone: str = "none",
             pretrained: bool = False) -> dict[str, Any]:
-    """Declare the search space on ``hp`` and return the values for this build.
+    """Declare the search space on ``hp`` in its canonical order; the values for this build.
 
-    With a ``backbone`` other than ``"none"`` the from-scratch body's hyperparameters
-    (``skin.backbone.BODY_HYPERPARAMETERS``) are not declared; with ``pretrained`` weights
-    the learning rate is searched over ``FINE_TUNE_LEARNING_RATES``.
+    ``space``: an effective space (``skin.space.effective_space``: {name: {type: ...}}), or a
+    ``search.fixed`` mapping ({name: value}) over the default space for ``backbone``.
+    Hyperparameters the space leaves out (the body's, with a backbone) are not declared.
     """
-    body = backbone == "none"
+    space = space or {}
+    if not space or not all(isinstance(v, dict) and "type" in v for v in space.values()):
+        space = skin_space.effective_space(_Search(space, {}), backbone, pretrained)
+    return {name: skin_space.declare(hp, name, spec) for name, spec in space.items()}
 
-    def choice(name, values, **kw):
-        if name in fixed:
-            return hp.Fixed(name, fixed[name])
-        return hp.Choice(name, values, **kw)
 
-    def boolean(name, default):
-        if name in fixed:
-            return hp.Fixed(name, bool(fixed[name]))
-        return hp.Boolean(name, default=default)
-
-    v: dict[str, Any] = {}
-    if body:
-        v["stem"] = choice("stem", [2, 4], default=2)
-        v["blocks"] = choice("blocks", [3, 4, 5], default=4)
-        v["filters"] = choice("filters", [16, 24, 32], default=16)
-        v["kernel_size"] = choice("kernel_size", [3, 5], default=3)
-        v["block_type"] = choice("block_type", ["plain", "residual", "separable"],
-                                 default="residual")
-        v["batch_norm"] = boolean("batch_norm", True)
-    v["pooling"] = choice("pooling", ["avg", "max", "flatten"], default="avg")
-    v["dense_units"] = choice("dense_units", [0, 64, 128, 256], default=128)
-    v["dropout"] = choice("dropout", [0.0, 0.2, 0.3, 0.5], default=0.3)
-    v["optimizer"] = choice("optimizer", ["adam", "adamw", "sgd"], default="adamw")
-    if pretrained:
-        v["learning_rate"] = choice("learning_rate", FINE_TUNE_LEARNING_RATES, default=1e-4)
-    else:
-        v["learning_rate"] = choice("learning_rate", [3e-4, 1e-3, 3e-3, 1e-2], default=3e-3)
-    v["weight_decay"] = choice("weight_decay", [0.0, 1e-4, 1e-3, 1e-2, 5e-2], default=1e-2)
-    v["lr_schedule"] = choice("lr_schedule", ["constant", "cosine"], default="cosine")
-    v["label_smoothing"] = choice("label_smoothing", [0.0, 0.05, 0.1], default=0.05)
-    v["augment"] = choice("augment", [0.0, 0.25, 0.5, 0.75, 1.0], default=0.5)
-    v["mixup"] = choice("mixup", [0.0, 0.2], default=0.0)
-    v["class_weight"] = boolean("class_weight", False)
-    v["batch_size"] = choice("batch_size", [16, 32, 64], default=32)
-    return v
+def trial_seed(hp, base: int) -> int | None:
+    """The seed of a confirmation trial (``tuner/seed`` = 1, 2, ...) mixed with ``base``;
+    None for an ordinary trial (Keras draws its own)."""
+    n = hp.values.get(SEED_KEY) if hp is not None else None
+    if n is None:
+        return None
+    return (int(base) * 1_000_003 + int(n) * 7919) % (2 ** 31 - 1)
 
 
 def _augmentation(strength: float, seed: int | None) -> list[keras.layers.Layer]:
@@ -359,7 +323,8 @@ class SkinHyperModel(keras_tuner.HyperModel):
         super().__init__(name=name, tunable=tunable)
         self.exp = exp
         self.fixed = dict(exp.search.fixed)
-        validate_fixed(self.fixed)
+        skin_space.check_model_space(exp.search)
+        self.space = skin_space.space_of(exp)
         self._storage, self._cache_dir = storage, cache_dir
         self._backbone = None
 
@@ -376,11 +341,13 @@ class SkinHyperModel(keras_tuner.HyperModel):
         return self._backbone
 
     def values(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
-        b = self.exp.backbone
-        return _define(hp, self.fixed, b.name, pretrained=bool(b.weights.strip()))
+        return _define(hp, self.space)
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
-        return build_model(self.values(hp), self.exp.data.image_size, seed=None,
+        seed = trial_seed(hp, self.exp.data.seed)
+        if seed is not None:  # a confirmation trial: its own initial weights and augmentation
+            keras.utils.set_random_seed(seed)
+        return build_model(self.values(hp), self.exp.data.image_size, seed=seed,
                            backbone=self.backbone())
 
     def fit(self, hp, model, *, data_dir, epochs, callbacks=None, validation=True, **kw):
@@ -388,7 +355,7 @@ class SkinHyperModel(keras_tuner.HyperModel):
 
         v = self.values(hp)
         size, batch = self.exp.data.image_size, int(v["batch_size"])
-        seed = self.exp.data.seed
+        seed = trial_seed(hp, self.exp.data.seed) or self.exp.data.seed
         train = skin_data.dataset(data_dir, "train", size, batch, training=True, seed=seed)
         val = (skin_data.dataset(data_dir, "validation", size, batch, training=False)
                if validation else None)

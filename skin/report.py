@@ -49,6 +49,7 @@ class TrialRow:
     worker: str = ""
     epochs: int | None = None
     duration_s: float | None = None
+    stopped_at: int | None = None  # the epoch the early-stopping rule ended it at
 
 
 def _float(value) -> float | None:
@@ -82,6 +83,7 @@ def _trial(raw: dict, fallback_id: str) -> TrialRow:
         epochs=int(epochs) if isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
         else None,
         duration_s=_float(duration),
+        stopped_at=raw.get("stopped_at") if isinstance(raw.get("stopped_at"), int) else None,
     )
 
 
@@ -235,7 +237,11 @@ def _search_sections(result: dict, trials: list[TrialRow], objective: str, direc
     names = sorted({k for t in top for k in t.hyperparameters})
     top_rows = [[t.trial_id, t.score, t.epochs if t.epochs is not None else "-",
                  *[t.hyperparameters.get(n, "-") for n in names]] for t in top]
-    all_rows = [[t.trial_id, t.status, "-" if t.score is None else t.score,
+    stopped = sum(1 for t in trials if t.stopped_at)
+    if stopped:
+        summary += f"; {stopped} stopped early by the median rule (partial scores)"
+    all_rows = [[t.trial_id, t.status + (f" (stopped at epoch {t.stopped_at})" if t.stopped_at
+                                         else ""), "-" if t.score is None else t.score,
                  "-" if t.epochs is None else t.epochs,
                  "-" if t.duration_s is None else round(t.duration_s, 1), t.worker or "-"]
                 for t in trials]
@@ -249,6 +255,7 @@ def _search_sections(result: dict, trials: list[TrialRow], objective: str, direc
         f'<img alt="objective of every trial with the best so far" '
         f'src="data:image/png;base64,{image}">',
         *published,
+        *_confirmation_section(result.get("confirmation"), objective),
         f"<h2>Top {len(top)} trials</h2>",
         _html_table(["trial", objective, "epochs", *names], top_rows),
         "<h2>Every trial</h2>",
@@ -288,6 +295,21 @@ def _published_section(published, objective: str) -> list[str]:
             _html_table(["trial", objective, "validation ROC AUC",
                          *(["with TTA"] if tta else []), *names], rows,
                         classes=[""] * len(members) + ["best"])]
+
+
+def _confirmation_section(confirmation, objective: str) -> list[str]:
+    """The confirmation of the pick (search.confirm; skin.tuning.confirm.summary): every
+    candidate's scores over seeds, mean and standard deviation, and the margin."""
+    if not isinstance(confirmation, dict) or not confirmation.get("candidates"):
+        return []
+    rows = [[c.get("trial_id"), c.get("n"), c.get("mean"), c.get("std"),
+             ", ".join(_fmt(float(v)) for v in c.get("scores") or [])]
+            for c in confirmation["candidates"] if isinstance(c, dict)]
+    chosen = confirmation.get("chosen")
+    return ["<h2>Confirmation of the pick</h2>",
+            f"<p>{html.escape(str(confirmation.get('text') or ''))}.</p>",
+            _html_table(["trial", "trainings", f"mean {objective}", "std", "scores"], rows,
+                        classes=["best" if r[0] == chosen else "" for r in rows])]
 
 
 def render_search_report(result: dict | None, out_dir, metrics: dict | None = None) \

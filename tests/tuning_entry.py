@@ -2,6 +2,7 @@
 
     KERASTUNER_TUNER_ID=tuner0 SKIN_CONFIG=exp.yaml python tests/tuning_entry.py \
         [--epoch-seconds S] [--batch-seconds S] [--fail] [--freeze-before-saving-epoch N]
+        [--space median|inject]
 
 The role, the experiment and the chief's address come from the environment,
 exactly as for ``skin tune``; only the hypermodel differs: a small dense
@@ -12,6 +13,12 @@ well under a second plus ``--epoch-seconds`` per epoch.
 (SIGSTOP) once, after reporting its N-th epoch of a trial and before uploading
 that epoch's files, as a worker frozen or partitioned at the worst moment
 would; the test continues it with SIGCONT.
+
+``--space median``: ``units`` and a ``learning_rate`` of 0.0 (cannot learn: the output layer
+starts at zero, so every row scores the same and val_auc stays 0.5) or 0.1 (learns).
+``--space inject``: ``units`` 1..4 on a fixed learning rate, and val_auc is injected from
+``INJECTED`` by (units, ``tuner/seed``): the best single score is not the best mean.
+A confirmation trial's ``tuner/seed`` seeds Keras.
 """
 
 from __future__ import annotations
@@ -44,23 +51,52 @@ class Slow(keras.callbacks.Callback):
         time.sleep(self.batch_seconds)
 
 
+# (units, tuner/seed) -> val_auc of every epoch; seed 0: an ordinary trial.
+INJECTED = {(1, 0): 0.95, (1, 1): 0.70, (1, 2): 0.72,   # a lucky first draw: mean 0.79
+            (2, 0): 0.90, (2, 1): 0.89, (2, 2): 0.91,   # steady: mean 0.90
+            (3, 0): 0.60, (4, 0): 0.55}
+
+
+class Inject(keras.callbacks.Callback):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["val_auc"] = self.value
+
+
 class TinyHyperModel(keras_tuner.HyperModel):
     """A dense classifier on 128 fixed random rows; metrics ``auc`` and ``accuracy``."""
 
     uses_data = False  # the worker skips syncing the staged data
 
     def __init__(self, epoch_seconds: float = 0.0, fail: bool = False,
-                 batch_seconds: float = 0.0):  # fail: every fit raises
+                 batch_seconds: float = 0.0, space: str = ""):  # fail: every fit raises
         super().__init__()
+        self.space = space
         self.epoch_seconds = epoch_seconds
         self.batch_seconds = batch_seconds
         self.fail = fail
 
     def build(self, hp):
-        units = hp.Int("units", 4, 64, step=4)
-        rate = hp.Float("learning_rate", 1e-3, 1e-1, sampling="log")
+        if hp.values.get("tuner/seed") is not None:  # a confirmation trial
+            keras.utils.set_random_seed(int(hp.values["tuner/seed"]))
+        out_init = "glorot_uniform"
+        if self.space == "median":
+            units = hp.Choice("units", [64, 96, 128, 192])
+            rate = hp.Choice("learning_rate", [0.1, 0.0])
+            out_init = "zeros"
+        elif self.space == "inject":
+            units = hp.Choice("units", [1, 2, 3, 4])
+            rate = 0.01
+        else:
+            units = hp.Int("units", 4, 64, step=4)
+            rate = hp.Float("learning_rate", 1e-3, 1e-1, sampling="log")
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(units, activation="relu"),
-                                  keras.layers.Dense(1, activation="sigmoid")])
+                                  keras.layers.Dense(1, activation="sigmoid",
+                                                     kernel_initializer=out_init)])
         model.compile(optimizer=keras.optimizers.Adam(rate), loss="binary_crossentropy",
                       metrics=[keras.metrics.AUC(name="auc"), "accuracy"],
                       run_eagerly=True)  # 3 batches: tracing a graph would cost more
@@ -74,6 +110,9 @@ class TinyHyperModel(keras_tuner.HyperModel):
         y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("float32")
         slow = [Slow(self.epoch_seconds, self.batch_seconds)] \
             if self.epoch_seconds or self.batch_seconds else []
+        if self.space == "inject":
+            key = (hp.values["units"], int(hp.values.get("tuner/seed") or 0))
+            slow.append(Inject(INJECTED.get(key, INJECTED[(key[0], 0)])))
         return model.fit(x[:96], y[:96], validation_data=(x[96:], y[96:]), epochs=epochs,
                          initial_epoch=initial_epoch, callbacks=slow + list(callbacks or []),
                          batch_size=32, verbose=0)
@@ -103,6 +142,7 @@ def main() -> int:
     parser.add_argument("--batch-seconds", type=float, default=0.0)
     parser.add_argument("--fail", action="store_true")
     parser.add_argument("--freeze-before-saving-epoch", type=int, default=0, metavar="N")
+    parser.add_argument("--space", default="", choices=("", "median", "inject"))
     args = parser.parse_args()
     if args.freeze_before_saving_epoch:
         _freeze_before_saving_epoch(args.freeze_before_saving_epoch)
@@ -118,7 +158,8 @@ def main() -> int:
     for noisy in ("absl", "urllib3", "google", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     exp = load_experiment()
-    hypermodel = TinyHyperModel(args.epoch_seconds, args.fail, batch_seconds=args.batch_seconds)
+    hypermodel = TinyHyperModel(args.epoch_seconds, args.fail, batch_seconds=args.batch_seconds,
+                                space=args.space)
     registry = CollectorRegistry()
     hooks = metrics.role_metrics(registry, exp, runtime.tuner_id)  # exercised; served when asked
     if runtime.metrics_port:

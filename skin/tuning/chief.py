@@ -381,7 +381,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
 
 
 def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list) -> int:
-    from skin.tuning.oracle import FAILED, make_oracle
+    from skin.tuning.oracle import FAILED, fingerprint_matches, make_oracle
 
     fence = Fence(storage, lock)
     outcome = read_outcome(storage, exp)
@@ -398,11 +398,11 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
     store = OracleStore(storage, oracle_uri(exp), fence=fence)
     loaded = store.load()
     if loaded.header is not None:
-        if loaded.header.get("fingerprint") != oracle.fingerprint:
+        if not fingerprint_matches(exp, loaded.header.get("fingerprint")):
             raise ConfigError(
                 f"search: the saved search in {store.prefix} was started with different search "
-                "settings (tuner, objective, budget, fixed, seed or backbone); use a new "
-                "experiment name or delete that folder")
+                "settings (tuner, objective, budget, space, fixed, seed, early stopping, confirm "
+                "or backbone); use a new experiment name or delete that folder")
         oracle.restore(loaded.header, loaded.records)
         counts: dict[str, int] = {}
         for t in oracle.trials.values():

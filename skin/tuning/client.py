@@ -189,11 +189,16 @@ class ChiefClient:
                                  "reason": trailing.get(wire.REASON, "")})
         return trial
 
-    def report_epoch(self, trial_id: str, epoch: int, logs: dict) -> None:
-        """Progress of a running trial; renews its lease. One try: training goes on regardless."""
+    def report_epoch(self, trial_id: str, epoch: int, logs: dict) -> str:
+        """Progress of a running trial; renews its lease. One try: training goes on regardless.
+        Returns the trial's status in the reply: ``STOPPED`` when the chief stops it early."""
         request = self._service.UpdateTrialRequest(trial_id=trial_id, metrics=logs, step=epoch)
-        self._call("UpdateTrial", request,
-                   self._metadata(trial_id, **{wire.REPORT: wire.REPORT_EPOCH}), patient=False)
+        response, _ = self._call("UpdateTrial", request,
+                                 self._metadata(trial_id, **{wire.REPORT: wire.REPORT_EPOCH}),
+                                 patient=False)
+        from keras_tuner.src.engine import trial as trial_module
+
+        return trial_module.Trial.from_proto(response.trial).status
 
     def heartbeat(self, trial_id: str) -> None:
         """Still training ``trial_id`` (mid-epoch): renews its lease. One try, like a report."""

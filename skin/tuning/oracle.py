@@ -33,8 +33,6 @@ durability (:meth:`Journal.wait`) after the lock is released.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -49,6 +47,9 @@ from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
 
 from skin.errors import ConfigError
 from skin.tuning import checks
+from skin.tuning.confirm import Confirmation
+from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401
+from skin.tuning.stopping import MedianStopping, stopped_reply
 
 log = logging.getLogger("skin.tuning")
 
@@ -98,19 +99,6 @@ class Assignment:
     ticket: int = -1  # journal batch to wait for; -1: nothing to wait for
 
 
-def search_fingerprint(exp) -> str:
-    """Which search a saved state belongs to: a restarted chief must not resume another one."""
-    s = exp.search
-    doc = {"tuner": s.tuner, "objective": s.objective, "max_trials": s.max_trials,
-           "max_epochs": s.max_epochs, "factor": s.hyperband_factor,
-           "iterations": s.hyperband_iterations, "executions": s.executions_per_trial,
-           "fixed": s.fixed, "seed": exp.data.seed}
-    b = exp.backbone
-    if b.name != "none":  # another search space (absent otherwise: older saved searches resume)
-        doc["backbone"] = {"name": b.name, "weights": b.weights.strip(), "trainable": b.trainable}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def objective_for(exp) -> keras_tuner.Objective:
     name = exp.search.objective
     return keras_tuner.Objective(name, "min" if name.endswith("loss") else "max")
@@ -129,6 +117,8 @@ class LeasedOracle:
         self.fingerprint = ""
         self.listener: Listener | None = None
         self.journal = None  # skin.tuning.journal.Journal, set by the chief
+        self.stopping = None  # skin.tuning.stopping.MedianStopping (search.early_stopping)
+        self.confirm = None  # skin.tuning.confirm.Confirmation (search.confirm)
         self.meta: dict[str, dict] = {}  # trial_id -> {"attempts": [...], "start_seq", "end_seq"}
         self.leases: dict[str, float] = {}  # tuner_id -> monotonic deadline
         self.consecutive_failures = 0
@@ -212,7 +202,11 @@ class LeasedOracle:
         return None
 
     def exhausted(self) -> bool:
-        """True when the algorithm will create no more trials (checked when nothing runs)."""
+        """True when no more trials will be created (checked when nothing runs): the
+        algorithm's and then the confirmation trials (search.confirm)."""
+        return self._algorithm_exhausted() and (self.confirm is None or self.confirm.done(self))
+
+    def _algorithm_exhausted(self) -> bool:
         return bool(self.max_trials) and len(self.trials) >= self.max_trials
 
     def total_estimate(self) -> int | None:
@@ -259,6 +253,8 @@ class LeasedOracle:
                 return Assignment(held, self.attempt_of(held.trial_id)["n"],
                                   self._tickets.get(held.trial_id, -1))
             trial = self.create_trial(tuner_id)  # stock: retry queue first, then the algorithm
+            if trial.status == TrialStatus.STOPPED and self.confirm is not None:
+                trial = self.confirm.next_trial(self, tuner_id) or trial  # then confirmations
             if trial.status == TrialStatus.RUNNING:
                 meta = self.meta.setdefault(trial.trial_id, {"attempts": [],
                                                              "start_seq": self._next_seq(),
@@ -297,6 +293,9 @@ class LeasedOracle:
             meta["epochs"] = meta["attempts"][-1]["epochs"] = int(step) + 1
             if progress_only:
                 meta["last"] = {k: float(v) for k, v in metrics.items()}
+                if self.stopping is not None and self.stopping.observe(self, trial_id, metrics,
+                                                                       step):
+                    trial = stopped_reply(trial)  # the reply says STOPPED: end it now
             else:
                 self.update_trial(trial_id, metrics, step=step)  # stock: registers the metrics
             # Nobody waits on a report: it rides with the next write (an ending carries the
@@ -521,7 +520,7 @@ class LeasedOracle:
 
 
 class LeasedHyperbandOracle(LeasedOracle, HyperbandOracle):
-    def exhausted(self) -> bool:
+    def _algorithm_exhausted(self) -> bool:
         self._remove_completed_brackets()
         return (not self._brackets and self._current_bracket == 0
                 and self._current_iteration + 1 >= self.hyperband_iterations)
@@ -552,6 +551,9 @@ def make_oracle(exp, *, leased: bool = True):
     hps = keras_tuner.HyperParameters()
     for name, value in s.fixed.items():
         hps.Fixed(name, value)
+    for name, spec in s.space.items():  # search.space's fixed ones, like search.fixed
+        if spec["type"] == "fixed":
+            hps.Fixed(name, spec["value"])
     kwargs: dict[str, Any] = dict(
         objective=objective_for(exp), seed=exp.data.seed, hyperparameters=hps,
         allow_new_entries=True, tune_new_entries=True,
@@ -575,6 +577,8 @@ def make_oracle(exp, *, leased: bool = True):
     if leased:
         oracle = _LEASED[s.tuner](lease_seconds=s.lease_seconds, **kwargs)
         oracle.fingerprint = search_fingerprint(exp)
+        oracle.stopping = MedianStopping.from_experiment(exp, oracle.objective)
+        oracle.confirm = Confirmation.from_experiment(exp)
         return oracle
     oracle = _STOCK[s.tuner](**kwargs)
     oracle.verbose = 0

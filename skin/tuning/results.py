@@ -3,7 +3,7 @@
 ``best_hyperparameters.json`` (the retrain reads it)::
 
     {"trial_id", "score", "objective", "direction", "hyperparameters": {name: value},
-     "epochs", "best_epoch"}
+     "epochs", "best_epoch", "confirmation"?}
 
 ``hyperparameters`` leaves out keras-tuner's bookkeeping (``tuner/epochs`` …);
 ``epochs`` is how many epochs the best trial trained in all (Hyperband counts
@@ -17,12 +17,20 @@ the epochs of the trials it continued), ``best_epoch`` the epoch of its score.
      "trials": [{"id", "status", "score", "hyperparameters", "worker", "epochs",
                  "duration", "attempts": [{"n", "worker", "status", "reason",
                                            "started", "ended", "epochs"}],
-                 "message", "continues"}]}
+                 "message", "continues", "stopped_at", "confirms", "seed"}],
+     "stopped_early": [trial ids],
+     "confirmation": null | {"top", "seeds", "candidates": [{"trial_id", "hyperparameters",
+                     "scores", "n", "mean", "std", "confirmations"}], "chosen", "best_single",
+                     "runner_up", "margin", "margin_se", "verdict", "text"}}
 
 A trial's status is ``completed`` or ``failed`` once it ended; when a search
 fails, trials that were still running are ``cancelled``. ``duration`` adds up
 the seconds of every attempt; ``continues`` names the trial whose weights a
-Hyperband trial started from.
+Hyperband trial started from; ``stopped_at`` the epoch at which the early-stopping rule
+ended a trial (null otherwise; such a trial is completed with its partial score);
+``confirms``/``seed`` mark a confirmation trial (skin.tuning.confirm). With ``search.confirm``
+the best is the candidate with the best mean (``confirmation.chosen``), not the best single
+score.
 
 Neither module-level function here imports TensorFlow.
 """
@@ -110,6 +118,9 @@ def build_result(oracle, exp) -> dict:
                 "attempts": attempts,
                 "message": (attempts[-1].get("reason") if attempts else None),
                 "continues": trial.hyperparameters.values.get("tuner/trial_id"),
+                "stopped_at": (meta.get("stopped") or {}).get("epoch"),  # search.early_stopping
+                "confirms": trial.hyperparameters.values.get("tuner/confirms"),  # search.confirm
+                "seed": trial.hyperparameters.values.get("tuner/seed"),
             })
         best = build_best(oracle, exp)
         return {
@@ -123,6 +134,8 @@ def build_result(oracle, exp) -> dict:
             "best": {"trial_id": best["trial_id"], "score": best["score"]} if best else None,
             "counts": {k: len(v) for k, v in sorted(by_status.items())},
             "trials_by_status": by_status,
+            "stopped_early": [t["id"] for t in trials if t["stopped_at"]],
+            "confirmation": oracle.confirm.summary(oracle) if oracle.confirm else None,
             "trials": trials,
         }
 
@@ -135,8 +148,11 @@ def build_best(oracle, exp) -> dict | None:
         if not completed:
             return None
         best = oracle.get_best_trials(1)[0]
+        confirmation = oracle.confirm.summary(oracle) if oracle.confirm else None
+        if confirmation is not None:  # the best mean over seeds, not the best single score
+            best = oracle.trials[confirmation["chosen"]]
         meta = oracle.meta.get(best.trial_id, {})
-        return {
+        out = {
             "trial_id": best.trial_id,
             "score": _plain(best.score),
             "objective": oracle.objective.name,
@@ -146,3 +162,6 @@ def build_best(oracle, exp) -> dict | None:
                 "tuner/epochs", exp.search.max_epochs)),
             "best_epoch": int(best.best_step or 0) + 1,
         }
+        if confirmation is not None:
+            out["confirmation"] = confirmation
+        return out

@@ -201,7 +201,11 @@ class EpochReporter(keras.callbacks.Callback):
         if tuner.heartbeat is not None:
             tuner.heartbeat.progress()
         try:
-            tuner.oracle.report_epoch(trial_id, int(epoch), logs)
+            if tuner.oracle.report_epoch(trial_id, int(epoch), logs) == "STOPPED":
+                # The chief's early-stopping rule: end the trial now with what it has.
+                self.model.stop_training = True
+                self.state["stopped"] = int(epoch) + 1
+                log.info("trial %s: the chief stops it early after epoch %d", trial_id, epoch + 1)
         except LeaseLostError as e:
             raise _Abandon(e) from None
         except RetryableError as e:  # the chief is away (restarting?): keep training
@@ -351,6 +355,7 @@ class WorkerTuner(keras_tuner.Tuner):
         self.hooks = metrics  # not self.metrics: keras_tuner.Tuner uses it for compile metrics
         self.images_per_epoch = images_per_epoch
         self.files = TrialFiles(storage, exp.trials_uri, self.project_dir)
+        self._stopped: dict[str, int] = {}  # trial id -> the epoch the chief stopped it at
 
     def _populate_initial_space(self):
         pass  # the chief owns the search space; trials arrive with it
@@ -443,8 +448,10 @@ class WorkerTuner(keras_tuner.Tuner):
         status = trial.status.lower()
         if trial.status == "COMPLETED":
             name = self.oracle.objective.name
-            log.info("trial %s completed on %s: %s=%.4f after %d epochs in %.1f s", trial_id,
-                     self.tuner_id, name, trial.metrics.get_best_value(name), last, seconds)
+            stopped = self._stopped.pop(trial_id, None)
+            log.info("trial %s completed on %s: %s=%.4f after %d epochs in %.1f s%s", trial_id,
+                     self.tuner_id, name, trial.metrics.get_best_value(name), stopped or last,
+                     seconds, " (stopped early)" if stopped else "")
         wire.hook(self.hooks, "trial_finished", status)
         return status
 
@@ -510,6 +517,9 @@ class WorkerTuner(keras_tuner.Tuner):
             best = self._best_epoch(state["history"], objective)
             state["done"].append(best)
             state["history"] = []
+            if state.get("stopped"):  # stopped early: no more executions
+                self._stopped[trial_id] = int(state["stopped"])
+                break
         results = [{k: v for k, v in b.items() if k != "epoch"} for b in state["done"]]
         step = int(statistics.mean(b.get("epoch", 0) for b in state["done"])) \
             if state["done"] else 0

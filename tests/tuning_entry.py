@@ -1,7 +1,7 @@
 """One tuning role with a tiny test hypermodel, as its own process (tests/test_tuning*.py).
 
     KERASTUNER_TUNER_ID=tuner0 SKIN_CONFIG=exp.yaml python tests/tuning_entry.py \
-        [--epoch-seconds S] [--batch-seconds S] [--fail]
+        [--epoch-seconds S] [--batch-seconds S] [--fail] [--hang-after-batches N]
 
 The role, the experiment and the chief's address come from the environment,
 exactly as for ``skin tune``; only the hypermodel differs: a small dense
@@ -39,14 +39,40 @@ class Slow(keras.callbacks.Callback):
         time.sleep(self.batch_seconds)
 
 
+class EpochBegins(keras.callbacks.Callback):
+    """Logs each epoch as it begins (the churn benchmark counts epochs begun: lost work)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        logging.getLogger("tiny").info("epoch %d begins", epoch + 1)
+
+
+class Hang(keras.callbacks.Callback):
+    """After ``after`` training batches in this process, the next batch blocks for good
+    (a wedged input pipeline or driver): only the worker's watchdog ends the process."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.seen = after, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen += 1
+        if self.seen > self.after:
+            logging.getLogger("tiny").warning("hanging in batch %d for good", batch + 1)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            while True:
+                time.sleep(3600)
+
+
 class TinyHyperModel(keras_tuner.HyperModel):
     """A dense classifier on 128 fixed random rows; metrics ``auc`` and ``accuracy``."""
 
     uses_data = False  # the worker skips syncing the staged data
 
     def __init__(self, epoch_seconds: float = 0.0, fail: bool = False,
-                 batch_seconds: float = 0.0):  # fail: every fit raises
+                 batch_seconds: float = 0.0, hang_after_batches: int = -1):  # fail: fits raise
         super().__init__()
+        self.hang = Hang(hang_after_batches) if hang_after_batches >= 0 else None
         self.epoch_seconds = epoch_seconds
         self.batch_seconds = batch_seconds
         self.fail = fail
@@ -69,6 +95,7 @@ class TinyHyperModel(keras_tuner.HyperModel):
         y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("float32")
         slow = [Slow(self.epoch_seconds, self.batch_seconds)] \
             if self.epoch_seconds or self.batch_seconds else []
+        slow = [EpochBegins()] + slow + ([self.hang] if self.hang is not None else [])
         return model.fit(x[:96], y[:96], validation_data=(x[96:], y[96:]), epochs=epochs,
                          initial_epoch=initial_epoch, callbacks=slow + list(callbacks or []),
                          batch_size=32, verbose=0)
@@ -79,6 +106,7 @@ def main() -> int:
     parser.add_argument("--epoch-seconds", type=float, default=0.0)
     parser.add_argument("--batch-seconds", type=float, default=0.0)
     parser.add_argument("--fail", action="store_true")
+    parser.add_argument("--hang-after-batches", type=int, default=-1)
     args = parser.parse_args()
     from prometheus_client import CollectorRegistry
 
@@ -92,7 +120,8 @@ def main() -> int:
     for noisy in ("absl", "urllib3", "google", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     exp = load_experiment()
-    hypermodel = TinyHyperModel(args.epoch_seconds, args.fail, batch_seconds=args.batch_seconds)
+    hypermodel = TinyHyperModel(args.epoch_seconds, args.fail, batch_seconds=args.batch_seconds,
+                                hang_after_batches=args.hang_after_batches)
     hooks = metrics.role_metrics(CollectorRegistry(), exp, runtime.tuner_id)  # exercised, unserved
     role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
     return role(exp, runtime, Storage(), metrics=hooks, hypermodel=hypermodel)

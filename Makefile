@@ -125,6 +125,10 @@ kind-down: ## Delete the kind cluster
 bench-quality: venv ## Model quality: skin run on ../shared ISIC train with a held-out test part, 3 split seeds; model at OUT/model (OUT=dir; ~1 h, whole machine)
 	$(PY) bench/quality.py $(if $(OUT),--out $(OUT))
 
+.PHONY: bench-churn
+bench-churn: venv ## Preemption churn (10 worker + 2 chief SIGTERMs) vs the same tiny search without faults: wall ratio, lost epochs, attempts by kind (~5 min; OUT=file for the JSON)
+	$(PY) bench/churn.py $(if $(OUT),--out $(OUT))
+
 .PHONY: bench-scale
 bench-scale: venv ## Chief capacity (ours vs stock keras-tuner, 200/1000 simulated workers, 10k trials) and 1-vs-2 worker scaling (~30 min; OUT=file for the JSON)
 	$(PY) bench/scale.py all $(if $(OUT),--out $(OUT))

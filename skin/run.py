@@ -147,7 +147,9 @@ class Supervisor:
         self.poll(child)
 
     def stop_all(self) -> None:
-        for child in list(self.children.values()):
+        # Newest first: workers hand their trials back to a chief that can still save them,
+        # and the chief flushes into a bucket that is still there.
+        for child in reversed(list(self.children.values())):
             self.stop(child)
 
 

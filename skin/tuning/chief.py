@@ -428,7 +428,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
                 # Answers already given are durable (each waited for its journal batch);
                 # what rides lazily (epoch reports) is flushed before leaving.
                 server.stop(grace=0.5).wait()
-                journal.flush()
+                journal.flush(timeout=10.0)  # inside the grace period; else exit 75, unsaved
                 journal.stop()
                 log.info("chief: journal flushed after SIGTERM; %d trials running stay "
                          "leased to their workers for the next chief",

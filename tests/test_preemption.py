@@ -7,6 +7,8 @@ batch that never ends.
   no attempt failed or reclaimed, every preempted trial resumes at its last finished epoch.
 - Hang: a worker whose batch blocks exits by its own watchdog (exit 81) within
   search.watchdog_leases x search.lease_seconds, and its trial moves on at once.
+- `skin run`: a worker SIGTERMed mid-trial exits 80 and is restarted at once without
+  spending one of --max-restarts (0 here), as the Job's podFailurePolicy ignores it.
 """
 
 from __future__ import annotations
@@ -114,3 +116,58 @@ def test_hung_worker_exits_by_its_watchdog_and_its_trial_moves_on(search, storag
     assert len(hung) == 1, result["trials"]
     assert "watchdog" in hung[0]["attempts"][0]["reason"]
     assert [a["status"] for a in hung[0]["attempts"]] == ["failed", "completed"]
+
+
+def _pid_of(root: int, tuner_id: str) -> int | None:
+    from test_pipeline import _descendants
+
+    for pid in _descendants(root):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"--tuner-id" in argv and tuner_id.encode() in argv:
+            return pid
+    return None
+
+
+def test_skin_run_restarts_a_preempted_worker_at_once_without_spending_a_restart(
+        tmp_path, emulator, storage, bucket, real_or_synthetic_images):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from skin.config import load_experiment
+    from test_pipeline import _experiment, _skin_env
+
+    # --max-restarts 0: a crash would not be restarted; a release is, and is not counted.
+    config = _experiment(tmp_path, real_or_synthetic_images, bucket, max_trials=4, max_epochs=4)
+    out = tmp_path / "out"
+    with open(tmp_path / "run.log", "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "skin.cli", "run", "--config", str(config), "--out", str(out),
+             "--metrics-port", "0", "--max-restarts", "0"],
+            env=_skin_env(emulator), stdout=sink, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = out / "logs" / "tuner0.log"
+        deadline = time.monotonic() + 300
+        while not (log.exists() and re.search(r"trial \d+ epoch 1/4 on tuner0", log.read_text())):
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "tuner0 never trained an epoch"
+            time.sleep(0.2)
+        pid = _pid_of(proc.pid, "tuner0")
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_log = (tmp_path / "run.log").read_text()
+    assert "tuner0 stopped on SIGTERM (exit 80, work handed back)" in run_log, run_log[-3000:]
+    assert "restarting tuner0 after its release (not counted)" in run_log
+    assert log.read_text().count("asks the chief at") == 2  # the replacement ran
+    result = storage.read_json(load_experiment(config, env={}).tuner_uri + "/result.json")
+    by = result["attempts_by_status"]
+    assert by["released"] == 1 and by["failed"] == 0 and by["reclaimed"] == 0, by
+    assert result["counts"] == {"completed": 4}

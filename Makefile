@@ -153,6 +153,10 @@ bench-search: venv ## Search strategies replayed over recorded learning curves (
 	$(if $(RECORD),$(PY) bench/search_replay.py record --out bench/search_curves.json --configs 32 --two-seeds 8)
 	$(PY) bench/search_replay.py replay $(if $(OUT),--json $(OUT))
 
+.PHONY: bench-churn
+bench-churn: venv ## Preemption churn (10 worker + 2 chief SIGTERMs) vs the same tiny search without faults: wall ratio, lost epochs, attempts by kind (~5 min; OUT=file for the JSON)
+	$(PY) bench/churn.py $(if $(OUT),--out $(OUT))
+
 .PHONY: bench-scale
 bench-scale: venv ## Chief capacity (ours vs stock keras-tuner, 200/1000 simulated workers, 10k trials) and 1-vs-2 worker scaling (~30 min; OUT=file for the JSON)
 	$(PY) bench/scale.py all $(if $(OUT),--out $(OUT))

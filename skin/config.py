@@ -117,6 +117,10 @@ class SearchConfig:
     max_trial_retries: int = _spec(2, lo=0, hi=100, help="re-runs of a trial whose worker vanished")
     lease_seconds: float = _spec(300.0, lo=1.0, hi=86_400.0,
                                  help="a trial with no report for this long is reclaimed")
+    watchdog_leases: float = _spec(5.0, lo=0.0, hi=1000.0,
+                                   help="a worker whose trial finishes no batch for this many "
+                                        "leases exits by itself (exit 81), freeing its GPU; "
+                                        "0 = off")
     fixed: dict = _spec({}, help="hyperparameters pinned to one value, by name")
     space: dict = _spec({}, parser=_parse_space,
                         help="hyperparameters by name: {type: choice|int|float|boolean|fixed, ...} "
@@ -238,6 +242,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SKIN_MAX_TRIALS": "search.max_trials",
     "SKIN_MAX_EPOCHS": "search.max_epochs",
     "SKIN_LEASE_SECONDS": "search.lease_seconds",
+    "SKIN_WATCHDOG_LEASES": "search.watchdog_leases",
     "SKIN_RETRAIN_EPOCHS": "retrain.epochs",
     "SKIN_RETRAIN_TTA": "retrain.tta",
     "SKIN_RETRAIN_RESTORE_BEST": "retrain.restore_best",
@@ -397,6 +402,10 @@ def _check_cross_field(exp: Experiment) -> None:
     if es.rule != "none" and es.start_epoch >= exp.search.max_epochs:
         raise ConfigError(f"search.early_stopping.start_epoch: {es.start_epoch!r} is not valid; "
                           f"expected < search.max_epochs ({exp.search.max_epochs})")
+    if 0 < exp.search.watchdog_leases < 1:
+        raise ConfigError(
+            f"search.watchdog_leases: {exp.search.watchdog_leases!r} is not valid; expected 0 "
+            "(off) or >= 1 (a worker must be given at least one lease to finish a batch)")
     if exp.search.tuner == "hyperband" and exp.search.max_epochs < exp.search.hyperband_factor:
         raise ConfigError(
             f"search.max_epochs: {exp.search.max_epochs!r} is not valid for hyperband; expected "

@@ -25,6 +25,13 @@ EXIT_LOCKED = 5  # a manual chief start found another chief holding the search's
 EXIT_FENCED = 6  # a chief lost its lock (or a write precondition failed): it stopped writing
 EXIT_PUBLISH_RACE = 7  # a retrain published its version but another moved models/LATEST first
 EXIT_RETRYABLE = 75  # retry: lost connection, storage unavailable, chief gone (EX_TEMPFAIL)
+EXIT_RELEASED = 80  # stopped on SIGTERM at a safe point: a worker handed its trial back (it
+#                     resumes elsewhere from its last finished epoch), a chief saved its state.
+#                     Not a failure: the Jobs' podFailurePolicy ignores it, `skin run` restarts
+#                     the role at once without counting a restart (skin/tuning/preempt.py).
+EXIT_WATCHDOG = 81  # a worker's training made no progress (no finished batch) for
+#                     search.watchdog_leases x search.lease_seconds: it exits by itself so the
+#                     Job replaces it and its GPU is freed (skin/tuning/watchdog.py). Retried.
 EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM (the Job treats a disruption as retryable)
 
 FATAL_EXIT_CODES = (EXIT_CONFIG, EXIT_DATA, EXIT_SEARCH_FAILED)

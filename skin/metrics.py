@@ -48,7 +48,7 @@ prometheus_client.disable_created_metrics()
 NAN = float("nan")
 
 # Statuses a trial ends with (the chief's view; workers use the same words).
-TRIAL_END_STATUSES = ("completed", "failed", "invalid", "reclaimed")
+TRIAL_END_STATUSES = ("completed", "failed", "invalid", "reclaimed", "released")
 TRIAL_STATUSES = ("running",) + TRIAL_END_STATUSES
 
 # keras-tuner's oracle RPCs (keras_tuner/protos/service.proto) plus our lease renewal;
@@ -178,8 +178,10 @@ class ChiefMetrics:
         self._started = Counter("skin_chief_trials_started", "Trials handed to a worker.",
                                 registry=r)
         self._ended = Counter("skin_chief_trials_ended",
-                              "Trials ended, by status (completed, failed, invalid, reclaimed: "
-                              "taken back from a worker that stopped reporting).",
+                              "Trial attempts ended, by status (completed, failed, invalid: "
+                              "failed and re-queued, reclaimed: taken back from a worker that "
+                              "stopped reporting, released: handed back by a preempted worker "
+                              "and re-queued, not a failure).",
                               ["status"], registry=r)
         self._duration = Histogram("skin_chief_trial_duration_seconds",
                                    "Wall time of ended trials, by status.", ["status"],
@@ -232,6 +234,10 @@ class ChiefMetrics:
         self._worker_budget = Gauge("skin_chief_worker_trial_epochs_budget",
                                     "Epoch budget of each worker's current trial, as reported.",
                                     ["worker"], registry=r)
+        self._watchdog_exits = Counter("skin_chief_worker_watchdog_exits",
+                                       "Workers whose watchdog ended a hung trial and exited "
+                                       "(no finished batch for search.watchdog_leases leases).",
+                                       ["worker"], registry=r)
         for i in range(workers):
             self._init_worker(f"tuner{i}")
 
@@ -288,6 +294,7 @@ class ChiefMetrics:
 
     def _init_worker(self, worker: str) -> None:
         self._reports.labels(worker)
+        self._watchdog_exits.labels(worker)
         self._worker_running.labels(worker)
 
     def _count_connected(self) -> int:
@@ -375,6 +382,12 @@ class ChiefMetrics:
 
     def oracle_refused(self, reason: str) -> None:
         self._refused.labels(reason if reason in ORACLE_REFUSAL_REASONS else "other").inc()
+
+    def worker_watchdog_exit(self, worker: str) -> None:
+        """A worker's watchdog ended its hung trial; the worker process exits next."""
+        with self._lock:
+            self._seen(worker, time.time())
+            self._watchdog_exits.labels(worker).inc()
 
     def oracle_call(self, method: str, seconds: float) -> None:
         self._oracle_calls.labels(method).inc()

@@ -38,8 +38,8 @@ from pathlib import Path
 
 from skin.config import Experiment
 from skin.evaluate import interval_text
-from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, FATAL_EXIT_CODES, EXIT_RETRYABLE,
-                         RetryableError)
+from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RELEASED, EXIT_RETRYABLE,
+                         FATAL_EXIT_CODES, RetryableError)
 
 log = logging.getLogger("skin.run")
 
@@ -82,6 +82,7 @@ class Child:
     exit_code: int | None = None
     pump: threading.Thread | None = None
     stopping: bool = False  # we asked it to stop: its exit is not news
+    free_restart: bool = False  # it left on SIGTERM with its work handed back (exit 80)
 
 
 @dataclass
@@ -155,7 +156,9 @@ class Supervisor:
         self.poll(child)
 
     def stop_all(self) -> None:
-        for child in list(self.children.values()):
+        # Newest first: workers hand their trials back to a chief that can still save them,
+        # and the chief flushes into a bucket that is still there.
+        for child in reversed(list(self.children.values())):
             self.stop(child)
 
 
@@ -310,13 +313,25 @@ def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
         for child in [chief, *workers]:
             if child.restart_at is not None:
                 if now >= child.restart_at:
-                    child.restarts += 1
-                    log.warning("restarting %s (restart %d of %d)", child.name, child.restarts,
-                                opts.max_restarts)
+                    if child.free_restart:
+                        log.info("restarting %s after its release (not counted)", child.name)
+                    else:
+                        child.restarts += 1
+                        log.warning("restarting %s (restart %d of %d)", child.name,
+                                    child.restarts, opts.max_restarts)
+                    child.free_restart = False
                     sup.start(child)
                 continue
             code = sup.poll(child)
             if code is None or code == EXIT_OK or child.exit_code is None:
+                continue
+            if code == EXIT_RELEASED and chief_done_at is None:
+                # Preempted (SIGTERM): it handed its work back. Kubernetes ignores this exit
+                # in podFailurePolicy and starts a replacement; so do we, at once, uncounted.
+                log.info("%s stopped on SIGTERM (exit %d, work handed back): restarting it "
+                         "with the same id", child.name, code)
+                child.restart_at, child.free_restart = now, True
+                child.exit_code, child.proc = None, None
                 continue
             if code in FATAL_EXIT_CODES:
                 if child is chief:

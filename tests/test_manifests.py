@@ -234,8 +234,9 @@ def test_the_failure_policy_follows_the_exit_codes(overlay):
         by_action = {r["action"]: r for r in rules}
         fatal = by_action["FailJob"]["onExitCodes"]
         assert fatal["operator"] == "In" and tuple(fatal["values"]) == FATAL_EXIT_CODES, role
-        assert by_action["Ignore"]["onPodConditions"] == [
-            {"type": "DisruptionTarget", "status": "True"}], role
+        ignored = [r for r in rules if r["action"] == "Ignore"]
+        assert {"onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                "action": "Ignore"} in ignored, role
         retried = by_action["Count"]["onExitCodes"]["values"]
         assert EXIT_RETRYABLE in retried and {130, 137, 143} <= set(retried), role
         assert not set(retried) & set(FATAL_EXIT_CODES), role
@@ -592,3 +593,107 @@ def test_egress_is_what_each_role_needs(overlay):
                 assert overlay == "kind" and peer["podSelector"]["matchLabels"] == {
                     "app.kubernetes.io/name": "fake-gcs-server"} and ports == {(4443, "TCP")}, \
                     (role, peer)
+
+
+# --- preemptions, hangs, deadlines (issue 13) ---------------------------------------------------
+
+def _rule_for(rules: list[dict], code: int) -> str | None:
+    """The action of the first rule whose onExitCodes match ``code`` (what the controller does)."""
+    for rule in rules:
+        req = rule.get("onExitCodes")
+        if req and (code in req["values"]) == (req["operator"] == "In"):
+            return rule["action"]
+    return None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_preemption_spends_no_retry_and_a_hang_does(overlay):
+    from skin.errors import EXIT_RELEASED, EXIT_WATCHDOG
+
+    for role, job in skin_jobs(overlay).items():
+        spec = job["spec"]
+        rules = spec["podFailurePolicy"]["rules"]
+        # The API server's rules for podFailurePolicy: restartPolicy Never, In-values sorted,
+        # unique and never 0, each rule one requirement.
+        assert pod_spec(job)["restartPolicy"] == "Never", role
+        for rule in rules:
+            assert ("onExitCodes" in rule) != ("onPodConditions" in rule), (role, rule)
+            values = rule.get("onExitCodes", {}).get("values", [1])
+            assert values == sorted(set(values)) and 0 not in values, (role, rule)
+        # A preempted pod (DisruptionTarget, whatever its exit) is ignored before any Count.
+        disruption = next(i for i, r in enumerate(rules) if r.get("onPodConditions"))
+        first_count = next(i for i, r in enumerate(rules) if r["action"] == "Count")
+        assert disruption < first_count, role
+        if role in ("chief", "worker"):
+            assert _rule_for(rules, EXIT_RELEASED) == "Ignore", role
+        if role == "worker":
+            assert _rule_for(rules, EXIT_WATCHDOG) == "Count", role  # a hung node counts
+            # Valid with backoffLimitPerIndex: no FailIndex needed, Ignore and Count allowed.
+            assert {r["action"] for r in rules} <= {"FailJob", "FailIndex", "Ignore", "Count"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_grace_period_fits_a_release(overlay):
+    from skin.tuning.preempt import DEFAULT_DEADLINE_S
+
+    jobs = skin_jobs(overlay)
+    for role in ("chief", "worker"):
+        grace = pod_spec(jobs[role])["terminationGracePeriodSeconds"]
+        # The worker releases within DEFAULT_DEADLINE_S (then its deadline thread does it),
+        # inside GKE's 15 s for a spot node's pods; a drain gives the whole period.
+        assert DEFAULT_DEADLINE_S + 5 <= grace <= 60, (role, grace)
+    assert DEFAULT_DEADLINE_S + 5 <= 15
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_job_has_a_deadline_from_the_budget_and_a_ttl(overlay):
+    from skin.deadlines import job_deadlines
+
+    derived = job_deadlines(experiment(overlay))
+    jobs = skin_jobs(overlay)
+    for role, key in (("stage", "stage"), ("chief", "chief"), ("worker", "workers"),
+                      ("retrain", "retrain")):
+        spec = jobs[role]["spec"]
+        assert spec["activeDeadlineSeconds"] == derived[key], (overlay, role)
+        assert 86400 <= spec["ttlSecondsAfterFinished"] <= 30 * 86400, (overlay, role)
+    # The search's Jobs outlive the stage they wait for.
+    assert derived["chief"] == derived["workers"] > derived["stage"]
+
+
+def test_the_deadlines_follow_keras_tuners_hyperband_and_print_a_patch(capsys):
+    from skin.deadlines import hyperband_epochs, main
+
+    assert hyperband_epochs(3, 3) == 11  # 3 trials of 1 epoch, 1 continued to 3, 2 of 3
+    assert hyperband_epochs(12, 4) == 72  # k8s/tuning/experiment.yaml's comment
+    assert main(["--config", str(REPO / "k8s/tuning/experiment.yaml"),
+                 "--epoch-seconds", "60"]) == 0
+    patch = yaml.safe_load(capsys.readouterr().out)["patches"]
+    values = {p["target"]["name"]: yaml.safe_load(p["patch"])[0]["value"] for p in patch}
+    assert values["skin-workers"] == 36 * 60 * 2 + 3600 and values["skin-stage"] == 3600
+    assert main(["--config", str(REPO / "k8s/tuning/experiment.yaml"),
+                 "--epoch-seconds", "0"]) == 2
+
+
+def _affinity_excludes_spot(spec: dict) -> bool:
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    spot = {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-preemptible": "true"}
+    on_demand = {"cloud.google.com/gke-nodepool": "gpu"}
+    fits = [any(selects({"matchExpressions": t["matchExpressions"]}, labels) for t in terms)
+            for labels in ({k: v} for k, v in spot.items())]
+    return not any(fits) and any(selects({"matchExpressions": t["matchExpressions"]}, on_demand)
+                                 for t in terms)
+
+
+def test_tuning_keeps_the_chief_and_retrain_off_spot_nodes_and_lets_workers_on():
+    jobs = skin_jobs("tuning")
+    for role in ("chief", "retrain"):
+        spec = pod_spec(jobs[role])
+        assert _affinity_excludes_spot(spec), role
+        assert not any(t.get("key") == "cloud.google.com/gke-spot"
+                       for t in spec.get("tolerations", [])), role
+    workers = pod_spec(jobs["worker"])
+    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+            "effect": "NoSchedule"} in workers["tolerations"]
+    assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in workers["tolerations"]
+    assert "affinity" not in workers

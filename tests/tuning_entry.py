@@ -2,7 +2,7 @@
 
     KERASTUNER_TUNER_ID=tuner0 SKIN_CONFIG=exp.yaml python tests/tuning_entry.py \
         [--epoch-seconds S] [--batch-seconds S] [--fail] [--freeze-before-saving-epoch N]
-        [--space median|inject]
+        [--space median|inject] [--hang-after-batches N]
 
 The role, the experiment and the chief's address come from the environment,
 exactly as for ``skin tune``; only the hypermodel differs: a small dense
@@ -67,15 +67,42 @@ class Inject(keras.callbacks.Callback):
             logs["val_auc"] = self.value
 
 
+class EpochBegins(keras.callbacks.Callback):
+    """Logs each epoch as it begins (the churn benchmark counts epochs begun: lost work)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        logging.getLogger("tiny").info("epoch %d begins", epoch + 1)
+
+
+class Hang(keras.callbacks.Callback):
+    """After ``after`` training batches in this process, the next batch blocks for good
+    (a wedged input pipeline or driver): only the worker's watchdog ends the process."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.seen = after, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen += 1
+        if self.seen > self.after:
+            logging.getLogger("tiny").warning("hanging in batch %d for good", batch + 1)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            while True:
+                time.sleep(3600)
+
+
 class TinyHyperModel(keras_tuner.HyperModel):
     """A dense classifier on 128 fixed random rows; metrics ``auc`` and ``accuracy``."""
 
     uses_data = False  # the worker skips syncing the staged data
 
     def __init__(self, epoch_seconds: float = 0.0, fail: bool = False,
-                 batch_seconds: float = 0.0, space: str = ""):  # fail: every fit raises
+                 batch_seconds: float = 0.0, space: str = "",
+                 hang_after_batches: int = -1):  # fail: every fit raises
         super().__init__()
         self.space = space
+        self.hang = Hang(hang_after_batches) if hang_after_batches >= 0 else None
         self.epoch_seconds = epoch_seconds
         self.batch_seconds = batch_seconds
         self.fail = fail
@@ -113,6 +140,7 @@ class TinyHyperModel(keras_tuner.HyperModel):
         if self.space == "inject":
             key = (hp.values["units"], int(hp.values.get("tuner/seed") or 0))
             slow.append(Inject(INJECTED.get(key, INJECTED[(key[0], 0)])))
+        slow = [EpochBegins()] + slow + ([self.hang] if self.hang is not None else [])
         return model.fit(x[:96], y[:96], validation_data=(x[96:], y[96:]), epochs=epochs,
                          initial_epoch=initial_epoch, callbacks=slow + list(callbacks or []),
                          batch_size=32, verbose=0)
@@ -143,6 +171,7 @@ def main() -> int:
     parser.add_argument("--fail", action="store_true")
     parser.add_argument("--freeze-before-saving-epoch", type=int, default=0, metavar="N")
     parser.add_argument("--space", default="", choices=("", "median", "inject"))
+    parser.add_argument("--hang-after-batches", type=int, default=-1)
     args = parser.parse_args()
     if args.freeze_before_saving_epoch:
         _freeze_before_saving_epoch(args.freeze_before_saving_epoch)
@@ -159,7 +188,7 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     exp = load_experiment()
     hypermodel = TinyHyperModel(args.epoch_seconds, args.fail, batch_seconds=args.batch_seconds,
-                                space=args.space)
+                                space=args.space, hang_after_batches=args.hang_after_batches)
     registry = CollectorRegistry()
     hooks = metrics.role_metrics(registry, exp, runtime.tuner_id)  # exercised; served when asked
     if runtime.metrics_port:

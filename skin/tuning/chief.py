@@ -39,8 +39,9 @@ from pathlib import Path
 
 import grpc
 
-from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RETRYABLE, EXIT_SEARCH_FAILED, ConfigError,
-                         FencedError, RetryableError, SearchFailedError, SkinError, exit_code_for)
+from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RELEASED, EXIT_RETRYABLE,
+                         EXIT_SEARCH_FAILED, ConfigError, FencedError, RetryableError,
+                         SearchFailedError, SkinError, exit_code_for)
 from skin.storage import join
 from skin.tuning import auth
 from skin.tuning import protocol as wire
@@ -90,6 +91,11 @@ class ChiefListener:
                      score, attempt["epochs"], duration, self.best[0], self.best[1],
                      self._progress(oracle))
             status = "completed"
+        elif attempt["status"] == "released":
+            log.info("trial %s released by %s after %d epochs (preempted); re-queued to resume "
+                     "at epoch %d, not counted as a failed attempt", trial.trial_id, worker,
+                     attempt["epochs"], attempt["epochs"] + 1)
+            status = "released"
         elif attempt["status"] == "reclaimed":
             log.warning("trial %s reclaimed from %s: no report for %g s (lease); attempt %d of %d "
                         "failed, %s", trial.trial_id, worker, oracle.lease_seconds, attempt["n"],
@@ -230,6 +236,12 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: i
         @_rpc
         def UpdateTrial(self, request, context):
             worker, attempt, md = self._caller(context, "UpdateTrial", attempt_required=True)
+            if md.get(wire.REPORT) == wire.REPORT_RELEASE:
+                span = wire.parse_epochs(md.get(wire.EPOCHS))
+                self._wait(oracle.release(request.trial_id, worker, attempt, int(request.step),
+                                          first_epoch=span[0] if span else None))
+                context.set_trailing_metadata(((wire.SEARCH, oracle.state),))
+                return service.UpdateTrialResponse()
             if md.get(wire.REPORT) == wire.REPORT_HEARTBEAT:
                 trial = oracle.heartbeat(request.trial_id, worker, attempt)
             else:
@@ -246,7 +258,11 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: i
             worker, attempt, md = self._caller(context, "EndTrial", attempt_required=True)
             trial = trial_module.Trial.from_proto(request.trial)
             trial.message = md.get(wire.MESSAGE)  # not part of keras-tuner's Trial message
-            self._wait(oracle.end(trial, worker, attempt))
+            if md.get(wire.REPORT) == wire.REPORT_WATCHDOG:
+                log.error("%s's watchdog ends trial %s: %s; the worker exits and is replaced",
+                          worker, trial.trial_id, trial.message)
+                wire.hook(self.metrics, "worker_watchdog_exit", worker or "?")
+            self._wait(oracle.end(trial, worker, attempt, wire.parse_epochs(md.get(wire.EPOCHS))))
             md = [(wire.SEARCH, oracle.state)]
             if oracle.state != "running":
                 md.append((wire.REASON, wire.ascii_value(oracle.reason)))
@@ -339,9 +355,21 @@ def start_retrain(runtime) -> int:
 
 
 def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
-    """Serve the oracle until the search ends; the process exit code (skin.errors)."""
+    """Serve the oracle until the search ends; the process exit code (skin.errors).
+
+    SIGTERM (preemption, drain, a new chief pod) stops serving at the next tick; the
+    journal is flushed and the chief exits EXIT_RELEASED; the next chief resumes.
+    """
+    from skin.tuning.preempt import Preempted, Preemption
+
+    preemption = Preemption("chief")
     try:
-        return _run_chief(exp, runtime, storage, metrics, hypermodel)
+        with preemption, preemption.deferred():
+            return _run_chief(exp, runtime, storage, metrics, hypermodel, preemption)
+    except Preempted:
+        log.warning("chief stopped on SIGTERM with its state saved (exit %d); the next chief "
+                    "resumes", EXIT_RELEASED)
+        return EXIT_RELEASED
     except KeyboardInterrupt:
         log.warning("chief interrupted")
         return EXIT_INTERRUPTED
@@ -353,7 +381,7 @@ def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
         return exit_code_for(e)
 
 
-def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
+def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:
     if runtime.role != "chief":
         raise ConfigError(f"KERASTUNER_TUNER_ID: {runtime.tuner_id!r} is not valid for the chief; "
                           "expected 'chief'")
@@ -370,7 +398,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
     wire.hook(metrics, "chief_lock", False)
     lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()
     try:
-        return _serve(exp, runtime, storage, metrics, hypermodel, lock, servers)
+        return _serve(exp, runtime, storage, metrics, hypermodel, lock, servers, preemption)
     except RetryableError as e:
         if lock.lost.is_set():  # the journal stopped on the lost lock: say why
             raise FencedError(f"this chief lost its lock ({lock.reason}); it stopped "
@@ -380,7 +408,8 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel) -> int:
         lock.release()
 
 
-def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list) -> int:
+def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list,
+           preemption=None) -> int:
     from skin.tuning.oracle import FAILED, fingerprint_matches, make_oracle
 
     fence = Fence(storage, lock)
@@ -447,6 +476,8 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
     # them all and pauses every RPC for 100+ ms. Freeze them out of the collector's sight.
     gc.collect()
     gc.freeze()
+    if preemption is not None:
+        preemption.check()  # SIGTERM while loading: nothing served yet, nothing to flush
     servicer = make_servicer(oracle, metrics, workers=exp.workers)
     lock.check()
     server = serve(servicer, port, runtime.bind_address, token=runtime.oracle_token,
@@ -463,6 +494,16 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
     try:
         while not oracle.done.wait(tick):
             lock.check()
+            if preemption is not None and preemption.requested.is_set():
+                # Answers already given are durable (each waited for its journal batch);
+                # what rides lazily (epoch reports) is flushed before leaving.
+                server.stop(grace=0.5).wait()
+                journal.flush(timeout=10.0)  # inside the grace period; else exit 75, unsaved
+                journal.stop()
+                log.info("chief: journal flushed after SIGTERM; %d trials running stay "
+                         "leased to their workers for the next chief",
+                         len(oracle.ongoing_trials))
+                preemption.check()
             oracle.reclaim_expired()
             if isinstance(journal.error, FencedError):
                 raise journal.error

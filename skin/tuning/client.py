@@ -76,6 +76,7 @@ class ChiefClient:
         self.answered = False  # has the chief ever answered this client?
         self.search_state = "running"
         self.multi_worker, self.should_report = False, True  # what keras-tuner's Tuner reads
+        self.stop_requested: Callable[[], bool] | None = None  # SIGTERM: stop retrying
 
     # keras-tuner's Tuner reads these from its oracle
     @property
@@ -98,7 +99,8 @@ class ChiefClient:
         md.extend(extra.items())
         return tuple(md)
 
-    def _call(self, method: str, request, metadata, *, patient: bool = True):
+    def _call(self, method: str, request, metadata, *, patient: bool = True,
+              timeout: float | None = None):
         """One RPC; returns (response, trailing metadata dict)."""
         deadline = time.monotonic() + self.patience_s
         delay, tries, last_note = 0.25, 0, 0.0
@@ -107,7 +109,7 @@ class ChiefClient:
             tries += 1
             try:
                 response, call = rpc.with_call(request, metadata=metadata,
-                                               timeout=self.call_timeout_s)
+                                               timeout=timeout or self.call_timeout_s)
                 trailing = dict(call.trailing_metadata() or ())
                 self.search_state = trailing.get(wire.SEARCH, self.search_state)
                 if tries > 1 or not self.answered:
@@ -123,6 +125,10 @@ class ChiefClient:
                 if outcome is not None:
                     self._raise_outcome(outcome)
                 now = time.monotonic()
+                if patient and self.stop_requested is not None and self.stop_requested():
+                    from skin.tuning.preempt import Preempted
+
+                    raise Preempted(f"SIGTERM while the chief does not answer {method}")
                 if not patient:
                     raise RetryableError(f"the chief at {self.address} did not answer "
                                          f"{method} ({e.code().name})") from None
@@ -207,6 +213,25 @@ class ChiefClient:
                    self._metadata(trial_id, **{wire.REPORT: wire.REPORT_HEARTBEAT}),
                    patient=False)
 
+    def release(self, trial_id: str, epochs: int, timeout_s: float = 5.0,
+                first_epoch: int | None = None) -> None:
+        """Hand ``trial_id`` back (preempted) with ``epochs`` finished and in the bucket.
+
+        One short try: the pod has seconds left. If the chief does not answer, the trial
+        stays leased to this worker id: a replacement with the same id gets it back, or
+        the lease runs out and the chief reclaims it.
+        """
+        request = self._service.UpdateTrialRequest(trial_id=trial_id, metrics={},
+                                                   step=int(epochs))
+        try:
+            extra = {wire.REPORT: wire.REPORT_RELEASE}
+            if first_epoch is not None:
+                extra[wire.EPOCHS] = f"{int(first_epoch)}:{int(epochs)}"
+            self._call("UpdateTrial", request, self._metadata(trial_id, **extra),
+                       patient=False, timeout=timeout_s)
+        finally:
+            self.attempts.pop(trial_id, None)
+
     def update_trial(self, trial_id: str, metrics: dict, step: int = 0):
         from keras_tuner.src.engine import trial as trial_module
 
@@ -214,12 +239,20 @@ class ChiefClient:
             trial_id=trial_id, metrics=metrics, step=step), self._metadata(trial_id))
         return trial_module.Trial.from_proto(response.trial)
 
-    def end_trial(self, trial) -> None:
+    def end_trial(self, trial, *, watchdog: bool = False, timeout_s: float | None = None,
+                  epochs: tuple[int, int] | None = None) -> None:
+        """End the trial at the chief; ``watchdog``: a hung worker's last call (one short try);
+        ``epochs``: (epoch resumed at, epochs finished) by this worker."""
         try:
             extra = {wire.MESSAGE: wire.ascii_value(_tail(trial.message), 2000)} \
                 if trial.message else {}
+            if epochs is not None:
+                extra[wire.EPOCHS] = f"{int(epochs[0])}:{int(epochs[1])}"
+            if watchdog:
+                extra[wire.REPORT] = wire.REPORT_WATCHDOG
             self._call("EndTrial", self._service.EndTrialRequest(trial=trial.to_proto()),
-                       self._metadata(trial.trial_id, **extra))
+                       self._metadata(trial.trial_id, **extra), patient=not watchdog,
+                       timeout=timeout_s)
         finally:
             self.attempts.pop(trial.trial_id, None)
 

@@ -21,6 +21,9 @@ the search algorithm stays keras-tuner's. What the mixin changes:
   header for :class:`~skin.tuning.journal.Journal`. Everything that grows with
   the number of trials (start/end order, run counts, retry queue, value
   hashes, ongoing trials) is derived from the per-trial records on load.
+- **Releases.** A preempted worker hands its trial back (:meth:`release`): it
+  is re-queued at once and resumes from its last finished epoch; a release is
+  neither a failed attempt nor a consecutive failure.
 - **Endings.** Too many consecutive failures ends the search as ``failed``
   with a reason, instead of raising inside a gRPC handler. The search is
   ``finished`` as soon as nothing runs and nothing more can be created; a
@@ -291,6 +294,8 @@ class LeasedOracle:
             self.leases[worker] = time.monotonic() + self.lease_seconds
             meta = self.meta[trial_id]
             meta["epochs"] = meta["attempts"][-1]["epochs"] = int(step) + 1
+            if progress_only and meta["attempts"][-1].get("first_epoch") is None:
+                meta["attempts"][-1]["first_epoch"] = int(step)  # where this attempt resumed
             if progress_only:
                 meta["last"] = {k: float(v) for k, v in metrics.items()}
                 if self.stopping is not None and self.stopping.observe(self, trial_id, metrics,
@@ -321,8 +326,49 @@ class LeasedOracle:
                 self.listener.worker_alive(worker)
             return trial
 
-    def end(self, trial, worker: str | None, attempt: int | None) -> int:
-        """End the worker's attempt of ``trial`` (a Trial from the worker); returns the ticket."""
+    def release(self, trial_id: str, worker: str | None, attempt: int | None,
+                epochs: int, first_epoch: int | None = None) -> int:
+        """A preempted worker hands its trial back (``epochs`` finished and in the bucket).
+
+        The attempt ends as ``released``; the trial goes back to the queue at once and the
+        next worker resumes it from that epoch. Unlike a reclaim or a failure it counts
+        neither against ``max_trial_retries`` nor toward ``max_consecutive_failed_trials``.
+        Returns the journal ticket to wait for; a retried release is answered again.
+        """
+        with self.lock:
+            meta = self.meta.get(trial_id)
+            if meta and meta["attempts"]:
+                last = meta["attempts"][-1]
+                if last["status"] == "released" and last["worker"] == (worker or last["worker"]) \
+                        and (not attempt or attempt == last["n"]):
+                    return self._tickets.get(trial_id, -1)  # the same release again
+            if self.state == FAILED:
+                raise SearchStopped(self.state, self.reason)
+            trial, worker = self._check_owner(trial_id, worker, attempt)
+            self._note_epochs(trial_id, None if first_epoch is None else (first_epoch, epochs))
+            self.leases.pop(worker, None)
+            self.ongoing_trials.pop(worker, None)
+            # Queued like a trial to retry (stock create_trial takes the queue first), but
+            # _run_times is not increased: a preemption is not an attempt that failed.
+            trial.status = TrialStatus.INVALID
+            trial.message = f"released by {worker} (preempted)"
+            self._retry_queue.append(trial_id)
+            meta = self.meta[trial_id]
+            current = meta["attempts"][-1]
+            current.update(ended=time.time(), status="released", reason=trial.message,
+                           epochs=max(0, int(epochs)))
+            meta["epochs"] = current["epochs"]
+            ticket = self._mark([trial_id], header=True)
+            if self.listener is not None:
+                self.listener.trial_ended(self, trial, current)
+            return ticket
+
+    def end(self, trial, worker: str | None, attempt: int | None,
+            epochs: tuple[int, int] | None = None) -> int:
+        """End the worker's attempt of ``trial`` (a Trial from the worker); returns the ticket.
+
+        ``epochs``: (epoch the worker resumed at, epochs finished), as the worker counted
+        them; they fill in what epoch reports lost while the chief was away did not."""
         with self.lock:
             trial_id = trial.trial_id
             meta = self.meta.get(trial_id)
@@ -336,15 +382,32 @@ class LeasedOracle:
                 raise SearchStopped(self.state, self.reason)
             current, worker = self._check_owner(trial_id, worker, attempt)
             self._check_ending(trial, current)
+            self._note_epochs(trial_id, epochs)
             # The chief's own trial, with the caller's status, message and (checked) metrics:
             # stock end_trial would take the caller's hyperparameters and merge them into the space.
             ending = trial_module.Trial(current.hyperparameters, trial_id=trial_id,
                                         status=trial.status, message=trial.message)
-            if trial.status == TrialStatus.COMPLETED and \
-                    trial.metrics.exists(self.objective.name):
-                current.metrics = trial.metrics  # the worker's final metrics win
+            objective = self.objective.name
+            if trial.status == TrialStatus.COMPLETED:
+                if trial.metrics.exists(objective):
+                    current.metrics = trial.metrics  # the worker's final metrics win
+                if not current.metrics.exists(objective) or \
+                        current.metrics.get_best_value(objective) is None:
+                    ending.status = TrialStatus.INVALID
+                    ending.message = f"the objective {objective!r} was not reported"
             self._end_attempt(ending, worker, None)
             return self._tickets.get(trial_id, -1)
+
+    def _note_epochs(self, trial_id: str, epochs: tuple[int, int] | None) -> None:
+        if epochs is None:
+            return
+        first, last = (int(e) for e in epochs)
+        meta = self.meta[trial_id]
+        attempt = meta["attempts"][-1]
+        if attempt.get("first_epoch") is None and last > first:
+            attempt["first_epoch"] = first
+        if last >= attempt.get("epochs", 0):
+            meta["epochs"] = attempt["epochs"] = last
 
     def _check_ending(self, trial, current) -> None:
         """Refused unless the ending is one the chief can take as it is."""
@@ -491,8 +554,10 @@ class LeasedOracle:
                 "ongoing_trials": ongoing,
                 "start_order": by_start,
                 "end_order": ended,
+                # A released attempt (preempted) does not count against the retries.
                 "run_times": {tid: sum(1 for a in self.meta[tid].get("attempts", [])
-                                       if a["ended"] is not None) for tid in self.trials},
+                                       if a["ended"] is not None and a["status"] != "released")
+                              for tid in self.trials},
                 "retry_queue": retry,
                 "tried_so_far": [],
                 "id_to_hash": {},

@@ -13,7 +13,16 @@ key                 direction    value
                                  and End must repeat it), so a reclaimed attempt cannot end
                                  a trial
 ``skin-report``     request      ``epoch``: an UpdateTrial that only reports progress and
-                                 renews the lease (its metrics are not the trial's result)
+                                 renews the lease (its metrics are not the trial's result);
+                                 ``heartbeat``: renews the lease mid-epoch, records nothing;
+                                 ``release``: the worker was preempted (SIGTERM) and hands the
+                                 trial back; ``step`` = epochs finished and in the bucket. The
+                                 trial is re-queued at once, not counted as a failed attempt;
+                                 on EndTrial, ``watchdog``: the worker's watchdog ends a hung
+                                 trial (failed) just before the process exits (watchdog.py)
+``skin-epochs``     request      EndTrial and release: ``<first>:<last>``, the epoch index the
+                                 worker resumed the trial at and the epochs it finished (what
+                                 epoch reports lost while the chief was away leave out)
 ``skin-search``     trailing     ``running`` | ``finished`` | ``failed``
 ``skin-reason``     trailing     why the search ended (ASCII, shortened)
 ``skin-lease``      trailing     ``lost``: the caller no longer holds the trial
@@ -43,10 +52,22 @@ SEARCH = "skin-search"
 REASON = "skin-reason"
 LEASE = "skin-lease"
 MESSAGE = "skin-message"
+EPOCHS = "skin-epochs"
 
 REPORT_EPOCH = "epoch"
 REPORT_HEARTBEAT = "heartbeat"  # mid-epoch: renews the lease, records nothing
+REPORT_RELEASE = "release"  # preempted: the trial goes back to the queue (preempt.py)
+REPORT_WATCHDOG = "watchdog"  # EndTrial from a hung worker's watchdog (watchdog.py)
 LEASE_LOST = "lost"
+
+
+def parse_epochs(value: str | None) -> tuple[int, int] | None:
+    """``"<first>:<last>"`` (EPOCHS) as two ints; None when absent or malformed."""
+    try:
+        first, last = (int(v) for v in str(value).split(":"))
+    except (TypeError, ValueError):
+        return None
+    return (first, last) if 0 <= first <= last else None
 
 
 def ascii_value(text: str, limit: int = 1000) -> str:

@@ -14,6 +14,7 @@ the epochs of the trials it continued), ``best_epoch`` the epoch of its score.
     {"outcome": "completed" | "failed", "reason", "tuner", "objective", "direction",
      "started_at", "finished_at", "best": {"trial_id", "score"} | null,
      "counts": {status: n}, "trials_by_status": {status: [trial ids]},
+     "attempts_by_status": {"completed", "released", "reclaimed", "failed": n},
      "trials": [{"id", "status", "score", "hyperparameters", "worker", "epochs",
                  "duration", "attempts": [{"n", "worker", "status", "reason",
                                            "started", "ended", "epochs"}],
@@ -25,7 +26,10 @@ the epochs of the trials it continued), ``best_epoch`` the epoch of its score.
 
 A trial's status is ``completed`` or ``failed`` once it ended; when a search
 fails, trials that were still running are ``cancelled``. ``duration`` adds up
-the seconds of every attempt; ``continues`` names the trial whose weights a
+the seconds of every attempt. An attempt ends ``completed``, ``released`` (its
+worker was preempted and handed it back: not a failure), ``reclaimed`` (its
+worker went silent for a lease) or ``failed``; ``first_epoch`` is the epoch
+index it resumed at (absent if it finished none). ``continues`` names the trial whose weights a
 Hyperband trial started from; ``stopped_at`` the epoch at which the early-stopping rule
 ended a trial (null otherwise; such a trial is completed with its partial score);
 ``confirms``/``seed`` mark a confirmation trial (skin.tuning.confirm). With ``search.confirm``
@@ -45,6 +49,7 @@ from skin.storage import join
 RESULT_NAME = "result.json"
 BEST_NAME = "best_hyperparameters.json"
 COMPLETED, FAILED_STATUS, CANCELLED = "completed", "failed", "cancelled"
+ATTEMPT_STATUSES = ("completed", "released", "reclaimed", "failed")
 
 
 def result_uri(exp) -> str:
@@ -101,11 +106,15 @@ def build_result(oracle, exp) -> dict:
         failed = oracle.state == FAILED
         trials = []
         by_status: dict[str, list[str]] = {}
+        attempts_by: dict[str, int] = {k: 0 for k in ATTEMPT_STATUSES}
         for tid in sorted(oracle.trials, key=lambda t: (len(t), t)):
             trial, meta = oracle.trials[tid], oracle.meta.get(tid, {})
             attempts = meta.get("attempts", [])
             status = _status(trial, failed)
             by_status.setdefault(status, []).append(tid)
+            for a in attempts:
+                if a.get("status"):
+                    attempts_by[a["status"]] = attempts_by.get(a["status"], 0) + 1
             duration = sum((a["ended"] or time.time()) - a["started"] for a in attempts)
             trials.append({
                 "id": tid,
@@ -136,6 +145,7 @@ def build_result(oracle, exp) -> dict:
             "trials_by_status": by_status,
             "stopped_early": [t["id"] for t in trials if t["stopped_at"]],
             "confirmation": oracle.confirm.summary(oracle) if oracle.confirm else None,
+            "attempts_by_status": attempts_by,
             "trials": trials,
         }
 

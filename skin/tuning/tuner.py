@@ -97,6 +97,10 @@ class _Abandon(Exception):
         self.cause = cause
 
 
+class _Release(Exception):
+    """Stop training this trial at a batch boundary: the worker was preempted (SIGTERM)."""
+
+
 class Heartbeat:
     """While a trial runs, a thread renews its lease every ``interval_s``.
 
@@ -185,6 +189,10 @@ class EpochReporter(keras.callbacks.Callback):
         if beat is not None:
             beat.progress()
             beat.check()
+        self.tuner.batch_boundary()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.tuner.batch_boundary()
 
     def on_epoch_end(self, epoch, logs=None):
         tuner, trial_id = self.tuner, self.trial.trial_id
@@ -200,6 +208,8 @@ class EpochReporter(keras.callbacks.Callback):
         # stop before it writes over the new holder's checkpoints.
         if tuner.heartbeat is not None:
             tuner.heartbeat.progress()
+        if tuner.watchdog is not None:
+            tuner.watchdog.progress()
         try:
             if tuner.oracle.report_epoch(trial_id, int(epoch), logs) == "STOPPED":
                 # The chief's early-stopping rule: end the trial now with what it has.
@@ -342,7 +352,8 @@ class WorkerTuner(keras_tuner.Tuner):
     """Runs the chief's trials on this worker (see the module docstring)."""
 
     def __init__(self, *, local_oracle, client, hypermodel, storage, exp, tuner_id: str,
-                 directory, metrics=None, images_per_epoch: int = 0, **kwargs):
+                 directory, metrics=None, images_per_epoch: int = 0, preemption=None,
+                 watchdog=None, **kwargs):
         with stock_distribution_off():
             super().__init__(oracle=local_oracle, hypermodel=hypermodel, directory=str(directory),
                              project_name="trials", tuner_id=tuner_id, overwrite=True,
@@ -356,6 +367,11 @@ class WorkerTuner(keras_tuner.Tuner):
         self.images_per_epoch = images_per_epoch
         self.files = TrialFiles(storage, exp.trials_uri, self.project_dir)
         self._stopped: dict[str, int] = {}  # trial id -> the epoch the chief stopped it at
+        self.preemption = preemption  # skin.tuning.preempt.Preemption: SIGTERM = release
+        self.watchdog = watchdog  # skin.tuning.watchdog.Watchdog: a hung trial ends the process
+        self.running: tuple[str, dict] | None = None  # (trial id, epoch.json) while training
+        self.running_trial = None  # the Trial from arming the watchdog to its disarming
+        self.resumed_at = 0
 
     def _populate_initial_space(self):
         pass  # the chief owns the search space; trials arrive with it
@@ -376,21 +392,74 @@ class WorkerTuner(keras_tuner.Tuner):
     # -- the loop ---------------------------------------------------------------------
 
     def work(self, **fit_kwargs) -> int:
-        """Run trials until the chief says the search is over; returns trials run."""
+        """Run trials until the chief says the search is over; returns trials run.
+
+        With a :class:`~skin.tuning.preempt.Preemption`, SIGTERM raises ``Preempted``
+        between trials, and releases the trial in training at its next batch boundary.
+        """
         idle, ran, waiting_since = IDLE_MIN_S, 0, None
+        stop = self.preemption
         while True:
-            trial = self.oracle.create_trial(self.tuner_id)  # raises SearchOver at the end
-            if trial.status != "RUNNING":
-                if waiting_since is None:
-                    waiting_since = time.monotonic()
-                    log.info("%s: no trial to run yet (the search waits on running trials); "
-                             "asking again with backoff up to %.0f s", self.tuner_id, IDLE_MAX_S)
-                time.sleep(idle * (1 + 0.2 * random.random()))
-                idle = min(idle * 2, IDLE_MAX_S)
-                continue
-            idle, waiting_since = IDLE_MIN_S, None
-            self.run_one(trial, **fit_kwargs)
-            ran += 1
+            if stop is not None:
+                stop.check()
+            # From the chief's answer to the trial's end, SIGTERM only asks: a trial is held.
+            with stop.deferred() if stop is not None else contextlib.nullcontext():
+                trial = self.oracle.create_trial(self.tuner_id)  # raises SearchOver at the end
+                if trial.status == "RUNNING":
+                    idle, waiting_since = IDLE_MIN_S, None
+                    self.run_one(trial, **fit_kwargs)
+                    ran += 1
+                    continue
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.info("%s: no trial to run yet (the search waits on running trials); "
+                         "asking again with backoff up to %.0f s", self.tuner_id, IDLE_MAX_S)
+            pause = idle * (1 + 0.2 * random.random())
+            stop.wait(pause) if stop is not None else time.sleep(pause)
+            idle = min(idle * 2, IDLE_MAX_S)
+
+    def batch_boundary(self) -> None:
+        """Between two batches: training moves; a SIGTERM stops the trial here."""
+        if self.watchdog is not None:
+            self.watchdog.progress()
+        if self.preemption is not None and self.preemption.requested.is_set():
+            raise _Release()
+
+    def release_running(self) -> str:
+        """Hand the trial in training back to the chief (preempted); ``released``.
+
+        Its last finished epoch is in the bucket: each epoch uploads ``epoch.json`` before
+        the next batch starts. Safe to call twice (the deadline thread may race the main one).
+        """
+        running = self.running
+        if running is None:
+            return "released"
+        trial_id, state = running
+        epochs = int(state.get("epoch", 0))
+        try:
+            self.oracle.release(trial_id, epochs, first_epoch=min(self.resumed_at, epochs))
+            log.warning("trial %s released by %s after %d epochs (preempted); it resumes at "
+                        "epoch %d on the next worker", trial_id, self.tuner_id, epochs,
+                        epochs + 1)
+        except LeaseLostError as e:
+            log.warning("trial %s: not released by %s, the chief had already given it away "
+                        "(%s)", trial_id, self.tuner_id, e)
+        except Exception as e:  # noqa: BLE001 - the pod has seconds left: say it and go
+            log.warning("trial %s: the release by %s did not reach the chief (%s: %s); it stays "
+                        "leased to %s (a replacement with this id gets it back, else the lease "
+                        "runs out)", trial_id, self.tuner_id, type(e).__name__, e,
+                        self.tuner_id)
+        wire.hook(self.hooks, "trial_finished", "released")
+        return "released"
+
+    def end_hung(self, reason: str) -> None:
+        """The watchdog's last call (from its thread): end the hung trial as failed now."""
+        trial = self.running_trial
+        if trial is None:
+            return
+        trial.status, trial.message = "INVALID", reason
+        self.oracle.end_trial(trial, watchdog=True, timeout_s=4.0)
+        log.warning("trial %s: ended at the chief as failed by the watchdog", trial.trial_id)
 
     def run_one(self, trial, **fit_kwargs) -> str:
         """Train one trial and end it at the chief; returns its status."""
@@ -402,11 +471,16 @@ class WorkerTuner(keras_tuner.Tuner):
         wire.hook(self.hooks, "trial_started", last - first)
         t0 = time.monotonic()
         lease = self.exp.search.lease_seconds
+        span = None
+        if self.watchdog is not None:
+            self.running_trial = trial
+            self.watchdog.arm(f"trial {trial_id}")
         try:
             with Heartbeat(self.oracle, trial_id, self.tuner_id, interval_s=lease / 4,
                            stall_s=4 * lease) as self.heartbeat:
                 try:
                     results, best_step = self.run_trial(trial, **fit_kwargs)
+                    span = (self.resumed_at, last)
                 finally:
                     self.heartbeat = None
             metrics = tuner_utils.convert_to_metrics_dict(results, self.oracle.objective)
@@ -418,6 +492,10 @@ class WorkerTuner(keras_tuner.Tuner):
                     tracker.register(name, direction=direction)
                 tracker.update(name, float(value), step=best_step)
             trial.status = "COMPLETED"
+        except _Release:
+            status = self.release_running()
+            self.preemption.check()  # leave: exit EXIT_RELEASED
+            return status
         except _Abandon as e:
             if isinstance(e.cause, LeaseLostError):
                 log.warning("trial %s on %s: the chief gave it to another worker (%s); dropping "
@@ -437,8 +515,13 @@ class WorkerTuner(keras_tuner.Tuner):
                         type(e).__name__, e)
             # A retry starts afresh, not from bad weights.
             self.files.drop_epoch_state(trial_id, self.attempt)
+        finally:
+            self.running = None
+            if self.watchdog is not None:
+                self.watchdog.disarm()
+                self.running_trial = None
         try:
-            self.oracle.end_trial(trial)
+            self.oracle.end_trial(trial, epochs=span)
         except LeaseLostError as e:
             log.warning("trial %s on %s: ended too late, the chief had reclaimed it (%s)",
                         trial_id, self.tuner_id, e)
@@ -487,6 +570,9 @@ class WorkerTuner(keras_tuner.Tuner):
         elif source != self.attempt:
             self.files.adopt(trial_id, source, self.attempt)
         state["attempt"] = self.attempt
+        self.running = (trial_id, state)
+        self.resumed_at = int(state["epoch"])  # the epoch this process starts the trial at
+        self.batch_boundary()  # SIGTERM before the first batch: release at once
         user_callbacks = kwargs.pop("callbacks", [])
         objective = self.oracle.objective
         for execution in range(state["execution"], self.executions_per_trial):

@@ -3,7 +3,9 @@
 Exit codes (skin/errors.py): 0 when the chief says the search finished (or the
 bucket says so after the chief left); 4 when the search failed; 75 when the
 chief stays unreachable or the bucket is unavailable (the Job restarts the pod
-with the same id, which gets its trial back); 3 for unusable data.
+with the same id, which gets its trial back); 3 for unusable data; 80 after a
+SIGTERM, its trial handed back to the chief (preempt.py); 81 when its training
+hung (watchdog.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import random
 import time
 from pathlib import Path
 
-from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SEARCH_FAILED, ConfigError,
-                         RetryableError, SkinError, exit_code_for)
+from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RELEASED, EXIT_SEARCH_FAILED,
+                         ConfigError, RetryableError, SkinError, exit_code_for)
 from skin.storage import join
 from skin.tuning import protocol as wire
 from skin.tuning.results import read_outcome
@@ -71,8 +73,16 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
 
 def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
     """Run trials for the chief until the search ends; the process exit code."""
+    from skin.tuning.preempt import Preempted, Preemption
+
+    preemption = Preemption(runtime.tuner_id)
     try:
-        return _run_worker(exp, runtime, storage, metrics, hypermodel)
+        with preemption:
+            return _run_worker(exp, runtime, storage, metrics, hypermodel, preemption)
+    except Preempted:
+        log.warning("%s stopped on SIGTERM; no trial left behind (exit %d)", runtime.tuner_id,
+                    EXIT_RELEASED)
+        return EXIT_RELEASED
     except KeyboardInterrupt:
         log.warning("%s interrupted", runtime.tuner_id)
         return EXIT_INTERRUPTED
@@ -86,11 +96,12 @@ def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
         return exit_code_for(e)
 
 
-def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
+def _run_worker(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:
     from skin.errors import SearchFailedError
     from skin.tuning.client import ChiefClient, SearchOver
     from skin.tuning.oracle import make_oracle
     from skin.tuning.tuner import WorkerTuner
+    from skin.tuning.watchdog import Watchdog
 
     worker = runtime.tuner_id
     if runtime.role != "worker":
@@ -125,9 +136,16 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
                          token=runtime.oracle_token, tls_dir=runtime.oracle_tls_dir)
     directory = Path(runtime.work_dir) / "tuner" / worker
     directory.mkdir(parents=True, exist_ok=True)
+    watchdog = Watchdog(worker, exp.search.watchdog_leases * exp.search.lease_seconds)
     tuner = WorkerTuner(local_oracle=local_oracle, client=client, hypermodel=hypermodel,
                         storage=storage, exp=exp, tuner_id=worker, directory=directory,
-                        metrics=metrics, images_per_epoch=images)
+                        metrics=metrics, images_per_epoch=images, preemption=preemption,
+                        watchdog=watchdog if watchdog.enabled else None)
+    watchdog.on_fire = tuner.end_hung
+    watchdog.start()
+    if preemption is not None:
+        client.stop_requested = preemption.requested.is_set
+        preemption.on_deadline = tuner.release_running
     log.info("%s (pid %d) asks the chief at %s for trials", worker, os.getpid(), address)
     try:
         tuner.work(**fit_kwargs)
@@ -135,5 +153,6 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel) -> int:
         log.info("%s: the search is over (%s); exiting", worker, e)
         return EXIT_OK
     finally:
+        watchdog.stop()
         client.close()
     return EXIT_OK  # pragma: no cover - work() only returns by raising

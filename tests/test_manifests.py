@@ -232,7 +232,7 @@ def test_the_failure_policy_follows_the_exit_codes(overlay):
     for role, job in skin_jobs(overlay).items():
         rules = job["spec"]["podFailurePolicy"]["rules"]
         by_action = {r["action"]: r for r in rules}
-        fatal = by_action["FailJob"]["onExitCodes"]
+        fatal = rules[0]["onExitCodes"]
         assert fatal["operator"] == "In" and tuple(fatal["values"]) == FATAL_EXIT_CODES, role
         ignored = [r for r in rules if r["action"] == "Ignore"]
         assert {"onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
@@ -697,3 +697,15 @@ def test_tuning_keeps_the_chief_and_retrain_off_spot_nodes_and_lets_workers_on()
             "effect": "NoSchedule"} in workers["tolerations"]
     assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in workers["tolerations"]
     assert "affinity" not in workers
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_retrain_that_lost_the_race_for_latest_is_not_run_again(overlay):
+    """Exit 7: its version is complete and another moved LATEST first; a rerun would train
+    again and race again, so the Job fails with that code instead of retrying."""
+    from skin.errors import EXIT_PUBLISH_RACE
+
+    for role, job in skin_jobs(overlay).items():
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        expected = "FailJob" if role == "retrain" else None
+        assert _rule_for(rules, EXIT_PUBLISH_RACE) == expected, role

@@ -480,7 +480,8 @@ class WorkerTuner(keras_tuner.Tuner):
                            stall_s=4 * lease) as self.heartbeat:
                 try:
                     results, best_step = self.run_trial(trial, **fit_kwargs)
-                    span = (self.resumed_at, last)
+                    # a trial the chief stopped early finished its epochs up to that point
+                    span = (self.resumed_at, self._stopped.get(trial_id, last))
                 finally:
                     self.heartbeat = None
             metrics = tuner_utils.convert_to_metrics_dict(results, self.oracle.objective)

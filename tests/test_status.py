@@ -25,7 +25,8 @@ def chief():
                        experiment="demo", tuner="hyperband")
     for trial, (worker, status, score) in enumerate([
             ("tuner0", "completed", 0.71), ("tuner1", "completed", 0.83), ("tuner0", "failed", None),
-            ("tuner1", "reclaimed", None), ("tuner0", "completed", 0.78)]):
+            ("tuner1", "reclaimed", None), ("tuner0", "completed", 0.78),
+            ("tuner1", "released", None)]):
         c.trial_started(worker)
         c.trial_ended(status, 30.0, score, worker, trial_id=f"{trial:04d}")
     c.trial_started("tuner0")
@@ -40,8 +41,9 @@ def chief():
 def test_fetch_reads_counts_best_workers_and_time_left(chief):
     _, address = chief
     st = fetch(address)
-    assert st.trials == {"running": 2, "completed": 3, "failed": 1, "invalid": 0, "reclaimed": 1}
-    assert st.started == 7
+    assert st.trials == {"running": 2, "completed": 3, "failed": 1, "invalid": 0, "reclaimed": 1,
+                         "released": 1}
+    assert st.started == 8
     assert st.best == pytest.approx(0.83)
     assert st.best_trial == "1"
     assert st.objective == "val_auc" and st.direction == "max"
@@ -63,7 +65,8 @@ def test_format_status_prints_the_table(chief):
     text = format_status(fetch(address))
     lines = text.splitlines()
     assert lines[0] == f"search demo (hyperband, maximise val_auc) at {address}: running"
-    assert lines[1] == "trials     running 2  completed 3  failed 1  invalid 0  reclaimed 1"
+    assert lines[1] == ("trials     running 2  completed 3  failed 1  invalid 0  reclaimed 1  "
+                        "released 1")
     assert re.fullmatch(r"progress   5 of ~20 trials done; time left 1[45]m\d\ds", lines[2])
     assert lines[3].startswith("best       val_auc 0.8300 (trial 1), improved ")
     assert lines[4] == "workers    2 connected of 3"

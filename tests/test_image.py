@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -22,6 +23,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = os.environ.get("SKIN_IMAGE_TEST_TAG", "image-test")
+ORACLE_TOKEN = secrets.token_urlsafe(24)  # this run's oracle token (chief and workers)
 IMAGE = f"localhost/skin:{TAG}"
 EMULATOR_IMAGE = f"localhost/skin-emulator:{TAG}"
 UID = 10001  # images/Dockerfile USER
@@ -218,11 +220,13 @@ def test_the_roles_as_containers_publish_a_model(pod):
     chief = pod.start("chief", "python", "-m", "jobs.tune", env={
         **storage_env, "KERASTUNER_TUNER_ID": "chief", "KERASTUNER_ORACLE_PORT": str(ORACLE_PORT),
         "SKIN_METRICS_PORT": "9090", "SKIN_RETRAIN_JOB": RETRAIN_JOB, "POD_NAMESPACE": NAMESPACE,
-        "KUBECONFIG": "/etc/skin/kubeconfig"})
+        "KUBECONFIG": "/etc/skin/kubeconfig",
+        # The oracle listens beyond loopback only with a token (issue 12): workers dial it.
+        "SKIN_BIND_ADDRESS": "0.0.0.0", "SKIN_ORACLE_TOKEN": ORACLE_TOKEN})
     workers = [pod.start(f"worker{i}", "python", "-m", "jobs.tune", env={
         **storage_env, "KERASTUNER_TUNER_ID": f"tuner{i}", "KERASTUNER_ORACLE_IP": "chief",
         "KERASTUNER_ORACLE_PORT": str(ORACLE_PORT), "SKIN_METRICS_PORT": "9090",
-        "SKIN_DATA_WAIT_SECONDS": "120"}) for i in range(2)]
+        "SKIN_DATA_WAIT_SECONDS": "120", "SKIN_ORACLE_TOKEN": ORACLE_TOKEN}) for i in range(2)]
     for name in [*workers, chief]:
         assert pod.wait(name, timeout=1200) == 0, f"{name} failed\n{pod.logs()}"
     timings["search"] = time.monotonic() - t

@@ -137,8 +137,10 @@ def test_the_kind_overlay_publishes_a_model_through_a_preempted_worker(sim_image
 
 
 @pytest.mark.parametrize("breakage, patch, expected", [
+    # volumeMounts/1 is the experiment ConfigMap (0 is the oracle token Secret that
+    # k8s/base/jobs/oracle-access.yaml adds).
     ("the ConfigMap mounted where the workers do not look",
-     {"op": "replace", "path": "/spec/template/spec/containers/0/volumeMounts/0/mountPath",
+     {"op": "replace", "path": "/spec/template/spec/containers/0/volumeMounts/1/mountPath",
       "value": "/etc/skin-config"},
      [r"FAILED with exit code 2: podFailurePolicy rule 0 \(FailJob\)",
       r"experiment file /etc/skin/experiment.yaml: cannot be read"]),

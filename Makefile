@@ -61,8 +61,8 @@ test: venv system-deps ## Set everything up, then run all the tests
 	$(PY) -m pytest -q -m "not image" tests
 
 .PHONY: lint
-lint: venv ## Byte-compile everything (a cheap syntax check)
-	$(PY) -m compileall -q skin jobs tests bench
+lint: venv ## ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade ([tool.ruff] in pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 ##@ Kubernetes and images
 

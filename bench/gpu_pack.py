@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 import quality_data as Q
+from PIL import Image
 
 
 def main(out: str, size: int = 224, split_seed: int = 0) -> None:

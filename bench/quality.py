@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import datetime as dt
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -77,7 +77,7 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "tensorflow": tf.__version__, "commit": _git("rev-parse", "--short", "HEAD"),
             "dirty": bool(_git("status", "--porcelain", "--", "skin", "bench")),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
 def import_backbone_weights(exp, storage, out: Path) -> dict | None:
@@ -149,7 +149,6 @@ def score_model(model, data_dir: Path, size: int, target: float) -> dict:
 def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -> dict | None:
     """The best trial finished EARLY_MINUTES after the start, scored on test."""
     from skin.model import SkinHyperModel
-    from skin.storage import join
 
     deadline = started_at + EARLY_MINUTES * 60
     done = []

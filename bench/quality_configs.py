@@ -39,9 +39,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import keras_tuner
-
     from quality import DEFAULT_DATA, machine, split_seed_run
     from quality_explore import apply_sets
+
     from skin.config import load_experiment
     from skin.emulator import Emulator
     from skin.model import _define

@@ -25,8 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import yaml
 
 
 def roc_auc(y, p):
@@ -57,8 +57,10 @@ def threshold_for(y, p, target):
 
 def scores(y, p, thr):
     pred = p >= thr
-    tp = int(((pred == 1) & (y == 1)).sum()); fn = int(((pred == 0) & (y == 1)).sum())
-    tn = int(((pred == 0) & (y == 0)).sum()); fp = int(((pred == 1) & (y == 0)).sum())
+    tp = int(((pred == 1) & (y == 1)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
     return dict(acc=round((tp + tn) / len(y), 4), sens=round(tp / max(1, tp + fn), 4),
                 spec=round(tn / max(1, tn + fp), 4), cm=[[tn, fp], [fn, tp]])
 
@@ -302,8 +304,8 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
-
     import quality_data
+
     from skin import model as M
 
     if args.bf16:

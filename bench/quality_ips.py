@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     sys.path[:0] = [str(tree), str(tree / "bench")]
 
     import quality
+
     import skin
     from skin import data as skin_data
     from skin.config import load_experiment

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main(argv=None):
@@ -52,9 +52,8 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
+    from quality_explore import configured_values, predict_tta, split_data, summary, threshold_for
 
-    from quality_explore import (configured_values, predict_tta, split_data, summary,
-                                 threshold_for)
     from skin import model as M
 
     xs, ys, _ = split_data(args.size, args.split_seed)
@@ -116,7 +115,7 @@ def main(argv=None):
         model = M.build_model(values, args.size, seed=None)
         copied = 0
         for layer in encoder.layers:
-            if layer.weights and layer.name in {l.name for l in model.layers}:
+            if layer.weights and layer.name in {m.name for m in model.layers}:
                 model.get_layer(layer.name).set_weights(layer.get_weights())
                 copied += 1
         vb = int(values["batch_size"])

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,7 +322,7 @@ async def drive(port: int, workers: int, trials: int, think: float, deadline_s: 
     try:
         await asyncio.wait_for(done.wait(), timeout=deadline_s)
         finished = True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         finished = False
     cpu1 = cpu_seconds(chief_pid)
     emu1 = cpu_seconds(emulator_pid) if emulator_pid else 0.0
@@ -548,7 +548,7 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="skin-bench-scale-"))
     report = {"command": "python bench/scale.py " + " ".join(argv or sys.argv[1:]),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.node()}: {os.cpu_count()} cpus, {platform.processor()}",
               "load_avg_at_start": os.getloadavg()}
     print(f"work dir {work}", flush=True)

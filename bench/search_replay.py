@@ -284,7 +284,7 @@ def record(args) -> int:
            "max_epochs": epochs, "image_size": exp.data.image_size, "data": str(args.data),
            "images_per_class": args.images_per_class or None, "split_seed": exp.data.seed,
            "command": " ".join(sys.argv), "machine": f"{os.cpu_count()} cores",
-           "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "space": space_of(exp), "configs": []}
     if out.exists():  # resume: keep what was recorded with the same settings
         old = json.loads(out.read_text())
@@ -321,7 +321,7 @@ def record(args) -> int:
                 print(f"{cid} seed {seed}: best {exp.search.objective} "
                       f"{max(entry['seeds'][str(seed)]):.4f} in {entry['seconds'][str(seed)]} s",
                       flush=True)
-    doc["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    doc["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     out.write_text(json.dumps(doc, indent=1, default=str))
     print(f"wrote {out}")
     return 0

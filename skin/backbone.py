@@ -201,7 +201,7 @@ def _default_cache() -> str:
 
 
 def md5(path: str | os.PathLike) -> str:
-    h = hashlib.md5()  # noqa: S324 -- Keras names its files by MD5; not a security use
+    h = hashlib.md5()  # Keras names its files by MD5; not a security use
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

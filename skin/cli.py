@@ -14,11 +14,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from skin import __version__
-from skin.errors import (EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, SkinError,
-                         exit_code_for)
+from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, SkinError, exit_code_for
 
 log = logging.getLogger("skin")
 

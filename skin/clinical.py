@@ -21,7 +21,7 @@ these figures to every evaluation):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -155,7 +155,7 @@ class Emulator:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         if self._proc is not None:
             return self
         binary = binary_path()
@@ -237,7 +237,7 @@ class Emulator:
             return 0
         return self._proc.wait(timeout)
 
-    def __enter__(self) -> "Emulator":
+    def __enter__(self) -> Emulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -21,9 +21,10 @@ import os
 import re
 import tempfile
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -221,7 +222,7 @@ class ServingInfo:
         return d
 
     @classmethod
-    def from_dict(cls, doc: dict, **override: Any) -> "ServingInfo":
+    def from_dict(cls, doc: dict, **override: Any) -> ServingInfo:
         values = dict(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
                       class_names=tuple(doc.get("class_names") or CLASS_NAMES),
                       version=str(doc.get("version") or ""),
@@ -352,7 +353,7 @@ def check_model(model_uri: str | os.PathLike, storage=None) -> str:
 _warned_synthetic: set[str] = set()
 
 
-def warn_if_synthetic(info: "ServingInfo") -> None:
+def warn_if_synthetic(info: ServingInfo) -> None:
     """Once per model and process: a model trained on synthetic images says nothing about
     real lesions."""
     if info.data_source_kind == "synthetic" and info.source not in _warned_synthetic:
@@ -493,7 +494,7 @@ def _load_one(path: Path, image_size: int, load_images) -> np.ndarray:
                 x = _checked(load_images([str(png)], image_size), 1, image_size)[0]
             log.info("%s: converted to RGB (%s)", path, _reason(first))
             return x
-        except Exception as second:  # noqa: BLE001
+        except Exception as second:
             raise ValueError(_reason(second) or _reason(first)) from second
 
 

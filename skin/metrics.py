@@ -31,12 +31,11 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import prometheus_client
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               ProcessCollector)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from skin import __version__
 
@@ -639,7 +638,7 @@ class BatchMetrics:
         self._values["duration_seconds"] = duration_s
 
     @contextlib.contextmanager
-    def run(self) -> Iterator["BatchMetrics"]:
+    def run(self) -> Iterator[BatchMetrics]:
         """Time the block; success or failure (the exception propagates)."""
         t0 = time.perf_counter()
         try:
@@ -674,7 +673,7 @@ class BatchMetrics:
         return True
 
 
-def role_metrics(registry: CollectorRegistry, exp, tuner_id: str) -> "ChiefMetrics | WorkerMetrics":
+def role_metrics(registry: CollectorRegistry, exp, tuner_id: str) -> ChiefMetrics | WorkerMetrics:
     """The hooks of a tuning role (``chief`` or ``tuner<i>``), configured from the experiment:
     objective and direction, the workers to expect, the lease that counts as connected."""
     if tuner_id == "chief":
@@ -700,7 +699,7 @@ class _ScrapeWatch:
         self.starts = self.scrapes = 0  # scrapes: the ones whose collection finished
         self.last_scrape: float | None = None
 
-    def marker(self, end: bool) -> "_ScrapeMark":
+    def marker(self, end: bool) -> _ScrapeMark:
         return _ScrapeMark(self, end)
 
     def _note(self, end: bool) -> None:
@@ -763,7 +762,7 @@ class MetricsServer:
         self._server.server_close()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "MetricsServer":
+    def __enter__(self) -> MetricsServer:
         return self
 
     def __exit__(self, *exc) -> None:

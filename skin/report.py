@@ -30,10 +30,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import transforms  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib import transforms
 
-from skin.metrics import TRIAL_END_STATUSES, objective_direction  # noqa: E402
+from skin.metrics import TRIAL_END_STATUSES, objective_direction
 
 PNG_NAME = "search.png"
 HTML_NAME = "report.html"

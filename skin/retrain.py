@@ -65,12 +65,28 @@ import keras
 import numpy as np
 
 import skin
-from skin.errors import (ConfigError, DataError, PreconditionFailedError, PublishRaceLostError,
-                         SearchFailedError)
 from skin import clinical, provenance
-from skin.evaluate import (CLASS_NAMES, MODEL_FILE, SERVING_FILE, choose_threshold,
-                           classification_metrics, embed_serving, figure_rows, interval_text,
-                           malignant_probability, roc_auc, roc_curve, serving_document)
+from skin.errors import (
+    ConfigError,
+    DataError,
+    PreconditionFailedError,
+    PublishRaceLostError,
+    SearchFailedError,
+)
+from skin.evaluate import (
+    CLASS_NAMES,
+    MODEL_FILE,
+    SERVING_FILE,
+    choose_threshold,
+    classification_metrics,
+    embed_serving,
+    figure_rows,
+    interval_text,
+    malignant_probability,
+    roc_auc,
+    roc_curve,
+    serving_document,
+)
 from skin.storage import join
 
 log = logging.getLogger(__name__)
@@ -676,7 +692,7 @@ def _new_version(storage, models_uri: str) -> str:
     """A UTC timestamp no published version uses yet, claimed for this retrain: its
     ``metrics.json`` created only if absent (the upload replaces the placeholder)."""
     while True:
-        version = _dt.datetime.now(_dt.timezone.utc).strftime(VERSION_FORMAT)
+        version = _dt.datetime.now(_dt.UTC).strftime(VERSION_FORMAT)
         if not storage.list(join(models_uri, version) + "/"):
             try:
                 storage.write_json(join(models_uri, version, "metrics.json"),
@@ -725,7 +741,7 @@ def _render_report(result: dict | None, out_dir: Path, metrics: dict | None = No
         return
     try:
         render_search_report(result, out_dir, metrics=metrics)
-    except Exception:  # noqa: BLE001 - the report is a by-product; the model is published anyway
+    except Exception:  # the report is a by-product; the model is published anyway
         log.exception("the run report failed; publishing without it")
 
 
@@ -939,7 +955,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         "validation": validation,
         "version": version,
         "uri": uri,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "image_size": size,
         "class_names": list(CLASS_NAMES),
         "serving": serving,

@@ -37,9 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skin.config import Experiment
+from skin.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RELEASED,
+    EXIT_RETRYABLE,
+    FATAL_EXIT_CODES,
+    RetryableError,
+)
 from skin.evaluate import interval_text
-from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RELEASED, EXIT_RETRYABLE,
-                         FATAL_EXIT_CODES, RetryableError)
 
 log = logging.getLogger("skin.run")
 

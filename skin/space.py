@@ -31,7 +31,8 @@ unless the space says otherwise. Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from skin.errors import ConfigError
 

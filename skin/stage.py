@@ -47,7 +47,7 @@ import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -575,7 +575,7 @@ def _assign(usable: list[_Item], exp: Experiment, report: StageReport) -> list[s
         if g in index:
             group_labels[index[g]][it.label] += 1
     chosen = split_groups(group_labels, fractions, d.seed)
-    for k, (it, g) in enumerate(zip(usable, group)):
+    for k, (_it, g) in enumerate(zip(usable, group)):
         if g in index:
             splits[k] = chosen[index[g]]
     for it, g in zip(usable, group):
@@ -657,7 +657,7 @@ def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str,
         "test_source": report.test_source,
         "synthetic": report.synthetic,
         "provenance": report.provenance,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "image_size": exp.data.image_size,
         "classes": list(CLASSES),
         "settings": {k: getattr(exp.data, k) for k in (

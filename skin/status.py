@@ -22,14 +22,14 @@ import math
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
 from skin.metrics import TRIAL_STATUSES
-
 
 # The chief's metrics on Kubernetes: k8s/base (namespace.yaml, network/chief-service.yaml).
 # tests/test_status.py checks these against the manifests.

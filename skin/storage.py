@@ -44,9 +44,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from skin.errors import ConfigError, PreconditionFailedError, RetryableError
 
@@ -183,7 +184,7 @@ class Storage:
                 raise FileNotFoundError(f"{uri}: not found") from None
             except gexc.PreconditionFailed:
                 raise PreconditionFailedError(uri, generation) from None
-            except Exception as e:  # noqa: BLE001 - classified below, re-raised otherwise
+            except Exception as e:  # classified below, re-raised otherwise
                 status = _invalid_response_status(e)
                 if status == 404:
                     raise FileNotFoundError(f"{uri}: not found") from None

@@ -152,7 +152,7 @@ class _Unpickler(pickle.Unpickler):
         return storage
 
 
-def read_checkpoint(path: str | os.PathLike) -> "collections.OrderedDict[str, np.ndarray]":
+def read_checkpoint(path: str | os.PathLike) -> collections.OrderedDict[str, np.ndarray]:
     """The state dict of a PyTorch checkpoint (legacy or zip) or a safetensors file, as
     numpy arrays, without running any code from it. Raises CheckpointError."""
     path = Path(path)

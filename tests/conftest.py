@@ -1,8 +1,8 @@
 """Shared fixtures: a real storage emulator, a Storage, fresh buckets, small image folders.
 
 Storage is never mocked: ``emulator`` is fake-gcs-server on 127.0.0.1 (one
-per test session, in memory; it enforces generation preconditions like GCS) and ``storage`` is the real google-cloud-storage
-client pointed at it through ``STORAGE_EMULATOR_HOST``.
+per test session, in memory; it enforces generation preconditions like GCS) and ``storage`` is
+the real google-cloud-storage client pointed at it through ``STORAGE_EMULATOR_HOST``.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import random  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
+import random
+import shutil
+import socket
+import uuid
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-from skin.emulator import Emulator  # noqa: E402
-from skin.storage import Storage  # noqa: E402
+from skin.emulator import Emulator
+from skin.storage import Storage
 
 # The real images, when this checkout sits beside ../shared (see docs/TEAM.md).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared/datasets/skin-cancer-isic/train"

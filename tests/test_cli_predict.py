@@ -24,7 +24,7 @@ from skin import evaluate as ev
 from skin.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate import publish_tiny  # noqa: E402  (the tiny hand-made model)
+from test_evaluate import publish_tiny
 
 SKIN = shutil.which("skin", path=str(Path(sys.executable).parent)) or shutil.which("skin")
 
@@ -174,12 +174,11 @@ def test_evaluate_json_with_prevalence(model, real_or_synthetic_images, tmp_path
 
 @pytest.fixture(scope="module")
 def synthetic_model(emulator, tmp_path_factory):
-    from test_retrain import _stand_in_hypermodel, experiment
-
     from skin import retrain as rt
     from skin.config import Runtime
     from skin.stage import stage
     from skin.storage import Storage
+    from test_retrain import _stand_in_hypermodel, experiment
 
     bucket = f"syn-{uuid.uuid4().hex[:8]}"
     emulator.ensure_bucket(bucket)

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skin.config import (DEFAULT_EXPERIMENT_FILE, ENV_OVERRIDES, QUICKSTART_EXPERIMENT_FILE,
-                         Experiment, load_experiment, parse_experiment, runtime_from_env)
+from skin.config import (
+    DEFAULT_EXPERIMENT_FILE,
+    ENV_OVERRIDES,
+    QUICKSTART_EXPERIMENT_FILE,
+    Experiment,
+    load_experiment,
+    parse_experiment,
+    runtime_from_env,
+)
 from skin.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,16 @@ from PIL import Image
 
 from skin import synthetic
 from skin.config import API_VERSION, KIND, parse_experiment
-from skin.data import (class_counts, dataset, decode_and_resize, load_images, load_manifest,
-                       split_size, sync_data, wait_for_manifest)
+from skin.data import (
+    class_counts,
+    dataset,
+    decode_and_resize,
+    load_images,
+    load_manifest,
+    split_size,
+    sync_data,
+    wait_for_manifest,
+)
 from skin.errors import DataError, RetryableError
 from skin.stage import stage
 from skin.storage import Storage, join

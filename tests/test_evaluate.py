@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin.errors import ConfigError, DataError
 from skin import evaluate as ev
+from skin.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------
 # Metric functions
@@ -450,6 +450,7 @@ def _write_broken_and_odd_files(folder: Path) -> tuple[list[Path], list[Path]]:
 def _one_by_one(model_dir: Path, folder: Path, skip: set[str]):
     """Labels and P(malignant) image by image: the reference for the batched evaluate."""
     from PIL import Image
+
     from skin.data import load_images
 
     model, info = ev.load_published(model_dir)

@@ -12,14 +12,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -103,7 +101,7 @@ def test_split_brain_one_chief_serves_and_a_frozen_one_writes_nothing(roles, sto
 
     s.procs[first].send_signal(signal.SIGSTOP)  # frozen past its expiry
     s.wait_for(lambda: "oracle serving on" in s.log(second), timeout=10 * LOCK_SECONDS)
-    assert re.search(rf"took over the lock .* from \S+ \(term 2\)", s.log(second))
+    assert re.search(r"took over the lock .* from \S+ \(term 2\)", s.log(second))
     s.start_as("tuner0", "tuner0", ports[second])
     assert s.wait(second) == 0, s.log(second)[-4000:]
     assert s.wait("tuner0") == 0, s.log("tuner0")[-4000:]

@@ -4,8 +4,8 @@ the API server. The pods themselves run in tests/test_kindsim_image.py (make ima
 from __future__ import annotations
 
 import base64
-import re
 import json
+import re
 import shutil
 import urllib.error
 import urllib.request

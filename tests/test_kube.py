@@ -81,7 +81,7 @@ class FakeJobAPI:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
-    def __enter__(self) -> "FakeJobAPI":
+    def __enter__(self) -> FakeJobAPI:
         self.thread.start()
         return self
 

@@ -15,8 +15,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from skin.config import (DEFAULT_EXPERIMENT_FILE, QUICKSTART_EXPERIMENT_FILE, load_experiment,
-                         parse_experiment, runtime_from_env)
+from skin.config import (
+    DEFAULT_EXPERIMENT_FILE,
+    QUICKSTART_EXPERIMENT_FILE,
+    load_experiment,
+    parse_experiment,
+    runtime_from_env,
+)
 from skin.errors import EXIT_RETRYABLE, FATAL_EXIT_CODES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +217,7 @@ def test_what_must_write_goes_to_an_empty_dir(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_role_runs_its_entrypoint_with_the_mounted_experiment(overlay):
     (cm,) = objects(overlay, "ConfigMap")
-    for role, job in skin_jobs(overlay).items():
+    for job in skin_jobs(overlay).values():
         spec = pod_spec(job)
         (c,) = spec["containers"]
         module = c["command"][2]

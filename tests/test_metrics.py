@@ -272,7 +272,7 @@ class _Gateway(http.server.BaseHTTPRequestHandler):
 
     received: list = []
 
-    def do_PUT(self):  # noqa: N802
+    def do_PUT(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.received.append((self.command, self.path, body.decode()))
         self.send_response(200)

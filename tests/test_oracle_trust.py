@@ -245,7 +245,7 @@ def _certificates(folder, *, ca_name: str = "skin test CA"):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def cert(subject, issuer, public_key, signing_key, *, ca: bool, names=()):
         builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)

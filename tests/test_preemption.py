@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 EPOCH_S = 1.0
 
 
-def test_preemption_churn_loses_no_trial_and_no_finished_epoch(search, storage):
+def test_preemption_churn_loses_no_trial_and_no_finished_epoch(search, storage):  # noqa: F811
     s = search(max_trials=8, max_epochs=4, lease_seconds=30, max_trial_retries=1,
                max_consecutive_failed_trials=2, entry_args=["--epoch-seconds", str(EPOCH_S)])
     workers = ["tuner0", "tuner1"]
@@ -88,7 +88,7 @@ def test_preemption_churn_loses_no_trial_and_no_finished_epoch(search, storage):
     assert epochs_begun(s) <= 32 + len(churn.kills)
 
 
-def test_hung_worker_exits_by_its_watchdog_and_its_trial_moves_on(search, storage):
+def test_hung_worker_exits_by_its_watchdog_and_its_trial_moves_on(search, storage):  # noqa: F811
     # Lease 3 s x 2 leases: a worker with no finished batch for 6 s exits 81 by itself.
     s = search(max_trials=2, max_epochs=2, lease_seconds=3, watchdog_leases=2,
                max_trial_retries=1, entry_args=["--hang-after-batches", "4"])

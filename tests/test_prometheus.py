@@ -368,7 +368,7 @@ def test_every_dashboard_expression_runs_and_the_main_panels_have_data(live):
 
 
 def test_every_rule_expression_runs_and_prometheus_evaluates_the_rules(live):
-    for name, expr in rule_expressions():
+    for _name, expr in rule_expressions():
         live.prom.query(expr)  # raises on a PromQL error
     deadline = time.monotonic() + 20
     while True:

@@ -9,8 +9,12 @@ import json
 import pytest
 
 from skin import space as S
-from skin.config import (DEFAULT_EXPERIMENT_FILE, QUICKSTART_EXPERIMENT_FILE, load_experiment,
-                         parse_experiment)
+from skin.config import (
+    DEFAULT_EXPERIMENT_FILE,
+    QUICKSTART_EXPERIMENT_FILE,
+    load_experiment,
+    parse_experiment,
+)
 from skin.errors import ConfigError
 
 
@@ -170,7 +174,6 @@ def test_the_shipped_experiments_state_the_default_space():
 def test_a_yaml_space_samples_the_same_trials_as_the_default_space():
     """The same seed draws the same hyperparameters from the stated space as from the model's
     default space (what the search sampled before the space moved into the file)."""
-    import keras_tuner
 
     from skin import model as M
     from skin.tuning.oracle import make_oracle

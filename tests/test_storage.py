@@ -135,7 +135,7 @@ def test_threads_share_one_storage(storage, bucket):
                 uri = f"gs://{bucket}/threads/{t}/{i}"
                 storage.write_text(uri, f"{t}-{i}")
                 assert storage.read_text(uri) == f"{t}-{i}"
-        except Exception as e:  # collected and asserted below
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
@@ -252,7 +252,7 @@ def test_emulator_context_manager_and_port_zero(tmp_path):
             assert other.port != emu.port
     assert not emu.running
     with pytest.raises(RuntimeError, match="not running"):
-        emu.endpoint
+        emu.endpoint  # noqa: B018 - reading the property raises
 
 
 def test_emulator_refuses_a_busy_port():

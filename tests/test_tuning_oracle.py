@@ -401,10 +401,10 @@ def test_a_worker_gives_up_on_an_unreachable_chief_and_hears_endings_from_the_bu
 
 
 def test_bayesian_without_scikit_learn_is_a_config_error_naming_the_key(tmp_path, bucket):
+    import importlib.util
+
     from skin.errors import ConfigError
     from skin.tuning.oracle import make_oracle
-
-    import importlib.util
 
     if importlib.util.find_spec("sklearn") is None:
         with pytest.raises(ConfigError, match="search.tuner: 'bayesian'.*scikit-learn"):
@@ -451,11 +451,10 @@ def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, stora
 
 def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
     """A chief (in a thread) and a worker in this process, two executions per trial."""
-    from tuning_entry import TinyHyperModel
-
     from skin.config import Runtime
     from skin.tuning import load_result, run_chief, run_worker
     from skin.tuning.tuner import EPOCH_STATE
+    from tuning_entry import TinyHyperModel
 
     exp = _exp(tmp_path, bucket, max_trials=2, max_epochs=2, executions_per_trial=2)
     port = free_port()

@@ -31,9 +31,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import keras_tuner  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import keras_tuner
+import numpy as np
 
 
 class Slow(keras.callbacks.Callback):

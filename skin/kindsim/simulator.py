@@ -34,15 +34,14 @@ import logging
 import os
 import queue
 import random
+import secrets
 import shutil
 import ssl
 import string
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import yaml
 from skin.errors import ConfigError
 from skin.kindsim import jobs as jobctl
 from skin.kindsim.apiserver import FakeKubeAPI, Rbac
-from skin.kindsim.pods import SA_DIR, BuiltPod, Cluster, PodConfigError, Slot, play_yaml
+from skin.kindsim.pods import BuiltPod, Cluster, PodConfigError, Slot, play_yaml
 
 log = logging.getLogger("skin.kindsim")
 
@@ -431,7 +430,7 @@ class Simulator:
 
     def _reap(self) -> None:
         states = self._container_states()
-        for key, run in list(self.pods.items()):
+        for run in list(self.pods.values()):
             codes = {}
             for c in run.containers:
                 state, code = states.get(c, ("missing", 137))

@@ -27,8 +27,8 @@ import ipaddress
 import logging
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 

@@ -12,7 +12,8 @@ Nothing here imports TensorFlow; the space is a keras-tuner ``HyperParameters``.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 # Metrics bounded to [0, 1] (a name contains one of these); losses are >= 0.
 UNIT_INTERVAL = ("auc", "accuracy", "precision", "recall", "sensitivity", "specificity")

@@ -39,16 +39,32 @@ from pathlib import Path
 
 import grpc
 
-from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RELEASED, EXIT_RETRYABLE,
-                         EXIT_SEARCH_FAILED, ConfigError, FencedError, RetryableError,
-                         SearchFailedError, SkinError, exit_code_for)
+from skin.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RELEASED,
+    EXIT_RETRYABLE,
+    EXIT_SEARCH_FAILED,
+    ConfigError,
+    FencedError,
+    RetryableError,
+    SearchFailedError,
+    SkinError,
+    exit_code_for,
+)
 from skin.storage import join
 from skin.tuning import auth
 from skin.tuning import protocol as wire
 from skin.tuning.journal import Journal, OracleStore
 from skin.tuning.lock import LOCK_NAME, ChiefLock, Fence, should_wait
-from skin.tuning.results import (best_uri, build_best, build_result, oracle_uri, read_outcome,
-                                 result_uri)
+from skin.tuning.results import (
+    best_uri,
+    build_best,
+    build_result,
+    oracle_uri,
+    read_outcome,
+    result_uri,
+)
 
 log = logging.getLogger("skin.tuning")
 
@@ -376,7 +392,7 @@ def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
     except SkinError as e:
         log.error("chief: %s (exit %d)", e, exit_code_for(e))
         return exit_code_for(e)
-    except Exception as e:  # noqa: BLE001 - the role's last word: logged, typed exit code
+    except Exception as e:  # the role's last word: logged, typed exit code
         log.exception("chief failed unexpectedly")
         return exit_code_for(e)
 
@@ -446,7 +462,7 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
                                          cache_dir=Path(runtime.work_dir) / "backbone")
         try:
             populate_space(oracle, hypermodel)
-        except Exception as e:  # noqa: BLE001 - nothing can run: end the search, tell the workers
+        except Exception as e:  # nothing can run: end the search, tell the workers
             reason = f"the search space cannot be built: {type(e).__name__}: {e}"
             log.exception("search failed: %s", reason)
             fence.write_json(result_uri(exp), {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -128,7 +128,7 @@ class ChiefClient:
                 if patient and self.stop_requested is not None and self.stop_requested():
                     from skin.tuning.preempt import Preempted
 
-                    raise Preempted(f"SIGTERM while the chief does not answer {method}")
+                    raise Preempted(f"SIGTERM while the chief does not answer {method}") from None
                 if not patient:
                     raise RetryableError(f"the chief at {self.address} did not answer "
                                          f"{method} ({e.code().name})") from None

@@ -61,7 +61,7 @@ class Confirmation:
         self.max_epochs, self.hyperband = int(max_epochs), bool(hyperband)
 
     @classmethod
-    def from_experiment(cls, exp) -> "Confirmation | None":
+    def from_experiment(cls, exp) -> Confirmation | None:
         c = exp.search.confirm
         if not c.top:
             return None

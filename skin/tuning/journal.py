@@ -42,8 +42,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from skin.errors import RetryableError
 from skin.storage import join
@@ -192,7 +193,7 @@ class Journal:
                          threading.Thread(target=self._compact_loop, name="oracle-compact",
                                           daemon=True)]
 
-    def start(self) -> "Journal":
+    def start(self) -> Journal:
         for t in self._threads:
             t.start()
         return self

@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from skin.errors import FencedError, LockHeldError, PreconditionFailedError, RetryableError
 
@@ -96,7 +96,7 @@ class ChiefLock:
     # -- taking it --------------------------------------------------------------------
 
     def acquire(self, wait: bool, timeout_s: float | None = None, poll_s: float | None = None,
-                on_wait: Callable[[dict], None] | None = None) -> "ChiefLock":
+                on_wait: Callable[[dict], None] | None = None) -> ChiefLock:
         """Take the lock; LockHeldError if it is fresh and ``wait`` is False."""
         deadline = None if timeout_s is None else _clock() + timeout_s
         poll_s = poll_s or max(0.2, min(5.0, self.ttl_s / 4))
@@ -167,7 +167,7 @@ class ChiefLock:
 
     # -- keeping it --------------------------------------------------------------------
 
-    def start(self) -> "ChiefLock":
+    def start(self) -> ChiefLock:
         """Renew every ttl/3 in a daemon thread until :meth:`release` or the lock is lost."""
         self._thread = threading.Thread(target=self._renew_loop, name="chief-lock", daemon=True)
         self._thread.start()
@@ -233,7 +233,7 @@ class ChiefLock:
                 if not self.held():
                     self.lose(f"could not renew it for {self.ttl_s:g} s ({e})")
                     return
-            except Exception as e:  # noqa: BLE001 - never let the thread die silently
+            except Exception as e:  # never let the thread die silently
                 log.exception("chief: renewing the lock failed")
                 if not self.held():
                     self.lose(f"could not renew it: {type(e).__name__}: {e}")

@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from skin.errors import EXIT_RELEASED
 
@@ -65,7 +65,7 @@ class Preemption:
 
     # -- installation ----------------------------------------------------------------------
 
-    def install(self) -> "Preemption":
+    def install(self) -> Preemption:
         """Take over SIGTERM (main thread only; elsewhere, e.g. in a test thread, a no-op)."""
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
@@ -77,7 +77,7 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
             self._installed = False
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         return self.install()
 
     def __exit__(self, *exc) -> None:

@@ -42,7 +42,7 @@ class MedianStopping:
         self.min_trials = int(min_trials)
 
     @classmethod
-    def from_experiment(cls, exp, objective) -> "MedianStopping | None":
+    def from_experiment(cls, exp, objective) -> MedianStopping | None:
         es = exp.search.early_stopping
         if es.rule == "none":
             return None

@@ -123,7 +123,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"heartbeat-{trial_id}")
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -175,7 +175,7 @@ class EpochReporter(keras.callbacks.Callback):
     moves, and stops the trial when the heartbeat learnt it was lost.
     """
 
-    def __init__(self, tuner: "WorkerTuner", trial, execution: int, state: dict):
+    def __init__(self, tuner: WorkerTuner, trial, execution: int, state: dict):
         super().__init__()
         self.tuner, self.trial, self.execution = tuner, trial, execution
         self.state = state  # epoch.json content, updated in place

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from skin.errors import EXIT_WATCHDOG
 from skin.tuning.preempt import flush_logs
@@ -49,7 +49,7 @@ class Watchdog:
     def enabled(self) -> bool:
         return self.limit_s > 0
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name=f"watchdog-{self.worker}")

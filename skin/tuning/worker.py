@@ -16,8 +16,16 @@ import random
 import time
 from pathlib import Path
 
-from skin.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RELEASED, EXIT_SEARCH_FAILED,
-                         ConfigError, RetryableError, SkinError, exit_code_for)
+from skin.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RELEASED,
+    EXIT_SEARCH_FAILED,
+    ConfigError,
+    RetryableError,
+    SkinError,
+    exit_code_for,
+)
 from skin.storage import join
 from skin.tuning import protocol as wire
 from skin.tuning.results import read_outcome
@@ -91,7 +99,7 @@ def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
         (log.error if code == EXIT_SEARCH_FAILED else log.warning)(
             "%s: %s (exit %d)", runtime.tuner_id, e, code)
         return code
-    except Exception as e:  # noqa: BLE001 - the role's last word: logged, typed exit code
+    except Exception as e:  # the role's last word: logged, typed exit code
         log.exception("%s failed unexpectedly", runtime.tuner_id)
         return exit_code_for(e)
 

@@ -1,10 +1,11 @@
 """Which images show the same lesion, and a split that keeps each lesion on one side.
 
     group, stats = near_duplicate_groups(thumbs, labels, numbers, folders, 0.97, seed)
-    chosen = split_groups(group_labels, {"train": .7, "validation": .15, "test": .15}, seed)
+    split = split_images(group, labels, {"train": .7, "validation": .15, "test": .15}, seed)
 
-Pure numpy, no I/O: :mod:`skin.stage` computes the thumbnails and file numbers,
-calls these two and writes the shards. The ISIC archive holds several photos of
+Pure numpy, no I/O: :mod:`skin.stage` computes the thumbnails (``prepare_image``)
+and file numbers, calls these two and writes the shards; bench/quality_data.py
+splits its in-memory copy of the images the same way. The ISIC archive holds several photos of
 one lesion (the dataset's README); a split that put them on both sides would
 score a model on images it has nearly seen.
 """
@@ -189,3 +190,19 @@ def split_groups(group_labels: list[list[int]], fractions: dict[str, float], see
         out[g] = best
         placed[best] += counts[g]
     return out
+
+
+def split_images(group: list[int], labels: list[int], fractions: dict[str, float], seed: int
+                 ) -> list[str]:
+    """The split of each image when whole groups are placed by :func:`split_groups`.
+
+    ``group[i]`` and ``labels[i]`` belong to image i; the groups are the distinct
+    values of ``group``, in sorted order (which fixes the seeded tie-break).
+    """
+    groups = sorted(set(group))
+    index = {g: k for k, g in enumerate(groups)}
+    group_labels = [[0] * len(CLASSES) for _ in groups]
+    for g, label in zip(group, labels):
+        group_labels[index[g]][label] += 1
+    chosen = split_groups(group_labels, fractions, seed)
+    return [chosen[index[g]] for g in group]

@@ -106,6 +106,13 @@ def _define(hp: keras_tuner.HyperParameters, space: dict | None = None, backbone
     return {name: skin_space.declare(hp, name, spec) for name, spec in space.items()}
 
 
+def default_values(space: dict | None = None, backbone: str = "none",
+                   pretrained: bool = False) -> dict[str, Any]:
+    """The values a build takes when nothing is searched: each hyperparameter's default in
+    ``space`` (as :func:`_define` reads it: a ``search.fixed`` mapping or an effective space)."""
+    return _define(keras_tuner.HyperParameters(), space, backbone, pretrained)
+
+
 def trial_seed(hp, base: int) -> int | None:
     """The seed of a confirmation trial (``tuner/seed`` = 1, 2, ...) mixed with ``base``;
     None for an ordinary trial (Keras draws its own)."""
@@ -115,8 +122,12 @@ def trial_seed(hp, base: int) -> int | None:
     return (int(base) * 1_000_003 + int(n) * 7919) % (2 ** 31 - 1)
 
 
-def _augmentation(strength: float, seed: int | None) -> list[keras.layers.Layer]:
-    """Random layers suited to dermoscopy; Keras skips them unless training=True."""
+def augmentation_layers(strength: float, seed: int | None) -> list[keras.layers.Layer]:
+    """Random layers suited to dermoscopy; Keras skips them unless training=True.
+
+    :func:`build_model` looks this name up at build time, so bench/quality_explore.py
+    ``--zoom`` can swap in a variant for an exploration.
+    """
     layers: list[keras.layers.Layer] = [
         keras.layers.RandomFlip("horizontal_and_vertical", seed=seed, name="aug_flip"),
         keras.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed, name="aug_rotate"),
@@ -185,7 +196,7 @@ def build_model(values: dict[str, Any], image_size: int, seed: int | None = None
     v = values
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     x = inputs
-    for layer in _augmentation(v["augment"], seed):
+    for layer in augmentation_layers(v["augment"], seed):
         x = layer(x)
     if backbone is not None:
         net = backbone.build(image_size)

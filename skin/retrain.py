@@ -806,7 +806,7 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     return picked
 
 
-def _members(exp, best: dict, result: dict | None) -> list[dict]:
+def members_to_retrain(exp, best: dict, result: dict | None) -> list[dict]:
     """The trials to retrain: the best alone, or the top ``retrain.ensemble``."""
     wanted = exp.retrain.ensemble
     if wanted <= 1:
@@ -873,7 +873,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
 
         hypermodel = SkinHyperModel(exp, storage=storage,
                                      cache_dir=Path(runtime.work_dir) / "backbone")
-    specs = _members(exp, best, result)
+    specs = members_to_retrain(exp, best, result)
     check_members(exp, hypermodel, specs)  # before any download or training: exit 2 on a mismatch
     data_dir = Path(skin_data.sync_data(storage, exp.data_uri, Path(runtime.work_dir) / "data"))
     manifest = skin_data.load_manifest(data_dir)

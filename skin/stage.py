@@ -56,7 +56,7 @@ import numpy as np
 from skin import provenance
 from skin.config import Experiment
 from skin.errors import DataError
-from skin.grouping import CLASSES, SPLITS, near_duplicate_groups, split_groups
+from skin.grouping import CLASSES, SPLITS, near_duplicate_groups, split_images
 from skin.storage import Storage, is_gcs, join
 
 log = logging.getLogger(__name__)
@@ -567,17 +567,12 @@ def _assign(usable: list[_Item], exp: Experiment, report: StageReport) -> list[s
             report.held_out.append({"source": it.rel, "reason": "near-duplicate of a test image"})
     fractions = {"validation": d.validation_fraction, "test": d.test_fraction}
     fractions["train"] = 1.0 - sum(fractions.values())
-    source_groups = sorted({g for it, g in zip(usable, group)
-                            if it.origin == "source" and not has_test[g]})
-    index = {g: k for k, g in enumerate(source_groups)}
-    group_labels = [[0] * len(CLASSES) for _ in source_groups]
-    for it, g in zip(usable, group):
-        if g in index:
-            group_labels[index[g]][it.label] += 1
-    chosen = split_groups(group_labels, fractions, d.seed)
-    for k, (_it, g) in enumerate(zip(usable, group)):
-        if g in index:
-            splits[k] = chosen[index[g]]
+    source = [k for k, (it, g) in enumerate(zip(usable, group))
+              if it.origin == "source" and not has_test[g]]
+    chosen = split_images([group[k] for k in source], [usable[k].label for k in source],
+                          fractions, d.seed)
+    for k, split in zip(source, chosen):
+        splits[k] = split
     for it, g in zip(usable, group):
         it.group = g
     report.splits = {}

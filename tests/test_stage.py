@@ -19,7 +19,7 @@ from PIL import Image
 from skin import synthetic
 from skin.config import API_VERSION, KIND, Experiment, parse_experiment
 from skin.errors import DataError
-from skin.grouping import near_duplicate_groups, split_groups
+from skin.grouping import near_duplicate_groups, split_groups, split_images
 from skin.stage import CLASSES, stage
 from skin.storage import Storage, join
 
@@ -392,3 +392,16 @@ def test_split_groups_keeps_groups_whole_and_classes_stratified(seed):
         got = np.sum([g for g, s in zip(groups, chosen) if s == split], axis=0)
         assert np.all(np.abs(got - frac * totals) <= 7), (split, got, frac * totals)
     assert split_groups(groups, fractions, seed) == chosen  # deterministic
+
+
+def test_split_images_places_each_image_with_its_group():
+    """Per image: the split split_groups gives its group (groups in sorted id order)."""
+    group = [7, 3, 7, 9, 3, 3, 12, 9, 20, 21]  # ids need not be 0..n-1
+    labels = [1, 0, 1, 0, 0, 0, 1, 0, 1, 0]
+    fractions = {"train": 0.5, "validation": 0.25, "test": 0.25}
+    split = split_images(group, labels, fractions, seed=4)
+    per_group = split_groups([[3, 0], [0, 2], [2, 0], [0, 1], [0, 1], [1, 0]], fractions, 4)
+    by_id = dict(zip([3, 7, 9, 12, 20, 21], per_group))
+    assert split == [by_id[g] for g in group]
+    assert split[0] == split[2] and split[1] == split[4] == split[5] and split[3] == split[7]
+    assert set(split) == set(fractions)

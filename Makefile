@@ -146,17 +146,17 @@ kind-down: ## Delete the kind cluster
 # skin/experiments/pretrained.yaml fine-tunes ImageNet EfficientNet-Lite0); `make run`'s own
 # default CONFIG does not apply here.
 bench-quality: venv ## Model quality: skin run on ../shared ISIC train with a held-out test part, 3 split seeds; model at OUT/model (OUT=dir CONFIG=file DATA=dir; ~1 h, whole machine)
-	$(PY) bench/quality.py $(if $(OUT),--out $(OUT)) $(if $(filter command line environment override,$(origin CONFIG)),--config $(CONFIG)) $(if $(DATA),--data $(DATA))
+	$(PY) -m bench.quality $(if $(OUT),--out $(OUT)) $(if $(filter command line environment override,$(origin CONFIG)),--config $(CONFIG)) $(if $(DATA),--data $(DATA))
 
 .PHONY: bench-search
 bench-search: venv ## Search strategies replayed over recorded learning curves (seconds); RECORD=1 records the curves first (hours: 32 configurations x 12 epochs on ../shared)
-	$(if $(RECORD),$(PY) bench/search_replay.py record --out bench/search_curves.json --configs 32 --two-seeds 8)
-	$(PY) bench/search_replay.py replay $(if $(OUT),--json $(OUT))
+	$(if $(RECORD),$(PY) -m bench.search_replay record --out bench/search_curves.json --configs 32 --two-seeds 8)
+	$(PY) -m bench.search_replay replay $(if $(OUT),--json $(OUT))
 
 .PHONY: bench-churn
 bench-churn: venv ## Preemption churn (10 worker + 2 chief SIGTERMs) vs the same tiny search without faults: wall ratio, lost epochs, attempts by kind (~5 min; OUT=file for the JSON)
-	$(PY) bench/churn.py $(if $(OUT),--out $(OUT))
+	PYTHONPATH=tests $(PY) -m bench.churn $(if $(OUT),--out $(OUT))
 
 .PHONY: bench-scale
 bench-scale: venv ## Chief capacity (ours vs stock keras-tuner, 200/1000 simulated workers, 10k trials) and 1-vs-2 worker scaling (~30 min; OUT=file for the JSON)
-	$(PY) bench/scale.py all $(if $(OUT),--out $(OUT))
+	$(PY) -m bench.scale all $(if $(OUT),--out $(OUT))

@@ -1,7 +1,7 @@
 """Preemption churn vs no faults: what preemptions cost a search.
 
-    python bench/churn.py [--trials 8] [--epochs 4] [--epoch-seconds 1] [--kills 10]
-                          [--chief-kills 2] [--out FILE]
+    PYTHONPATH=tests python -m bench.churn [--trials 8] [--epochs 4] [--epoch-seconds 1]
+                                           [--kills 10] [--chief-kills 2] [--out FILE]
 
 Runs the same tiny search (tests/tuning_entry.py: a chief and 2 workers over loopback gRPC,
 the bucket in the storage emulator, ``--epoch-seconds`` per epoch) twice: once without
@@ -11,11 +11,16 @@ with the same id). Reports the wall-time ratio, the epochs the workers began in 
 (the difference is the lost work), and the attempts by kind from ``tuner/result.json``.
 Targets (issue 13): lost work <= one epoch per preemption, 0 failed attempts, wall time
 <= 1.3x at 10 preemptions.
+
+The search and the churn are the tests' own harness (tests/test_tuning.py's ``Search``,
+tests/churn.py's ``drive``), so tests/ must be on the import path: ``make bench-churn``
+sets ``PYTHONPATH=tests``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -25,8 +30,6 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -85,6 +88,10 @@ def main() -> int:
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args()
 
+    if importlib.util.find_spec("test_tuning") is None:
+        parser.error("the tests' harness (tests/test_tuning.py, tests/churn.py) is not "
+                     "importable: run from the repository root with PYTHONPATH=tests "
+                     "(make bench-churn does)")
     from skin.emulator import Emulator
 
     with Emulator() as emulator, tempfile.TemporaryDirectory(prefix="bench-churn-") as tmp:

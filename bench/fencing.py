@@ -1,6 +1,6 @@
 """What fencing costs the chief: a journal-sized write, plain vs through the lock's Fence.
 
-    .venv/bin/python bench/fencing.py [--writes 300] [--size 2048]
+    .venv/bin/python -m bench.fencing [--writes 300] [--size 2048]
 
 Starts fake-gcs-server (skin.emulator, memory backend) in this process and
 writes ``--writes`` objects of ``--size`` bytes to a ring of 64 slots (as the

@@ -8,10 +8,11 @@ Keras on the JAX backend (``KERAS_BACKEND=jax``, the machine's CUDA JAX) with th
 memory instead of the worker's tf.data pipeline over staged shards; the network, the
 augmentation layers, the optimiser and the schedule are the product's.
 
-Input: ``bench/gpu_pack.py`` writes the real ISIC images at 224 px with a grouped
-70/15/15 split (bench/quality_data.py, split seed 0) as one .npz of JPEG bytes.
+Input: ``python -m bench.gpu_pack`` writes the real ISIC images at 224 px with the
+product's grouped 70/15/15 split (bench/quality_data.py, split seed 0) as one .npz of
+JPEG bytes.
 
-    KERAS_BACKEND=jax python bench/gpu.py --pack .gpudata/isic224.npz \
+    KERAS_BACKEND=jax python -m bench.gpu --pack .gpudata/isic224.npz \
         --lite0-weights .gpudata/lite0.weights.h5 --out $OUT/gpu.json
 """
 
@@ -28,15 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH may name another checkout first
-
 
 def decode(pack: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from PIL import Image
 
     z = np.load(pack)
     data, offs, labels, split = z["data"], z["offsets"], z["labels"], z["split"]
-    imgs = np.stack([np.asarray(Image.open(io.BytesIO(data[offs[i]:offs[i + 1]].tobytes())).convert("RGB"))
+    imgs = np.stack([np.asarray(Image.open(io.BytesIO(data[offs[i]:offs[i + 1]].tobytes()))
+                                .convert("RGB"))
                      for i in range(len(labels))]).astype(np.float32)
     return {name: (imgs[split == k], labels[split == k].astype(np.float32))
             for k, name in enumerate(("train", "val", "test"))}
@@ -115,10 +115,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import keras
-    import keras_tuner
 
-    from skin import model as M
     from skin.config import load_experiment
+    from skin.model import default_values
 
     report: dict = {"backend": keras.backend.backend(), "keras": keras.__version__,
                     "python": platform.python_version()}
@@ -142,7 +141,7 @@ def main(argv=None) -> int:
     print(json.dumps(report), flush=True)
 
     exp = load_experiment(Path(__file__).resolve().parents[1] / "skin/experiments/default.yaml")
-    scratch = M._define(keras_tuner.HyperParameters(), exp.search.fixed)
+    scratch = default_values(exp.search.fixed)
     report["runs"] = []
     if args.scratch_epochs:
         report["runs"].append(train("from-scratch default recipe", scratch, parts,
@@ -153,8 +152,7 @@ def main(argv=None) -> int:
         from skin import backbone as B
 
         bb = B.fetch_weights("efficientnet_lite0", args.lite0_weights, True)
-        values = M._define(keras_tuner.HyperParameters(), dict(exp.search.fixed),
-                           "efficientnet_lite0", pretrained=True)
+        values = default_values(dict(exp.search.fixed), "efficientnet_lite0", pretrained=True)
         values.update(learning_rate=3e-4, dense_units=0, dropout=0.2)
         report["runs"].append(train("efficientnet_lite0 ImageNet, fine-tuned", values, parts,
                                     epochs=args.lite0_epochs, backbone=bb))

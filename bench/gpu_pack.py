@@ -1,9 +1,9 @@
 """Pack the real ISIC images for bench/gpu.py: every image at 224 px (bench/quality_data.py's
-bilinear resize), re-encoded as JPEG quality 90, with the grouped 70/15/15 split of
-quality_data (split seed 0), as one .npz (about 29 MB) that fits the 64 MiB a device call
-may carry. Never commit the output (images stay out of the repository).
+bilinear resize), re-encoded as JPEG quality 90, with the product's grouped 70/15/15 split
+(quality_data.split, split seed 0), as one .npz (about 29 MB) that fits the 64 MiB a device
+call may carry. Never commit the output (images stay out of the repository).
 
-    .venv/bin/python bench/gpu_pack.py .gpudata/isic224.npz
+    .venv/bin/python -m bench.gpu_pack .gpudata/isic224.npz
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import quality_data as Q
 from PIL import Image
+
+from bench import quality_data as Q
 
 
 def main(out: str, size: int = 224, split_seed: int = 0) -> None:
     x, y, paths = Q.load(size)
-    sp = Q.split(y, Q.groups(paths, y), split_seed)
+    sp = Q.split(paths, y, split_seed)
     blobs, offsets = [], [0]
     for im in x:
         buf = io.BytesIO()

@@ -1,6 +1,6 @@
 """`make bench-quality`: the whole pipeline on the real ISIC images, measured.
 
-    .venv/bin/python bench/quality.py [--out DIR] [--config FILE] [--data DIR]
+    .venv/bin/python -m bench.quality [--out DIR] [--config FILE] [--data DIR]
                                       [--split-seeds 2] [--skip-run]
 
 0. A pretrained experiment (``backbone.weights`` a ``gs://`` object of a backbone that
@@ -46,10 +46,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "skin-cancer-isic" / "train"
 EARLY_MINUTES = 20.0
@@ -259,7 +259,7 @@ def split_seed_run(exp, storage, best: dict, seed: int, work: Path,
     way it does, and score on that split's test part."""
     from skin import data as skin_data
     from skin.model import SkinHyperModel, inference_model
-    from skin.retrain import _members, train
+    from skin.retrain import members_to_retrain, train
     from skin.stage import stage
 
     exp_s = dataclasses.replace(exp, name=f"{exp.name}-split{seed}",
@@ -269,7 +269,7 @@ def split_seed_run(exp, storage, best: dict, seed: int, work: Path,
     data_dir = skin_data.sync_data(storage, exp_s.data_uri, work / f"data-{seed}")
     staged_s = time.monotonic() - t0
     trained = [train(exp_s, SkinHyperModel(exp_s), spec, Path(data_dir), seed=exp_s.data.seed + i)
-               for i, spec in enumerate(_members(exp_s, best, result))]
+               for i, spec in enumerate(members_to_retrain(exp_s, best, result))]
     # The first member's epochs; the seconds of all of them.
     training = {**trained[0][1], "seconds": sum(t["seconds"] for _, t in trained)}
     model = inference_model([m for m, _ in trained], tta=exp.retrain.tta)

@@ -1,6 +1,6 @@
 """Retrain given configurations on given split seeds, the way the product publishes, and score.
 
-    .venv/bin/python bench/quality_configs.py --out runs/configs-1 \
+    .venv/bin/python -m bench.quality_configs --out runs/configs-1 \
         --set blocks=4 filters=16 dense_units=128 learning_rate=0.003 --split-seeds 42 43 44
 
 What ``make bench-quality`` does for its extra split seeds (``bench/quality.py``'s
@@ -25,8 +25,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 
 def main(argv=None) -> int:
@@ -38,13 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--split-seeds", type=int, nargs="+", default=[42, 43, 44])
     args = ap.parse_args(argv)
 
-    import keras_tuner
-    from quality import DEFAULT_DATA, machine, split_seed_run
-    from quality_explore import apply_sets
-
+    from bench.quality import DEFAULT_DATA, machine, split_seed_run
+    from bench.quality_explore import apply_sets
     from skin.config import load_experiment
     from skin.emulator import Emulator
-    from skin.model import _define
+    from skin.model import default_values
     from skin.storage import Storage
 
     exp = load_experiment(args.config, env={})
@@ -52,13 +48,12 @@ def main(argv=None) -> int:
     if args.best:
         best = json.loads(Path(args.best).read_text())
     else:
-        best = {"trial_id": "defaults", "hyperparameters": _define(keras_tuner.HyperParameters(),
-                                                                   exp.search.fixed)}
+        best = {"trial_id": "defaults", "hyperparameters": default_values(exp.search.fixed)}
     values = apply_sets(best["hyperparameters"], args.set)
     best = {**best, "trial_id": "configured", "hyperparameters": values}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report = {"command": " ".join(["bench/quality_configs.py", *(argv or sys.argv[1:])]),
+    report = {"command": " ".join(["python -m bench.quality_configs", *(argv or sys.argv[1:])]),
               "machine": machine(), "hyperparameters": values, "retrain": dataclasses.asdict(
                   exp.retrain), "splits": []}
     with Emulator(bucket=exp.storage.bucket, data_dir=str(out / "bucket")) as emu:

@@ -1,13 +1,11 @@
 """In-memory copy of the ISIC folder for fast model research (bench/quality_explore.py).
 
 Loads every image once at a reduced size (cached as .npy under $SKIN_BENCH_CACHE,
-default /tmp/skin-quality-cache), groups near-duplicates the way the issue asks and
-makes a seeded, grouped, stratified train/validation/test split. Not used by the
-product: the product's staging is skin/stage.py.
-
-Grouping: two images are one lesion when their 32x32 grayscale thumbnails correlate
->= ``corr`` (0.97), or when they are in the same class, their file numbers differ by
-at most ``adjacent`` (2) and their thumbnails correlate >= ``adjacent_corr`` (0.85).
+default /tmp/skin-quality-cache) and splits it into train/validation/test with the
+product's grouped, stratified split (:func:`split`: the functions ``skin stage`` runs).
+Until 2026-11-28 this module had its own grouping (thumbnail correlation >= 0.97, or
+>= 0.85 for same-class files numbered at most 2 apart) and its own split; explore rows
+in BENCHMARKS.md from before then were measured on that split.
 """
 
 from __future__ import annotations
@@ -19,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from skin.stage import file_number
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "skin-cancer-isic" / "train"
 CACHE = Path(os.environ.get("SKIN_BENCH_CACHE", "/tmp/skin-quality-cache"))
 CLASSES = ("benign", "malignant")
@@ -27,7 +27,8 @@ CLASSES = ("benign", "malignant")
 def list_files(data: Path = DATA) -> list[tuple[Path, int]]:
     out = []
     for label, cls in enumerate(CLASSES):
-        files = sorted((data / cls).glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
+        files = sorted((data / cls).glob("*.jpg"),
+                       key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
         out += [(p, label) for p in files]
     return out
 
@@ -52,70 +53,52 @@ def load(size: int, data: Path = DATA) -> tuple[np.ndarray, np.ndarray, list[Pat
     return imgs, labels, [p for p, _ in files]
 
 
-def groups(paths: list[Path], labels: np.ndarray, corr: float = 0.97, adjacent: int = 2,
-           adjacent_corr: float = 0.85) -> np.ndarray:
-    """Group id per image (union-find over near-duplicate pairs)."""
-    thumbs = load(32)[0].astype(np.float32)
-    g = thumbs @ np.array([0.299, 0.587, 0.114], np.float32)
-    g = g.reshape(len(g), -1)
-    g = g - g.mean(1, keepdims=True)
-    g /= np.linalg.norm(g, axis=1, keepdims=True) + 1e-6
-    c = g @ g.T
-    parent = list(range(len(paths)))
+def split(paths: list[Path], labels: np.ndarray, seed: int) -> np.ndarray:
+    """0 train, 1 validation, 2 test per image: the product's grouped, stratified split.
 
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    The functions ``skin stage`` runs, with the default experiment's ``data`` settings
+    (``validation_fraction``, ``test_fraction``, ``near_duplicate_correlation``) and
+    ``seed`` as ``data.seed``: thumbnails from :func:`skin.stage.prepare_image`, groups
+    from :func:`skin.grouping.near_duplicate_groups`, whole groups to a split with
+    :func:`skin.grouping.split_images`. (Stage also drops exact duplicates and unusable
+    files first and lists files in path order, so its split of the same folder can differ
+    in a few groups.) The thumbnails are cached beside the images.
+    """
+    from skin.config import DEFAULT_EXPERIMENT_FILE, load_experiment
+    from skin.grouping import SPLITS, near_duplicate_groups, split_images
 
-    def union(i, j):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
-    ii, jj = np.nonzero(np.triu(c >= corr, 1))
-    for i, j in zip(ii, jj):
-        union(i, j)
-    nums = np.array([int(p.stem) if p.stem.isdigit() else -10**9 for p in paths])
-    for i in range(len(paths)):
-        for j in range(i + 1, min(i + 1 + adjacent, len(paths))):
-            if labels[i] == labels[j] and abs(nums[i] - nums[j]) <= adjacent and c[i, j] >= adjacent_corr:
-                union(i, j)
-    return np.array([find(i) for i in range(len(paths))])
+    d = load_experiment(DEFAULT_EXPERIMENT_FILE, env={}).data
+    thumbs = _thumbs(paths)
+    lab = [int(v) for v in labels]
+    group, _ = near_duplicate_groups(thumbs, lab, [file_number(p) for p in paths],
+                                     [p.parent.name for p in paths],
+                                     d.near_duplicate_correlation, seed)
+    fractions = {"validation": d.validation_fraction, "test": d.test_fraction}
+    fractions["train"] = 1.0 - sum(fractions.values())
+    part = {name: k for k, name in enumerate(SPLITS)}  # train 0, validation 1, test 2
+    return np.array([part[s] for s in split_images(group, lab, fractions, seed)], np.int64)
 
 
-def split(labels: np.ndarray, group: np.ndarray, seed: int, test: float = 0.15,
-          val: float = 0.15) -> np.ndarray:
-    """0 train, 1 validation, 2 test per image; grouped, stratified by the group's majority label."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros(len(labels), dtype=np.int64)
-    uniq = np.unique(group)
-    glab = {u: int(round(labels[group == u].mean())) for u in uniq}
-    for lab in (0, 1):
-        gs = [u for u in uniq if glab[u] == lab]
-        rng.shuffle(gs)
-        n = sum((group == u).sum() for u in gs)
-        acc = 0
-        for u in gs:
-            size = (group == u).sum()
-            if acc < test * n:
-                out[group == u] = 2
-            elif acc < (test + val) * n:
-                out[group == u] = 1
-            acc += size
-    return out
+def _thumbs(paths: list[Path]) -> np.ndarray:
+    from skin.stage import prepare_image
+
+    key = hashlib.sha1("|".join(str(p) for p in paths).encode()).hexdigest()[:10]
+    cache = CACHE / f"thumbs-{key}.npy"
+    if cache.exists():
+        return np.load(cache)
+    thumbs = np.stack([prepare_image(p.read_bytes()).thumb for p in paths])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(cache, thumbs)
+    return thumbs
 
 
 if __name__ == "__main__":
     import time
+
     t = time.time()
     for s in (32, 64, 96, 128):
         x, y, paths = load(s)
         print(s, x.shape, f"{time.time() - t:.1f}s")
-    gr = groups(paths, y)
-    sizes = np.bincount(np.unique(gr, return_inverse=True)[1])
-    print("groups", len(sizes), "images in multi-image groups", sizes[sizes > 1].sum(), "largest", sizes.max())
-    sp = split(y, gr, 0)
+    sp = split(paths, y, 0)
     for k in range(3):
-        print(k, (sp == k).sum(), y[sp == k].mean().round(3))
+        print(k, (sp == k).sum(), y[sp == k].mean().round(3), f"{time.time() - t:.1f}s")

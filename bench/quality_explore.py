@@ -1,14 +1,14 @@
 """Fast model research: train one configuration from memory and score it.
 
-    taskset -c 1 .venv/bin/python bench/quality_explore.py --size 96 --epochs 20 \
+    taskset -c 1 .venv/bin/python -m bench.quality_explore --size 96 --epochs 20 \
         --set blocks=4 filters=32 --seeds 0 [--split-seed 0] [--threads 1]
 
-Images come from bench/quality_data.py (in memory, reduced size, grouped split:
-train / validation / test = 70 / 15 / 15). The model is skin.model.build_model and
+Images come from bench/quality_data.py (in memory, reduced size, the product's grouped
+split: train / validation / test = 70 / 15 / 15). The model is skin.model.build_model and
 training is skin.model.fit_datasets: the same code the pipeline runs. The threshold
-is chosen on validation (highest with malignant sensitivity >= --target); test
-figures are reported at it. Prints one JSON line per run (and appends it to
---log, default /tmp/skin-quality-explore.jsonl).
+is chosen on validation (``skin.evaluate.choose_threshold``: highest with malignant
+sensitivity >= --target); test figures are reported at it (``skin.evaluate``). Prints one
+JSON line per run (and appends it to --log, default /tmp/skin-quality-explore.jsonl).
 """
 
 from __future__ import annotations
@@ -17,58 +17,41 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import yaml
 
-
-def roc_auc(y, p):
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(len(p))
-    ps = p[order]
-    # average ranks for ties
-    i = 0
-    r = np.arange(1, len(p) + 1, dtype=np.float64)
-    while i < len(p):
-        j = i
-        while j + 1 < len(p) and ps[j + 1] == ps[i]:
-            j += 1
-        r[i:j + 1] = (i + j + 2) / 2
-        i = j + 1
-    ranks[order] = r
-    npos = y.sum()
-    nneg = len(y) - npos
-    return float((ranks[y == 1].sum() - npos * (npos + 1) / 2) / (npos * nneg))
-
-
-def threshold_for(y, p, target):
-    """Highest threshold whose malignant sensitivity on (y, p) is >= target."""
-    pos = np.sort(p[y == 1])[::-1]
-    k = max(1, math.ceil(target * len(pos)))
-    return float(pos[k - 1])
+from skin.evaluate import choose_threshold, classification_metrics, roc_auc, roc_curve
 
 
 def scores(y, p, thr):
-    pred = p >= thr
-    tp = int(((pred == 1) & (y == 1)).sum())
-    fn = int(((pred == 0) & (y == 1)).sum())
-    tn = int(((pred == 0) & (y == 0)).sum())
-    fp = int(((pred == 1) & (y == 0)).sum())
-    return dict(acc=round((tp + tn) / len(y), 4), sens=round(tp / max(1, tp + fn), 4),
-                spec=round(tn / max(1, tn + fp), 4), cm=[[tn, fp], [fn, tp]])
+    """Accuracy, sensitivity, specificity and confusion matrix at ``thr`` (the product's
+    :func:`skin.evaluate.classification_metrics`), rounded for the log."""
+    m = classification_metrics(y, p, thr, extended=False)
+    return dict(acc=_round(m["accuracy"]), sens=_round(m["sensitivity"]),
+                spec=_round(m["specificity"]), cm=m["confusion_matrix"])
+
+
+def best_accuracy(y, p) -> float:
+    """The highest accuracy any threshold at one of the scores reaches (an upper bound: the
+    threshold is picked on the same data), from the product's ROC curve."""
+    fpr, tpr, _ = roc_curve(y, p)
+    positives = float(np.sum(y == 1))
+    negatives = len(y) - positives
+    return _round(float(np.max(tpr[1:] * positives + (1.0 - fpr[1:]) * negatives) / len(y)))
 
 
 def summary(y, p, thr):
-    best_acc = max(scores(y, p, t)["acc"] for t in np.unique(p))
-    return dict(auc=round(roc_auc(y, p), 4), acc05=scores(y, p, 0.5)["acc"],
-                at_thr=scores(y, p, thr), best_acc=best_acc)
+    return dict(auc=_round(roc_auc(y, p)), acc05=scores(y, p, 0.5)["acc"],
+                at_thr=scores(y, p, thr), best_acc=best_accuracy(y, p))
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
 
 
 def predict_tta(model, x, batch, tta):
@@ -150,10 +133,10 @@ def hair(images, labels, prob, max_hairs=8):
 def split_data(size: int, split_seed: int):
     """The grouped 70/15/15 split of the in-memory images: ({part: images}, {part: labels},
     the part index of every image)."""
-    import quality_data
+    from bench import quality_data
 
     x, y, paths = quality_data.load(size)
-    sp = quality_data.split(y, quality_data.groups(paths, y), split_seed)
+    sp = quality_data.split(paths, y, split_seed)
     parts = ("train", "val", "test")
     return ({k: x[sp == i] for i, k in enumerate(parts)},
             {k: y[sp == i].astype(np.float32) for i, k in enumerate(parts)}, sp)
@@ -173,22 +156,20 @@ def apply_sets(values: dict, sets: list[str]) -> dict:
 
 def configured_values(sets: list[str], backbone: str = "none") -> dict:
     """The hypermodel's default values with ``name=value`` items applied over them."""
-    import keras_tuner
+    from skin.model import default_values
 
-    from skin import model as M
-
-    return apply_sets(M._define(keras_tuner.HyperParameters(), {}, backbone), sets)
+    return apply_sets(default_values({}, backbone), sets)
 
 
 def geometric_augmentation(zoom: float, colour: bool):
-    """A replacement for skin.model._augmentation (exploration only): flips and rotation as
-    always, zoom in/out by up to ``zoom``, and the colour layers of ``strength`` only when
+    """A replacement for skin.model.augmentation_layers (exploration only): flips and rotation
+    as always, zoom in/out by up to ``zoom``, and the colour layers of ``strength`` only when
     ``colour`` (else none), to tell scale jitter and colour jitter apart."""
     import keras
 
     from skin import model as M
 
-    stock = M._augmentation
+    stock = M.augmentation_layers
 
     def augmentation(strength, seed):
         layers = [layer for layer in stock(strength, seed)
@@ -199,7 +180,7 @@ def geometric_augmentation(zoom: float, colour: bool):
                                                      seed=seed, name="aug_zoom"))
         return layers
 
-    M._augmentation = augmentation
+    M.augmentation_layers = augmentation
 
 
 def sam_model(model, rho: float):
@@ -250,8 +231,8 @@ def EpochEval(xv, yv, xt, yt):
             self.val, self.test = [], []
 
         def on_epoch_end(self, epoch, logs=None):
-            self.val.append(round(roc_auc(yv, self.model.predict(xv, batch_size=128, verbose=0)[:, 0]), 4))
-            self.test.append(round(roc_auc(yt, self.model.predict(xt, batch_size=128, verbose=0)[:, 0]), 4))
+            for ys, x, out in ((yv, xv, self.val), (yt, xt, self.test)):
+                out.append(round(roc_auc(ys, self.model.predict(x, batch_size=128, verbose=0)[:, 0]), 4))
 
     return _E()
 
@@ -304,8 +285,8 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
-    import quality_data
 
+    from bench import quality_data
     from skin import model as M
 
     if args.bf16:
@@ -355,12 +336,12 @@ def main(argv=None):
         for tta in sorted({0, args.tta, 2}):
             pv = predict_tta(model, xs["val"].astype(np.float32), 128, tta)
             pt = predict_tta(model, xs["test"].astype(np.float32), 128, tta)
-            thr = threshold_for(ys["val"], pv, args.target)
+            thr = choose_threshold(ys["val"], pv, args.target)
             variants[tta] = dict(thr=round(thr, 4), val=summary(ys["val"], pv, thr),
                                  test=summary(ys["test"], pt, thr))
         pv = predict_tta(model, xs["val"].astype(np.float32), 128, args.tta)
         pt = predict_tta(model, xs["test"].astype(np.float32), 128, args.tta)
-        thr = threshold_for(ys["val"], pv, args.target)
+        thr = choose_threshold(ys["val"], pv, args.target)
         ens_v.append(pv)
         ens_t.append(pt)
         if args.save_preds:
@@ -391,7 +372,7 @@ def main(argv=None):
             other.set_weights(model.get_weights())
             pv = predict_tta(other, xe[sp == 1].astype(np.float32), 128, args.tta)
             pt = predict_tta(other, xe[sp == 2].astype(np.float32), 128, args.tta)
-            thr_e = threshold_for(ys["val"], pv, args.target)
+            thr_e = choose_threshold(ys["val"], pv, args.target)
             res.setdefault("eval_sizes", {})[str(size)] = dict(
                 thr=round(thr_e, 4), val=summary(ys["val"], pv, thr_e),
                 test=summary(ys["test"], pt, thr_e))
@@ -402,7 +383,7 @@ def main(argv=None):
             f.write(line + "\n")
     if len(results) > 1:
         pv, pt = np.mean(ens_v, 0), np.mean(ens_t, 0)
-        thr = threshold_for(ys["val"], pv, args.target)
+        thr = choose_threshold(ys["val"], pv, args.target)
         ens = dict(tag=args.tag + "-ensemble", seeds=args.seeds, set=args.set, size=args.size,
                    epochs=args.epochs, split_seed=args.split_seed,
                    val=summary(ys["val"], pv, thr), test=summary(ys["test"], pt, thr))

@@ -1,6 +1,6 @@
 """Does an ensemble of the search's best trials, or test-time augmentation, beat one model?
 
-    .venv/bin/python bench/quality_members.py --out runs/bench-quality [--top 5]
+    .venv/bin/python -m bench.quality_members --out runs/bench-quality [--top 5]
 
 Reads what a `make bench-quality OUT=dir` run left in ``dir/bucket`` (staged data,
 ``tuner/result.json``, each trial's best checkpoint), with no training: the top
@@ -24,9 +24,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Prototype: self-supervised pretraining (SimCLR) on the training images, then the recipe.
 
-    taskset -c 1 .venv/bin/python bench/quality_ssl.py --size 64 --pretrain-epochs 100 \
+    taskset -c 1 .venv/bin/python -m bench.quality_ssl --size 64 --pretrain-epochs 100 \
         --epochs 60 --set stem=2 filters=16 augment=0.25 --seeds 0 --tta 2 --tag ssl
 
 The encoder of ``skin.model.build_model`` (everything up to the global pooling) is
@@ -18,13 +18,10 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
@@ -52,9 +49,10 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
-    from quality_explore import configured_values, predict_tta, split_data, summary, threshold_for
 
+    from bench.quality_explore import configured_values, predict_tta, split_data, summary
     from skin import model as M
+    from skin.evaluate import choose_threshold
 
     xs, ys, _ = split_data(args.size, args.split_seed)
     values = configured_values(args.set)
@@ -131,7 +129,7 @@ def main(argv=None):
         train_s = time.time() - t1
         pv = predict_tta(model, xs["val"].astype(np.float32), 128, args.tta)
         pt = predict_tta(model, xs["test"].astype(np.float32), 128, args.tta)
-        thr = threshold_for(ys["val"], pv, args.target)
+        thr = choose_threshold(ys["val"], pv, args.target)
         if args.save_preds:
             Path(args.save_preds).mkdir(parents=True, exist_ok=True)
             np.savez(Path(args.save_preds) / f"{args.tag}-s{seed}.npz", val=pv, test=pt,

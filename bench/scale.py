@@ -1,6 +1,6 @@
 """Chief capacity and worker scaling (``make bench-scale``); numbers go to BENCHMARKS.md.
 
-    python bench/scale.py [capacity|scaling|all] [--trials 10000] [--workers 200,1000]
+    python -m bench.scale [capacity|scaling|all] [--trials 10000] [--workers 200,1000]
                           [--impls ours,stock] [--scaling-trials 8] [--out FILE]
 
 **capacity**: one chief, many simulated workers. Each simulated worker is a
@@ -387,7 +387,7 @@ def run_capacity(args, work: Path) -> list[dict]:
                 name = f"cap-{impl}-{workers}-{int(time.time())}"
                 server_log = work / f"{name}.log"
                 env = base_env(STORAGE_EMULATOR_HOST=emulator.endpoint)
-                cmd = [sys.executable, __file__, "_serve-stock" if impl == "stock" else
+                cmd = [sys.executable, "-m", "bench.scale", "_serve-stock" if impl == "stock" else
                        "_serve-ours", "--port", str(port), "--trials", str(trials), "--name",
                        name, "--work", str(work / name)] + (["--disk"] if impl == "ours-disk"
                                                              else [])
@@ -547,7 +547,7 @@ def main(argv=None) -> int:
     args.scaling_workers = [int(w) for w in args.scaling_workers.split(",") if w]
 
     work = Path(tempfile.mkdtemp(prefix="skin-bench-scale-"))
-    report = {"command": "python bench/scale.py " + " ".join(argv or sys.argv[1:]),
+    report = {"command": "python -m bench.scale " + " ".join(argv or sys.argv[1:]),
               "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.node()}: {os.cpu_count()} cpus, {platform.processor()}",
               "load_avg_at_start": os.getloadavg()}

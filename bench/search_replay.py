@@ -9,7 +9,7 @@ Running many real searches is far too slow on two cores, so:
             a time, so an interrupted recording resumes). The full recording the issue asks
             for (>= 32 configurations, 12 epochs, 64 px, 2 seeds for >= 8) takes hours::
 
-                skin-slot .venv/bin/python bench/search_replay.py record \\
+                skin-slot .venv/bin/python -m bench.search_replay record \\
                     --out bench/search_curves.json --configs 32 --two-seeds 8
 
 ``replay``  replays strategies over a curve file many times, each repetition with another
@@ -46,7 +46,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 DEFAULT_CURVES = REPO / "bench" / "search_curves.json"

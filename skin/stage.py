@@ -145,6 +145,13 @@ class _Item:
 _NUMBER_RE = re.compile(r"(\d+)$")
 
 
+def file_number(path: Path) -> int | None:
+    """The trailing integer of a file's name (``ISIC_0024306.jpg``: 24306), if any: the
+    numbering near-duplicate grouping reads (:func:`skin.grouping.near_duplicate_groups`)."""
+    m = _NUMBER_RE.search(path.stem)
+    return int(m.group(1)) if m else None
+
+
 def _scan(root: Path, origin: str, report: StageReport) -> list[_Item]:
     """Files under ``root/benign`` and ``root/malignant``, in a stable order."""
     missing = [c for c in CLASSES if not (root / c).is_dir()]
@@ -164,9 +171,8 @@ def _scan(root: Path, origin: str, report: StageReport) -> list[_Item]:
                 continue
             if path.is_dir():
                 continue
-            m = _NUMBER_RE.search(path.stem)
             items.append(_Item(rel=rel, path=path, label=label, origin=origin,
-                               number=int(m.group(1)) if m else None))
+                               number=file_number(path)))
     return items
 
 

@@ -1,20 +1,13 @@
-"""The median stopping rule, and the replay benchmark (bench/search_replay.py) driving the
+"""The median stopping rule, and the replay benchmark (bench.search_replay) driving the
 product's oracle, stopping and confirmation code over recorded learning curves."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import keras_tuner
 import pytest
 
+from bench import search_replay
 from skin.tuning.stopping import MedianStopping
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import search_replay  # noqa: E402
 
 MAX = keras_tuner.Objective("val_auc", "max")
 MIN = keras_tuner.Objective("val_loss", "min")
@@ -87,7 +80,7 @@ def test_the_replay_confirms_with_the_products_confirmation():
 
 
 def test_the_recorded_smoke_curves_replay():
-    path = REPO / "bench" / "search_curves_smoke.json"
+    path = search_replay.SMOKE_CURVES
     doc = search_replay.load_curves(path)
     assert doc["kind"] == "smoke"
     assert len(doc["configs"]) >= 6

@@ -60,6 +60,10 @@ run: venv ## Whole pipeline locally: emulator, stage, chief + WORKERS workers, r
 test: venv system-deps ## Set everything up, then run all the tests
 	$(PY) -m pytest -q -m "not image" tests
 
+.PHONY: test-fast
+test-fast: venv system-deps ## The tests without the slow ones (training, pipelines, processes): a few minutes
+	$(PY) -m pytest -q -m "not image and not slow" tests
+
 .PHONY: lint
 lint: venv ## ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade ([tool.ruff] in pyproject.toml)
 	$(VENV)/bin/ruff check .

@@ -135,6 +135,7 @@ def test_environment_overrides_the_backbone():
 # The model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenetv2", "efficientnetb0", "efficientnet_lite0"])
 def test_a_random_backbone_replaces_the_body_trains_and_round_trips(name, tmp_path):
     hm = M.SkinHyperModel(experiment(name=name))
@@ -163,6 +164,7 @@ def test_a_random_backbone_replaces_the_body_trains_and_round_trips(name, tmp_pa
                if isinstance(la, keras.layers.BatchNormalization))
 
 
+@pytest.mark.slow
 def test_a_random_backbone_still_tells_images_apart_in_inference_mode():
     """Batch norm's moving statistics must forget their start (variance 1) within a short
     training; otherwise inference-mode outputs shrink layer by layer until every image gets
@@ -184,6 +186,7 @@ def test_a_random_backbone_still_tells_images_apart_in_inference_mode():
     assert p.std() > 1e-4 and roc_auc(y[order], p) > 0.9, (p.std(), roc_auc(y[order], p))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["keras3", "legacy-h5"])
 def test_weights_from_a_bucket_load_into_the_backbone_and_stay_frozen(
         fmt, donor, emulator, storage, bucket, tmp_path):
@@ -207,6 +210,7 @@ def test_weights_from_a_bucket_load_into_the_backbone_and_stay_frozen(
     assert not np.array_equal(model.get_layer("malignant").get_weights()[0], head)
 
 
+@pytest.mark.slow
 def test_pretrained_and_trainable_fine_tunes_with_frozen_batch_norm_statistics(
         donor, tmp_path):
     local = tmp_path / "donor.weights.h5"
@@ -224,6 +228,7 @@ def test_pretrained_and_trainable_fine_tunes_with_frozen_batch_norm_statistics(
     assert not any("moving_" in p for p in moved)  # inference-mode batch norm
 
 
+@pytest.mark.slow
 def test_keras_imagenet_file_for_efficientnet_goes_through_keras_cache(
         emulator, storage, bucket, tmp_path, monkeypatch):
     """Keras builds EfficientNet with one more rescaling for its ImageNet file than for
@@ -314,6 +319,7 @@ def test_the_chief_fails_the_search_at_once_when_the_weights_are_missing(
     assert f"backbone.weights: '{missing}' does not exist" in result["reason"]
 
 
+@pytest.mark.slow
 def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_synthetic_images,
                                                      tmp_path):
     from skin.stage import stage
@@ -388,6 +394,7 @@ def test_lite0_gets_0_to_255_pixels_and_scales_them_as_its_checkpoint_expects():
     assert net.layers[1] is rescale  # right after the input
 
 
+@pytest.mark.slow
 def test_imported_lite0_weights_classify_a_photograph_through_the_product_model(
         lite0_state, emulator, storage, bucket, tmp_path):
     """The weights imported into a bucket, the product's model built at 224 px on them, the

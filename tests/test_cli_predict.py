@@ -26,6 +26,8 @@ from skin.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED
 sys.path.insert(0, str(Path(__file__).parent))
 from test_evaluate import publish_tiny
 
+pytestmark = pytest.mark.slow  # every test runs the skin CLI as a process (TensorFlow starts)
+
 SKIN = shutil.which("skin", path=str(Path(sys.executable).parent)) or shutil.which("skin")
 
 

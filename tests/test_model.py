@@ -148,6 +148,7 @@ def test_mixup_keeps_shapes_and_mixes_labels():
     assert np.all((my >= 0) & (my <= 1)) and np.any((my > 0.01) & (my < 0.99))
 
 
+@pytest.mark.slow
 def test_fit_datasets_trains_and_reports_validation_auc():
     keras.utils.set_random_seed(0)
     values = dict(M._define(keras_tuner.HyperParameters(), {}), augment=0.0, mixup=0.2,
@@ -286,6 +287,7 @@ def test_ensemble_is_the_mean_of_its_members(members):
     np.testing.assert_allclose(both.predict_on_batch(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
     import subprocess
     import sys

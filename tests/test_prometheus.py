@@ -316,6 +316,7 @@ def live(tmp_path_factory):
             server.close()
 
 
+@pytest.mark.slow
 def test_stored_values_match_the_search(live):
     prom, truth = live.prom, live.truth
     for status, count in truth.ended.items():
@@ -346,6 +347,7 @@ def test_stored_values_match_the_search(live):
     assert prom.value("changes(skin_chief_last_progress_timestamp_seconds[1m])") >= 2
 
 
+@pytest.mark.slow
 def test_every_dashboard_expression_runs_and_the_main_panels_have_data(live):
     targets = dashboard_targets()
     titles = {t for t, _ in targets}
@@ -367,6 +369,7 @@ def test_every_dashboard_expression_runs_and_the_main_panels_have_data(live):
     assert sorted(r["metric"]["worker"] for r in progress) == live.workers
 
 
+@pytest.mark.slow
 def test_every_rule_expression_runs_and_prometheus_evaluates_the_rules(live):
     for _name, expr in rule_expressions():
         live.prom.query(expr)  # raises on a PromQL error
@@ -390,6 +393,7 @@ def test_every_rule_expression_runs_and_prometheus_evaluates_the_rules(live):
     assert set(firing) == {"SkinSearchFinished"}, firing
 
 
+@pytest.mark.slow
 def test_skin_status_reads_the_running_chief(live):
     status = fetch(live.chief_address)
     truth = live.truth

@@ -124,6 +124,7 @@ def run(emulator, real_or_synthetic_images, tmp_path_factory):
     return exp, runtime, storage, published
 
 
+@pytest.mark.slow
 def test_published_layout_in_the_bucket_and_locally(run):
     exp, _, storage, published = run
     assert re.fullmatch(r"\d{8}-\d{6}", published.version)
@@ -140,6 +141,7 @@ def test_published_layout_in_the_bucket_and_locally(run):
         assert (published.local_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_latest_is_written_last(run):
     exp, _, storage, published = run
     latest = join(exp.models_uri, "LATEST")
@@ -148,6 +150,7 @@ def test_latest_is_written_last(run):
     assert {u[len(published.uri) + 1:] for u in storage.written[:-1]} >= VERSION_FILES
 
 
+@pytest.mark.slow
 def test_metrics_json(run):
     exp, runtime, storage, published = run
     metrics = storage.read_json(join(published.uri, "metrics.json"))
@@ -178,6 +181,7 @@ def test_metrics_json(run):
     assert metrics["code_version"].startswith("0.")
 
 
+@pytest.mark.slow
 def test_threshold_comes_from_validation_and_test_metrics_from_the_saved_model(run):
     exp, runtime, _, published = run
     model, info = ev.load_published(published.local_dir)
@@ -191,6 +195,7 @@ def test_threshold_comes_from_validation_and_test_metrics_from_the_saved_model(r
     assert published.metrics["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
     import keras
 
@@ -208,6 +213,7 @@ def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
         SIZE, ["benign", "malignant"], published.version)
 
 
+@pytest.mark.slow
 def test_saved_model_export_matches_keras(run):
     import tensorflow as tf
 
@@ -219,6 +225,7 @@ def test_saved_model_export_matches_keras(run):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_card(run):
     exp, _, _, published = run
     card = (published.local_dir / "model_card.md").read_text()
@@ -253,6 +260,7 @@ def test_model_card(run):
     assert f"restored epoch {training['best_epoch']} (best val_auc)" in card
 
 
+@pytest.mark.slow
 def test_card_names_the_isic_licence_only_for_the_isic_images(run, tmp_path):
     """The same published metrics, carded for three sources: the ISIC folder (recognised by
     the dataset's README next to it, or by data.licence: isic), synthetic images and
@@ -287,6 +295,7 @@ def test_card_names_the_isic_licence_only_for_the_isic_images(run, tmp_path):
     assert "CC-BY 4.0, ours" in cards["own-text"]
 
 
+@pytest.mark.slow
 def test_run_report_shows_the_model_then_the_search(run):
     published = run[3]
     page = (published.local_dir / "report.html").read_text()
@@ -303,6 +312,7 @@ def test_run_report_shows_the_model_then_the_search(run):
     assert "0007" in page  # the search's best trial
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restore_best", [True, False])
 def test_restore_best_publishes_the_best_or_the_last_epochs_weights(run, restore_best):
     """Three real epochs on the staged set; validation AUC is made to peak at epoch 1, so
@@ -342,6 +352,7 @@ def test_restore_best_publishes_the_best_or_the_last_epochs_weights(run, restore
                           "at epoch 1)")
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_the_published_model_from_the_bucket(run, real_or_synthetic_images,
                                                                   tmp_path):
     exp, _, storage, published = run
@@ -402,6 +413,7 @@ def _stand_in_hypermodel():
     return TinyHyperModel()
 
 
+@pytest.mark.slow
 def test_without_test_split_evaluates_on_validation(emulator, storage, bucket,
                                                     real_or_synthetic_images, tmp_path):
     exp = experiment(bucket, real_or_synthetic_images, test_fraction=0.0, epochs=0)
@@ -421,6 +433,7 @@ def test_without_test_split_evaluates_on_validation(emulator, storage, bucket,
     assert storage.read_text(join(exp.models_uri, "LATEST")).strip() == published.version
 
 
+@pytest.mark.slow
 def test_a_failed_upload_never_moves_latest(emulator, bucket, real_or_synthetic_images,
                                             tmp_path):
     exp = experiment(bucket, real_or_synthetic_images, test_fraction=0.0, epochs=1)
@@ -479,6 +492,7 @@ def test_new_version_skips_a_taken_second(storage, bucket):
     assert rt._new_version(storage, models) > taken
 
 
+@pytest.mark.slow
 def test_plots_with_a_read_only_matplotlib_config_dir(tmp_path):
     code = (
         "import os, sys; from pathlib import Path; from skin import retrain as rt\n"
@@ -581,6 +595,7 @@ def _views(x):
             for k in range(4)]
 
 
+@pytest.mark.slow
 def test_ensemble_publishes_one_model_the_mean_of_its_members(ensemble_run):
     import keras
 
@@ -602,6 +617,7 @@ def test_ensemble_publishes_one_model_the_mean_of_its_members(ensemble_run):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_threshold_and_metrics_from_the_published_model(ensemble_run, tmp_path):
     exp, storage, published, hypermodel = ensemble_run
     m = published.metrics
@@ -628,6 +644,7 @@ def test_ensemble_threshold_and_metrics_from_the_published_model(ensemble_run, t
         ev.roc_auc(member_labels, member_probs), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ensemble_is_listed_in_the_card_and_report_and_latest_moves_last(ensemble_run):
     exp, storage, published, _ = ensemble_run
     card = (published.local_dir / "model_card.md").read_text()

@@ -449,6 +449,7 @@ def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, stora
     assert again.completed == 10
 
 
+@pytest.mark.slow
 def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
     """A chief (in a thread) and a worker in this process, two executions per trial."""
     from skin.config import Runtime

@@ -311,6 +311,7 @@ def classified(classifier, images) -> bool:
                 and p[1, ESPRESSO] > 0.88)
 
 
+@pytest.mark.slow
 def test_a_wrong_layout_or_scaling_fails_both_checks(classifier, state):
     """Kernels reshaped instead of transposed, or 0..1 pixels where the network expects
     0..255: neither classifies the photographs nor matches the batch-norm statistics."""
@@ -326,6 +327,7 @@ def test_a_wrong_layout_or_scaling_fails_both_checks(classifier, state):
     assert bn_agreement(classifier, natural / 255.0) < 0.9  # measured: 0.79 (right: 0.97)
 
 
+@pytest.mark.slow
 def test_kernels_with_height_and_width_swapped_fail_the_classification(classifier, state):
     """A subtler layout bug: the photographs' classes catch it (the espresso is lost),
     batch-norm means cannot (natural images look alike transposed: 0.975 here)."""

@@ -89,6 +89,9 @@ def test_rendered_objects():
             assert set(relabel) <= RELABEL
         [role] = [r["replacement"] for r in endpoint["relabelings"] if r["targetLabel"] == "role"]
         roles[selector["app.kubernetes.io/component"]] = role
+        # Several experiments share the namespace: each series says whose it is.
+        [experiment] = [r for r in endpoint["relabelings"] if r["targetLabel"] == "experiment"]
+        assert experiment["sourceLabels"] == ["__meta_kubernetes_pod_label_skin_experiment"]
     assert roles == {"chief": "chief", "worker": "worker"}
 
     [rule] = kinds["PrometheusRule"]

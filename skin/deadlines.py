@@ -98,12 +98,19 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, metavar="FILE", help="experiment file")
     parser.add_argument("--epoch-seconds", type=float, default=DEFAULT_EPOCH_SECONDS,
                         metavar="S", help="upper estimate of one epoch on a worker")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker pods: the overlay's `workers=` (default: the file's "
+                             "`workers`, or 2)")
     args = parser.parse_args(argv)
     try:
         if not args.epoch_seconds > 0:
             raise ConfigError(f"--epoch-seconds: {args.epoch_seconds!r} is not valid; expected "
                               "a number of seconds > 0")
-        exp = load_experiment(args.config, env={})
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers: {args.workers!r} is not valid; expected a number of "
+                              "worker pods >= 1")
+        env = {} if args.workers is None else {"SKIN_WORKERS": str(args.workers)}
+        exp = load_experiment(args.config, env=env)
     except ConfigError as e:
         print(f"skin.deadlines: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ hyperparameters are not metrics: given an experiment and a storage, the
 status also reads ``<root>/tuner/best_hyperparameters.json`` from the bucket.
 
 When the chief cannot be reached, the status says how to reach it on Kubernetes
-(``kubectl port-forward`` of the chief's Service, named as in ``k8s/base``) and, given a
+(``kubectl port-forward`` of the chief's Service, ``skin-chief-<experiment>`` as the
+overlays name it) and, given a
 bucket (``--bucket``, or the experiment of ``--config``), falls back to what the bucket
 says (:mod:`skin.experiments`): staged, searching, retraining, published or failed.
 """
@@ -31,26 +32,36 @@ from prometheus_client.parser import text_string_to_metric_families
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
 from skin.metrics import TRIAL_STATUSES
 
-# The chief's metrics on Kubernetes: k8s/base (namespace.yaml, network/chief-service.yaml).
+# The chief's metrics on Kubernetes: k8s/namespace.yaml and k8s/base/network/chief-service.yaml,
+# whose name an overlay suffixes with its experiment's (nameSuffix: skin-chief-skin-cnn).
 # tests/test_status.py checks these against the manifests.
 K8S_NAMESPACE = "skin"
 CHIEF_SERVICE = "skin-chief"
 CHIEF_METRICS_PORT = 9090
 
 
-def port_forward_hint(address: str) -> str:
-    """How to reach the chief's metrics from a laptop when it runs on Kubernetes."""
+def chief_service(experiment: str | None) -> str:
+    """The chief's Service of an experiment (``EXPERIMENT`` as a placeholder when unknown)."""
+    return f"{CHIEF_SERVICE}-{experiment or 'EXPERIMENT'}"
+
+
+def port_forward_hint(address: str, experiment: str | None = None) -> str:
+    """How to reach the chief's metrics from a laptop when it runs on Kubernetes; names the
+    experiment's Service when the experiment is known."""
     local = address.rsplit(":", 1)[-1].split("/", 1)[0] if ":" in address.split("//")[-1] \
         else str(CHIEF_METRICS_PORT)
     if not local.isdigit():
         local = str(CHIEF_METRICS_PORT)
     return (f"  On Kubernetes, forward the chief's metrics port first, then run skin status "
             f"again:\n"
-            f"    kubectl -n {K8S_NAMESPACE} port-forward svc/{CHIEF_SERVICE} "
+            f"    kubectl -n {K8S_NAMESPACE} port-forward svc/{chief_service(experiment)} "
             f"{local}:{CHIEF_METRICS_PORT}\n"
-            f"  (another namespace: -n NAMESPACE; another local port: --address "
-            f"127.0.0.1:PORT). Without the chief, --bucket gs://BUCKET/PREFIX/NAME shows what "
-            f"the bucket says.")
+            + ("" if experiment else
+               f"  (the experiments' chiefs: kubectl -n {K8S_NAMESPACE} get svc "
+               f"-l app.kubernetes.io/component=chief)\n")
+            + "  (another namespace: -n NAMESPACE; another local port: --address "
+            "127.0.0.1:PORT). Without the chief, --bucket gs://BUCKET/PREFIX/NAME shows what "
+            "the bucket says.")
 
 
 @dataclass
@@ -256,7 +267,8 @@ def main_status(address: str, watch: bool = False, interval: float = 5.0, *,
             except (OSError, ValueError) as e:
                 reason = getattr(e, "reason", None) or e
                 text = (f"skin status: cannot read the chief's metrics at {_url(address)}: "
-                        f"{reason}\n{port_forward_hint(address)}")
+                        f"{reason}\n"
+                        f"{port_forward_hint(address, getattr(experiment, 'name', None))}")
                 ok = False
                 fallback = _from_bucket(bucket, experiment, storage)
             if clear:

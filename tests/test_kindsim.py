@@ -34,19 +34,19 @@ def cluster(kind_yaml, tmp_path) -> Cluster:
     c = Cluster(kind_yaml)
     c.assign_addresses("10.9.8")
     c.kube_api = ("10.9.8.1", 6443)
-    c.sa_dirs = {"skin-chief": str(tmp_path / "sa-chief")}
+    c.sa_dirs = {"skin-chief-quickstart": str(tmp_path / "sa-chief")}
     return c
 
 
 def test_every_worker_index_gets_its_pod_with_the_job_controllers_index(cluster, tmp_path):
-    workers = [s for s in cluster.slots.values() if s.name == "skin-workers"]
+    workers = [s for s in cluster.slots.values() if s.name == "skin-workers-quickstart"]
     assert [s.index for s in workers] == [0, 1]  # completions: 2 in k8s/kind
     assert len({s.ip for s in cluster.slots.values()}) == len(cluster.slots)
     for slot in workers:
-        built = cluster.build_pod(slot, f"skin-workers-{slot.index}-x", "t", tmp_path)
+        built = cluster.build_pod(slot, f"skin-workers-quickstart-{slot.index}-x", "t", tmp_path)
         meta = built.doc["metadata"]
         assert meta["annotations"][INDEX_KEY] == str(slot.index)
-        assert meta["labels"]["job-name"] == "skin-workers"
+        assert meta["labels"]["job-name"] == "skin-workers-quickstart"
         env = built.env["worker"]
         # fieldRef to the annotation, then the kubelet's $(VAR) expansion.
         assert env["JOB_COMPLETION_INDEX"] == str(slot.index)
@@ -56,23 +56,25 @@ def test_every_worker_index_gets_its_pod_with_the_job_controllers_index(cluster,
 
 
 def test_service_names_resolve_to_the_pod_their_selector_matches(cluster, tmp_path):
-    built = cluster.build_pod(cluster.slots["skin-workers/0"], "skin-workers-0-x", "t", tmp_path)
+    built = cluster.build_pod(cluster.slots["skin-workers-quickstart/0"], "skin-workers-0-x", "t",
+                              tmp_path)
     aliases = {h: a["ip"] for a in built.doc["spec"]["hostAliases"] for h in a["hostnames"]}
-    assert aliases["skin-chief"] == cluster.slots["skin-chief"].ip
-    assert aliases["skin-chief.skin.svc.cluster.local"] == cluster.slots["skin-chief"].ip
-    assert aliases["fake-gcs-server"] == cluster.slots["fake-gcs-server"].ip
+    assert aliases["skin-chief-quickstart"] == cluster.slots["skin-chief-quickstart"].ip
+    assert aliases["skin-chief-quickstart.skin.svc.cluster.local"] == \
+        cluster.slots["skin-chief-quickstart"].ip
+    assert aliases["fake-gcs-server-quickstart"] == cluster.slots["fake-gcs-server-quickstart"].ip
     env = built.env["worker"]
-    assert env["SKIN_CHIEF_SERVICE_HOST"] == cluster.slots["skin-chief"].ip
-    assert env["SKIN_CHIEF_SERVICE_PORT_ORACLE"] == "8000"
+    assert env["SKIN_CHIEF_QUICKSTART_SERVICE_HOST"] == cluster.slots["skin-chief-quickstart"].ip
+    assert env["SKIN_CHIEF_QUICKSTART_SERVICE_PORT_ORACLE"] == "8000"
     assert env["KUBERNETES_SERVICE_HOST"] == "10.9.8.1"
     assert cluster.check_services() == []
 
 
 def test_only_pods_that_automount_get_the_service_account_token(cluster, tmp_path):
-    chief = cluster.build_pod(cluster.slots["skin-chief"], "skin-chief-x", "t", tmp_path)
+    chief = cluster.build_pod(cluster.slots["skin-chief-quickstart"], "skin-chief-x", "t", tmp_path)
     mounts = chief.doc["spec"]["containers"][0]["volumeMounts"]
     assert {"name": "kube-api-access", "mountPath": SA_DIR, "readOnly": True} in mounts
-    stage = cluster.build_pod(cluster.slots["skin-stage"], "skin-stage-x", "t", tmp_path)
+    stage = cluster.build_pod(cluster.slots["skin-stage-quickstart"], "skin-stage-x", "t", tmp_path)
     assert all(m["mountPath"] != SA_DIR for m in stage.doc["spec"]["containers"][0]["volumeMounts"])
     # The ConfigMap travels with the pod for kube play; its volume stays a configMap volume.
     assert [cm["kind"] for cm in chief.config_maps] == ["ConfigMap"]
@@ -84,7 +86,7 @@ def _with_secret(kind_yaml: str, *, env_key="token", mount=True) -> Cluster:
                  "metadata": {"name": "oracle-token", "namespace": "skin"},
                  "data": {"token": base64.b64encode(b"s3cret").decode()}})
     for d in docs:
-        if d["kind"] == "Job" and d["metadata"]["name"] == "skin-workers":
+        if d["kind"] == "Job" and d["metadata"]["name"] == "skin-workers-quickstart":
             spec = d["spec"]["template"]["spec"]
             c = spec["containers"][0]
             c["env"].append({"name": "TOKEN", "valueFrom": {"secretKeyRef": {
@@ -102,7 +104,7 @@ def _with_secret(kind_yaml: str, *, env_key="token", mount=True) -> Cluster:
 
 def test_secrets_reach_env_and_volumes_as_the_kubelet_puts_them(kind_yaml, tmp_path):
     c = _with_secret(kind_yaml)
-    built = c.build_pod(c.slots["skin-workers/1"], "skin-workers-1-x", "t", tmp_path)
+    built = c.build_pod(c.slots["skin-workers-quickstart/1"], "skin-workers-1-x", "t", tmp_path)
     env = built.env["worker"]
     assert env["TOKEN"] == "s3cret"
     assert env["PRICE"] == "$(TOKEN) and s3cret and $(NOPE)"
@@ -114,7 +116,7 @@ def test_secrets_reach_env_and_volumes_as_the_kubelet_puts_them(kind_yaml, tmp_p
 def test_a_missing_secret_key_stops_the_pod_as_the_kubelet_would(kind_yaml, tmp_path):
     c = _with_secret(kind_yaml, env_key="nope", mount=False)
     with pytest.raises(PodConfigError, match="secret 'oracle-token' has no key 'nope'"):
-        c.build_pod(c.slots["skin-workers/0"], "skin-workers-0-x", "t", tmp_path)
+        c.build_pod(c.slots["skin-workers-quickstart/0"], "skin-workers-0-x", "t", tmp_path)
 
 
 def test_expand_follows_kubernetes():
@@ -139,7 +141,7 @@ def _spec(kind_yaml: str, name: str) -> dict:
     ({"worker": 1}, (), jobs.COUNT),  # no rule: counted
 ])
 def test_pod_failure_policy_of_the_workers(kind_yaml, codes, conditions, action):
-    got, why = jobs.failure_action(_spec(kind_yaml, "skin-workers"),
+    got, why = jobs.failure_action(_spec(kind_yaml, "skin-workers-quickstart"),
                                    jobs.PodEnd(codes, frozenset(conditions)))
     assert got == action, why
 
@@ -164,7 +166,7 @@ def api(kind_yaml):
     objects = [d for d in yaml.safe_load_all(kind_yaml)]
     started = []
     server = FakeKubeAPI([o for o in objects if o["kind"] == "Job"],
-                         tokens={"chief-token": ("skin", "skin-chief"),
+                         tokens={"chief-token": ("skin", "skin-chief-quickstart"),
                                  "workload-token": ("skin", "skin-workload")},
                          rbac=Rbac(objects), on_unsuspend=lambda ns, n: started.append((ns, n)),
                          log=lambda line: None)
@@ -188,19 +190,19 @@ def _call(url: str, method: str = "GET", token: str | None = None, body=None):
 
 def test_the_chiefs_patch_starts_the_suspended_job_and_nothing_else_may(api):
     base, started = api
-    job = f"{base}/apis/batch/v1/namespaces/skin/jobs/skin-retrain"
+    job = f"{base}/apis/batch/v1/namespaces/skin/jobs/skin-retrain-quickstart"
     assert _call(job)[0] == 401
     assert _call(job, token="workload-token")[0] == 403  # the workload's SA has no Role
     status, doc = _call(job, token="chief-token")
     assert status == 200 and doc["spec"]["suspend"] is True
     # The Role names skin-retrain only.
-    assert _call(f"{base}/apis/batch/v1/namespaces/skin/jobs/skin-workers",
+    assert _call(f"{base}/apis/batch/v1/namespaces/skin/jobs/skin-workers-quickstart",
                  token="chief-token")[0] == 403
     status, doc = _call(job, "PATCH", "chief-token", {"spec": {"suspend": False}})
     assert status == 200 and doc["spec"]["suspend"] is False
-    assert started == [("skin", "skin-retrain")]
+    assert started == [("skin", "skin-retrain-quickstart")]
     _call(job, "PATCH", "chief-token", {"spec": {"suspend": False}})
-    assert started == [("skin", "skin-retrain")]  # once
+    assert started == [("skin", "skin-retrain-quickstart")]  # once
     assert _call(f"{base}/api/v1/namespaces/skin/pods", token="chief-token")[0] == 404
 
 
@@ -215,9 +217,11 @@ def test_a_secret_users_create_by_hand_reaches_an_optional_secret_volume(kind_ya
                                               | {"metadata": {"name": "other", "namespace": "skin"}}]))
     bare.assign_addresses("10.9.8")
     with pytest.raises(PodConfigError, match="secret 'oracle-token' not found"):
-        bare.build_pod(bare.slots["skin-workers/0"], "skin-workers-0-x", "t", tmp_path)
+        bare.build_pod(bare.slots["skin-workers-quickstart/0"], "skin-workers-0-x", "t",
+                       tmp_path)
     bare.add_secret("oracle-token", {"token": "made-here"})
-    built = bare.build_pod(bare.slots["skin-workers/0"], "skin-workers-0-x", "t", tmp_path)
+    built = bare.build_pod(bare.slots["skin-workers-quickstart/0"], "skin-workers-0-x", "t",
+                           tmp_path)
     assert built.env["worker"]["TOKEN"] == "made-here"
     with pytest.raises(Exception, match="already in the rendered manifests"):
         bare.add_secret("oracle-token", {"token": "again"})
@@ -244,6 +248,10 @@ def test_the_simulator_maps_images_and_finds_the_experiment_and_its_bucket(kind_
     assert sim._image("localhost/skin:other") == "localhost/skin:other"
     assert len(sim.cluster.get("Secret", "tok")["stringData"]["token"]) == 64
     sim.cluster.assign_addresses("10.9.8")
-    doc, storage = sim._experiment()
-    assert doc["name"] == "quickstart"  # k8s/kind/experiment.yaml, through the ConfigMap
-    assert storage == f"http://{sim.cluster.slots['fake-gcs-server'].ip}:4443"
+    doc, storage, env = sim._experiment()
+    # k8s/kind/experiment.yaml through the ConfigMap, with the name and the worker count the
+    # overlay gives every pod (its skin/experiment label, its `workers=`)
+    from skin.config import parse_experiment
+    exp = parse_experiment(doc, env=env)
+    assert (exp.name, exp.workers, exp.data.source) == ("quickstart", 2, "synthetic")
+    assert storage == f"http://{sim.cluster.slots['fake-gcs-server-quickstart'].ip}:4443"

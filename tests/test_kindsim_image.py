@@ -39,8 +39,9 @@ pytestmark = [
 ]
 
 # A few trials of a tiny search; the bucket is the one k8s/kind's fake-gcs-server creates.
+# Its name and worker count are k8s/kind's (quickstart, 2: the overlay gives them to the pods).
 EXPERIMENT = {
-    "apiVersion": "skin/v1", "kind": "Experiment", "name": "kind-sim-test", "workers": 2,
+    "apiVersion": "skin/v1", "kind": "Experiment",
     "storage": {"bucket": "skin-experiments", "prefix": "experiments"},
     "data": {"source": "synthetic", "synthetic_images_per_class": 40, "image_size": 32,
              "validation_fraction": 0.25, "test_fraction": 0.2, "shards": 1},
@@ -77,6 +78,9 @@ def overlay(tmp_path: Path, patches: list[dict] | None = None) -> str:
 
 # As Makefile KIND_SIM_SECRETS: the Secrets a user creates by hand before kubectl apply.
 SECRETS = ["skin-oracle-token/token"]
+# The worker Job as k8s/kind names it (nameSuffix: its experiment's name); patches in
+# overlay() still target it by its base name, skin-workers.
+WORKERS_JOB = "skin-workers-quickstart"
 
 
 def simulator(tmp_path: Path, text: str, timeout_s: float = 900) -> Simulator:
@@ -102,9 +106,9 @@ def test_the_kind_overlay_publishes_a_model_through_a_preempted_worker(sim_image
     preempted = None
     deadline = time.monotonic() + 600
     while preempted is None and runner.is_alive() and time.monotonic() < deadline:
-        pod = sim.pod_of("skin-workers", 1)
+        pod = sim.pod_of(WORKERS_JOB, 1)
         if pod and re.search(r"trial \S+ started on tuner1", container_log(sim, pod, "worker")):
-            sim.disrupt("skin-workers", 1)
+            sim.disrupt(WORKERS_JOB, 1)
             preempted = pod
         time.sleep(0.5)
     runner.join(timeout=900)
@@ -118,12 +122,12 @@ def test_the_kind_overlay_publishes_a_model_through_a_preempted_worker(sim_image
     # The preempted pod ended with the disruption, was not counted, and was replaced.
     ends = {pod: (key, code, action) for pod, key, code, action in sim.ended_pods}
     key, code, action = ends[preempted]
-    assert (key, action) == ("skin-workers/1", "Ignore"), ends
+    assert (key, action) == (f"{WORKERS_JOB}/1", "Ignore"), ends
     assert code != 0
     log = (tmp_path / "sim/logs" / f"{preempted}.log").read_text()
     trial = re.search(r"trial (\S+) started on tuner1", log).group(1)
     assert f"trial {trial} completed on tuner1" not in log, "the trial ended before SIGTERM"
-    assert sim.jobs[("Job", "skin-workers")].attempts["skin-workers/1"] == 2
+    assert sim.jobs[("Job", WORKERS_JOB)].attempts[f"{WORKERS_JOB}/1"] == 2
     assert f"pod {preempted}: preempted (DisruptionTarget)" in out
 
     # The chief started the retrain through the API; the model came out published.
@@ -158,7 +162,7 @@ def test_a_broken_manifest_fails_the_run_with_the_pods_log(sim_images, tmp_path,
     rc = sim.run()
     out = capsys.readouterr()
     assert rc == 1, out.out[-6000:]
-    assert "kind-sim: Job skin-workers failed" in out.err, out.err
+    assert f"kind-sim: Job {WORKERS_JOB} failed" in out.err, out.err
     for pattern in expected:
         assert re.search(pattern, out.out), (breakage, pattern, out.out[-6000:])
     assert "----- last" in out.out  # the pod's log is shown

@@ -83,9 +83,28 @@ def env_value(container: dict, name: str) -> str:
     return env_of(container)[name]["value"]
 
 
-def experiment(overlay: str):
+def pod_env(job: dict) -> dict[str, str]:
+    """The plain environment of a Job's container, with the pod-label fieldRefs resolved as
+    the kubelet resolves them (SKIN_EXPERIMENT_NAME)."""
+    labels = job["spec"]["template"]["metadata"].get("labels", {})
+    (c,) = pod_spec(job)["containers"]
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            path = e["valueFrom"].get("fieldRef", {}).get("fieldPath", "")
+            m = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+            if m:
+                env[e["name"]] = labels.get(m.group(1), "")
+    return env
+
+
+def experiment(overlay: str, role: str = "chief"):
+    """The experiment a role's pod runs: the mounted file with the pod's SKIN_* overrides."""
     (cm,) = objects(overlay, "ConfigMap")
-    return parse_experiment(yaml.safe_load(cm["data"]["experiment.yaml"]), env={})
+    return parse_experiment(yaml.safe_load(cm["data"]["experiment.yaml"]),
+                            env=pod_env(skin_jobs(overlay)[role]))
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -111,10 +130,12 @@ def selects(selector: dict, labels: dict) -> bool:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_overlay_renders_every_part(overlay):
     kinds = {d["kind"] for d in render(overlay)}
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job",
+    assert {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job",
             "NetworkPolicy"} <= kinds
     assert set(skin_jobs(overlay)) == {"stage", "chief", "worker", "retrain"}
-    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Secret"}
+    # Nothing an experiment shares with the others in its namespace: the Namespace
+    # (k8s/namespace.yaml) and the token Secret are applied once, apart.
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Secret", "Namespace"}
 
 
 def test_the_bundled_schemas_cover_the_supported_versions():
@@ -128,10 +149,11 @@ def test_the_bundled_schemas_cover_the_supported_versions():
 def test_every_object_passes_strict_schema_validation(overlay, version):
     for doc in render(overlay):
         kubernetes_validate.validate(doc, f"{version}.0", strict=True)
+    kubernetes_validate.validate(namespace(), f"{version}.0", strict=True)
 
 
 def test_strict_validation_rejects_an_unknown_field():
-    job = yaml.safe_load(yaml.safe_dump(one("tuning", "Job", "skin-workers")))
+    job = yaml.safe_load(yaml.safe_dump(skin_jobs("tuning")["worker"]))
     job["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFileSystem"] = True  # typo
     with pytest.raises(kubernetes_validate.ValidationError, match="readOnlyRootFileSystem"):
         kubernetes_validate.validate(job, "1.29.0", strict=True)
@@ -167,12 +189,16 @@ def test_every_pod_meets_the_restricted_standard_with_a_read_only_root(overlay):
             assert csc.get("runAsUser", psc["runAsUser"]) != 0, (where, c["name"])
 
 
+def namespace() -> dict:
+    return yaml.safe_load((REPO / "k8s/namespace.yaml").read_text())
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_namespace_enforces_the_restricted_standard(overlay):
-    (ns,) = objects(overlay, "Namespace")
+    ns = namespace()
+    assert ns["kind"] == "Namespace"
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert {d["metadata"].get("namespace") for d in render(overlay) if d["kind"] != "Namespace"} \
-        == {ns["metadata"]["name"]}
+    assert {d["metadata"].get("namespace") for d in render(overlay)} == {ns["metadata"]["name"]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -374,7 +400,7 @@ def test_only_workers_reach_the_oracle_and_only_monitoring_the_metrics(overlay):
         peers = _allowed_peers(overlay, labels[role], "metrics")
         assert peers == [{"namespaceSelector": {
             "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}], role
+            "podSelector": PROMETHEUS}], role
     for role in ("stage", "retrain"):
         assert _allowed_peers(overlay, labels[role], "metrics") == [], role
 
@@ -434,16 +460,22 @@ def test_tuning_reaches_the_bucket_through_workload_identity():
 
 
 def test_kind_talks_to_the_in_cluster_emulator_holding_the_bucket():
-    service = one("kind", "Service", "fake-gcs-server")
-    deployment = one("kind", "Deployment", "fake-gcs-server")
+    name = "fake-gcs-server-" + experiment("kind").name  # the experiment's own emulator
+    service = one("kind", "Service", name)
+    deployment = one("kind", "Deployment", name)
     port = service["spec"]["ports"][0]["port"]
     for role, job in skin_jobs("kind").items():
-        (c,) = pod_spec(job)["containers"]
-        assert env_value(c, "STORAGE_EMULATOR_HOST") == f"http://fake-gcs-server:{port}", role
+        env = pod_env(job)
+        # $(VAR): what the kubelet makes of it
+        host = re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], env["STORAGE_EMULATOR_HOST"])
+        assert host == f"http://{name}:{port}", role
     assert selects({"matchLabels": service["spec"]["selector"]},
                    deployment["spec"]["template"]["metadata"]["labels"])
     (server,) = pod_spec(deployment)["containers"]
     assert re.fullmatch(r"fsouza/fake-gcs-server:\d+\.\d+\.\d+", server["image"])
+    # The URL it sends clients back to (resumable uploads) is its Service's.
+    assert f"-external-url=http://$(FAKE_GCS_SERVICE):{port}" in server["args"]
+    assert env_value(server, "FAKE_GCS_SERVICE") == name
     data_dir = next(a.split("=", 1)[1] for a in server["args"] if a.startswith("-data="))
     bucket_dirs = [m["mountPath"] for m in server["volumeMounts"]
                    if m["mountPath"].startswith(data_dir + "/")]
@@ -471,6 +503,15 @@ def test_the_kind_cluster_has_one_control_plane_and_two_workers():
 # (h12; a separate block so that other branches' manifest tests merge beside it)
 
 PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
+# Peers outside the experiment: matchExpressions, which the overlay's experiment label
+# (includeSelectors) leaves alone.
+KUBE_DNS = {"matchExpressions": [{"key": "k8s-app", "operator": "In", "values": ["kube-dns"]}]}
+PROMETHEUS = {"matchExpressions": [{"key": "app.kubernetes.io/name", "operator": "In",
+                                    "values": ["prometheus"]}]}
+
+
+def pod_labels(obj: dict) -> dict:
+    return obj["spec"]["template"]["metadata"]["labels"]
 
 
 def _secret_volume_of(obj: dict, container: dict, path: str) -> dict | None:
@@ -526,15 +567,16 @@ def test_each_role_runs_as_its_own_service_account(overlay):
     accounts = {sa["metadata"]["name"]: sa for sa in objects(overlay, "ServiceAccount")}
     names = {role: pod_spec(job)["serviceAccountName"] for role, job in jobs.items()}
     assert len(set(names.values())) == len(jobs) == 4, names
+    suffix = "-" + experiment(overlay).name
     for role, name in names.items():
-        assert name == f"skin-{role}" and name in accounts
+        assert name == f"skin-{role}{suffix}" and name in accounts
         assert accounts[name].get("automountServiceAccountToken") is False
     if overlay == "tuning":
         gsas = {name: accounts[name]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
                 for name in names.values()}
         assert len(set(gsas.values())) == 4
-        for name, gsa in gsas.items():
-            assert gsa.startswith(f"{name}@"), gsa
+        for name, gsa in gsas.items():  # per role, shared by the experiments
+            assert gsa.startswith(f"{name.removesuffix(suffix)}@"), gsa
         docs = (REPO / "docs/kubernetes.md").read_text()
         for role, prefix in (("stage", "data/"), ("worker", "trials/"), ("chief", "tuner/"),
                              ("retrain", "models/")):
@@ -569,14 +611,15 @@ def test_every_skin_pod_is_isolated_both_ways(overlay):
 def test_egress_is_what_each_role_needs(overlay):
     jobs = skin_jobs(overlay)
     chief_labels = jobs["chief"]["spec"]["template"]["metadata"]["labels"]
-    oracle_port = experiment(overlay).chief.oracle_port
+    exp = experiment(overlay)
+    oracle_port = exp.chief.oracle_port
     for role, job in jobs.items():
         rules = _egress(overlay, job["spec"]["template"]["metadata"]["labels"])
         assert all(rule.get("to") and rule.get("ports") for rule in rules), role  # no open rule
         peers = [(peer, _ports(rule)) for rule in rules for peer in rule["to"]]
         # DNS, to the cluster DNS pods only
         dns = [p for p, ports in peers if (53, "UDP") in ports]
-        assert dns and all(p["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"} for p in dns)
+        assert dns and all(p["podSelector"] == KUBE_DNS for p in dns)
         # The Google APIs over HTTPS, and the metadata server
         public = [p for p, ports in peers if (443, "TCP") in ports and "ipBlock" in p
                   and PRIVATE_RANGES <= set(p["ipBlock"].get("except", []))]
@@ -592,12 +635,13 @@ def test_egress_is_what_each_role_needs(overlay):
                and ports & {(443, "TCP"), (6443, "TCP")}]
         assert bool(api) == (role == "chief"), role
         # Nothing else: every peer is one of the above (plus kind's in-cluster bucket)
+        fake_gcs = {**pod_labels(one(overlay, "Deployment", "fake-gcs-server-" + exp.name))} \
+            if overlay == "kind" else {}
         for peer, ports in peers:
             if "podSelector" in peer and not selects(peer["podSelector"], chief_labels) and \
-                    peer["podSelector"]["matchLabels"] != {"k8s-app": "kube-dns"}:
-                assert overlay == "kind" and peer["podSelector"]["matchLabels"] == {
-                    "app.kubernetes.io/name": "fake-gcs-server"} and ports == {(4443, "TCP")}, \
-                    (role, peer)
+                    peer["podSelector"] != KUBE_DNS:
+                assert overlay == "kind" and selects(peer["podSelector"], fake_gcs) and \
+                    ports == {(4443, "TCP")}, (role, peer)
 
 
 # --- preemptions, hangs, deadlines (issue 13) ---------------------------------------------------
@@ -714,3 +758,146 @@ def test_a_retrain_that_lost_the_race_for_latest_is_not_run_again(overlay):
         rules = job["spec"]["podFailurePolicy"]["rules"]
         expected = "FailJob" if role == "retrain" else None
         assert _rule_for(rules, EXIT_PUBLISH_RACE) == expected, role
+
+
+# === issue 15: several experiments in one namespace ===========================================
+# (h15b; a separate block so that other branches' manifest tests merge beside it)
+
+def _kustomization(overlay: str) -> dict:
+    return yaml.safe_load((REPO / "k8s" / overlay / "kustomization.yaml").read_text())
+
+
+def _workers_literal(kustomization: dict) -> int:
+    (gen,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "skin-experiment"]
+    (value,) = [lit.split("=", 1)[1] for lit in gen["literals"] if lit.startswith("workers=")]
+    return int(value)
+
+
+def _worker_counts(overlay: str) -> set[int]:
+    """Every place a rendered overlay says how many workers there are."""
+    jobs = skin_jobs(overlay)
+    spec = jobs["worker"]["spec"]
+    return {spec["completions"], spec["parallelism"],
+            *(experiment(overlay, role).workers for role in jobs)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_carries_its_experiments_name(overlay):
+    k = _kustomization(overlay)
+    (labels,) = [entry for entry in k["labels"] if "skin/experiment" in entry["pairs"]]
+    name = labels["pairs"]["skin/experiment"]
+    assert k["nameSuffix"] == f"-{name}"
+    assert labels["includeSelectors"] is True and labels["includeTemplates"] is True
+    assert len(name) <= 40  # docs/kubernetes.md: Job and Service names stay DNS labels
+    for doc in render(overlay):
+        meta = doc["metadata"]
+        assert meta["name"].endswith(f"-{name}") or \
+            meta["name"].startswith(f"skin-experiment-{name}-"), meta["name"]  # + content hash
+        assert meta["labels"]["skin/experiment"] == name, (doc["kind"], meta["name"])
+        if doc["kind"] in ("Job", "Service", "Deployment"):
+            assert len(meta["name"]) <= 63, meta["name"]
+    for obj in workloads(overlay):
+        assert pod_labels(obj)["skin/experiment"] == name, obj["metadata"]["name"]
+    # The pods run the experiment of that name (its bucket prefix); the file does not say.
+    assert "name" not in yaml.safe_load((REPO / "k8s" / overlay / "experiment.yaml").read_text())
+    for role in skin_jobs(overlay):
+        assert experiment(overlay, role).name == name, role
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_worker_count_is_written_once(overlay):
+    workers = _workers_literal(_kustomization(overlay))
+    assert _worker_counts(overlay) == {workers}
+    assert "workers" not in yaml.safe_load(
+        (REPO / "k8s" / overlay / "experiment.yaml").read_text())
+    # Only the replacements write it: no patch or resource in the overlay names a number.
+    text = (REPO / "k8s" / overlay / "kustomization.yaml").read_text()
+    assert not re.search(r"/spec/(parallelism|completions)", text)
+
+
+def _second_experiment(tmp_path: Path) -> str:
+    """docs/kubernetes.md's three commands for a second experiment, on a copy of k8s/, with
+    `kubectl kustomize` for the apply; returns the new overlay's folder."""
+    docs = (REPO / "docs/kubernetes.md").read_text()
+    section = docs[docs.index("### A second experiment"):]
+    block = re.search(r"\n\n((?: {4}\S.*\n)+)", section).group(1)
+    commands = [line.strip() for line in block.splitlines()]
+    assert len(commands) == 3 and commands[2].startswith("kubectl apply -k "), commands
+    shutil.copytree(REPO / "k8s", tmp_path / "k8s")
+    for command in commands[:2]:
+        subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+    return str(tmp_path / commands[2].removeprefix("kubectl apply -k "))
+
+
+def _selectors(doc: dict) -> list[dict]:
+    """Every label selector of an object that picks pods in its own namespace."""
+    spec = doc.get("spec", {})
+    if doc["kind"] == "Service":
+        return [{"matchLabels": spec["selector"]}]
+    if doc["kind"] == "Deployment":
+        return [spec["selector"]]
+    if doc["kind"] == "NetworkPolicy":
+        peers = [peer for rule in spec.get("ingress", []) for peer in rule.get("from", [])] + \
+            [peer for rule in spec.get("egress", []) for peer in rule.get("to", [])]
+        return [spec["podSelector"]] + [p["podSelector"] for p in peers
+                                        if "podSelector" in p and "namespaceSelector" not in p]
+    return []
+
+
+def test_two_experiments_render_side_by_side_in_one_namespace(tmp_path):
+    second = _second_experiment(tmp_path)
+    names = {overlay: experiment(overlay).name for overlay in ("tuning", second)}
+    assert names["tuning"] == "skin-cnn" and names[second] not in ("", "skin-cnn")
+    # No object in common: applying one does not change the other, deleting one
+    # (kubectl delete -k) leaves the other whole.
+    keys = {overlay: {(d["kind"], d["metadata"]["namespace"], d["metadata"]["name"])
+                      for d in render(overlay)} for overlay in names}
+    assert not keys["tuning"] & keys[second]
+    assert {ns for k in keys.values() for _, ns, _ in k} == {namespace()["metadata"]["name"]}
+    # Every selector picks its own experiment's pods and none of the other's.
+    pods = {overlay: [pod_labels(w) for w in workloads(overlay)] for overlay in names}
+    for overlay, other in (("tuning", second), (second, "tuning")):
+        for doc in render(overlay):
+            assert doc["metadata"]["labels"]["skin/experiment"] == names[overlay]
+            for selector in _selectors(doc):
+                assert not any(selects(selector, labels) for labels in pods[other]), \
+                    (overlay, doc["kind"], doc["metadata"]["name"], selector)
+        # Workers dial their own chief; the chief un-suspends its own retrain.
+        jobs = skin_jobs(overlay)
+        service = one(overlay, "Service", pod_env(jobs["worker"])["KERASTUNER_ORACLE_IP"])
+        assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(jobs["chief"]))
+        assert pod_env(jobs["chief"])["SKIN_RETRAIN_JOB"] == jobs["retrain"]["metadata"]["name"]
+    # Each in its own bucket prefix, with its own worker count written once.
+    assert experiment("tuning").root_uri != experiment(second).root_uri
+    assert _worker_counts("tuning") == {_workers_literal(_kustomization("tuning"))}
+    assert _worker_counts(second) == {_workers_literal(_kustomization(second))} != \
+        _worker_counts("tuning")
+    for doc in render(second):
+        kubernetes_validate.validate(doc, f"{K8S_VERSIONS[-1]}.0", strict=True)
+
+
+def test_the_docs_say_how_to_run_a_second_experiment():
+    docs = (REPO / "docs/kubernetes.md").read_text()
+    section = docs[docs.index("### A second experiment"):][:4000]
+    for words in ("nameSuffix", "skin/experiment", "workers=", "kubectl delete -k",
+                  "k8s/namespace.yaml", "skin-oracle-token"):
+        assert words in section, words
+    # Workload Identity binds the experiment's ServiceAccounts, as the overlay names them.
+    accounts = {sa["metadata"]["name"] for sa in objects("tuning", "ServiceAccount")}
+    assert accounts == {f"skin-{role}-skin-cnn" for role in ("stage", "chief", "worker", "retrain")}
+    assert "EXPERIMENT=skin-cnn" in docs and "[skin/skin-$role-$EXPERIMENT]" in docs
+
+
+def test_the_deadlines_take_the_overlays_worker_count(capsys):
+    """The overlays' experiment files no longer say `workers`: the derivation takes it."""
+    from skin.deadlines import main
+
+    config = str(REPO / "k8s/tuning/experiment.yaml")
+    for workers, search_epochs in ((2, 36), (4, 18)):  # 72 hyperband epochs over the workers
+        assert main(["--config", config, "--epoch-seconds", "60",
+                     "--workers", str(workers)]) == 0
+        patch = yaml.safe_load(capsys.readouterr().out)["patches"]
+        values = {p["target"]["name"]: yaml.safe_load(p["patch"])[0]["value"] for p in patch}
+        assert values["skin-workers"] == search_epochs * 60 * 2 + 3600
+    assert main(["--config", config, "--workers", "0"]) == 2
+    assert "--workers: 0 is not valid" in capsys.readouterr().err

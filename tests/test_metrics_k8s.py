@@ -89,6 +89,9 @@ def test_rendered_objects():
             assert set(relabel) <= RELABEL
         [role] = [r["replacement"] for r in endpoint["relabelings"] if r["targetLabel"] == "role"]
         roles[selector["app.kubernetes.io/component"]] = role
+        # Several experiments share the namespace: each series says whose it is.
+        [experiment] = [r for r in endpoint["relabelings"] if r["targetLabel"] == "experiment"]
+        assert experiment["sourceLabels"] == ["__meta_kubernetes_pod_label_skin_experiment"]
     assert roles == {"chief": "chief", "worker": "worker"}
 
     [rule] = kinds["PrometheusRule"]
@@ -111,6 +114,11 @@ def test_the_dashboard_is_portable():
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    # The experiments of the chosen namespaces, from the PodMonitors' `experiment` target label;
+    # All is a regex that also matches series without it (a local Prometheus).
+    experiment = variables["experiment"]
+    assert "experiment)" in experiment["query"]["query"] and "$namespace" in experiment["definition"]
+    assert experiment["includeAll"] and experiment["allValue"] == ".*"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     text = DASHBOARD.read_text()
@@ -122,6 +130,8 @@ def test_the_dashboard_is_portable():
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             assert 'namespace=~"$namespace"' in target["expr"], (panel["title"], target["expr"])
+            # several experiments in one namespace: the PodMonitors' `experiment` label
+            assert 'experiment=~"$experiment"' in target["expr"], (panel["title"], target["expr"])
         grid = panel["gridPos"]
         assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
 

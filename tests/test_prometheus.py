@@ -41,7 +41,8 @@ PROMTOOL = shutil.which("promtool")
 
 # Grafana's variables, as Grafana would expand them for a short range.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1s", "$__range": "5m",
-                     "$namespace": ".*", "${namespace}": ".*"}
+                     "$namespace": ".*", "${namespace}": ".*",
+                     "$experiment": ".*", "${experiment}": ".*"}
 # Panels that must show numbers (not just run) after a search with completed trials.
 MAIN_PANELS = ("Trials completed", "Best objective", "Trials over time by status",
                "Best objective over time", "Per-worker epoch progress", "Training throughput",

@@ -158,13 +158,16 @@ def test_the_skin_status_command(chief):
 
 
 def test_the_port_forward_hint_names_what_the_manifests_name():
+    import shutil
+    import subprocess
+
     import yaml
 
     from skin import status
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
     service = yaml.safe_load((repo / "k8s/base/network/chief-service.yaml").read_text())
-    namespace = yaml.safe_load((repo / "k8s/base/namespace.yaml").read_text())
+    namespace = yaml.safe_load((repo / "k8s/namespace.yaml").read_text())
     assert service["metadata"]["name"] == status.CHIEF_SERVICE
     assert namespace["metadata"]["name"] == status.K8S_NAMESPACE
     metrics_port = next(p for p in service["spec"]["ports"] if p["name"] == "metrics")
@@ -172,8 +175,20 @@ def test_the_port_forward_hint_names_what_the_manifests_name():
     for overlay in ("tuning", "kind"):
         kustomization = yaml.safe_load((repo / f"k8s/{overlay}/kustomization.yaml").read_text())
         assert kustomization.get("namespace", status.K8S_NAMESPACE) == status.K8S_NAMESPACE
+        if shutil.which("kubectl"):  # the chief's Service as the overlay names it
+            docs = yaml.safe_load_all(subprocess.run(
+                ["kubectl", "kustomize", str(repo / "k8s" / overlay)], check=True,
+                capture_output=True, text=True).stdout)
+            (chief,) = [d for d in docs if d["kind"] == "Service"
+                        and d["spec"]["selector"].get("app.kubernetes.io/component") == "chief"]
+            name = chief["metadata"]["labels"]["skin/experiment"]
+            assert chief["metadata"]["name"] == status.chief_service(name)
+    # The experiment known (--config): its Service; unknown: a placeholder and how to list them.
+    hint = status.port_forward_hint("127.0.0.1:9191", "quickstart")
+    assert "kubectl -n skin port-forward svc/skin-chief-quickstart 9191:9090" in hint
     hint = status.port_forward_hint("127.0.0.1:9191")
-    assert "kubectl -n skin port-forward svc/skin-chief 9191:9090" in hint
+    assert "kubectl -n skin port-forward svc/skin-chief-EXPERIMENT 9191:9090" in hint
+    assert "kubectl -n skin get svc -l app.kubernetes.io/component=chief" in hint
 
 
 def _three_experiments(storage, bucket: str) -> dict[str, str]:
@@ -238,7 +253,7 @@ def test_unreachable_chief_says_how_to_reach_it_and_falls_back_to_the_bucket(
                        storage=storage) == EXIT_OK
     err = capsys.readouterr().err
     assert "cannot read the chief's metrics" in err
-    assert "kubectl -n skin port-forward svc/skin-chief 1:9090" in err
+    assert "kubectl -n skin port-forward svc/skin-chief-EXPERIMENT 1:9090" in err
     text = out.getvalue()
     assert f"From the bucket ({roots['running']})" in text
     assert "experiment running" in text and ": searching" in text
@@ -246,6 +261,15 @@ def test_unreachable_chief_says_how_to_reach_it_and_falls_back_to_the_bucket(
     # Without a bucket: the hint, and exit 75 as before.
     assert main_status("127.0.0.1:1", out=io.StringIO()) == EXIT_RETRYABLE
     assert "port-forward" in capsys.readouterr().err
+    # With the experiment (--config): its own chief's Service, and its state in the bucket.
+    from skin.config import parse_experiment
+
+    exp = parse_experiment({"apiVersion": "skin/v1", "kind": "Experiment", "name": "running",
+                            "storage": {"bucket": bucket, "prefix": "experiments"}}, env={})
+    assert exp.root_uri == roots["running"]
+    assert main_status("127.0.0.1:1", out=io.StringIO(), experiment=exp,
+                       storage=storage) == EXIT_OK
+    assert "port-forward svc/skin-chief-running 1:9090" in capsys.readouterr().err
 
 
 def test_the_skin_status_command_falls_back_to_the_bucket(storage, bucket):

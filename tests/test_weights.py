@@ -108,6 +108,39 @@ def test_the_zip_format_of_the_whole_checkpoint_converts_like_the_legacy_one(
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_safetensors_file_converts_like_the_pytorch_checkpoint(state, classifier, tmp_path,
+                                                                 capsys):
+    """The same state dict saved by the safetensors package: read back bit for bit, and
+    `skin weights import` of it writes the weights the .pth import gives."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.require(v, requirements="C") for k, v in state.items()},
+              str(tmp_path / "lite0.safetensors"))
+    back = W.read_checkpoint(tmp_path / "lite0.safetensors")
+    assert sorted(back) == sorted(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        np.testing.assert_array_equal(back[k], v)
+    out = tmp_path / "lite0.weights.h5"
+    assert main(["weights", "import", "--from", str(tmp_path / "lite0.safetensors"),
+                 "--backbone", BACKBONE, "--out", str(out), "--include-top"]) == 0, \
+        capsys.readouterr().err
+    net = W.keras_network(BACKBONE, include_top=True)
+    net.load_weights(str(out))
+    for a, b in zip(net.get_weights(), classifier.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_corrupt_safetensors_file_exits_2_naming_it(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert main(["weights", "import", "--from", str(bad), "--backbone", BACKBONE,
+                 "--out", str(tmp_path / "x.weights.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.safetensors" in err and "not a readable safetensors file" in err
+    assert not (tmp_path / "x.weights.h5").exists()
+
+
 @pytest.mark.parametrize("fmt", ["legacy", "zip", "first-pickle"])
 def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(fmt, tmp_path, capsys):
     import os

@@ -565,8 +565,8 @@ class Simulator:
             self.say("no experiment file (SKIN_CONFIG) or no STORAGE_EMULATOR_HOST in the "
                      "pods: not reading the model back")
             return 0
-        exp_doc, storage_host = found
-        exp = parse_experiment(exp_doc, env={})
+        exp_doc, storage_host, pod_env = found
+        exp = parse_experiment(exp_doc, env=pod_env)  # SKIN_EXPERIMENT_NAME, SKIN_WORKERS
         os.environ["STORAGE_EMULATOR_HOST"] = storage_host
         try:
             version, model_dir = skin_run._fetch_model(exp, self.opts.out)
@@ -591,12 +591,21 @@ class Simulator:
              "metrics": json.loads((model_dir / "metrics.json").read_text())}, indent=2))
         return 0
 
-    def _experiment(self) -> tuple[dict, str] | None:
-        """The experiment document the pods mount, and the storage URL as the host reaches it."""
+    def _experiment(self) -> tuple[dict, str, dict[str, str]] | None:
+        """The experiment document the pods mount, the storage URL as the host reaches it, and
+        a pod's environment as the kubelet resolves it (the experiment's overrides)."""
         for job in self.jobs.values():
-            spec = job.obj["spec"]["template"]["spec"]
+            template = job.obj["spec"]["template"]
+            spec = template["spec"]
+            ns = self.cluster.namespace(job.obj)
+            pod = {"metadata": {"name": job.name, "namespace": ns,
+                                "labels": dict(template.get("metadata", {}).get("labels") or {}),
+                                "annotations": {}}, "spec": spec}
             for c in spec.get("containers", []):
-                env = {e["name"]: e.get("value", "") for e in c.get("env") or []}
+                try:
+                    env = self.cluster.container_env(c, pod, ns, "")
+                except PodConfigError:
+                    continue
                 config, storage = env.get("SKIN_CONFIG"), env.get("STORAGE_EMULATOR_HOST")
                 if not config or not storage:
                     continue
@@ -612,5 +621,5 @@ class Simulator:
                     for alias in self.cluster.host_aliases():
                         if host in alias["hostnames"]:
                             storage = storage.replace(host, alias["ip"], 1)
-                    return yaml.safe_load(cm["data"][key]), storage
+                    return yaml.safe_load(cm["data"][key]), storage, env
         return None

@@ -44,7 +44,7 @@ def _quiet_tensorflow() -> None:
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401 - imported for its start-up noise, silenced here
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -51,7 +51,7 @@ from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
 from skin.errors import ConfigError
 from skin.tuning import checks
 from skin.tuning.confirm import Confirmation
-from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401
+from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401 - re-exported
 from skin.tuning.stopping import MedianStopping, stopped_reply
 
 log = logging.getLogger("skin.tuning")

@@ -98,7 +98,8 @@ class StageReport:
     files: int = 0  # files found under the label folders
     usable: int = 0  # images in the shards
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
-    folds: list[dict[str, int]] = field(default_factory=list)  # counts per fold; [] = none
+    # counts per fold (0: the validation split); one entry: no folds; []: staged before them
+    folds: list[dict[str, int]] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)  # dropped exact copies
     converted: list[dict] = field(default_factory=list)  # re-encoded (mode, format, size)
     quarantined: list[dict] = field(default_factory=list)  # unusable, with the reason

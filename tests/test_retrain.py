@@ -642,6 +642,7 @@ def test_ensemble_is_listed_in_the_card_and_report_and_latest_moves_last(ensembl
     assert storage.read_text(latest).strip() == published.version
 
 
+@pytest.mark.slow  # the run fixture retrains
 def test_card_gives_the_confirmation_over_seeds_and_validation_folds(run):
     exp, _, _, published = run
     confirmation = {"folds": [0, 1, 2], "text": "trial 01 chosen over trial 00 by 0.0100 ± "

@@ -476,3 +476,23 @@ def test_fold_groups_are_stratified_and_deterministic():
     for f in range(4):
         got = np.sum([g for g, k in zip(groups, folds) if k == f], axis=0)
         assert np.all(np.abs(got - totals / 4) <= 3), (f, got, totals / 4)
+
+
+def test_folds_are_fewer_when_a_class_could_not_fill_them(tmp_path):
+    from skin.stage import StageReport, _assign_folds, _Item
+
+    # train 0.8 / validation 0.1 -> 8 parts would be asked for, but the train split holds
+    # 3 malignant images: 3 parts, each with both classes
+    exp = make_exp("unused", tmp_path, validation_fraction=0.1, test_fraction=0.1)
+    items, splits = [], []
+    for k in range(40):
+        label = 1 if k in (0, 1, 2, 30) else 0
+        items.append(_Item(rel=f"x/{k}.jpg", path=tmp_path, label=label, origin="source",
+                           group=k))
+        splits.append("validation" if k >= 30 else "train")
+    report = StageReport(data_uri="", source="")
+    _assign_folds(items, splits, exp, report)
+    assert len(report.folds) == 4
+    assert all(f["benign"] > 0 and f["malignant"] > 0 for f in report.folds)
+    assert {it.fold for it, s in zip(items, splits) if s == "validation"} == {0}
+    assert sorted(it.fold for it in items[:3]) == [1, 2, 3]

@@ -100,6 +100,9 @@ class ConfirmConfig:
                                           "configurations again (0 = off)")
     seeds: int = _spec(2, lo=1, hi=100, help="more trainings of each, with other seeds; the "
                                             "configuration with the best mean is picked")
+    folds: bool = _spec(True, help="each of those trainings also validates on another fold of "
+                                   "the training part (staged, grouped by lesion), the same "
+                                   "folds for every candidate; false: other seeds only")
 
 
 @dataclass(frozen=True)

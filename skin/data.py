@@ -3,6 +3,11 @@
     local = sync_data(storage, exp.data_uri, runtime.work_dir / "data")   # once per worker
     train = dataset(local, "train", exp.data.image_size, 32, training=True, seed=exp.data.seed)
     val = dataset(local, "validation", exp.data.image_size, 32, training=False)
+    train2 = dataset(local, "train", exp.data.image_size, 32, training=True, fold=2)  # folds
+
+``fold=f`` (1..F-1, F = :func:`folds`) moves validation to fold ``f`` of the training part
+(skin.stage): "validation" is the images of fold ``f``, "train" the rest of train and
+validation; with ``fold=None`` or 0 the splits are the staged ones.
 
 Images come out as float32 0..255, ``[image_size, image_size, 3]``, labels as
 float32 0/1 (1 = malignant). Augmentation and rescaling are Keras layers in
@@ -172,15 +177,51 @@ def _split(manifest: dict, split: str) -> dict:
                         f"{', '.join(manifest.get('splits', {}))}") from None
 
 
-def split_size(local_dir: str | os.PathLike, split: str) -> int:
-    """Images in ``split`` (0 when the split is empty)."""
-    return int(_split(load_manifest(local_dir), split)["count"])
+def folds(manifest: dict) -> int:
+    """Validation folds of the staged training part: 1 (only the validation split) when the
+    data were staged without folds, or too few to make them."""
+    return max(1, int(manifest.get("folds") or 1))
 
 
-def class_counts(local_dir: str | os.PathLike, split: str) -> dict[str, int]:
-    """``{"benign": n, "malignant": m}`` for ``split``."""
-    s = _split(load_manifest(local_dir), split)
-    return {c: int(s.get(c, 0)) for c in CLASSES}
+def staged_folds(storage: Storage, data_uri: str) -> int:
+    """:func:`folds` of the manifest in the bucket (the chief's view); 1 when none is staged."""
+    try:
+        return folds(json.loads(storage.read_bytes(join(data_uri, MANIFEST))))
+    except FileNotFoundError:
+        return 1
+
+
+def _counts(manifest: dict, split: str, fold: int | None) -> dict[str, int]:
+    """``{"count", "benign", "malignant"}`` of ``split`` with validation on ``fold``."""
+    s = _split(manifest, split)
+    if not fold:
+        return {"count": int(s["count"]), **{c: int(s.get(c, 0)) for c in CLASSES}}
+    if split not in ("train", "validation"):
+        raise DataError(f"split {split!r} has no folds; only train and validation do")
+    n = folds(manifest)
+    if not 0 < fold < n:
+        raise DataError(f"fold {fold} is not staged: the data have {n} fold(s) "
+                        f"(valid: 1..{n - 1})" if n > 1 else
+                        f"fold {fold} is not staged: the data were staged without validation "
+                        "folds (stage again with this version, or too few images)")
+    held = manifest["fold_counts"][fold]
+    if split == "validation":
+        return {"count": int(held["count"]), **{c: int(held[c]) for c in CLASSES}}
+    both = [_split(manifest, s) for s in ("train", "validation")]
+    return {k: sum(int(b.get(k, 0)) for b in both) - int(held[k])
+            for k in ("count", *CLASSES)}
+
+
+def split_size(local_dir: str | os.PathLike, split: str, fold: int | None = None) -> int:
+    """Images in ``split`` (0 when the split is empty), with validation on ``fold``."""
+    return _counts(load_manifest(local_dir), split, fold)["count"]
+
+
+def class_counts(local_dir: str | os.PathLike, split: str,
+                 fold: int | None = None) -> dict[str, int]:
+    """``{"benign": n, "malignant": m}`` for ``split``, with validation on ``fold``."""
+    counts = _counts(load_manifest(local_dir), split, fold)
+    return {c: counts[c] for c in CLASSES}
 
 
 # ---------------------------------------------------------------------------
@@ -202,29 +243,41 @@ def decode_and_resize(jpeg, image_size: int):
 
 
 def dataset(local_dir: str | os.PathLike, split: str, image_size: int, batch_size: int, *,
-            training: bool, seed: int = 0, cache: bool = True):
+            training: bool, seed: int = 0, cache: bool = True, fold: int | None = None):
     """Batches of ``(float32 image 0..255 [image_size, image_size, 3], float32 label)``.
 
     Training: shards in a seeded random order, read in parallel, examples
     reshuffled every epoch. Otherwise: every example once, in shard order.
     With ``cache`` the decoded, resized 8-bit images stay in memory after the
     first pass (a 128 px image is 48 KiB; the whole ISIC set ~130 MB).
+    ``fold`` f >= 1: "validation" is fold f of the training part, "train" the
+    other images of the train and validation shards (a record's ``fold`` feature).
     """
     import tensorflow as tf
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     local = Path(local_dir)
-    info = _split(load_manifest(local), split)
-    shards = [str(local / name) for name in info.get("shards", [])]
-    if not shards or not info.get("count"):
-        raise DataError(f"split {split!r} is empty in {local}")
+    manifest = load_manifest(local)
+    count = _counts(manifest, split, fold)["count"]
+    names = [n for s in (("train", "validation") if fold else (split,))
+             for n in _split(manifest, s).get("shards", [])]
+    shards = [str(local / name) for name in names]
+    if not shards or not count:
+        raise DataError(f"split {split!r} is empty in {local}"
+                        + (f" with validation on fold {fold}" if fold else ""))
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
         raise DataError(f"{local}: shard files missing ({', '.join(missing[:3])}); sync again")
     autotune = tf.data.AUTOTUNE
     features = {"image": tf.io.FixedLenFeature([], tf.string),
                 "label": tf.io.FixedLenFeature([], tf.int64)}
+    fold_feature = {"fold": tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
+
+    def in_split(record):  # records staged before folds have none: -1
+        f = tf.io.parse_single_example(record, fold_feature)["fold"]
+        return tf.equal(f, fold) if split == "validation" else \
+            tf.logical_and(tf.not_equal(f, fold), tf.greater_equal(f, 0))
 
     def parse(record):
         ex = tf.io.parse_single_example(record, features)
@@ -237,13 +290,15 @@ def dataset(local_dir: str | os.PathLike, split: str, image_size: int, batch_siz
                               num_parallel_calls=autotune, deterministic=True)
     else:
         ds = tf.data.TFRecordDataset(shards)
+    if fold:
+        ds = ds.filter(in_split)
     ds = ds.map(parse, num_parallel_calls=autotune, deterministic=True)
     # a known length lets Keras size its epochs (no "ran out of data" on the first one)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(int(info["count"])))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if cache:
         ds = ds.cache()
     if training:
-        ds = ds.shuffle(min(int(info["count"]), _SHUFFLE_BUFFER_MAX), seed=seed,
+        ds = ds.shuffle(min(count, _SHUFFLE_BUFFER_MAX), seed=seed,
                         reshuffle_each_iteration=True)
     # After the cache an epoch costs what an in-memory array feed costs: shuffle and
     # batch the 8-bit images, then one cast per batch instead of one per image.

@@ -2,6 +2,7 @@
 
     group, stats = near_duplicate_groups(thumbs, labels, numbers, folders, 0.97, seed)
     split = split_images(group, labels, {"train": .7, "validation": .15, "test": .15}, seed)
+    fold = fold_groups(train_group_labels, 4, seed)   # folds of the train split (skin.stage)
 
 Pure numpy, no I/O: :mod:`skin.stage` computes the thumbnails (``prepare_image``)
 and file numbers, calls these two and writes the shards; bench/quality_data.py
@@ -173,21 +174,32 @@ def split_groups(group_labels: list[list[int]], fractions: dict[str, float], see
     groups every split ends within a group of its quota for each class.
     """
     splits = [s for s in SPLITS if fractions.get(s, 0) > 0]
+    return _stratify(group_labels, splits, [fractions[s] for s in splits], seed)
+
+
+def fold_groups(group_labels: list[list[int]], folds: int, seed: int) -> list[int]:
+    """Assign whole groups to ``folds`` folds of equal size, stratified by label (the same
+    placement as :func:`split_groups`); returns the fold (0..folds-1) per group."""
+    return _stratify(group_labels, list(range(folds)), [1.0 / folds] * folds, seed)
+
+
+def _stratify(group_labels: list[list[int]], names: list, fractions: list[float], seed: int
+              ) -> list:
     counts = np.asarray(group_labels, dtype=np.float64).reshape(len(group_labels), len(CLASSES))
     totals = counts.sum(axis=0)
-    quota = {s: np.maximum(totals * fractions[s], 1e-9) for s in splits}
-    placed = {s: np.zeros(len(CLASSES)) for s in splits}
+    quota = [np.maximum(totals * f, 1e-9) for f in fractions]
+    placed = [np.zeros(len(CLASSES)) for _ in names]
     rng = np.random.default_rng(seed)
     tiebreak = rng.permutation(len(group_labels))
     order = sorted(range(len(group_labels)), key=lambda g: (-counts[g].sum(), tiebreak[g]))
-    out = [""] * len(group_labels)
+    out: list = [None] * len(group_labels)
     for g in order:
-        best, best_score = splits[0], -np.inf
-        for s in splits:
-            score = float((counts[g] * (quota[s] - placed[s]) / quota[s]).sum())
+        best, best_score = 0, -np.inf
+        for k in range(len(names)):
+            score = float((counts[g] * (quota[k] - placed[k]) / quota[k]).sum())
             if score > best_score + 1e-12:
-                best, best_score = s, score
-        out[g] = best
+                best, best_score = k, score
+        out[g] = names[best]
         placed[best] += counts[g]
     return out
 

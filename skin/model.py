@@ -48,7 +48,9 @@ keras-tuner's types and ``exp.search.fixed`` pins any of them to one value; the 
 declares them in one canonical order. The shipped default experiment pins the ones that
 did not matter in the research recorded in BENCHMARKS.md, so the tuner spends its budget
 where it counts. A confirmation trial's ``tuner/seed`` (skin.tuning.confirm) seeds the
-initial weights, the augmentation and the data order (``trial_seed``).
+initial weights, the augmentation and the data order (``trial_seed``); its ``tuner/fold``
+(``trial_fold``) moves validation to that fold of the staged training part
+(``skin.data.dataset(fold=...)``) for both datasets.
 
 The published model (``inference_model``): one trained model, or the mean of
 several (``retrain.ensemble``), optionally averaged over the 8 dihedral views of
@@ -76,6 +78,8 @@ MAX_FILTERS = 256
 WARMUP_EPOCHS = 1.0
 # The hyperparameter a confirmation trial (skin.tuning.confirm) carries: train with this seed.
 SEED_KEY = "tuner/seed"
+# ... and validate on this fold of the training part (skin.stage; skin.data.dataset).
+FOLD_KEY = "tuner/fold"
 
 
 def validate_fixed(fixed: dict) -> None:
@@ -120,6 +124,12 @@ def trial_seed(hp, base: int) -> int | None:
     if n is None:
         return None
     return (int(base) * 1_000_003 + int(n) * 7919) % (2 ** 31 - 1)
+
+
+def trial_fold(hp) -> int | None:
+    """The validation fold of a confirmation trial (``tuner/fold`` >= 1), else None."""
+    n = hp.values.get(FOLD_KEY) if hp is not None else None
+    return int(n) if n else None
 
 
 def augmentation_layers(strength: float, seed: int | None) -> list[keras.layers.Layer]:
@@ -367,10 +377,12 @@ class SkinHyperModel(keras_tuner.HyperModel):
         v = self.values(hp)
         size, batch = self.exp.data.image_size, int(v["batch_size"])
         seed = trial_seed(hp, self.exp.data.seed) or self.exp.data.seed
-        train = skin_data.dataset(data_dir, "train", size, batch, training=True, seed=seed)
-        val = (skin_data.dataset(data_dir, "validation", size, batch, training=False)
+        fold = trial_fold(hp)
+        train = skin_data.dataset(data_dir, "train", size, batch, training=True, seed=seed,
+                                  fold=fold)
+        val = (skin_data.dataset(data_dir, "validation", size, batch, training=False, fold=fold)
                if validation else None)
-        counts = _split_counts(data_dir, "train")
+        counts = _split_counts(data_dir, "train", fold)
         steps = _steps(train, counts, batch)
         if int(train.cardinality()) < 0:  # repeated: Keras needs to know where an epoch ends
             kw.setdefault("steps_per_epoch", steps)
@@ -381,13 +393,14 @@ class SkinHyperModel(keras_tuner.HyperModel):
                             seed=seed, **kw)
 
 
-def _split_counts(data_dir, split: str) -> tuple[int, int, int] | None:
+def _split_counts(data_dir, split: str, fold: int | None = None
+                  ) -> tuple[int, int, int] | None:
     """(count, benign, malignant) of a split from the staged manifest, if readable."""
     try:
         from skin import data as skin_data
 
-        s = skin_data.load_manifest(data_dir)["splits"][split]
-        return int(s["count"]), int(s["benign"]), int(s["malignant"])
+        c = skin_data.class_counts(data_dir, split, fold)
+        return sum(c.values()), int(c["benign"]), int(c["malignant"])
     except Exception:  # noqa: BLE001 -- counts only tune the schedule; fall back to the dataset
         return None
 

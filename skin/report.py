@@ -299,16 +299,26 @@ def _published_section(published, objective: str) -> list[str]:
 
 def _confirmation_section(confirmation, objective: str) -> list[str]:
     """The confirmation of the pick (search.confirm; skin.tuning.confirm.summary): every
-    candidate's scores over seeds, mean and standard deviation, and the margin."""
+    candidate's scores over seeds (each with its validation fold when there are folds),
+    mean and standard deviation, and the margin."""
     if not isinstance(confirmation, dict) or not confirmation.get("candidates"):
         return []
-    rows = [[c.get("trial_id"), c.get("n"), c.get("mean"), c.get("std"),
-             ", ".join(_fmt(float(v)) for v in c.get("scores") or [])]
-            for c in confirmation["candidates"] if isinstance(c, dict)]
+    candidates = [c for c in confirmation["candidates"] if isinstance(c, dict)]
+    on_folds = any(any(c.get("folds") or []) for c in candidates)
+
+    def scores(c: dict) -> str:
+        values = [_fmt(float(v)) for v in c.get("scores") or []]
+        if on_folds and len(c.get("folds") or []) == len(values):
+            values = [f"{v} (fold {f})" for v, f in zip(values, c["folds"])]
+        return ", ".join(values)
+
+    rows = [[c.get("trial_id"), c.get("n"), c.get("mean"), c.get("std"), scores(c)]
+            for c in candidates]
     chosen = confirmation.get("chosen")
     return ["<h2>Confirmation of the pick</h2>",
             f"<p>{html.escape(str(confirmation.get('text') or ''))}.</p>",
-            _html_table(["trial", "trainings", f"mean {objective}", "std", "scores"], rows,
+            _html_table(["trial", "trainings", f"mean {objective}", "std",
+                         "scores (validation fold)" if on_folds else "scores"], rows,
                         classes=["best" if r[0] == chosen else "" for r in rows])]
 
 

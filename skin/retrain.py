@@ -502,7 +502,9 @@ def model_card(exp, version: str, metrics: dict, best: dict, manifest: dict) -> 
         f"- best trial: `{best.get('trial_id', 'n/a')}`, {best.get('objective', exp.search.objective)}"
         f" = {_fmt(best.get('score'))} in the search ({exp.search.tuner})",
         *([f"- confirmation (search.confirm): {best['confirmation']['text']}; mean ± std "
-            "over seeds: " + ", ".join(
+            "over seeds" + (" and validation folds" if len(best["confirmation"].get("folds")
+                                                           or [0]) > 1 else "")
+            + ": " + ", ".join(
                 f"trial {c['trial_id']} {c['mean']:.4f} ± {c['std']:.4f} (n={c['n']})"
                 for c in best["confirmation"]["candidates"])]
           if isinstance(best.get("confirmation"), dict) else []),

@@ -26,6 +26,11 @@ Steps, in order:
 5. **Near-duplicates** are grouped (:func:`skin.grouping.near_duplicate_groups`) and
 6. **the split** assigns whole groups to train/validation/test, stratified by
    label (:func:`skin.grouping.split_groups`), so one lesion never sits on both sides.
+   **Folds** of the training part (train + validation) for confirmation trials
+   (skin.tuning.confirm): fold 0 is the validation split, folds 1..F-1 split the train
+   split's groups into parts about the validation split's size, stratified
+   (:func:`skin.grouping.fold_groups`); test images are in no fold (-1). Too few images
+   for two such parts with both classes: no folds (``folds: 1``, train images -1).
 7. **Write** ``<split>-<i>-of-<n>.tfrecord`` shards, the quarantine copies,
    ``stage_report.json``, and ``manifest.json`` last: its presence means the
    stage finished.
@@ -56,14 +61,16 @@ import numpy as np
 from skin import provenance
 from skin.config import Experiment
 from skin.errors import DataError
-from skin.grouping import CLASSES, SPLITS, near_duplicate_groups, split_images
+from skin.grouping import CLASSES, SPLITS, fold_groups, near_duplicate_groups, split_images
 from skin.storage import Storage, is_gcs, join
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 1  # keys added since (folds, fold_counts, an image's fold) are optional
 # Bump when a change here changes what a stage writes for the same input.
-STAGE_ALGORITHM = 1
+# 2: validation folds (the split itself is the same as under 1).
+STAGE_ALGORITHM = 2
+MAX_FOLDS = 10  # fold 0 (the validation split) plus at most 9 parts of the train split
 
 MAX_SIDE = 8000  # larger sides are quarantined (no dermoscope produces them; likely a bomb)
 MAX_PIXELS = 40_000_000
@@ -91,6 +98,8 @@ class StageReport:
     files: int = 0  # files found under the label folders
     usable: int = 0  # images in the shards
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    # counts per fold (0: the validation split); one entry: no folds; []: staged before them
+    folds: list[dict[str, int]] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)  # dropped exact copies
     converted: list[dict] = field(default_factory=list)  # re-encoded (mode, format, size)
     quarantined: list[dict] = field(default_factory=list)  # unusable, with the reason
@@ -116,6 +125,7 @@ class StageReport:
                 f"({nd.get('images_in_groups', 0)} images) kept on one side of the split"
                 + (f", {len(self.held_out)} near-copies of test images held out"
                    if self.held_out else "")
+                + (f", {len(self.folds)} validation folds" if len(self.folds) > 1 else "")
                 + (" [SYNTHETIC DATA]" if self.synthetic else "")
                 + f" in {self.seconds:.1f} s")
 
@@ -139,6 +149,7 @@ class _Item:
     height: int = 0
     thumb: np.ndarray | None = field(default=None, repr=False, compare=False)
     group: int = -1  # near-duplicate group
+    fold: int = -1  # validation fold of the training part (-1: test, or no folds)
     shard: str = ""
 
 
@@ -402,12 +413,13 @@ def _safe_extract(archive: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------
 # The stage
 
-def _fingerprint(items: list[_Item], exp: Experiment) -> str:
+def _fingerprint(items: list[_Item], exp: Experiment, algorithm: int | None = None) -> str:
     d = exp.data
+    algorithm = STAGE_ALGORITHM if algorithm is None else algorithm
     settings = {"validation_fraction": d.validation_fraction, "test_fraction": d.test_fraction,
                 "seed": d.seed, "shards": d.shards,
                 "near_duplicate_correlation": d.near_duplicate_correlation,
-                "test_source": bool(d.test_source), "algorithm": STAGE_ALGORITHM}
+                "test_source": bool(d.test_source), "algorithm": algorithm}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for rel, sha in sorted((i.rel, i.sha256) for i in items):
         h.update(f"{rel}\0{sha}\n".encode())
@@ -454,8 +466,15 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
         manifest_uri = join(data_uri, "manifest.json")
         if storage.exists(manifest_uri):
             existing = storage.read_json(manifest_uri)
+            if existing.get("source_fingerprint") == _fingerprint(items, exp, algorithm=1):
+                # the same images and split, staged before folds existed: kept as it is
+                log.warning("%s was staged by an earlier version, without validation folds: "
+                            "confirmation trials (search.confirm) will vary the seed only; "
+                            "delete %s/ and stage again to add folds", data_uri, data_uri)
+                report.fingerprint = existing["source_fingerprint"]
             if existing.get("source_fingerprint") == report.fingerprint:
                 report.already_staged = True
+                report.folds = list(existing.get("fold_counts", []))
                 report.splits = {s: {k: v[k] for k in ("count", *CLASSES)}
                                  for s, v in existing.get("splits", {}).items()}
                 report.usable = sum(v["count"] for v in report.splits.values())
@@ -483,6 +502,7 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
                             f"{len(report.quarantined)} quarantined; see "
                             f"{join(data_uri, 'stage_report.json')})")
         splits = _assign(usable, exp, report)
+        _assign_folds(usable, splits, exp, report)
         files = _write_shards(usable, splits, exp, storage, data_uri, scratch)
         report.usable = len(usable)
         report.seconds = time.monotonic() - started
@@ -596,6 +616,48 @@ def _assign(usable: list[_Item], exp: Experiment, report: StageReport) -> list[s
     return splits
 
 
+def _assign_folds(usable: list[_Item], splits: list[str], exp: Experiment,
+                  report: StageReport) -> None:
+    """Fold 0: the validation split; folds 1..F-1: the train split's groups, stratified.
+
+    F = 1 + round(train fraction / validation fraction), at most ``MAX_FOLDS``, so a fold
+    is about as large as the validation split; fewer when a fold would miss a class, and
+    none (train images -1, ``report.folds`` one entry) when fewer than two parts remain.
+    """
+    d = exp.data
+    for it, sp in zip(usable, splits):
+        it.fold = 0 if sp == "validation" else -1
+    train_fraction = 1.0 - d.validation_fraction - d.test_fraction
+    parts = min(MAX_FOLDS - 1, round(train_fraction / d.validation_fraction))
+    groups = sorted({it.group for it, sp in zip(usable, splits) if sp == "train"})
+    index = {g: k for k, g in enumerate(groups)}
+    group_labels = [[0] * len(CLASSES) for _ in groups]
+    for it, sp in zip(usable, splits):
+        if sp == "train":
+            group_labels[index[it.group]][it.label] += 1
+    chosen: list[int] = []
+    while parts >= 2:
+        chosen = fold_groups(group_labels, parts, d.seed)
+        filled = np.zeros((parts, len(CLASSES)))
+        for g, f in enumerate(chosen):
+            filled[f] += group_labels[g]
+        if (filled > 0).all():
+            break
+        parts -= 1
+    if parts >= 2:
+        for it, sp in zip(usable, splits):
+            if sp == "train":
+                it.fold = 1 + chosen[index[it.group]]
+    else:
+        log.info("too few training images for validation folds (confirmation trials will vary "
+                 "the seed only)")
+    report.folds = []
+    for f in range(1 + parts if parts >= 2 else 1):
+        labels = [it.label for it in usable if it.fold == f]
+        report.folds.append({"count": len(labels),
+                             **{name: labels.count(c) for c, name in enumerate(CLASSES)}})
+
+
 def _write_shards(usable: list[_Item], splits: list[str], exp: Experiment, storage: Storage,
                   data_uri: str, scratch: Path) -> dict[str, dict[str, Any]]:
     import tensorflow as tf
@@ -623,6 +685,7 @@ def _write_shards(usable: list[_Item], splits: list[str], exp: Experiment, stora
                     "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[item.label])),
                     "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(
                         value=[item.stored_sha256.encode()])),
+                    "fold": tf.train.Feature(int64_list=tf.train.Int64List(value=[item.fold])),
                 }))
                 writers[pos % n].write(example.SerializeToString())
                 item.shard = names[pos % n]
@@ -647,7 +710,7 @@ def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str,
     images = []
     for it, sp in zip(usable, splits):
         entry = {"sha256": it.stored_sha256, "label": CLASSES[it.label], "split": sp,
-                 "source": it.rel, "group": it.group}
+                 "source": it.rel, "group": it.group, "fold": it.fold}
         if it.stored_sha256 != it.sha256:
             entry["source_sha256"] = it.sha256
         images.append(entry)
@@ -665,6 +728,8 @@ def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str,
             "validation_fraction", "test_fraction", "seed", "shards",
             "near_duplicate_correlation")},
         "splits": split_doc,
+        "folds": len(report.folds),  # skin.data.dataset(fold=f), f in 1..folds-1
+        "fold_counts": report.folds,
         "files": {name: {"bytes": f["bytes"], "sha256": f["sha256"]}
                   for name, f in sorted(files.items())},
         "images": images,

@@ -16,9 +16,11 @@ from skin.data import (
     class_counts,
     dataset,
     decode_and_resize,
+    folds,
     load_images,
     load_manifest,
     split_size,
+    staged_folds,
     sync_data,
     wait_for_manifest,
 )
@@ -162,6 +164,55 @@ def test_empty_split_and_missing_sync_are_data_errors(local, tmp_path):
         dataset(local, "test", IMAGE_SIZE, 4, training=False)
     with pytest.raises(DataError, match="no staged data here"):
         dataset(tmp_path, "train", IMAGE_SIZE, 4, training=True)
+
+
+def _image_keys(ds) -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256(img.tobytes()).hexdigest() for b in ds for img in b[0].numpy()]
+
+
+def test_fold_datasets_hold_the_manifests_counts_and_never_overlap(staged, local):
+    manifest = load_manifest(local)
+    # train 0.75 / validation 0.25 -> the validation split and 3 parts of the train split
+    assert folds(manifest) == 4 == staged_folds(staged["storage"], staged["exp"].data_uri)
+    staged_part = set(_image_keys(dataset(local, "train", IMAGE_SIZE, 16, training=False))) | \
+        set(_image_keys(dataset(local, "validation", IMAGE_SIZE, 16, training=False)))
+    held_out = []
+    for f in (1, 2, 3):
+        val_ds = dataset(local, "validation", IMAGE_SIZE, 16, training=False, fold=f)
+        train_ds = dataset(local, "train", IMAGE_SIZE, 16, training=True, seed=2, fold=f)
+        val, train = _image_keys(val_ds), _image_keys(train_ds)
+        assert int(val_ds.cardinality()) == -(-len(val) // 16)  # known: Keras sizes epochs
+        assert len(val) == split_size(local, "validation", f) == \
+            manifest["fold_counts"][f]["count"] > 0
+        assert len(train) == split_size(local, "train", f) == len(staged_part) - len(val)
+        assert not set(val) & set(train) and set(val) | set(train) == staged_part
+        labels = np.concatenate([b[1].numpy() for b in val_ds])
+        assert int(labels.sum()) == class_counts(local, "validation", f)["malignant"] > 0
+        labels = np.concatenate([b[1].numpy() for b in train_ds])
+        assert int(labels.sum()) == class_counts(local, "train", f)["malignant"] > 0
+        held_out += val
+    assert len(held_out) == len(set(held_out))  # each image validates on one fold at most
+    assert class_counts(local, "validation", 0) == class_counts(local, "validation")
+
+
+def test_folds_that_are_not_staged_are_data_errors(local, tmp_path):
+    with pytest.raises(DataError, match=r"fold 4 is not staged: the data have 4 fold\(s\)"):
+        dataset(local, "validation", IMAGE_SIZE, 4, training=False, fold=4)
+    with pytest.raises(DataError, match="split 'test' has no folds"):
+        split_size(local, "test", 1)
+    older = tmp_path / "older"  # staged before folds: the same shards, no folds in the manifest
+    shutil.copytree(local, older)
+    manifest = load_manifest(older)
+    for key in ("folds", "fold_counts"):
+        del manifest[key]
+    (older / "manifest.json").write_text(__import__("json").dumps(manifest))
+    assert folds(manifest) == 1
+    assert len(_image_keys(dataset(older, "validation", IMAGE_SIZE, 8, training=False))) == \
+        split_size(older, "validation")
+    with pytest.raises(DataError, match="staged without validation folds"):
+        dataset(older, "train", IMAGE_SIZE, 4, training=True, fold=1)
 
 
 def _stored_images(local: Path) -> dict[str, bytes]:

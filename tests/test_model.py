@@ -201,6 +201,39 @@ def test_hypermodel_fit_on_staged_data(staged_dir):
     assert len(hist.history["loss"]) == 1 and "val_auc" not in hist.history
 
 
+@pytest.mark.slow
+def test_a_confirmation_trials_fold_moves_validation_for_both_datasets(staged_dir, monkeypatch):
+    from skin import data as skin_data
+
+    exp, data_dir = staged_dir
+    calls, real = [], skin_data.dataset
+
+    def recorded(local, split, *args, **kw):  # the real pipeline, its arguments noted
+        calls.append((split, kw.get("fold")))
+        return real(local, split, *args, **kw)
+
+    class Batches(keras.callbacks.Callback):
+        train = test = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            Batches.train += 1
+
+        def on_test_batch_end(self, batch, logs=None):
+            Batches.test += 1
+
+    monkeypatch.setattr(skin_data, "dataset", recorded)
+    hm = M.SkinHyperModel(exp)
+    hp = hyperparameters(batch_size=16, blocks=3, filters=16, **{M.SEED_KEY: 1, M.FOLD_KEY: 2})
+    assert M.trial_fold(hp) == 2 and M.trial_fold(hyperparameters(batch_size=16)) is None
+    hm.fit(hp, hm.build(hp), data_dir=data_dir, epochs=1, callbacks=[Batches()])
+    assert calls == [("train", 2), ("validation", 2)]
+    assert Batches.train == -(-skin_data.split_size(data_dir, "train", 2) // 16)
+    assert Batches.test == -(-skin_data.split_size(data_dir, "validation", 2) // 16)
+    counts = skin_data.class_counts(data_dir, "train", 2)
+    assert M._split_counts(data_dir, "train", 2) == (sum(counts.values()), counts["benign"],
+                                                     counts["malignant"])
+
+
 def test_shipped_experiments_pin_only_real_hyperparameters():
     from skin.config import DEFAULT_EXPERIMENT_FILE, PACKAGE_EXPERIMENTS, load_experiment
 

@@ -657,3 +657,20 @@ def test_ensemble_is_listed_in_the_card_and_report_and_latest_moves_last(ensembl
     latest = join(exp.models_uri, "LATEST")
     assert storage.written[-1] == latest and storage.written.count(latest) == 1
     assert storage.read_text(latest).strip() == published.version
+
+
+@pytest.mark.slow  # the run fixture retrains
+def test_card_gives_the_confirmation_over_seeds_and_validation_folds(run):
+    exp, _, _, published = run
+    confirmation = {"folds": [0, 1, 2], "text": "trial 01 chosen over trial 00 by 0.0100 ± "
+                    "0.0050 (mean of 3 and 3 trainings, validated on folds 0, 1, 2): within noise",
+                    "candidates": [{"trial_id": "01", "mean": 0.91, "std": 0.01, "n": 3},
+                                   {"trial_id": "00", "mean": 0.90, "std": 0.01, "n": 3}]}
+    card = rt.model_card(exp, published.version, published.metrics,
+                         {**BEST, "confirmation": confirmation}, {})
+    assert "validated on folds 0, 1, 2): within noise; mean ± std over seeds and validation " \
+        "folds: trial 01 0.9100 ± 0.0100 (n=3)" in card
+    seeds_only = {**confirmation, "folds": [0]}
+    card = rt.model_card(exp, published.version, published.metrics,
+                         {**BEST, "confirmation": seeds_only}, {})
+    assert "mean ± std over seeds: trial 01" in card

@@ -163,3 +163,17 @@ def test_the_run_report_shows_stopped_trials_and_the_confirmation(tmp_path):
     assert "Confirmation of the pick" in text
     assert "trial 00 chosen over trial 02 by 0.0200 ± 0.0238: within noise" in text
     assert '<tr class="best"><td class="l">00</td>' in text
+
+
+def test_the_run_report_names_the_validation_fold_of_each_confirmation_score(tmp_path):
+    from skin.report import render_search_report
+
+    result = {"objective": "val_auc", "direction": "max", "trials": [
+        {"id": "00", "status": "completed", "score": 0.93, "stopped_at": None}],
+        "confirmation": {"folds": [0, 1, 2], "candidates": [
+            {"trial_id": "00", "n": 3, "mean": 0.92, "std": 0.01, "scores": [0.93, 0.91, 0.92],
+             "folds": [0, 1, 2]}], "chosen": "00", "text": "trial 00: the only candidate"}}
+    _, page = render_search_report(result, tmp_path)
+    text = page.read_text()
+    assert "scores (validation fold)" in text
+    assert "0.93 (fold 0), 0.91 (fold 1), 0.92 (fold 2)" in text

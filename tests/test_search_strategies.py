@@ -54,10 +54,17 @@ def test_median_stopping_stops_a_learning_rate_that_cannot_learn_and_never_a_goo
             assert t["stopped_at"] == start, (t, ended_before)
 
 
-def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(search, storage):  # noqa: F811
+def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(
+        search, storage, image_folder, tmp_path):  # noqa: F811
+    from skin.stage import stage
+
     # units 1 scores 0.95 once but 0.70/0.72 with other seeds; units 2 scores 0.90/0.89/0.91.
     s = search(max_trials=4, max_epochs=2, confirm={"top": 2, "seeds": 2},
                entry_args=["--space", "inject", "--epoch-seconds", "0.3"])
+    # staged data with validation folds (train 0.8 / validation 0.2: the validation split
+    # and 4 parts of train); the tiny model ignores the images, the chief reads the folds
+    staged = stage(s.exp, storage, source=str(image_folder), work_dir=tmp_path / "stage")
+    assert len(staged.folds) == 5
     for role in ("chief", "tuner0", "tuner1"):
         s.start(role)
     assert s.wait("chief", timeout=300) == 0, s.log("chief")
@@ -80,6 +87,11 @@ def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(search, 
                   for t in confirming) == [(1, 1), (1, 2), (2, 1), (2, 2)]
     for t in confirming:
         assert t["hyperparameters"] == by_id[t["confirms"]]["hyperparameters"]
+        assert t["fold"] == t["seed"]  # seed s validates on fold 1 + (s-1) % 4
+    assert all(t["fold"] is None for t in searched)
+    worker_logs = s.log("tuner0") + s.log("tuner1")  # the fold reached the hypermodel
+    assert len(re.findall(r"trial validates on fold [12]\b", worker_logs)) >= 4
+    assert "confirmation trials validate on folds 1..4 of the training part" in s.log("chief")
 
     c = result["confirmation"]
     assert c["best_single"] == best_single["id"]
@@ -88,6 +100,7 @@ def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(search, 
     assert means[2]["mean"] == pytest.approx(0.90, abs=1e-5)
     assert means[2]["std"] == pytest.approx(0.01, abs=1e-5)
     assert means[1]["n"] == means[2]["n"] == 3
+    assert means[1]["folds"] == means[2]["folds"] == [0, 1, 2] == c["folds"]
     assert by_id[c["chosen"]]["hyperparameters"]["units"] == 2  # the best mean, not the best score
     assert c["runner_up"] == best_single["id"]
     assert c["margin"] == pytest.approx(0.90 - 0.79, abs=1e-5)

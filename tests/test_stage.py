@@ -19,7 +19,7 @@ from PIL import Image
 from skin import synthetic
 from skin.config import API_VERSION, KIND, Experiment, parse_experiment
 from skin.errors import DataError
-from skin.grouping import near_duplicate_groups, split_groups, split_images
+from skin.grouping import fold_groups, near_duplicate_groups, split_groups, split_images
 from skin.stage import CLASSES, stage
 from skin.storage import Storage, join
 
@@ -114,6 +114,7 @@ def read_shards(storage: Storage, data_uri: str, names: list[str], tmp: Path) ->
             f = ex.features.feature
             out.append({"image": f["image"].bytes_list.value[0],
                         "label": f["label"].int64_list.value[0],
+                        "fold": f["fold"].int64_list.value[0],
                         "sha256": f["sha256"].bytes_list.value[0].decode(), "shard": name})
     return out
 
@@ -405,3 +406,106 @@ def test_split_images_places_each_image_with_its_group():
     assert split == [by_id[g] for g in group]
     assert split[0] == split[2] and split[1] == split[4] == split[5] and split[3] == split[7]
     assert set(split) == set(fractions)
+
+
+def test_folds_keep_groups_whole_and_fold_0_is_the_validation_split(staged, tmp_path):
+    m, report, exp = staged["manifest"], staged["report"], staged["exp"]
+    # train 0.55 / validation 0.25 -> 1 + round(2.2) = 3 folds: the validation split + 2
+    assert m["folds"] == len(m["fold_counts"]) == len(report.folds) == 3
+    images = m["images"]
+    for i in images:
+        expected = {"validation": {0}, "train": {1, 2}, "test": {-1}}[i["split"]]
+        assert i["fold"] in expected, i
+    folds_of_group: dict[int, set] = {}
+    for i in images:
+        folds_of_group.setdefault(i["group"], set()).add(i["fold"])
+    assert all(len(f) == 1 for f in folds_of_group.values())  # a lesion on one side
+    for f, counts in enumerate(m["fold_counts"]):
+        members = [i for i in images if i["fold"] == f]
+        assert counts["count"] == len(members) > 0
+        for c in CLASSES:
+            assert counts[c] == sum(i["label"] == c for i in members) > 0, (f, counts)
+    assert m["fold_counts"][0] == {k: m["splits"]["validation"][k] for k in ("count", *CLASSES)}
+    train = m["splits"]["train"]
+    for c in CLASSES:  # stratified: each part holds about half of the train split's class
+        for f in (1, 2):
+            assert abs(m["fold_counts"][f][c] - train[c] / 2) <= 4, m["fold_counts"]
+    names = [n for s in m["splits"].values() for n in s["shards"]]
+    records = {r["sha256"]: r for r in read_shards(staged["storage"], exp.data_uri, names,
+                                                   tmp_path)}
+    assert {i["sha256"]: i["fold"] for i in images} == {
+        sha: r["fold"] for sha, r in records.items()}
+
+
+def test_data_staged_before_folds_is_kept_as_it_is(image_folder, storage, bucket, tmp_path,
+                                                   monkeypatch, caplog):
+    from skin import stage as stage_module
+
+    exp = make_exp(bucket, image_folder, name="older")
+    monkeypatch.setattr(stage_module, "STAGE_ALGORITHM", 1)  # the fingerprint an older stage wrote
+    first = stage(exp, storage, work_dir=tmp_path / "w1")
+    monkeypatch.undo()
+    caplog.set_level("WARNING", logger="skin.stage")
+    before = storage.list_info(exp.data_uri)
+    again = stage(exp, storage, work_dir=tmp_path / "w2")
+    assert again.already_staged and again.fingerprint == first.fingerprint
+    assert storage.list_info(exp.data_uri) == before
+    assert "staged by an earlier version, without validation folds" in caplog.text
+
+
+def test_too_few_images_for_folds_stage_none(image_folder, storage, bucket, tmp_path):
+    # train 0.45 / validation 0.45 -> round(1.0) = 1 part of the train split: no folds
+    exp = make_exp(bucket, image_folder, name="nofolds", validation_fraction=0.45,
+                   test_fraction=0.1)
+    report = stage(exp, storage, work_dir=tmp_path)
+    m = storage.read_json(join(exp.data_uri, "manifest.json"))
+    assert m["folds"] == 1 and len(report.folds) == 1
+    assert {i["fold"] for i in m["images"] if i["split"] != "validation"} == {-1}
+    assert "validation folds" not in report.summary()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_groups_is_the_split_of_before_folds(seed):
+    # sha256 of the split of these groups as the stage computed it before folds existed
+    # (STAGE_ALGORITHM 1): folds must not move an image between train/validation/test
+    before = {0: "189ae27ee77330ac", 1: "068e8ca03eedc279", 2: "3f0dd98e5a81f478"}
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in range(300):
+        size = int(rng.choice([1, 1, 1, 1, 2, 3, 7]))
+        label = int(rng.random() < 0.45)
+        groups.append([size, 0] if label == 0 else [0, size])
+    chosen = split_groups(groups, {"train": 0.6, "validation": 0.25, "test": 0.15}, seed)
+    assert hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16] == before[seed]
+
+
+def test_fold_groups_are_stratified_and_deterministic():
+    rng = np.random.default_rng(5)
+    groups = [[s, 0] if rng.random() < 0.7 else [0, s]
+              for s in rng.choice([1, 1, 1, 2, 3], size=400).tolist()]
+    folds = fold_groups(groups, 4, seed=5)
+    assert set(folds) == {0, 1, 2, 3} and fold_groups(groups, 4, seed=5) == folds
+    totals = np.sum(groups, axis=0)
+    for f in range(4):
+        got = np.sum([g for g, k in zip(groups, folds) if k == f], axis=0)
+        assert np.all(np.abs(got - totals / 4) <= 3), (f, got, totals / 4)
+
+
+def test_folds_are_fewer_when_a_class_could_not_fill_them(tmp_path):
+    from skin.stage import StageReport, _assign_folds, _Item
+
+    # train 0.8 / validation 0.1 -> 8 parts would be asked for, but the train split holds
+    # 3 malignant images: 3 parts, each with both classes
+    exp = make_exp("unused", tmp_path, validation_fraction=0.1, test_fraction=0.1)
+    items, splits = [], []
+    for k in range(40):
+        label = 1 if k in (0, 1, 2, 30) else 0
+        items.append(_Item(rel=f"x/{k}.jpg", path=tmp_path, label=label, origin="source",
+                           group=k))
+        splits.append("validation" if k >= 30 else "train")
+    report = StageReport(data_uri="", source="")
+    _assign_folds(items, splits, exp, report)
+    assert len(report.folds) == 4
+    assert all(f["benign"] > 0 and f["malignant"] > 0 for f in report.folds)
+    assert {it.fold for it, s in zip(items, splits) if s == "validation"} == {0}
+    assert sorted(it.fold for it in items[:3]) == [1, 2, 3]

@@ -18,7 +18,8 @@ would; the test continues it with SIGCONT.
 starts at zero, so every row scores the same and val_auc stays 0.5) or 0.1 (learns).
 ``--space inject``: ``units`` 1..4 on a fixed learning rate, and val_auc is injected from
 ``INJECTED`` by (units, ``tuner/seed``): the best single score is not the best mean.
-A confirmation trial's ``tuner/seed`` seeds Keras.
+A confirmation trial's ``tuner/seed`` seeds Keras; its ``tuner/fold`` (the staged data's
+validation fold it would validate on) is logged, "validates on fold N".
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ class TinyHyperModel(keras_tuner.HyperModel):
         y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("float32")
         slow = [Slow(self.epoch_seconds, self.batch_seconds)] \
             if self.epoch_seconds or self.batch_seconds else []
+        if hp.values.get("tuner/fold") is not None:
+            logging.getLogger("tiny").info("trial validates on fold %d",
+                                           int(hp.values["tuner/fold"]))
         if self.space == "inject":
             key = (hp.values["units"], int(hp.values.get("tuner/seed") or 0))
             slow.append(Inject(INJECTED.get(key, INJECTED[(key[0], 0)])))

@@ -440,6 +440,10 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
 
     port = runtime.oracle_port or exp.chief.oracle_port
     oracle = make_oracle(exp)
+    if oracle.confirm is not None and exp.search.confirm.folds:  # read once, when it starts
+        from skin.data import staged_folds
+
+        oracle.confirm.folds_source = lambda: staged_folds(storage, exp.data_uri)
     store = OracleStore(storage, oracle_uri(exp), fence=fence)
     loaded = store.load()
     if loaded.header is not None:

@@ -11,6 +11,17 @@ results and the retrain leave out): ``tuner/confirms`` (the trial it repeats) an
 order with it, ``skin.model.trial_seed``); under Hyperband also ``tuner/epochs`` = the
 trial length, from scratch.
 
+**Folds** (``confirm.folds``, on by default): a seed alone removes training noise but not the
+luck of a few hundred validation images. When the staged data hold F > 1 validation folds
+of the training part (skin.stage: fold 0 is the validation split the search scored on,
+1..F-1 parts of the train split, grouped by lesion), confirmation seed ``s`` of every
+candidate also carries ``tuner/fold`` = 1 + (s-1) % (F-1): the hypermodel then trains on
+the rest of the training part and validates on that fold (``skin.data.dataset(fold=...)``).
+Every candidate is scored on the same folds, so their means compare. The chief reads F from
+the staged manifest once, when confirmation starts (``folds_source``); data staged without
+folds, or too few images, leave seeds only (logged). A restarted chief keeps what its
+confirmation trials already say: folds only if every one made so far carries one.
+
 When every confirmation trial has ended, the pick is the configuration with the best
 **mean** objective over its original trial and its confirmations, not the best single
 score. :func:`summary` records every candidate's scores, mean and standard deviation and
@@ -38,6 +49,7 @@ from skin.tuning.stopping import CONFIRMS_KEY
 log = logging.getLogger("skin.tuning")
 
 SEED_KEY = "tuner/seed"  # skin.model.SEED_KEY
+FOLD_KEY = "tuner/fold"  # skin.model.FOLD_KEY
 
 
 def public_values(values: dict) -> dict:
@@ -55,10 +67,20 @@ def mean_std(scores: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(scores) if len(scores) > 1 else 0.0)
 
 
+def fold_of_seed(seed: int, folds: int) -> int | None:
+    """The validation fold of confirmation seed ``seed`` (1, 2, ...) with ``folds`` staged
+    folds: 1..folds-1 in turn; None without folds."""
+    return 1 + (int(seed) - 1) % (folds - 1) if folds > 1 else None
+
+
 class Confirmation:
-    def __init__(self, top: int, seeds: int, max_epochs: int, hyperband: bool = False):
+    def __init__(self, top: int, seeds: int, max_epochs: int, hyperband: bool = False,
+                 folds_source=None):
         self.top, self.seeds = int(top), int(seeds)
         self.max_epochs, self.hyperband = int(max_epochs), bool(hyperband)
+        # () -> validation folds staged (skin.data.staged_folds); None: seeds only
+        self.folds_source = folds_source
+        self._folds: int | None = None
 
     @classmethod
     def from_experiment(cls, exp) -> Confirmation | None:
@@ -113,6 +135,26 @@ class Confirmation:
         made = self.confirmations(oracle)
         return all(key in made for key in self.plan(oracle))
 
+    def folds(self, oracle) -> int:
+        """Validation folds the confirmation uses (1: none, seeds only); decided once."""
+        if self._folds is None:
+            made = [t.hyperparameters.values for t in self.confirmations(oracle).values()]
+            if self.folds_source is None:
+                self._folds, why = 1, "confirm.folds is off"
+            elif made and not all(FOLD_KEY in v for v in made):
+                self._folds, why = 1, "its first confirmation trials had none"
+            else:
+                self._folds, why = int(self.folds_source()), (
+                    "no validation folds staged (data staged before folds existed, or too "
+                    "few images for them)")
+            if self._folds > 1:
+                log.info("confirmation trials validate on folds 1..%d of the training part "
+                         "(fold 0: the validation split of the search)", self._folds - 1)
+            else:
+                log.info("confirmation trials vary the seed only, on the validation split: %s",
+                         why)
+        return self._folds
+
     # -- handing them out ------------------------------------------------------------------
 
     def next_trial(self, oracle, tuner_id: str):
@@ -132,6 +174,9 @@ class Confirmation:
         source = oracle.trials[source_id]
         values = public_values(source.hyperparameters.values)
         values.update({CONFIRMS_KEY: source_id, SEED_KEY: seed})
+        fold = fold_of_seed(seed, self.folds(oracle))
+        if fold is not None:
+            values[FOLD_KEY] = fold
         if self.hyperband:
             values.update({"tuner/epochs": self.max_epochs, "tuner/initial_epoch": 0})
         hps = oracle.hyperparameters.copy()
@@ -147,7 +192,8 @@ class Confirmation:
             log.info("search over; confirming the top %d configurations with %d more seed(s) "
                      "each: trials %s", self.top, self.seeds,
                      ", ".join(c.trial_id for c in self.candidates(oracle)))
-        log.info("trial %s confirms trial %s with seed %d", trial_id, source_id, seed)
+        log.info("trial %s confirms trial %s with seed %d%s", trial_id, source_id, seed,
+                 f" on fold {fold}" if fold is not None else "")
         listener = getattr(oracle, "listener", None)
         from skin.tuning import protocol as wire
 
@@ -170,14 +216,17 @@ class Confirmation:
                      if (c.trial_id, n) in made]
             scored = [t for t in extra if t.status == "COMPLETED" and t.score is not None]
             scores = [float(c.score)] + [float(t.score) for t in scored]
+            folds = [0] + [int(t.hyperparameters.values.get(FOLD_KEY, 0)) for t in scored]
             mean, std = mean_std(scores)
             rows.append({"trial_id": c.trial_id, "hyperparameters": public_values(
-                c.hyperparameters.values), "scores": scores, "n": len(scores),
+                c.hyperparameters.values), "scores": scores, "folds": folds, "n": len(scores),
                 "mean": mean, "std": std, "confirmations": [t.trial_id for t in extra]})
         order = sorted(range(len(rows)), key=lambda i: (-rows[i]["mean"] if better
                                                         else rows[i]["mean"], i))
         chosen = rows[order[0]]
-        out = {"top": self.top, "seeds": self.seeds, "candidates": rows,
+        folds = sorted({f for row in rows for f in row["folds"]})
+        on = f", validated on folds {', '.join(map(str, folds))}" if len(folds) > 1 else ""
+        out = {"top": self.top, "seeds": self.seeds, "folds": folds, "candidates": rows,
                "chosen": chosen["trial_id"], "best_single": candidates[0].trial_id,
                "runner_up": None, "margin": None, "margin_se": None, "verdict": None,
                "text": f"trial {chosen['trial_id']}: the only candidate"}
@@ -190,7 +239,7 @@ class Confirmation:
                        verdict=verdict,
                        text=f"trial {chosen['trial_id']} chosen over trial {second['trial_id']} "
                             f"by {margin:.4f} ± {se:.4f} (mean of {chosen['n']} and "
-                            f"{second['n']} trainings): {verdict}")
+                            f"{second['n']} trainings{on}): {verdict}")
         return out
 
     def pick(self, oracle):

@@ -59,6 +59,8 @@ def search_fingerprint(exp) -> str:
                                  "min_trials": es.min_trials}
     if s.confirm.top:
         doc["confirm"] = {"top": s.confirm.top, "seeds": s.confirm.seeds}
+        if not s.confirm.folds:  # only when off: searches saved before folds still resume
+            doc["confirm"]["folds"] = False
     backbone = _backbone(exp)
     if backbone is not None:
         doc["backbone"] = backbone

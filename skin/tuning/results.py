@@ -18,11 +18,12 @@ the epochs of the trials it continued), ``best_epoch`` the epoch of its score.
      "trials": [{"id", "status", "score", "hyperparameters", "worker", "epochs",
                  "duration", "attempts": [{"n", "worker", "status", "reason",
                                            "started", "ended", "epochs"}],
-                 "message", "continues", "stopped_at", "confirms", "seed"}],
+                 "message", "continues", "stopped_at", "confirms", "seed", "fold"}],
      "stopped_early": [trial ids],
-     "confirmation": null | {"top", "seeds", "candidates": [{"trial_id", "hyperparameters",
-                     "scores", "n", "mean", "std", "confirmations"}], "chosen", "best_single",
-                     "runner_up", "margin", "margin_se", "verdict", "text"}}
+     "confirmation": null | {"top", "seeds", "folds", "candidates": [{"trial_id",
+                     "hyperparameters", "scores", "folds", "n", "mean", "std", "confirmations"}],
+                     "chosen", "best_single", "runner_up", "margin", "margin_se", "verdict",
+                     "text"}}
 
 A trial's status is ``completed`` or ``failed`` once it ended; when a search
 fails, trials that were still running are ``cancelled``. ``duration`` adds up
@@ -32,7 +33,8 @@ worker went silent for a lease) or ``failed``; ``first_epoch`` is the epoch
 index it resumed at (absent if it finished none). ``continues`` names the trial whose weights a
 Hyperband trial started from; ``stopped_at`` the epoch at which the early-stopping rule
 ended a trial (null otherwise; such a trial is completed with its partial score);
-``confirms``/``seed`` mark a confirmation trial (skin.tuning.confirm). With ``search.confirm``
+``confirms``/``seed`` mark a confirmation trial (skin.tuning.confirm), ``fold`` the validation
+fold it was scored on (null: the validation split, fold 0). With ``search.confirm``
 the best is the candidate with the best mean (``confirmation.chosen``), not the best single
 score.
 
@@ -130,6 +132,7 @@ def build_result(oracle, exp) -> dict:
                 "stopped_at": (meta.get("stopped") or {}).get("epoch"),  # search.early_stopping
                 "confirms": trial.hyperparameters.values.get("tuner/confirms"),  # search.confirm
                 "seed": trial.hyperparameters.values.get("tuner/seed"),
+                "fold": trial.hyperparameters.values.get("tuner/fold"),
             })
         best = build_best(oracle, exp)
         return {

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from skin import artifacts
 from skin.errors import ConfigError
 
 API_VERSION = "skin/v1"
@@ -204,19 +205,19 @@ class Experiment:
 
     @property
     def data_uri(self) -> str:
-        return self.root_uri + "/data"
+        return artifacts.data_uri(self.root_uri)
 
     @property
     def tuner_uri(self) -> str:
-        return self.root_uri + "/tuner"
+        return artifacts.tuner_uri(self.root_uri)
 
     @property
     def trials_uri(self) -> str:
-        return self.root_uri + "/trials"
+        return artifacts.trials_uri(self.root_uri)
 
     @property
     def models_uri(self) -> str:
-        return self.root_uri + "/models"
+        return artifacts.models_uri(self.root_uri)
 
     def to_dict(self) -> dict:
         doc = {"apiVersion": API_VERSION, "kind": KIND}

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from skin.artifacts import MANIFEST
 from skin.errors import DataError, RetryableError
 from skin.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CLASSES = ("benign", "malignant")
 _SHUFFLE_BUFFER_MAX = 10_000
 

@@ -28,16 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from skin.artifacts import (
+    LATEST,
+    METRICS,
+    MODEL,
+    MODELS,
+    SERVING,
+    SERVING_ARCHIVE_ENTRY,
+)
 from skin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("benign", "malignant")  # label 0, label 1 (the positive class)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MODEL_FILE = "model.keras"
-SERVING_FILE = "serving.json"  # beside model.keras, and inside the .keras archive
-SERVING_ARCHIVE_ENTRY = "skin_serving.json"
-METRICS_FILE = "metrics.json"
 DEFAULT_THRESHOLD = 0.5
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -269,7 +273,7 @@ def _read_serving(keras_file: Path) -> dict | None:
                 return json.loads(zf.read(SERVING_ARCHIVE_ENTRY))
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         log.debug("no serving description inside %s: %s", keras_file, e)
-    for name in (SERVING_FILE, METRICS_FILE):
+    for name in (SERVING, METRICS):
         path = keras_file.parent / name
         if path.is_file():
             try:
@@ -292,20 +296,20 @@ def _check_version(version: str, where: str) -> str:
 def _resolve_local(path: Path) -> Path:
     """The ``model.keras`` a local model path means."""
     if path.is_file():
-        if path.name == "LATEST":
+        if path.name == LATEST:
             return _resolve_local(path.parent / _check_version(path.read_text(), str(path)))
         if path.suffix == ".keras":
             return path
         raise ConfigError(f"--model {path}: not a .keras file, a model folder or LATEST")
     if path.is_dir():
-        if (path / MODEL_FILE).is_file():
-            return path / MODEL_FILE
-        for latest in (path / "LATEST", path / "models" / "LATEST"):
+        if (path / MODEL).is_file():
+            return path / MODEL
+        for latest in (path / LATEST, path / MODELS / LATEST):
             if latest.is_file():
                 return _resolve_local(latest)
-        if (path / "model" / MODEL_FILE).is_file():  # the OUT folder of `skin run`
-            return path / "model" / MODEL_FILE
-        raise ConfigError(f"--model {path}: no published model there (expected {MODEL_FILE}, "
+        if (path / "model" / MODEL).is_file():  # the OUT folder of `skin run`
+            return path / "model" / MODEL
+        raise ConfigError(f"--model {path}: no published model there (expected {MODEL}, "
                           "LATEST or models/LATEST)")
     raise ConfigError(f"--model {path}: no such file or folder")
 
@@ -318,18 +322,18 @@ def _resolve_remote(uri: str, storage) -> str:
             raise ConfigError(f"--model {uri}: no such object")
         return uri
     parent, _, last = uri.rpartition("/")
-    if last == "LATEST":
+    if last == LATEST:
         try:
             version = storage.read_text(uri)
         except FileNotFoundError:
             raise ConfigError(f"--model {uri}: no such object (no model published yet?)") from None
-        return f"{parent}/{_check_version(version, uri)}/{MODEL_FILE}"
-    if storage.exists(f"{uri}/{MODEL_FILE}"):
-        return f"{uri}/{MODEL_FILE}"
-    for latest in (f"{uri}/LATEST", f"{uri}/models/LATEST"):
+        return f"{parent}/{_check_version(version, uri)}/{MODEL}"
+    if storage.exists(f"{uri}/{MODEL}"):
+        return f"{uri}/{MODEL}"
+    for latest in (f"{uri}/{LATEST}", f"{uri}/{MODELS}/{LATEST}"):
         if storage.exists(latest):
             return _resolve_remote(latest, storage)
-    raise ConfigError(f"--model {uri}: no published model there (expected {MODEL_FILE}, "
+    raise ConfigError(f"--model {uri}: no published model there (expected {MODEL}, "
                       "LATEST or models/LATEST)")
 
 
@@ -379,10 +383,10 @@ def load_published(model_uri: str | os.PathLike, storage=None):
             storage = Storage()
         keras_uri = _resolve_remote(uri, storage)
         with tempfile.TemporaryDirectory(prefix="skin-model-") as tmp:
-            local = Path(tmp) / MODEL_FILE
+            local = Path(tmp) / MODEL
             storage.download_file(keras_uri, str(local))
             folder = keras_uri.rpartition("/")[0]
-            for name in (SERVING_FILE, METRICS_FILE):
+            for name in (SERVING, METRICS):
                 try:
                     storage.download_file(f"{folder}/{name}", str(Path(tmp) / name))
                 except FileNotFoundError:

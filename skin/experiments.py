@@ -22,12 +22,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from skin.storage import join
+from skin import artifacts
 
 log = logging.getLogger(__name__)
 
 STATES = ("staged", "searching", "retraining", "published", "failed", "empty")
-_MARKERS = ("data/manifest.json", "tuner/result.json", "models/LATEST", "tuner/oracle/")
 
 
 def _read_json(storage, uri: str) -> Any | None:
@@ -51,7 +50,7 @@ def _oracle_counts(storage, root: str) -> dict[str, int] | None:
     """Trials by status from the chief's journal and trial records (None when absent)."""
     from skin.tuning.journal import OracleStore
 
-    prefix = join(root, "tuner", "oracle")
+    prefix = artifacts.oracle_uri(root)
     if not storage.list(prefix + "/"):
         return None
     try:
@@ -74,7 +73,7 @@ def experiment_state(storage, root: str) -> dict:
                            "synthetic": None, "trials": {}, "outcome": None, "reason": "",
                            "best": None, "objective": None, "published": None,
                            "test": None}
-    manifest = _read_json(storage, join(root, "data", "manifest.json"))
+    manifest = _read_json(storage, artifacts.manifest_uri(root))
     if isinstance(manifest, dict):
         out["staged"] = True
         splits = manifest.get("splits") or {}
@@ -85,7 +84,7 @@ def experiment_state(storage, root: str) -> dict:
     if counts is not None:
         out["trials"] = counts
         out["state"] = "searching"
-    result = _read_json(storage, join(root, "tuner", "result.json"))
+    result = _read_json(storage, artifacts.result_uri(root))
     if isinstance(result, dict):
         out["outcome"] = result.get("outcome") or "completed"
         out["reason"] = result.get("reason") or ""
@@ -96,12 +95,12 @@ def experiment_state(storage, root: str) -> dict:
         if isinstance(best, dict):
             out["best"] = {"trial_id": best.get("trial_id"), "score": best.get("score")}
         out["state"] = "failed" if out["outcome"] == "failed" else "retraining"
-    latest = _read_text(storage, join(root, "models", "LATEST"))
+    latest = _read_text(storage, artifacts.latest_uri(root))
     if latest and latest.strip():
         version = latest.strip()
         out["published"] = version
         out["state"] = "published"
-        metrics = _read_json(storage, join(root, "models", version, "metrics.json"))
+        metrics = _read_json(storage, artifacts.model_file_uri(root, version, artifacts.METRICS))
         if isinstance(metrics, dict):
             out["test"] = {k: metrics.get(k) for k in (
                 "evaluated_on", "n", "roc_auc", "sensitivity", "specificity", "threshold")}
@@ -117,7 +116,7 @@ def list_experiments(storage, base: str) -> list[dict]:
     roots: set[str] = set()
     for uri in storage.list(base + "/"):
         rest = uri[len(base) + 1:]
-        for marker in _MARKERS:
+        for marker in artifacts.MARKERS:
             at = rest.find(marker)
             if at == 0 or (at > 0 and rest[at - 1] == "/"):
                 roots.add((base + "/" + rest[:at]).rstrip("/"))

@@ -33,10 +33,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import transforms
 
+from skin.artifacts import REPORT_HTML, SEARCH_PNG
 from skin.metrics import TRIAL_END_STATUSES, objective_direction
 
-PNG_NAME = "search.png"
-HTML_NAME = "report.html"
 TOP_TRIALS = 5
 
 
@@ -344,13 +343,13 @@ def render_search_report(result: dict | None, out_dir, metrics: dict | None = No
         top = top_trials(trials, direction)
         counts = counts_of(result, trials)
         png = _draw(trials, objective, direction, top)
-        png_path = out / PNG_NAME
+        png_path = out / SEARCH_PNG
         png_path.write_bytes(png)
         sections += _search_sections(result, trials, objective, direction, top, counts, png)
     else:
         sections.append("<h2>The search</h2><p>No search result was found in the bucket.</p>")
     title = ("Run report" if metrics is not None else "Search report") + (
         f": {name}" if name else "")
-    html_path = out / HTML_NAME
+    html_path = out / REPORT_HTML
     html_path.write_text(_page(title, sections), encoding="utf-8")
     return png_path, html_path

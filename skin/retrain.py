@@ -65,7 +65,7 @@ import keras
 import numpy as np
 
 import skin
-from skin import clinical, provenance
+from skin import artifacts, clinical, provenance
 from skin.errors import (
     ConfigError,
     DataError,
@@ -75,8 +75,6 @@ from skin.errors import (
 )
 from skin.evaluate import (
     CLASS_NAMES,
-    MODEL_FILE,
-    SERVING_FILE,
     choose_threshold,
     classification_metrics,
     embed_serving,
@@ -411,7 +409,7 @@ def code_version() -> str:
 def manifest_hash(manifest: dict, data_dir: Path) -> str:
     if manifest.get("manifest_sha256"):
         return str(manifest["manifest_sha256"])
-    path = data_dir / "manifest.json"
+    path = data_dir / artifacts.MANIFEST
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
@@ -697,7 +695,7 @@ def _new_version(storage, models_uri: str) -> str:
         version = _dt.datetime.now(_dt.UTC).strftime(VERSION_FORMAT)
         if not storage.list(join(models_uri, version) + "/"):
             try:
-                storage.write_json(join(models_uri, version, "metrics.json"),
+                storage.write_json(join(models_uri, version, artifacts.METRICS),
                                    {"version": version, "publishing": True},
                                    if_generation_match=0)
                 return version
@@ -710,7 +708,7 @@ def _new_version(storage, models_uri: str) -> str:
 def _read_latest(storage, models_uri: str) -> tuple[str | None, int]:
     """(the version LATEST names, its generation); (None, 0) when nothing is published."""
     try:
-        data, generation = storage.read_versioned(join(models_uri, "LATEST"))
+        data, generation = storage.read_versioned(join(models_uri, artifacts.LATEST))
     except FileNotFoundError:
         return None, 0
     return data.decode("utf-8", errors="replace").strip() or None, generation
@@ -718,7 +716,7 @@ def _read_latest(storage, models_uri: str) -> tuple[str | None, int]:
 
 def _move_latest(storage, models_uri: str, version: str, seen: tuple[str | None, int]) -> None:
     """Point LATEST at ``version`` unless another retrain moved it since we read ``seen``."""
-    latest = join(models_uri, "LATEST")
+    latest = join(models_uri, artifacts.LATEST)
     try:
         storage.write_text(latest, version + "\n", if_generation_match=seen[1])
     except PreconditionFailedError:
@@ -1033,18 +1031,18 @@ def export_saved_model(model, path: Path, image_size: int) -> None:
 def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, best: dict,
                    manifest: dict, result: dict | None, *, curves: dict, points: dict) -> None:
     """Every file of a version, in a local folder."""
-    keras_file = local_dir / MODEL_FILE
+    keras_file = local_dir / artifacts.MODEL
     model.save(keras_file)
     embed_serving(keras_file, serving)
-    (local_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
-    export_saved_model(model, local_dir / "saved_model", metrics["image_size"])
-    (local_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (local_dir / artifacts.SERVING).write_text(json.dumps(serving, indent=2) + "\n")
+    export_saved_model(model, local_dir / artifacts.SAVED_MODEL, metrics["image_size"])
+    (local_dir / artifacts.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     plot_learning_curves(metrics["training"]["history"], metrics["training"]["published_epoch"],
-                         local_dir / "learning_curves.png")
-    plot_roc(curves, points, local_dir / "roc.png")
+                         local_dir / artifacts.LEARNING_CURVES_PNG)
+    plot_roc(curves, points, local_dir / artifacts.ROC_PNG)
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["evaluated_on"],
-                          metrics["threshold"], local_dir / "confusion_matrix.png")
-    plot_reliability(points, local_dir / "reliability.png")
-    (local_dir / "model_card.md").write_text(model_card(exp, metrics["version"], metrics, best,
+                          metrics["threshold"], local_dir / artifacts.CONFUSION_PNG)
+    plot_reliability(points, local_dir / artifacts.RELIABILITY_PNG)
+    (local_dir / artifacts.MODEL_CARD).write_text(model_card(exp, metrics["version"], metrics, best,
                                                         manifest))
     _render_report(result, local_dir, metrics)

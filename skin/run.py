@@ -36,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skin import artifacts
 from skin.config import Experiment
 from skin.errors import (
     EXIT_INTERRUPTED,
@@ -394,17 +395,16 @@ def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
 
 
 def _fetch_model(exp: Experiment, out: Path) -> tuple[str, Path]:
-    from skin.storage import Storage, join
+    from skin.storage import Storage
 
     storage = Storage()
-    version = storage.read_text(join(exp.models_uri, "LATEST")).strip()
+    version = storage.read_text(artifacts.latest_uri(exp)).strip()
     model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    storage.download_dir(join(exp.models_uri, version), model_dir)
+    storage.download_dir(artifacts.model_dir_uri(exp, version), model_dir)
     with contextlib.suppress(FileNotFoundError):
-        (out / "best_hyperparameters.json").write_text(
-            storage.read_text(join(exp.tuner_uri, "best_hyperparameters.json")))
+        (out / artifacts.BEST).write_text(storage.read_text(artifacts.best_uri(exp)))
     return version, model_dir
 
 
@@ -414,8 +414,8 @@ def _fmt(value) -> str:
 
 def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
              timings: dict[str, float], opts: RunOptions) -> str:
-    metrics = json.loads((model_dir / "metrics.json").read_text())
-    best_path = out / "best_hyperparameters.json"
+    metrics = json.loads((model_dir / artifacts.METRICS).read_text())
+    best_path = out / artifacts.BEST
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
     lines = ["", "=" * 72, f"skin run: {exp.name} done in {timings['total'] / 60:.1f} min "
              f"(stage {timings['stage']:.0f} s, tune {timings['tune']:.0f} s, "
@@ -446,7 +446,7 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
     if (out / "gcs").is_dir():
         lines.append(f"  bucket files {out / 'gcs'}/  (serve them again: python -m skin.emulator "
                      f"--data-dir {out / 'gcs'}, then set STORAGE_EMULATOR_HOST)")
-    report = model_dir / "report.html"
+    report = model_dir / artifacts.REPORT_HTML
     if report.exists():
         lines.append(f"  run report   {report}")
     lines.append("=" * 72)

@@ -29,6 +29,7 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from skin import artifacts
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
 from skin.metrics import TRIAL_STATUSES
 
@@ -179,7 +180,7 @@ def fetch(address: str, timeout: float = 5.0) -> Status:
 def read_best_hyperparameters(exp, storage) -> dict | None:
     """``<root>/tuner/best_hyperparameters.json`` of an experiment, or None before it exists."""
     try:
-        return storage.read_json(exp.tuner_uri + "/best_hyperparameters.json")
+        return storage.read_json(artifacts.best_uri(exp))
     except FileNotFoundError:
         return None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from skin import artifacts
 from skin import evaluate as ev
 from skin import retrain as rt
 from skin.config import Runtime, parse_experiment
@@ -203,7 +204,7 @@ def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
     keras_file = published.local_dir / "model.keras"
     keras.models.load_model(keras_file, safe_mode=True)
     with zipfile.ZipFile(keras_file) as zf:
-        inside = json.loads(zf.read(ev.SERVING_ARCHIVE_ENTRY))
+        inside = json.loads(zf.read(artifacts.SERVING_ARCHIVE_ENTRY))
     beside = json.loads((published.local_dir / "serving.json").read_text())
     assert inside == beside
     assert beside["threshold"] == published.metrics["threshold"]

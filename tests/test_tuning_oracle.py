@@ -30,8 +30,8 @@ def _exp(tmp_path, bucket, **search):
 
 
 def _oracle(exp, storage, *, journal=True, slots=16, compact_interval_s=0.5):
+    from skin.artifacts import oracle_uri
     from skin.tuning.oracle import make_oracle
-    from skin.tuning.results import oracle_uri
 
     oracle = make_oracle(exp)
     for name in ("x", "y", "z"):  # what populate_space would find in a hypermodel

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import grpc
 
+from skin.artifacts import best_uri, lock_uri, oracle_uri, result_uri
 from skin.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -52,19 +53,11 @@ from skin.errors import (
     SkinError,
     exit_code_for,
 )
-from skin.storage import join
 from skin.tuning import auth
 from skin.tuning import protocol as wire
 from skin.tuning.journal import Journal, OracleStore
-from skin.tuning.lock import LOCK_NAME, ChiefLock, Fence, should_wait
-from skin.tuning.results import (
-    best_uri,
-    build_best,
-    build_result,
-    oracle_uri,
-    read_outcome,
-    result_uri,
-)
+from skin.tuning.lock import ChiefLock, Fence, should_wait
+from skin.tuning.results import build_best, build_result, read_outcome
 
 log = logging.getLogger("skin.tuning")
 
@@ -409,7 +402,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
         for server in servers:
             server.stop(grace=0)
 
-    lock = ChiefLock(storage, join(oracle_uri(exp), LOCK_NAME), exp.chief.lock_seconds,
+    lock = ChiefLock(storage, lock_uri(exp), exp.chief.lock_seconds,
                      metrics=metrics, on_lost=lost)
     wire.hook(metrics, "chief_lock", False)
     lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()

@@ -46,24 +46,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from skin.storage import join
+from skin.artifacts import best_uri, result_uri
 
-RESULT_NAME = "result.json"
-BEST_NAME = "best_hyperparameters.json"
 COMPLETED, FAILED_STATUS, CANCELLED = "completed", "failed", "cancelled"
 ATTEMPT_STATUSES = ("completed", "released", "reclaimed", "failed")
-
-
-def result_uri(exp) -> str:
-    return join(exp.tuner_uri, RESULT_NAME)
-
-
-def best_uri(exp) -> str:
-    return join(exp.tuner_uri, BEST_NAME)
-
-
-def oracle_uri(exp) -> str:
-    return join(exp.tuner_uri, "oracle")
 
 
 def load_best(storage, exp) -> dict:

@@ -1,0 +1,49 @@
+"""skin/artifacts.py: the bucket layout of ARCHITECTURE.md, spelled out literally here.
+
+The literals are the on-bucket contract: a renamed constant must fail this file."""
+
+from __future__ import annotations
+
+from skin import artifacts as a
+from skin.config import parse_experiment
+
+ROOT = "gs://bkt/p/exp"
+
+
+def test_every_path_under_the_root_is_the_documented_one():
+    assert a.data_uri(ROOT) == "gs://bkt/p/exp/data"
+    assert a.manifest_uri(ROOT) == "gs://bkt/p/exp/data/manifest.json"
+    assert a.stage_report_uri(ROOT) == "gs://bkt/p/exp/data/stage_report.json"
+    assert a.quarantine_uri(ROOT, "benign/x.jpg") == "gs://bkt/p/exp/data/quarantine/benign/x.jpg"
+    assert a.oracle_uri(ROOT) == "gs://bkt/p/exp/tuner/oracle"
+    assert a.lock_uri(ROOT) == "gs://bkt/p/exp/tuner/oracle/lock.json"
+    assert a.result_uri(ROOT) == "gs://bkt/p/exp/tuner/result.json"
+    assert a.best_uri(ROOT) == "gs://bkt/p/exp/tuner/best_hyperparameters.json"
+    assert a.trials_uri(ROOT) == "gs://bkt/p/exp/trials"
+    assert (a.trial_uri(a.trials_uri(ROOT), "0003", a.EPOCH_STATE, 2)
+            == "gs://bkt/p/exp/trials/0003/attempt-2/epoch.json")
+    assert (a.trial_uri(a.trials_uri(ROOT), "0003", a.BEST_WEIGHTS)
+            == "gs://bkt/p/exp/trials/0003/checkpoint.weights.h5")
+    assert a.latest_uri(ROOT) == "gs://bkt/p/exp/models/LATEST"
+    assert a.model_dir_uri(ROOT, "20250101-000000") == "gs://bkt/p/exp/models/20250101-000000"
+    assert a.model_file_uri(ROOT, "v") == "gs://bkt/p/exp/models/v/model.keras"
+    assert a.model_file_uri(ROOT, "v", a.SERVING) == "gs://bkt/p/exp/models/v/serving.json"
+    assert a.model_file_uri(ROOT, "v", a.METRICS) == "gs://bkt/p/exp/models/v/metrics.json"
+    assert (a.REPORT_HTML, a.SEARCH_PNG, a.MODEL_CARD, a.SERVING_ARCHIVE_ENTRY) == (
+        "report.html", "search.png", "model_card.md", "skin_serving.json")
+
+
+def test_an_experiment_stands_for_its_root_and_its_folders_come_from_here():
+    exp = parse_experiment({"apiVersion": "skin/v1", "kind": "Experiment", "name": "exp",
+                            "storage": {"bucket": "bkt", "prefix": "p"}}, env={})
+    assert exp.root_uri == ROOT
+    assert a.best_uri(exp) == a.best_uri(ROOT)
+    assert (exp.data_uri, exp.tuner_uri, exp.trials_uri, exp.models_uri) == (
+        a.data_uri(ROOT), a.tuner_uri(ROOT), a.trials_uri(ROOT), a.models_uri(ROOT))
+
+
+def test_attempt_folders_are_read_back_and_other_names_are_not_attempts():
+    assert a.attempt_of(a.attempt_dir(7)) == 7
+    assert a.attempt_of("attempt-") is None
+    assert a.attempt_of("attempt-x") is None
+    assert a.attempt_of("checkpoint.weights.h5") is None

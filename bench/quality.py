@@ -148,6 +148,7 @@ def score_model(model, data_dir: Path, size: int, target: float) -> dict:
 
 def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -> dict | None:
     """The best trial finished EARLY_MINUTES after the start, scored on test."""
+    from skin import artifacts
     from skin.model import SkinHyperModel
 
     deadline = started_at + EARLY_MINUTES * 60
@@ -158,7 +159,7 @@ def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -
             done.append((t["score"], ended, t))
     if not done:
         return None
-    maximize = result.get("direction", "max") == "max"
+    maximize = artifacts.direction_of(result, result.get("objective")) == "max"
     score, ended, trial = sorted(done, key=lambda d: d[0], reverse=maximize)[0]
     local = data_dir.parent / "early" / trial["id"]
     local.mkdir(parents=True, exist_ok=True)

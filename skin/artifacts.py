@@ -138,3 +138,33 @@ def model_file_uri(root, version: str, name: str = MODEL) -> str:
 
 def latest_uri(root) -> str:
     return join(models_uri(root), LATEST)
+
+
+# ---------------------------------------------------------------------------
+# The objective and its direction: one rule for every role
+
+# The objectives an experiment may name (search.objective) and what "better" means for each,
+# stated, not guessed from the name (keras-tuner's infer_metric_direction knows these three).
+OBJECTIVE_DIRECTIONS = {"val_auc": "max", "val_accuracy": "max", "val_loss": "min"}
+DIRECTIONS = ("min", "max")
+
+
+def objective_direction(objective: str) -> str:
+    """``"min"`` or ``"max"`` for an objective of OBJECTIVE_DIRECTIONS; ValueError otherwise."""
+    try:
+        return OBJECTIVE_DIRECTIONS[objective]
+    except (KeyError, TypeError):
+        raise ValueError(f"objective {objective!r} has no known direction; expected one of "
+                         f"{', '.join(OBJECTIVE_DIRECTIONS)} or an explicit "
+                         "'min'/'max'") from None
+
+
+def direction_of(doc: dict | None, objective: str) -> str:
+    """The direction a document states (``result.json``, ``best_hyperparameters.json``:
+    ``"direction": "min"|"max"``), else that of ``objective``."""
+    stated = (doc or {}).get("direction")
+    if stated in DIRECTIONS:
+        return stated
+    if stated is not None:
+        raise ValueError(f"direction {stated!r} is not valid; expected 'min' or 'max'")
+    return objective_direction(objective)

@@ -110,7 +110,7 @@ class ConfirmConfig:
 class SearchConfig:
     tuner: str = _spec("hyperband", choices=("hyperband", "bayesian", "random"),
                        help="keras-tuner algorithm")
-    objective: str = _spec("val_auc", choices=("val_auc", "val_accuracy", "val_loss"),
+    objective: str = _spec("val_auc", choices=tuple(artifacts.OBJECTIVE_DIRECTIONS),
                            help="metric the search optimises (val_loss is minimised)")
     max_trials: int = _spec(30, lo=1, hi=100_000, help="trial budget (bayesian, random)")
     max_epochs: int = _spec(20, lo=1, hi=1000, help="most epochs one trial trains")
@@ -132,6 +132,11 @@ class SearchConfig:
                              "(skin.space); unnamed ones keep the model's default space")
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+
+    @property
+    def direction(self) -> str:
+        """``"min"`` or ``"max"``: what "better" means for ``objective`` (skin.artifacts)."""
+        return artifacts.objective_direction(self.objective)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import transforms
 
-from skin.artifacts import REPORT_HTML, SEARCH_PNG
-from skin.metrics import TRIAL_END_STATUSES, objective_direction
+from skin.artifacts import REPORT_HTML, SEARCH_PNG, direction_of
+from skin.metrics import TRIAL_END_STATUSES
 
 TOP_TRIALS = 5
 
@@ -106,8 +106,7 @@ def objective_of(result: dict) -> tuple[str, str]:
         direction = direction or objective.get("direction")
         objective = objective.get("name", "score")
     objective = str(objective)
-    direction = str(direction or objective_direction(objective)).lower()
-    return objective, "min" if direction.startswith("min") else "max"
+    return objective, direction_of({"direction": direction}, objective)
 
 
 def counts_of(result: dict, trials: list[TrialRow]) -> dict[str, int]:

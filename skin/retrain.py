@@ -132,11 +132,6 @@ class Curves(keras.callbacks.Callback):
                  time.monotonic() - self._started, " ".join(shown))
 
 
-def _monitor(objective: str) -> tuple[str, str]:
-    """The validation metric to early-stop on and its direction."""
-    return objective, ("min" if objective.endswith("loss") else "max")
-
-
 def _hyperparameters(values: dict[str, Any]):
     import keras_tuner
 
@@ -168,7 +163,7 @@ def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = Non
     hp = _hyperparameters(best.get("hyperparameters") or {})
     model = hypermodel.build(hp)
     epochs = _epochs(exp, best)
-    monitor, mode = _monitor(exp.search.objective)
+    monitor, mode = exp.search.objective, exp.search.direction
     curves = Curves(epochs)
     # patience 0 switches early stopping off. restore_best: the best validation epoch's
     # weights are published, else the last epoch's (chosen by no one: validation then
@@ -760,13 +755,6 @@ def _load_result(storage, exp) -> dict | None:
         return None
 
 
-def _direction(result: dict | None, objective: str) -> str:
-    direction = str((result or {}).get("direction") or "").lower()
-    if direction.startswith(("min", "max")):
-        return direction[:3]
-    return "min" if objective.endswith("loss") else "max"
-
-
 def top_trials(result: dict | None, n: int, *, best: dict | None = None,
                objective: str = "val_auc") -> list[dict]:
     """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
@@ -782,7 +770,7 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     from skin.tuning.tuner import values_hash  # what makes two trials one configuration
 
     objective = str((result or {}).get("objective") or objective)
-    direction = _direction(result, objective)
+    direction = artifacts.direction_of(result, objective)
     scored = [t for t in (result or {}).get("trials") or []
               if isinstance(t, dict) and t.get("status") == "completed"
               and isinstance(t.get("score"), (int, float)) and not isinstance(t.get("score"), bool)

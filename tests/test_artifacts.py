@@ -4,6 +4,8 @@ The literals are the on-bucket contract: a renamed constant must fail this file.
 
 from __future__ import annotations
 
+import pytest
+
 from skin import artifacts as a
 from skin.config import parse_experiment
 
@@ -47,3 +49,26 @@ def test_attempt_folders_are_read_back_and_other_names_are_not_attempts():
     assert a.attempt_of("attempt-") is None
     assert a.attempt_of("attempt-x") is None
     assert a.attempt_of("checkpoint.weights.h5") is None
+
+
+def test_one_direction_rule_for_every_objective_an_experiment_may_name():
+    import keras_tuner  # the rule agrees with keras-tuner's own inference for these names
+    from keras_tuner.src.engine.metrics_tracking import infer_metric_direction
+
+    from skin.config import SearchConfig
+
+    assert keras_tuner.__version__.startswith("1.4")
+    for name in SearchConfig.__dataclass_fields__["objective"].metadata["choices"]:
+        assert a.objective_direction(name) == infer_metric_direction(name)
+    assert (a.objective_direction("val_loss"), a.objective_direction("val_auc")) == ("min", "max")
+    assert SearchConfig(objective="val_loss").direction == "min"
+    with pytest.raises(ValueError, match="'val_f1' has no known direction"):
+        a.objective_direction("val_f1")
+
+
+def test_a_document_states_its_direction_and_a_bad_one_is_refused():
+    assert a.direction_of({"direction": "min"}, "val_auc") == "min"  # stated wins
+    assert a.direction_of({"objective": "val_loss"}, "val_loss") == "min"
+    assert a.direction_of(None, "val_accuracy") == "max"
+    with pytest.raises(ValueError, match="'minimise' is not valid"):
+        a.direction_of({"direction": "minimise"}, "val_loss")

@@ -82,8 +82,13 @@ def test_lenient_input_shapes(tmp_path):
     assert Image.open(io.BytesIO(png.read_bytes())).format == "PNG"
 
 
-@pytest.mark.parametrize("res", [{}, {"trials": []},
-                                 {"trials": [{"trial_id": "0", "status": "failed"}]}])
+FAILED_SEARCH = {"outcome": "failed", "reason": "no trial completed", "tuner": "random",
+                 "objective": "val_auc", "direction": "max", "best": None, "counts": {},
+                 "trials_by_status": {}, "trials": []}  # as the chief writes it
+
+
+@pytest.mark.parametrize("res", [FAILED_SEARCH, dict(FAILED_SEARCH, trials=[
+    {"id": "0", "status": "failed", "score": None, "hyperparameters": {}}])])
 def test_no_completed_trials_still_renders(tmp_path, res):
     png, html = render_search_report(res, tmp_path)
     assert png.stat().st_size > 1000

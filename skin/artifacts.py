@@ -22,6 +22,10 @@ No TensorFlow, no config import.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from skin.errors import DocumentError
 from skin.storage import join
 
 # <root>/<folder>
@@ -168,3 +172,88 @@ def direction_of(doc: dict | None, objective: str) -> str:
     if stated is not None:
         raise ValueError(f"direction {stated!r} is not valid; expected 'min' or 'max'")
     return objective_direction(objective)
+
+
+# ---------------------------------------------------------------------------
+# The documents the roles hand each other: one to_json/from_json each.
+# from_json refuses what this version cannot read (not a mapping, a required key missing or
+# of the wrong type, an unknown direction) with a DocumentError naming the document and the
+# key; keys it does not know are ignored (a newer writer may add some).
+
+_NUMBER = (int, float)
+
+
+def _check(doc: Any, where: str, required: dict[str, tuple],
+           optional: dict[str, tuple] | None = None) -> dict:
+    if not isinstance(doc, dict):
+        raise DocumentError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    for key, types in (*required.items(), *(optional or {}).items()):
+        if key not in doc:
+            if key in required:
+                raise DocumentError(f"{where}: {key!r} is missing")
+            continue
+        value = doc[key]
+        if value is None and type(None) in types:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = "/".join("null" if t is type(None) else t.__name__ for t in types)
+            raise DocumentError(f"{where}: {key!r} is {value!r}; expected {names}")
+    return doc
+
+
+def _direction(doc: dict, where: str) -> str:
+    if doc["direction"] not in DIRECTIONS:
+        raise DocumentError(f"{where}: 'direction' is {doc['direction']!r}; expected 'min' or "
+                            "'max'")
+    return doc["direction"]
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """``tuner/best_hyperparameters.json``: the chief writes it when the search completes,
+    the retrain trains it, ``skin status`` and ``skin run`` show it.
+
+    ``hyperparameters`` leaves out keras-tuner's bookkeeping (``tuner/epochs`` …);
+    ``epochs`` is how many epochs the trial trained in all (Hyperband counts the epochs of
+    the trials it continued), ``best_epoch`` the epoch of its score; ``confirmation`` the
+    search.confirm summary when confirmation picked it (the key is absent otherwise)."""
+
+    trial_id: str
+    score: float
+    objective: str
+    direction: str
+    hyperparameters: dict[str, Any]
+    epochs: int
+    best_epoch: int
+    confirmation: dict | None = None
+
+    _REQUIRED: ClassVar[dict[str, tuple]] = {
+        "trial_id": (str,), "score": _NUMBER, "objective": (str,), "direction": (str,),
+        "hyperparameters": (dict,), "epochs": (int,), "best_epoch": (int,)}
+
+    def to_json(self) -> dict:
+        doc = {"trial_id": self.trial_id, "score": self.score, "objective": self.objective,
+               "direction": self.direction, "hyperparameters": dict(self.hyperparameters),
+               "epochs": self.epochs, "best_epoch": self.best_epoch}
+        if self.confirmation is not None:
+            doc["confirmation"] = self.confirmation
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = BEST) -> BestTrial:
+        _check(doc, where, cls._REQUIRED, {"confirmation": (dict, type(None))})
+        return cls(trial_id=doc["trial_id"], score=doc["score"], objective=doc["objective"],
+                   direction=_direction(doc, where), hyperparameters=dict(doc["hyperparameters"]),
+                   epochs=doc["epochs"], best_epoch=doc["best_epoch"],
+                   confirmation=doc.get("confirmation"))
+
+
+def read_best(storage, root) -> BestTrial:
+    """``tuner/best_hyperparameters.json``; FileNotFoundError until a search completed,
+    DocumentError when it is not one this version can read."""
+    uri = best_uri(root)
+    try:
+        doc = storage.read_json(uri)
+    except ValueError as e:  # not JSON (the message names the URI)
+        raise DocumentError(str(e)) from None
+    return BestTrial.from_json(doc, uri)

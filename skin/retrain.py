@@ -818,7 +818,7 @@ def _load_best(storage, exp) -> dict:
     from skin.tuning import load_best
 
     try:
-        return load_best(storage, exp)
+        return load_best(storage, exp).to_json()  # a member spec: the best's keys (top_trials)
     except FileNotFoundError as e:
         raise SearchFailedError(f"no best hyperparameters at {exp.tuner_uri}: the search has not "
                                 f"finished ({e})") from None
@@ -844,7 +844,7 @@ def check_members(exp, hypermodel, specs: list[dict]) -> None:
         try:
             check_values(oracle.hyperparameters, values, exp.search.fixed)
         except ValueError as e:
-            raise ConfigError(f"{join(exp.tuner_uri, 'best_hyperparameters.json')} (trial "
+            raise ConfigError(f"{artifacts.best_uri(exp)} (trial "
                               f"{spec.get('trial_id', '?')}): {e}; nothing was trained or "
                               "published") from None
 

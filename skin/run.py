@@ -416,18 +416,17 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
              timings: dict[str, float], opts: RunOptions) -> str:
     metrics = json.loads((model_dir / artifacts.METRICS).read_text())
     best_path = out / artifacts.BEST
-    best = json.loads(best_path.read_text()) if best_path.exists() else {}
+    best = (artifacts.BestTrial.from_json(json.loads(best_path.read_text()), str(best_path))
+            if best_path.exists() else None)
     lines = ["", "=" * 72, f"skin run: {exp.name} done in {timings['total'] / 60:.1f} min "
              f"(stage {timings['stage']:.0f} s, tune {timings['tune']:.0f} s, "
              f"retrain {timings['retrain']:.0f} s)"]
     if exp.data.source == "synthetic":
         lines.append("NOTE: trained on SYNTHETIC images; these numbers say nothing about moles.")
-    if best:
-        lines.append(f"best trial {best.get('trial_id')}: {best.get('objective', 'score')} = "
-                     f"{_fmt(best.get('score'))}")
-        for name, value in sorted(best.get("hyperparameters", {}).items()):
-            if not name.startswith("tuner/"):
-                lines.append(f"  {name:<28} {_fmt(value)}")
+    if best is not None:
+        lines.append(f"best trial {best.trial_id}: {best.objective} = {_fmt(best.score)}")
+        for name, value in sorted(best.hyperparameters.items()):
+            lines.append(f"  {name:<28} {_fmt(value)}")
     split = metrics.get("evaluated_on", "test")
     lines.append(f"published model {version}, evaluated on the {split} split "
                  f"(n={metrics.get('n')}):")

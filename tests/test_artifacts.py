@@ -8,6 +8,7 @@ import pytest
 
 from skin import artifacts as a
 from skin.config import parse_experiment
+from skin.errors import DataError, DocumentError
 
 ROOT = "gs://bkt/p/exp"
 
@@ -72,3 +73,34 @@ def test_a_document_states_its_direction_and_a_bad_one_is_refused():
     assert a.direction_of(None, "val_accuracy") == "max"
     with pytest.raises(ValueError, match="'minimise' is not valid"):
         a.direction_of({"direction": "minimise"}, "val_loss")
+
+
+BEST_DOC = {"trial_id": "0004", "score": 0.83, "objective": "val_auc", "direction": "max",
+            "hyperparameters": {"filters": 32, "learning_rate": 0.001}, "epochs": 6,
+            "best_epoch": 4}  # as the chief writes it (skin.tuning.results.build_best)
+
+
+def test_the_best_trial_reads_back_what_was_written_key_for_key():
+    best = a.BestTrial.from_json(BEST_DOC)
+    assert (best.trial_id, best.score, best.direction, best.best_epoch) == ("0004", 0.83, "max", 4)
+    assert best.to_json() == BEST_DOC and list(best.to_json()) == list(BEST_DOC)
+    assert "confirmation" not in best.to_json()  # absent unless confirmation picked it
+    confirmed = dict(BEST_DOC, confirmation={"chosen": "0004"})
+    assert a.BestTrial.from_json(confirmed).to_json() == confirmed
+    assert a.BestTrial.from_json(dict(BEST_DOC, newer_key=1)).to_json() == BEST_DOC
+
+
+@pytest.mark.parametrize("doc, message", [
+    ([], "expected a JSON object, got list"),
+    ({k: v for k, v in BEST_DOC.items() if k != "direction"}, "'direction' is missing"),
+    ({k: v for k, v in BEST_DOC.items() if k != "hyperparameters"},
+     "'hyperparameters' is missing"),
+    (dict(BEST_DOC, score="0.8"), "'score' is '0.8'; expected int/float"),
+    (dict(BEST_DOC, epochs=True), "'epochs' is True; expected int"),
+    (dict(BEST_DOC, hyperparameters=[1]), "'hyperparameters' is \\[1\\]; expected dict"),
+    (dict(BEST_DOC, direction="maximise"), "'direction' is 'maximise'"),
+])
+def test_a_best_trial_of_another_shape_is_refused_by_name(doc, message):
+    with pytest.raises(DocumentError, match=f"^gs://x/best_hyperparameters.json: {message}"):
+        a.BestTrial.from_json(doc, "gs://x/best_hyperparameters.json")
+    assert issubclass(DocumentError, DataError)  # exit 3: the role cannot read its input

@@ -35,7 +35,8 @@ SIZE = 32
 
 # Small and fast, from the real search space.
 BEST = {
-    "trial_id": "0007", "score": 0.81, "objective": "val_auc", "epochs": 2,
+    "trial_id": "0007", "score": 0.81, "objective": "val_auc", "direction": "max", "epochs": 2,
+    "best_epoch": 2,
     "hyperparameters": {
         "stem": 2, "blocks": 3, "filters": 16, "kernel_size": 3, "block_type": "plain",
         "batch_norm": True,

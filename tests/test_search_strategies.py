@@ -107,7 +107,7 @@ def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(
     assert c["text"].startswith(f"trial {c['chosen']} chosen over trial {best_single['id']} by ")
     assert c["verdict"] in ("within noise", "beyond noise")
 
-    best = load_best(storage, s.exp)  # what the retrain publishes
+    best = load_best(storage, s.exp).to_json()  # what the retrain publishes
     assert best["trial_id"] == c["chosen"] and best["hyperparameters"]["units"] == 2
     assert best["confirmation"]["chosen"] == c["chosen"]
     assert result["best"]["trial_id"] == c["chosen"]

@@ -137,8 +137,8 @@ def test_status_adds_the_best_hyperparameters_from_the_bucket(chief, storage, bu
     main_status(address, out=out, experiment=exp, storage=storage)  # nothing there yet
     assert "learning_rate" not in out.getvalue()
     storage.write_json(exp.tuner_uri + "/best_hyperparameters.json", {
-        "trial_id": "0001", "score": 0.83, "objective": "val_auc", "epochs": 6,
-        "hyperparameters": {"learning_rate": 0.001, "filters": 32}})
+        "trial_id": "0001", "score": 0.83, "objective": "val_auc", "direction": "max",
+        "epochs": 6, "best_epoch": 4, "hyperparameters": {"learning_rate": 0.001, "filters": 32}})
     out = io.StringIO()
     assert main_status(address, out=out, experiment=exp, storage=storage) == EXIT_OK
     assert "filters=32, learning_rate=0.001" in out.getvalue()

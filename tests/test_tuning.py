@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from skin.artifacts import best_uri
 from skin.config import load_experiment
 from skin.storage import join
 from skin.tuning import load_best, load_result
@@ -179,8 +180,10 @@ def test_chief_and_two_workers_run_a_hyperband_search(search, storage):
     assert {t["worker"] for t in result["trials"]} == {"tuner0", "tuner1"}
     assert result["trials_by_status"] == {"completed": [t["id"] for t in result["trials"]]}
 
-    best = load_best(storage, s.exp)
-    assert set(best) >= {"trial_id", "score", "objective", "hyperparameters", "epochs"}
+    best = load_best(storage, s.exp).to_json()
+    assert best == storage.read_json(best_uri(s.exp))  # read back as written, key for key
+    assert set(best) == {"trial_id", "score", "objective", "direction", "hyperparameters",
+                         "epochs", "best_epoch"}
     assert best["objective"] == "val_auc"
     assert set(best["hyperparameters"]) == {"units", "learning_rate"}  # no tuner/ keys
     assert best["score"] == max(t["score"] for t in result["trials"])

@@ -526,9 +526,9 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
         fence.write_json(result_uri(exp), build_result(oracle, exp), "result")
         best = build_best(oracle, exp)
         if best is not None and oracle.state != FAILED:
-            fence.write_current(best_uri(exp), best, "result")
-            log.info("best trial %s: %s=%.4f; wrote %s", best["trial_id"], best["objective"],
-                     best["score"], best_uri(exp))
+            fence.write_current(best_uri(exp), best.to_json(), "result")
+            log.info("best trial %s: %s=%.4f; wrote %s", best.trial_id, best.objective,
+                     best.score, best_uri(exp))
     finally:
         server.stop(grace=0 if lock.lost.is_set() else 0.5).wait()
     # Fold the journal into one object per trial, if that is quick; the journal alone is a

@@ -1,6 +1,6 @@
 """What a search leaves in the bucket: ``tuner/result.json`` and ``tuner/best_hyperparameters.json``.
 
-``best_hyperparameters.json`` (the retrain reads it)::
+``best_hyperparameters.json`` (the retrain reads it; ``skin.artifacts.BestTrial``)::
 
     {"trial_id", "score", "objective", "direction", "hyperparameters": {name: value},
      "epochs", "best_epoch", "confirmation"?}
@@ -46,15 +46,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from skin.artifacts import best_uri, result_uri
+from skin.artifacts import BestTrial, read_best, result_uri
 
 COMPLETED, FAILED_STATUS, CANCELLED = "completed", "failed", "cancelled"
 ATTEMPT_STATUSES = ("completed", "released", "reclaimed", "failed")
 
 
-def load_best(storage, exp) -> dict:
-    """The best trial's hyperparameters; FileNotFoundError until a search completed."""
-    return storage.read_json(best_uri(exp))
+def load_best(storage, exp) -> BestTrial:
+    """The best trial (skin.artifacts.BestTrial); FileNotFoundError until a search completed,
+    DocumentError when the file is not one this version reads."""
+    return read_best(storage, exp)
 
 
 def load_result(storage, exp) -> dict:
@@ -129,7 +130,7 @@ def build_result(oracle, exp) -> dict:
             "direction": oracle.objective.direction,
             "started_at": oracle.started_at,
             "finished_at": time.time(),
-            "best": {"trial_id": best["trial_id"], "score": best["score"]} if best else None,
+            "best": {"trial_id": best.trial_id, "score": best.score} if best else None,
             "counts": {k: len(v) for k, v in sorted(by_status.items())},
             "trials_by_status": by_status,
             "stopped_early": [t["id"] for t in trials if t["stopped_at"]],
@@ -139,7 +140,7 @@ def build_result(oracle, exp) -> dict:
         }
 
 
-def build_best(oracle, exp) -> dict | None:
+def build_best(oracle, exp) -> BestTrial | None:
     """best_hyperparameters.json from the chief's oracle; None if no trial completed."""
     with oracle.lock:
         completed = [t for t in oracle.trials.values() if t.status == "COMPLETED"
@@ -151,16 +152,14 @@ def build_best(oracle, exp) -> dict | None:
         if confirmation is not None:  # the best mean over seeds, not the best single score
             best = oracle.trials[confirmation["chosen"]]
         meta = oracle.meta.get(best.trial_id, {})
-        out = {
-            "trial_id": best.trial_id,
-            "score": _plain(best.score),
-            "objective": oracle.objective.name,
-            "direction": oracle.objective.direction,
-            "hyperparameters": _public_values(best.hyperparameters.values),
-            "epochs": int(meta.get("epochs") or best.hyperparameters.values.get(
+        return BestTrial(
+            trial_id=best.trial_id,
+            score=_plain(best.score),
+            objective=oracle.objective.name,
+            direction=oracle.objective.direction,
+            hyperparameters=_public_values(best.hyperparameters.values),
+            epochs=int(meta.get("epochs") or best.hyperparameters.values.get(
                 "tuner/epochs", exp.search.max_epochs)),
-            "best_epoch": int(best.best_step or 0) + 1,
-        }
-        if confirmation is not None:
-            out["confirmation"] = confirmation
-        return out
+            best_epoch=int(best.best_step or 0) + 1,
+            confirmation=confirmation,
+        )

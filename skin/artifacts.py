@@ -257,3 +257,48 @@ def read_best(storage, root) -> BestTrial:
     except ValueError as e:  # not JSON (the message names the URI)
         raise DocumentError(str(e)) from None
     return BestTrial.from_json(doc, uri)
+
+
+@dataclass(frozen=True)
+class ServingDocument:
+    """``models/<version>/serving.json`` (also inside ``model.keras`` as
+    ``skin_serving.json``): retrain writes it, ``skin evaluate``/``skin predict`` read it.
+
+    The model takes float32 RGB 0..255 ``[batch, image_size, image_size, 3]`` and returns
+    P(``class_names[1]``); that class when ``p >= threshold``. ``positive_class``, ``input``
+    and ``output`` are written for people and follow from the rest. Only ``threshold`` is
+    required on reading (a model published without the others still loads: the image size
+    then comes from the model's input); ``data_source`` is what it was trained on."""
+
+    threshold: float
+    image_size: int = 0
+    class_names: tuple[str, ...] = ("benign", "malignant")  # label 0, label 1 (skin.data)
+    version: str = ""
+    data_source: dict | None = None
+
+    def to_json(self) -> dict:
+        size, positive = int(self.image_size), self.class_names[1]
+        doc = {
+            "threshold": float(self.threshold),
+            "image_size": size,
+            "class_names": list(self.class_names),
+            "positive_class": positive,
+            "version": self.version,
+            "input": f"float32 RGB pixels 0..255, shape [batch, {size}, {size}, 3]",
+            "output": f"probability of '{positive}'; predict it when >= threshold",
+        }
+        if self.data_source is not None:
+            doc["data_source"] = dict(self.data_source)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = SERVING) -> ServingDocument:
+        _check(doc, where, {"threshold": _NUMBER},
+               {"image_size": (int, type(None)), "class_names": (list, type(None)),
+                "version": (str, type(None)), "data_source": (dict, type(None))})
+        names = doc.get("class_names") or cls.class_names
+        if len(names) != 2 or not all(isinstance(n, str) for n in names):
+            raise DocumentError(f"{where}: 'class_names' is {names!r}; expected two names")
+        return cls(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
+                   class_names=tuple(names), version=str(doc.get("version") or ""),
+                   data_source=doc.get("data_source"))

@@ -35,8 +35,9 @@ from skin.artifacts import (
     MODELS,
     SERVING,
     SERVING_ARCHIVE_ENTRY,
+    ServingDocument,
 )
-from skin.errors import ConfigError, DataError
+from skin.errors import ConfigError, DataError, DocumentError
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +227,10 @@ class ServingInfo:
         return d
 
     @classmethod
-    def from_dict(cls, doc: dict, **override: Any) -> ServingInfo:
-        values = dict(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
-                      class_names=tuple(doc.get("class_names") or CLASS_NAMES),
-                      version=str(doc.get("version") or ""),
-                      data_source_kind=str((doc.get("data_source") or {}).get("kind") or ""))
+    def from_document(cls, doc: ServingDocument, **override: Any) -> ServingInfo:
+        values = dict(threshold=doc.threshold, image_size=doc.image_size,
+                      class_names=doc.class_names, version=doc.version,
+                      data_source_kind=str((doc.data_source or {}).get("kind") or ""))
         values.update(override)
         return cls(**values)
 
@@ -244,18 +244,9 @@ def serving_document(threshold: float, image_size: int, version: str,
     "zip" | "gcs", "dataset", "licence"}``, :func:`skin.provenance.serving_entry`):
     ``predict`` and ``evaluate`` warn when it is synthetic.
     """
-    doc = {
-        "threshold": float(threshold),
-        "image_size": int(image_size),
-        "class_names": list(class_names),
-        "positive_class": class_names[1],
-        "version": version,
-        "input": f"float32 RGB pixels 0..255, shape [batch, {image_size}, {image_size}, 3]",
-        "output": f"probability of '{class_names[1]}'; predict it when >= threshold",
-    }
-    if data_source is not None:
-        doc["data_source"] = dict(data_source)
-    return doc
+    return ServingDocument(threshold=float(threshold), image_size=int(image_size),
+                           class_names=tuple(class_names), version=version,
+                           data_source=data_source).to_json()
 
 
 def embed_serving(keras_file: Path, doc: dict) -> None:
@@ -265,12 +256,16 @@ def embed_serving(keras_file: Path, doc: dict) -> None:
             zf.writestr(SERVING_ARCHIVE_ENTRY, json.dumps(doc, indent=2))
 
 
-def _read_serving(keras_file: Path) -> dict | None:
-    """The serving description: inside the archive, else serving.json or metrics.json beside it."""
+def _read_serving(keras_file: Path) -> ServingDocument | None:
+    """The serving description: inside the archive, else serving.json or metrics.json beside it.
+    One of another shape is refused (DocumentError naming it)."""
     try:
         with zipfile.ZipFile(keras_file) as zf:
             if SERVING_ARCHIVE_ENTRY in zf.namelist():
-                return json.loads(zf.read(SERVING_ARCHIVE_ENTRY))
+                return ServingDocument.from_json(json.loads(zf.read(SERVING_ARCHIVE_ENTRY)),
+                                                 f"{keras_file}!{SERVING_ARCHIVE_ENTRY}")
+    except DocumentError:
+        raise
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         log.debug("no serving description inside %s: %s", keras_file, e)
     for name in (SERVING, METRICS):
@@ -282,7 +277,7 @@ def _read_serving(keras_file: Path) -> dict | None:
                 log.warning("%s is not valid JSON; ignored", path)
                 continue
             if isinstance(doc, dict) and "threshold" in doc:
-                return doc
+                return ServingDocument.from_json(doc, str(path))
     return None
 
 
@@ -414,9 +409,9 @@ def _load_file(keras, keras_file: Path, *, source: str):
                     DEFAULT_THRESHOLD)
         info = ServingInfo(image_size=input_size, source=source, described=False)
     else:
-        info = ServingInfo.from_dict(doc, source=source)
+        info = ServingInfo.from_document(doc, source=source)
         if not info.image_size:
-            info = ServingInfo.from_dict(doc, source=source, image_size=input_size)
+            info = ServingInfo.from_document(doc, source=source, image_size=input_size)
     if not info.image_size:
         raise ConfigError(f"--model {source}: the image size is unknown (no serving description "
                           "and no fixed input shape)")

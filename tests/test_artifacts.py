@@ -104,3 +104,29 @@ def test_a_best_trial_of_another_shape_is_refused_by_name(doc, message):
     with pytest.raises(DocumentError, match=f"^gs://x/best_hyperparameters.json: {message}"):
         a.BestTrial.from_json(doc, "gs://x/best_hyperparameters.json")
     assert issubclass(DocumentError, DataError)  # exit 3: the role cannot read its input
+
+
+def test_the_serving_document_round_trips_and_needs_only_a_threshold():
+    doc = a.ServingDocument(0.42, 224, version="20250101-000000",
+                            data_source={"kind": "synthetic"}).to_json()
+    assert doc == {"threshold": 0.42, "image_size": 224, "class_names": ["benign", "malignant"],
+                   "positive_class": "malignant", "version": "20250101-000000",
+                   "input": "float32 RGB pixels 0..255, shape [batch, 224, 224, 3]",
+                   "output": "probability of 'malignant'; predict it when >= threshold",
+                   "data_source": {"kind": "synthetic"}}
+    assert a.ServingDocument.from_json(doc).to_json() == doc
+    assert "data_source" not in a.ServingDocument(0.5, 64).to_json()
+    bare = a.ServingDocument.from_json({"threshold": 0.3})
+    assert (bare.threshold, bare.image_size, bare.class_names, bare.version) == (
+        0.3, 0, ("benign", "malignant"), "")
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"image_size": 64}, "'threshold' is missing"),
+    ({"threshold": "high"}, "'threshold' is 'high'; expected int/float"),
+    ({"threshold": 0.5, "image_size": "64"}, "'image_size' is '64'"),
+    ({"threshold": 0.5, "class_names": ["a", "b", "c"]}, "'class_names' is .*expected two"),
+])
+def test_a_serving_document_of_another_shape_is_refused_by_name(doc, message):
+    with pytest.raises(DocumentError, match=f"^m/serving.json: {message}"):
+        a.ServingDocument.from_json(doc, "m/serving.json")

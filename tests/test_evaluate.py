@@ -15,7 +15,7 @@ import pytest
 
 from skin import artifacts
 from skin import evaluate as ev
-from skin.errors import ConfigError, DataError
+from skin.errors import ConfigError, DataError, DocumentError
 
 # ---------------------------------------------------------------------------
 # Metric functions
@@ -364,6 +364,13 @@ def test_load_published_serving_json_beside_when_not_embedded(tmp_path):
     publish_tiny(tmp_path / "v", threshold=0.3, embed=False)
     _, info = ev.load_published(tmp_path / "v")
     assert info.threshold == pytest.approx(0.3) and info.described
+
+
+def test_load_published_refuses_a_serving_json_of_another_shape(tmp_path):
+    publish_tiny(tmp_path / "v", embed=False)
+    (tmp_path / "v" / artifacts.SERVING).write_text(json.dumps({"threshold": "high"}))
+    with pytest.raises(DocumentError, match="serving.json: 'threshold' is 'high'"):
+        ev.load_published(tmp_path / "v")
 
 
 def test_load_published_without_description_uses_default_threshold(tmp_path):

@@ -22,7 +22,7 @@ No TensorFlow, no config import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from skin.errors import DocumentError
@@ -302,3 +302,121 @@ class ServingDocument:
         return cls(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
                    class_names=tuple(names), version=str(doc.get("version") or ""),
                    data_source=doc.get("data_source"))
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """One trial of ``result.json`` (skin.tuning.results documents every key)."""
+
+    id: str
+    status: str  # completed | failed | cancelled (the search failed while it ran) | …
+    score: float | None
+    hyperparameters: dict[str, Any]
+    worker: str | None = None
+    epochs: int = 0
+    duration: float = 0.0
+    attempts: list[dict] = field(default_factory=list)
+    message: str | None = None
+    continues: str | None = None  # the trial whose weights a Hyperband trial started from
+    stopped_at: int | None = None  # search.early_stopping
+    confirms: str | None = None  # search.confirm
+    seed: int | None = None
+    fold: int | None = None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "status": self.status, "score": self.score,
+                "hyperparameters": dict(self.hyperparameters), "worker": self.worker,
+                "epochs": self.epochs, "duration": self.duration, "attempts": list(self.attempts),
+                "message": self.message, "continues": self.continues,
+                "stopped_at": self.stopped_at, "confirms": self.confirms, "seed": self.seed,
+                "fold": self.fold}
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> TrialSummary:
+        _check(doc, where, {"id": (str,), "status": (str,), "score": (*_NUMBER, type(None)),
+                            "hyperparameters": (dict,)},
+               {"worker": (str, type(None)), "epochs": (int, type(None)),
+                "duration": (*_NUMBER, type(None)), "attempts": (list, type(None)),
+                "stopped_at": (int, type(None)), "seed": (int, type(None)),
+                "fold": (int, type(None))})
+        return cls(id=doc["id"], status=doc["status"], score=doc["score"],
+                   hyperparameters=dict(doc["hyperparameters"]), worker=doc.get("worker"),
+                   epochs=doc.get("epochs") or 0, duration=doc.get("duration") or 0.0,
+                   attempts=list(doc.get("attempts") or []), message=doc.get("message"),
+                   continues=doc.get("continues"), stopped_at=doc.get("stopped_at"),
+                   confirms=doc.get("confirms"), seed=doc.get("seed"), fold=doc.get("fold"))
+
+
+SEARCH_OUTCOMES = ("completed", "failed")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """``tuner/result.json``: the chief writes it when the search ends (its presence means it
+    ended); workers, retrain (ensemble members, the run report), ``skin experiments`` and the
+    benchmarks read it. The full shape is documented in skin.tuning.results."""
+
+    outcome: str  # completed | failed
+    reason: str
+    tuner: str
+    objective: str
+    direction: str
+    best: dict | None = None  # {"trial_id", "score"}
+    counts: dict[str, int] = field(default_factory=dict)
+    trials_by_status: dict[str, list[str]] = field(default_factory=dict)
+    trials: list[TrialSummary] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    stopped_early: list[str] = field(default_factory=list)
+    confirmation: dict | None = None
+    attempts_by_status: dict[str, int] = field(default_factory=dict)
+
+    _REQUIRED: ClassVar[dict[str, tuple]] = {
+        "outcome": (str,), "reason": (str,), "tuner": (str,), "objective": (str,),
+        "direction": (str,), "best": (dict, type(None)), "counts": (dict,),
+        "trials_by_status": (dict,), "trials": (list,)}
+    _OPTIONAL: ClassVar[dict[str, tuple]] = {
+        "started_at": (*_NUMBER, type(None)), "finished_at": (*_NUMBER, type(None)),
+        "stopped_early": (list, type(None)), "confirmation": (dict, type(None)),
+        "attempts_by_status": (dict, type(None))}
+
+    def to_json(self) -> dict:
+        return {
+            "outcome": self.outcome, "reason": self.reason, "tuner": self.tuner,
+            "objective": self.objective, "direction": self.direction,
+            "started_at": self.started_at, "finished_at": self.finished_at, "best": self.best,
+            "counts": dict(self.counts), "trials_by_status": dict(self.trials_by_status),
+            "stopped_early": list(self.stopped_early), "confirmation": self.confirmation,
+            "attempts_by_status": dict(self.attempts_by_status),
+            "trials": [t.to_json() for t in self.trials],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = RESULT) -> SearchResult:
+        _check(doc, where, cls._REQUIRED, cls._OPTIONAL)
+        if doc["outcome"] not in SEARCH_OUTCOMES:
+            raise DocumentError(f"{where}: 'outcome' is {doc['outcome']!r}; expected "
+                                "'completed' or 'failed'")
+        if doc["best"] is not None:
+            _check(doc["best"], f"{where}: best", {"trial_id": (str,), "score": _NUMBER})
+        return cls(
+            outcome=doc["outcome"], reason=doc["reason"], tuner=doc["tuner"],
+            objective=doc["objective"], direction=_direction(doc, where), best=doc["best"],
+            counts=dict(doc["counts"]), trials_by_status=dict(doc["trials_by_status"]),
+            trials=[TrialSummary.from_json(t, f"{where}: trials[{i}]")
+                    for i, t in enumerate(doc["trials"])],
+            started_at=doc.get("started_at"), finished_at=doc.get("finished_at"),
+            stopped_early=list(doc.get("stopped_early") or []),
+            confirmation=doc.get("confirmation"),
+            attempts_by_status=dict(doc.get("attempts_by_status") or {}))
+
+
+def read_result(storage, root) -> SearchResult:
+    """``tuner/result.json``; FileNotFoundError until the search ended, DocumentError when it
+    is not one this version can read."""
+    uri = result_uri(root)
+    try:
+        doc = storage.read_json(uri)
+    except ValueError as e:  # not JSON (the message names the URI)
+        raise DocumentError(str(e)) from None
+    return SearchResult.from_json(doc, uri)

@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from skin import artifacts
+from skin.errors import DocumentError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,16 @@ def _read_json(storage, uri: str) -> Any | None:
         return None
     except ValueError as e:
         log.warning("%s is not valid JSON: %s", uri, e)
+        return None
+
+
+def _read_result(storage, root: str) -> artifacts.SearchResult | None:
+    try:
+        return artifacts.read_result(storage, root)
+    except FileNotFoundError:
+        return None
+    except DocumentError as e:  # not one this version reads: said, and left out
+        log.warning("%s", e)
         return None
 
 
@@ -84,16 +95,14 @@ def experiment_state(storage, root: str) -> dict:
     if counts is not None:
         out["trials"] = counts
         out["state"] = "searching"
-    result = _read_json(storage, artifacts.result_uri(root))
-    if isinstance(result, dict):
-        out["outcome"] = result.get("outcome") or "completed"
-        out["reason"] = result.get("reason") or ""
-        out["objective"] = result.get("objective")
-        if isinstance(result.get("counts"), dict) and result["counts"]:
-            out["trials"] = {str(k): int(v) for k, v in result["counts"].items()}
-        best = result.get("best")
-        if isinstance(best, dict):
-            out["best"] = {"trial_id": best.get("trial_id"), "score": best.get("score")}
+    result = _read_result(storage, root)
+    if result is not None:
+        out["outcome"], out["reason"], out["objective"] = (result.outcome, result.reason,
+                                                          result.objective)
+        if result.counts:
+            out["trials"] = dict(result.counts)
+        if result.best is not None:
+            out["best"] = {"trial_id": result.best["trial_id"], "score": result.best["score"]}
         out["state"] = "failed" if out["outcome"] == "failed" else "retraining"
     latest = _read_text(storage, artifacts.latest_uri(root))
     if latest and latest.strip():

@@ -723,7 +723,8 @@ def _move_latest(storage, models_uri: str, version: str, seen: tuple[str | None,
             f"instead, write {version!r} into {latest}") from None
 
 
-def _render_report(result: dict | None, out_dir: Path, metrics: dict | None = None) -> None:
+def _render_report(result: artifacts.SearchResult | None, out_dir: Path,
+                   metrics: dict | None = None, published: dict | None = None) -> None:
     """``report.html``: the published model's figures and plots (``metrics`` and the PNGs
     in ``out_dir``), then the search (``result``), when there is either."""
     if result is None and metrics is None:
@@ -735,12 +736,12 @@ def _render_report(result: dict | None, out_dir: Path, metrics: dict | None = No
         log.info("skin.report.render_search_report is not available: no run report")
         return
     try:
-        render_search_report(result, out_dir, metrics=metrics)
+        render_search_report(result, out_dir, metrics=metrics, published=published)
     except Exception:  # the report is a by-product; the model is published anyway
         log.exception("the run report failed; publishing without it")
 
 
-def _load_result(storage, exp) -> dict | None:
+def _load_result(storage, exp) -> artifacts.SearchResult | None:
     try:
         from skin.tuning import load_result
     except ImportError:
@@ -750,12 +751,12 @@ def _load_result(storage, exp) -> dict | None:
         return load_result(storage, exp)
     except FileNotFoundError:
         return None
-    except ValueError as e:  # unreadable JSON: only the report needs it
+    except ValueError as e:  # not JSON, or a DocumentError: only the report needs it
         log.warning("search result unreadable, no run report: %s", e)
         return None
 
 
-def top_trials(result: dict | None, n: int, *, best: dict | None = None,
+def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | None = None,
                objective: str = "val_auc") -> list[dict]:
     """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
 
@@ -769,13 +770,13 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     """
     from skin.tuning.tuner import values_hash  # what makes two trials one configuration
 
-    objective = str((result or {}).get("objective") or objective)
-    direction = artifacts.direction_of(result, objective)
-    scored = [t for t in (result or {}).get("trials") or []
-              if isinstance(t, dict) and t.get("status") == "completed"
-              and isinstance(t.get("score"), (int, float)) and not isinstance(t.get("score"), bool)
-              and math.isfinite(t["score"])]
-    scored.sort(key=lambda t: -t["score"] if direction == "max" else t["score"])  # stable
+    if result is not None:
+        objective, direction = result.objective, result.direction
+    else:
+        direction = artifacts.objective_direction(objective)
+    scored = [t for t in (result.trials if result is not None else [])
+              if t.status == "completed" and t.score is not None and math.isfinite(t.score)]
+    scored.sort(key=lambda t: -t.score if direction == "max" else t.score)  # stable
     picked: list[dict] = []
     seen: set[str] = set()
     if best is not None and n > 0:
@@ -784,17 +785,16 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     for t in scored:
         if len(picked) >= n:
             break
-        key = values_hash(t.get("hyperparameters") or {})
+        key = values_hash(t.hyperparameters)
         if key in seen:
             continue
         seen.add(key)
-        picked.append({"trial_id": t.get("id"), "score": t["score"], "objective": objective,
-                       "epochs": t.get("epochs") or None,
-                       "hyperparameters": dict(t.get("hyperparameters") or {})})
+        picked.append({"trial_id": t.id, "score": t.score, "objective": objective,
+                       "epochs": t.epochs or None, "hyperparameters": dict(t.hyperparameters)})
     return picked
 
 
-def members_to_retrain(exp, best: dict, result: dict | None) -> list[dict]:
+def members_to_retrain(exp, best: dict, result: artifacts.SearchResult | None) -> list[dict]:
     """The trials to retrain: the best alone, or the top ``retrain.ensemble``."""
     wanted = exp.retrain.ensemble
     if wanted <= 1:
@@ -973,7 +973,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     }
     curves = {evaluated_on: (eval_labels, eval_probs), "validation": (val_labels, val_probs)}
     _write_version(local_dir, model, metrics, serving, exp, best, manifest,
-                   _with_members(result, metrics),
+                   result, _published(result, metrics),
                    curves=curves, points={evaluated_on: evaluation, "validation": validation})
 
     storage.upload_dir(local_dir, uri)
@@ -985,18 +985,18 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     return Published(version=version, uri=uri, metrics=metrics, local_dir=local_dir)
 
 
-def _with_members(result: dict | None, metrics: dict) -> dict | None:
-    """The search result plus what the run report shows of the published model: with an
-    ensemble or TTA, its members and their validation ROC AUC (``published``)."""
+def _published(result: artifacts.SearchResult | None, metrics: dict) -> dict | None:
+    """What the run report shows of the published model beside the search: with an
+    ensemble or TTA, its members and their validation ROC AUC."""
     ensemble, tta = metrics["ensemble"], metrics["tta"]
     if result is None or (ensemble["size"] == 1 and not tta["enabled"]):
-        return result
-    return {**result, "published": {
+        return None
+    return {
         "version": metrics["version"], "tta_views": tta["views"],
         "validation_auc": ensemble["validation_auc"],
         "members": [{k: m.get(k) for k in ("trial_id", "score", "validation_auc",
                                           "validation_auc_tta", "hyperparameters")}
-                    for m in ensemble["members"]]}}
+                    for m in ensemble["members"]]}
 
 
 def export_saved_model(model, path: Path, image_size: int) -> None:
@@ -1017,7 +1017,8 @@ def export_saved_model(model, path: Path, image_size: int) -> None:
 
 
 def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, best: dict,
-                   manifest: dict, result: dict | None, *, curves: dict, points: dict) -> None:
+                   manifest: dict, result: artifacts.SearchResult | None,
+                   published: dict | None, *, curves: dict, points: dict) -> None:
     """Every file of a version, in a local folder."""
     keras_file = local_dir / artifacts.MODEL
     model.save(keras_file)
@@ -1033,4 +1034,4 @@ def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, be
     plot_reliability(points, local_dir / artifacts.RELIABILITY_PNG)
     (local_dir / artifacts.MODEL_CARD).write_text(model_card(exp, metrics["version"], metrics, best,
                                                         manifest))
-    _render_report(result, local_dir, metrics)
+    _render_report(result, local_dir, metrics, published)

@@ -130,3 +130,42 @@ def test_the_serving_document_round_trips_and_needs_only_a_threshold():
 def test_a_serving_document_of_another_shape_is_refused_by_name(doc, message):
     with pytest.raises(DocumentError, match=f"^m/serving.json: {message}"):
         a.ServingDocument.from_json(doc, "m/serving.json")
+
+
+def _result_doc(**changes) -> dict:
+    trial = {"id": "0001", "status": "completed", "score": 0.7, "hyperparameters": {"units": 4},
+             "worker": "tuner0", "epochs": 2, "duration": 3.5, "attempts": [], "message": None,
+             "continues": None, "stopped_at": None, "confirms": None, "seed": None, "fold": None}
+    return {"outcome": "completed", "reason": "", "tuner": "random", "objective": "val_auc",
+            "direction": "max", "started_at": 1.0, "finished_at": 2.0,
+            "best": {"trial_id": "0001", "score": 0.7}, "counts": {"completed": 1},
+            "trials_by_status": {"completed": ["0001"]}, "stopped_early": [],
+            "confirmation": None, "attempts_by_status": {"completed": 1}, "trials": [trial],
+            **changes}
+
+
+def test_the_search_result_reads_back_what_was_written_key_for_key():
+    doc = _result_doc()
+    result = a.SearchResult.from_json(doc)
+    assert (result.direction, result.trials[0].id, result.trials[0].score) == ("max", "0001", 0.7)
+    assert result.to_json() == doc and list(result.to_json()) == list(doc)
+    assert list(result.to_json()["trials"][0]) == list(doc["trials"][0])
+    # A result from before stopped_early, confirmation and folds still reads.
+    old = {k: v for k, v in doc.items() if k not in ("stopped_early", "confirmation",
+                                                     "attempts_by_status")}
+    old["trials"] = [{k: doc["trials"][0][k] for k in ("id", "status", "score",
+                                                       "hyperparameters")}]
+    assert a.SearchResult.from_json(old).trials[0].fold is None
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({k: v for k, v in _result_doc().items() if k != "counts"}, "'counts' is missing"),
+    (_result_doc(outcome="done"), "'outcome' is 'done'"),
+    (_result_doc(trials={"0001": {}}), "'trials' is .*expected list"),
+    (_result_doc(trials=[{"trial_id": "0001", "status": "completed", "score": 0.7,
+                          "hyperparameters": {}}]), "trials\\[0\\]: 'id' is missing"),
+    (_result_doc(best={"trial_id": "0001"}), "best: 'score' is missing"),
+])
+def test_a_search_result_of_another_shape_is_refused_by_name(doc, message):
+    with pytest.raises(DocumentError, match=f"^r.json: {message}"):
+        a.SearchResult.from_json(doc, "r.json")

@@ -209,7 +209,7 @@ def test_hostile_calls_are_refused_and_counted_while_workers_publish_their_own_b
         assert s.wait("tuner0") == 0, s.log("tuner0")[-4000:]
         assert s.wait("tuner1") == 0, s.log("tuner1")[-4000:]
 
-        result = load_result(storage, s.exp)
+        result = load_result(storage, s.exp).to_json()
         assert result["outcome"] == "completed", result["reason"]
         assert result["counts"] == {"completed": 3}, result["counts"]
         by_id = {t["id"]: t for t in result["trials"]}

@@ -24,7 +24,7 @@ def test_median_stopping_stops_a_learning_rate_that_cannot_learn_and_never_a_goo
     assert s.wait("chief", timeout=300) == 0, s.log("chief")
     assert s.wait("tuner0") == 0 and s.wait("tuner1") == 0
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     trials = result["trials"]
     bad = [t for t in trials if t["hyperparameters"]["learning_rate"] == 0.0]
@@ -70,7 +70,7 @@ def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(
     assert s.wait("chief", timeout=300) == 0, s.log("chief")
     assert s.wait("tuner0") == 0 and s.wait("tuner1") == 0
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     by_id = {t["id"]: t for t in result["trials"]}
     searched = [t for t in result["trials"] if not t["confirms"]]

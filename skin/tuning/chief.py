@@ -39,7 +39,7 @@ from pathlib import Path
 
 import grpc
 
-from skin.artifacts import best_uri, lock_uri, oracle_uri, result_uri
+from skin.artifacts import SearchResult, best_uri, lock_uri, oracle_uri, result_uri
 from skin.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -462,10 +462,10 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
         except Exception as e:  # nothing can run: end the search, tell the workers
             reason = f"the search space cannot be built: {type(e).__name__}: {e}"
             log.exception("search failed: %s", reason)
-            fence.write_json(result_uri(exp), {
-                "outcome": "failed", "reason": reason, "tuner": exp.search.tuner,
-                "objective": oracle.objective.name, "direction": oracle.objective.direction,
-                "best": None, "counts": {}, "trials_by_status": {}, "trials": []}, "result")
+            fence.write_json(result_uri(exp), SearchResult(
+                outcome="failed", reason=reason, tuner=exp.search.tuner,
+                objective=oracle.objective.name,
+                direction=oracle.objective.direction).to_json(), "result")
             raise SearchFailedError(reason) from None
         log.info("new search: %s over %d hyperparameters, objective %s (%s)",
                  exp.search.tuner, len(oracle.hyperparameters.space), oracle.objective.name,
@@ -523,7 +523,7 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
             if journal.error is not None:
                 raise RetryableError(f"oracle state cannot be saved: {journal.error}")
         journal.flush()
-        fence.write_json(result_uri(exp), build_result(oracle, exp), "result")
+        fence.write_json(result_uri(exp), build_result(oracle, exp).to_json(), "result")
         best = build_best(oracle, exp)
         if best is not None and oracle.state != FAILED:
             fence.write_current(best_uri(exp), best.to_json(), "result")

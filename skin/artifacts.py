@@ -420,3 +420,64 @@ def read_result(storage, root) -> SearchResult:
     except ValueError as e:  # not JSON (the message names the URI)
         raise DocumentError(str(e)) from None
     return SearchResult.from_json(doc, uri)
+
+
+MANIFEST_VERSION = 1  # keys added since (folds, fold_counts, an image's fold) are optional
+
+
+@dataclass(frozen=True)
+class DataManifest:
+    """``data/manifest.json``, a typed view for readers: stage builds and writes the whole
+    document (written last: its presence means staging finished; every key in
+    ARCHITECTURE.md), ``doc`` keeps it as written, so its digest (``manifest_sha256``,
+    skin.stage.manifest_digest) still checks."""
+
+    doc: dict
+
+    @property
+    def version(self) -> int:
+        return self.doc["version"]
+
+    @property
+    def splits(self) -> dict[str, dict]:
+        """``{split: {"count", "benign", "malignant", "shards"}}``."""
+        return self.doc["splits"]
+
+    @property
+    def folds(self) -> int:
+        """Validation folds of the training part; 1 for data staged before folds."""
+        return max(1, int(self.doc.get("folds") or 1))
+
+    @property
+    def synthetic(self) -> bool | None:
+        return self.doc.get("synthetic")
+
+    def count(self, split: str) -> int:
+        return int((self.splits.get(split) or {}).get("count") or 0)
+
+    def to_json(self) -> dict:
+        return self.doc
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = MANIFEST) -> DataManifest:
+        _check(doc, where, {"version": (int,), "splits": (dict,)},
+               {"files": (dict,), "images": (list,), "folds": (int,), "fold_counts": (list,),
+                "synthetic": (bool, type(None)), "manifest_sha256": (str,),
+                "image_size": (int, type(None))})
+        if doc["version"] != MANIFEST_VERSION:
+            raise DocumentError(f"{where}: not a version {MANIFEST_VERSION} staging manifest "
+                                f"(version {doc['version']!r})")
+        for name, split in doc["splits"].items():
+            _check(split, f"{where}: splits.{name}", {"count": (int,)}, {"shards": (list,)})
+        return cls(doc)
+
+
+def read_manifest(storage, data: str) -> DataManifest:
+    """``<data>/manifest.json`` (``data`` is the data folder, ``Experiment.data_uri``);
+    FileNotFoundError before staging finished, DocumentError for another shape."""
+    uri = join(data, MANIFEST)
+    try:
+        doc = storage.read_json(uri)
+    except ValueError as e:  # not JSON (the message names the URI)
+        raise DocumentError(str(e)) from None
+    return DataManifest.from_json(doc, uri)

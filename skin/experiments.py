@@ -40,9 +40,11 @@ def _read_json(storage, uri: str) -> Any | None:
         return None
 
 
-def _read_result(storage, root: str) -> artifacts.SearchResult | None:
+def _read_document(read, storage, where: str):
+    """``read(storage, where)`` (skin.artifacts.read_*); None when absent or, said, when of
+    another shape."""
     try:
-        return artifacts.read_result(storage, root)
+        return read(storage, where)
     except FileNotFoundError:
         return None
     except DocumentError as e:  # not one this version reads: said, and left out
@@ -84,18 +86,17 @@ def experiment_state(storage, root: str) -> dict:
                            "synthetic": None, "trials": {}, "outcome": None, "reason": "",
                            "best": None, "objective": None, "published": None,
                            "test": None}
-    manifest = _read_json(storage, artifacts.manifest_uri(root))
-    if isinstance(manifest, dict):
+    manifest = _read_document(artifacts.read_manifest, storage, artifacts.data_uri(root))
+    if manifest is not None:
         out["staged"] = True
-        splits = manifest.get("splits") or {}
-        out["images"] = {k: (v or {}).get("count") for k, v in splits.items()}
-        out["synthetic"] = bool(manifest.get("synthetic"))
+        out["images"] = {k: manifest.count(k) for k in manifest.splits}
+        out["synthetic"] = bool(manifest.synthetic)
         out["state"] = "staged"
     counts = _oracle_counts(storage, root)
     if counts is not None:
         out["trials"] = counts
         out["state"] = "searching"
-    result = _read_result(storage, root)
+    result = _read_document(artifacts.read_result, storage, root)
     if result is not None:
         out["outcome"], out["reason"], out["objective"] = (result.outcome, result.reason,
                                                           result.objective)

@@ -66,7 +66,6 @@ from skin.storage import Storage, is_gcs, join
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1  # keys added since (folds, fold_counts, an image's fold) are optional
 # Bump when a change here changes what a stage writes for the same input.
 # 2: validation folds (the split itself is the same as under 1).
 STAGE_ALGORITHM = 2
@@ -715,7 +714,7 @@ def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str,
             entry["source_sha256"] = it.sha256
         images.append(entry)
     manifest = {
-        "version": MANIFEST_VERSION,
+        "version": artifacts.MANIFEST_VERSION,
         "source_fingerprint": report.fingerprint,
         "source": report.source,
         "test_source": report.test_source,

@@ -169,3 +169,25 @@ def test_the_search_result_reads_back_what_was_written_key_for_key():
 def test_a_search_result_of_another_shape_is_refused_by_name(doc, message):
     with pytest.raises(DocumentError, match=f"^r.json: {message}"):
         a.SearchResult.from_json(doc, "r.json")
+
+
+def test_the_manifest_view_reads_data_staged_with_and_without_folds():
+    doc = {"version": 1, "splits": {"train": {"count": 8, "shards": ["train-0-of-1.tfrecord"]},
+                                    "validation": {"count": 2}, "test": {"count": 2}},
+           "folds": 3, "fold_counts": [{"count": 2}] * 3, "synthetic": True, "extra": {}}
+    manifest = a.DataManifest.from_json(doc)
+    assert (manifest.folds, manifest.count("train"), manifest.count("nope")) == (3, 8, 0)
+    assert manifest.to_json() is doc  # as written: its digest still checks
+    before_folds = {k: v for k, v in doc.items() if k not in ("folds", "fold_counts")}
+    assert a.DataManifest.from_json(before_folds).folds == 1
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"version": 2, "splits": {}}, "not a version 1 staging manifest"),
+    ({"splits": {}}, "'version' is missing"),
+    ({"version": 1, "splits": {"train": {"shards": []}}}, "splits.train: 'count' is missing"),
+    ({"version": 1, "splits": {}, "folds": "3"}, "'folds' is '3'"),
+])
+def test_a_manifest_of_another_shape_is_refused_by_name(doc, message):
+    with pytest.raises(DocumentError, match=f"^d/manifest.json: {message}"):
+        a.DataManifest.from_json(doc, "d/manifest.json")

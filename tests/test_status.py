@@ -198,7 +198,7 @@ def _three_experiments(storage, bucket: str) -> dict[str, str]:
     from skin.tuning.journal import OracleStore
 
     base = f"gs://{bucket}/experiments"
-    manifest = {"source": "synthetic", "synthetic": True,
+    manifest = {"version": 1, "source": "synthetic", "synthetic": True,
                 "splits": {"train": {"count": 40}, "validation": {"count": 10},
                            "test": {"count": 10}}}
     roots = {name: f"{base}/{name}" for name in ("done", "broken", "running")}

@@ -760,8 +760,8 @@ def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | No
                objective: str = "val_auc") -> list[dict]:
     """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
 
-    ``result``: ``tuner/result.json``; trials ranked by score in its ``direction`` (else
-    ``min`` for a loss ``objective``, ``max`` otherwise), ties in the result's order. A
+    ``result``: ``tuner/result.json``; trials ranked by score in its ``direction`` (without
+    a result, ``objective``'s: skin.artifacts.objective_direction), ties in its order. A
     configuration that several trials share (Hyperband continues one across rounds)
     counts once, with its best trial. ``best`` (``best_hyperparameters.json``), when given,
     comes first whatever the result says. Each entry is shaped like ``best``:

@@ -58,7 +58,7 @@ def one_run(tmp: Path, emulator, args, *, faults: bool) -> dict:
         wall = time.monotonic() - t0
     finally:
         s.stop_all()
-    result = load_result(Storage(), s.exp)
+    result = load_result(Storage(), s.exp).to_json()
     return {
         "faults": faults,
         "wall_s": round(wall, 1),

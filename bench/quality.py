@@ -148,6 +148,7 @@ def score_model(model, data_dir: Path, size: int, target: float) -> dict:
 
 def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -> dict | None:
     """The best trial finished EARLY_MINUTES after the start, scored on test."""
+    from skin import artifacts
     from skin.model import SkinHyperModel
 
     deadline = started_at + EARLY_MINUTES * 60
@@ -158,7 +159,7 @@ def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -
             done.append((t["score"], ended, t))
     if not done:
         return None
-    maximize = result.get("direction", "max") == "max"
+    maximize = artifacts.direction_of(result, result.get("objective")) == "max"
     score, ended, trial = sorted(done, key=lambda d: d[0], reverse=maximize)[0]
     local = data_dir.parent / "early" / trial["id"]
     local.mkdir(parents=True, exist_ok=True)
@@ -371,9 +372,10 @@ def main(argv=None) -> int:
         print(f"no images at {data} (expected benign/ and malignant/)", file=sys.stderr)
         return 2
 
+    from skin import artifacts
     from skin.config import ENV_OVERRIDES, load_experiment
     from skin.emulator import Emulator
-    from skin.storage import Storage, join
+    from skin.storage import Storage
 
     # SKIN_* overrides (e.g. SKIN_BACKBONE) reach `skin run` through the environment, so
     # the split-seed retrains here read them too, and the report names them.
@@ -422,8 +424,8 @@ def main(argv=None) -> int:
             "confusion_matrix", "n", "evaluated_on", "validation", "training", "version")}
         report["published"]["training"] = {k: v for k, v in metrics["training"].items()
                                            if k != "history"}
-        report["best"] = storage.read_json(join(exp.tuner_uri, "best_hyperparameters.json"))
-        result = storage.read_json(join(exp.tuner_uri, "result.json"))
+        report["best"] = artifacts.read_best(storage, exp).to_json()
+        result = artifacts.read_result(storage, exp).to_json()
         report["search"] = {
             "trials": len(result.get("trials", [])), "counts": result.get("counts"),
             "per_trial": [{k: t.get(k) for k in ("id", "status", "score", "epochs", "duration",

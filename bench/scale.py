@@ -481,7 +481,7 @@ def run_scaling(args, work: Path) -> list[dict]:
             from skin.tuning import load_result
 
             os.environ["STORAGE_EMULATOR_HOST"] = emulator.endpoint
-            result = load_result(Storage(), load_experiment(config, env={}))
+            result = load_result(Storage(), load_experiment(config, env={})).to_json()
             attempts = [a for t in result["trials"] for a in t["attempts"]]
             # From the first trial's start to the last trial's end: the budget's run time,
             # without the processes' start (TensorFlow import, data sync), equal in both runs.

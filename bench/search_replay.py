@@ -173,7 +173,7 @@ class Replay:
 
         best = build_best(o, self.exp)
         stopped = sum(1 for m in o.meta.values() if m.get("stopped"))
-        return {"picked": best["hyperparameters"]["config"] if best else None,
+        return {"picked": best.hyperparameters["config"] if best else None,
                 "epochs": self.epochs, "trials": len(o.trials), "stopped": stopped}
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from skin import artifacts
 from skin.errors import ConfigError
 
 API_VERSION = "skin/v1"
@@ -109,7 +110,7 @@ class ConfirmConfig:
 class SearchConfig:
     tuner: str = _spec("hyperband", choices=("hyperband", "bayesian", "random"),
                        help="keras-tuner algorithm")
-    objective: str = _spec("val_auc", choices=("val_auc", "val_accuracy", "val_loss"),
+    objective: str = _spec("val_auc", choices=tuple(artifacts.OBJECTIVE_DIRECTIONS),
                            help="metric the search optimises (val_loss is minimised)")
     max_trials: int = _spec(30, lo=1, hi=100_000, help="trial budget (bayesian, random)")
     max_epochs: int = _spec(20, lo=1, hi=1000, help="most epochs one trial trains")
@@ -131,6 +132,11 @@ class SearchConfig:
                              "(skin.space); unnamed ones keep the model's default space")
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+
+    @property
+    def direction(self) -> str:
+        """``"min"`` or ``"max"``: what "better" means for ``objective`` (skin.artifacts)."""
+        return artifacts.objective_direction(self.objective)
 
 
 @dataclass(frozen=True)
@@ -204,19 +210,19 @@ class Experiment:
 
     @property
     def data_uri(self) -> str:
-        return self.root_uri + "/data"
+        return artifacts.data_uri(self.root_uri)
 
     @property
     def tuner_uri(self) -> str:
-        return self.root_uri + "/tuner"
+        return artifacts.tuner_uri(self.root_uri)
 
     @property
     def trials_uri(self) -> str:
-        return self.root_uri + "/trials"
+        return artifacts.trials_uri(self.root_uri)
 
     @property
     def models_uri(self) -> str:
-        return self.root_uri + "/models"
+        return artifacts.models_uri(self.root_uri)
 
     def to_dict(self) -> dict:
         doc = {"apiVersion": API_VERSION, "kind": KIND}

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from skin.artifacts import MANIFEST, DataManifest, read_manifest
 from skin.errors import DataError, RetryableError
 from skin.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CLASSES = ("benign", "malignant")
 _SHUFFLE_BUFFER_MAX = 10_000
 
@@ -59,9 +59,7 @@ def load_manifest(local_dir: str | os.PathLike) -> dict:
 def _verify_manifest(manifest: dict, where: str) -> None:
     from skin.stage import manifest_digest
 
-    if not isinstance(manifest, dict) or manifest.get("version") != 1 \
-            or not isinstance(manifest.get("splits"), dict):
-        raise DataError(f"{where}: not a version 1 staging manifest")
+    DataManifest.from_json(manifest, where)  # DocumentError (a DataError) for another shape
     digest = manifest.get("manifest_sha256")
     if digest and digest != manifest_digest(manifest):
         raise DataError(f"{where}: manifest_sha256 does not match its content (corrupt)")
@@ -180,13 +178,13 @@ def _split(manifest: dict, split: str) -> dict:
 def folds(manifest: dict) -> int:
     """Validation folds of the staged training part: 1 (only the validation split) when the
     data were staged without folds, or too few to make them."""
-    return max(1, int(manifest.get("folds") or 1))
+    return DataManifest(manifest).folds
 
 
 def staged_folds(storage: Storage, data_uri: str) -> int:
     """:func:`folds` of the manifest in the bucket (the chief's view); 1 when none is staged."""
     try:
-        return folds(json.loads(storage.read_bytes(join(data_uri, MANIFEST))))
+        return read_manifest(storage, data_uri).folds
     except FileNotFoundError:
         return 1
 

@@ -55,6 +55,11 @@ class DataError(SkinError):
     exit_code = EXIT_DATA
 
 
+class DocumentError(DataError, ValueError):
+    """A document in the bucket (skin.artifacts) has a shape this version cannot read: not a
+    JSON object, a required key missing or of the wrong type. Fatal where the role needs it."""
+
+
 class SearchFailedError(SkinError):
     """The search stopped: too many consecutive trials failed. Fatal."""
 

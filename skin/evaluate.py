@@ -28,16 +28,21 @@ from typing import Any
 
 import numpy as np
 
-from skin.errors import ConfigError, DataError
+from skin.artifacts import (
+    LATEST,
+    METRICS,
+    MODEL,
+    MODELS,
+    SERVING,
+    SERVING_ARCHIVE_ENTRY,
+    ServingDocument,
+)
+from skin.errors import ConfigError, DataError, DocumentError
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("benign", "malignant")  # label 0, label 1 (the positive class)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MODEL_FILE = "model.keras"
-SERVING_FILE = "serving.json"  # beside model.keras, and inside the .keras archive
-SERVING_ARCHIVE_ENTRY = "skin_serving.json"
-METRICS_FILE = "metrics.json"
 DEFAULT_THRESHOLD = 0.5
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -222,11 +227,10 @@ class ServingInfo:
         return d
 
     @classmethod
-    def from_dict(cls, doc: dict, **override: Any) -> ServingInfo:
-        values = dict(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
-                      class_names=tuple(doc.get("class_names") or CLASS_NAMES),
-                      version=str(doc.get("version") or ""),
-                      data_source_kind=str((doc.get("data_source") or {}).get("kind") or ""))
+    def from_document(cls, doc: ServingDocument, **override: Any) -> ServingInfo:
+        values = dict(threshold=doc.threshold, image_size=doc.image_size,
+                      class_names=doc.class_names, version=doc.version,
+                      data_source_kind=str((doc.data_source or {}).get("kind") or ""))
         values.update(override)
         return cls(**values)
 
@@ -240,18 +244,9 @@ def serving_document(threshold: float, image_size: int, version: str,
     "zip" | "gcs", "dataset", "licence"}``, :func:`skin.provenance.serving_entry`):
     ``predict`` and ``evaluate`` warn when it is synthetic.
     """
-    doc = {
-        "threshold": float(threshold),
-        "image_size": int(image_size),
-        "class_names": list(class_names),
-        "positive_class": class_names[1],
-        "version": version,
-        "input": f"float32 RGB pixels 0..255, shape [batch, {image_size}, {image_size}, 3]",
-        "output": f"probability of '{class_names[1]}'; predict it when >= threshold",
-    }
-    if data_source is not None:
-        doc["data_source"] = dict(data_source)
-    return doc
+    return ServingDocument(threshold=float(threshold), image_size=int(image_size),
+                           class_names=tuple(class_names), version=version,
+                           data_source=data_source).to_json()
 
 
 def embed_serving(keras_file: Path, doc: dict) -> None:
@@ -261,15 +256,19 @@ def embed_serving(keras_file: Path, doc: dict) -> None:
             zf.writestr(SERVING_ARCHIVE_ENTRY, json.dumps(doc, indent=2))
 
 
-def _read_serving(keras_file: Path) -> dict | None:
-    """The serving description: inside the archive, else serving.json or metrics.json beside it."""
+def _read_serving(keras_file: Path) -> ServingDocument | None:
+    """The serving description: inside the archive, else serving.json or metrics.json beside it.
+    One of another shape is refused (DocumentError naming it)."""
     try:
         with zipfile.ZipFile(keras_file) as zf:
             if SERVING_ARCHIVE_ENTRY in zf.namelist():
-                return json.loads(zf.read(SERVING_ARCHIVE_ENTRY))
+                return ServingDocument.from_json(json.loads(zf.read(SERVING_ARCHIVE_ENTRY)),
+                                                 f"{keras_file}!{SERVING_ARCHIVE_ENTRY}")
+    except DocumentError:
+        raise
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         log.debug("no serving description inside %s: %s", keras_file, e)
-    for name in (SERVING_FILE, METRICS_FILE):
+    for name in (SERVING, METRICS):
         path = keras_file.parent / name
         if path.is_file():
             try:
@@ -278,7 +277,7 @@ def _read_serving(keras_file: Path) -> dict | None:
                 log.warning("%s is not valid JSON; ignored", path)
                 continue
             if isinstance(doc, dict) and "threshold" in doc:
-                return doc
+                return ServingDocument.from_json(doc, str(path))
     return None
 
 
@@ -292,20 +291,20 @@ def _check_version(version: str, where: str) -> str:
 def _resolve_local(path: Path) -> Path:
     """The ``model.keras`` a local model path means."""
     if path.is_file():
-        if path.name == "LATEST":
+        if path.name == LATEST:
             return _resolve_local(path.parent / _check_version(path.read_text(), str(path)))
         if path.suffix == ".keras":
             return path
         raise ConfigError(f"--model {path}: not a .keras file, a model folder or LATEST")
     if path.is_dir():
-        if (path / MODEL_FILE).is_file():
-            return path / MODEL_FILE
-        for latest in (path / "LATEST", path / "models" / "LATEST"):
+        if (path / MODEL).is_file():
+            return path / MODEL
+        for latest in (path / LATEST, path / MODELS / LATEST):
             if latest.is_file():
                 return _resolve_local(latest)
-        if (path / "model" / MODEL_FILE).is_file():  # the OUT folder of `skin run`
-            return path / "model" / MODEL_FILE
-        raise ConfigError(f"--model {path}: no published model there (expected {MODEL_FILE}, "
+        if (path / "model" / MODEL).is_file():  # the OUT folder of `skin run`
+            return path / "model" / MODEL
+        raise ConfigError(f"--model {path}: no published model there (expected {MODEL}, "
                           "LATEST or models/LATEST)")
     raise ConfigError(f"--model {path}: no such file or folder")
 
@@ -318,18 +317,18 @@ def _resolve_remote(uri: str, storage) -> str:
             raise ConfigError(f"--model {uri}: no such object")
         return uri
     parent, _, last = uri.rpartition("/")
-    if last == "LATEST":
+    if last == LATEST:
         try:
             version = storage.read_text(uri)
         except FileNotFoundError:
             raise ConfigError(f"--model {uri}: no such object (no model published yet?)") from None
-        return f"{parent}/{_check_version(version, uri)}/{MODEL_FILE}"
-    if storage.exists(f"{uri}/{MODEL_FILE}"):
-        return f"{uri}/{MODEL_FILE}"
-    for latest in (f"{uri}/LATEST", f"{uri}/models/LATEST"):
+        return f"{parent}/{_check_version(version, uri)}/{MODEL}"
+    if storage.exists(f"{uri}/{MODEL}"):
+        return f"{uri}/{MODEL}"
+    for latest in (f"{uri}/{LATEST}", f"{uri}/{MODELS}/{LATEST}"):
         if storage.exists(latest):
             return _resolve_remote(latest, storage)
-    raise ConfigError(f"--model {uri}: no published model there (expected {MODEL_FILE}, "
+    raise ConfigError(f"--model {uri}: no published model there (expected {MODEL}, "
                       "LATEST or models/LATEST)")
 
 
@@ -379,10 +378,10 @@ def load_published(model_uri: str | os.PathLike, storage=None):
             storage = Storage()
         keras_uri = _resolve_remote(uri, storage)
         with tempfile.TemporaryDirectory(prefix="skin-model-") as tmp:
-            local = Path(tmp) / MODEL_FILE
+            local = Path(tmp) / MODEL
             storage.download_file(keras_uri, str(local))
             folder = keras_uri.rpartition("/")[0]
-            for name in (SERVING_FILE, METRICS_FILE):
+            for name in (SERVING, METRICS):
                 try:
                     storage.download_file(f"{folder}/{name}", str(Path(tmp) / name))
                 except FileNotFoundError:
@@ -410,9 +409,9 @@ def _load_file(keras, keras_file: Path, *, source: str):
                     DEFAULT_THRESHOLD)
         info = ServingInfo(image_size=input_size, source=source, described=False)
     else:
-        info = ServingInfo.from_dict(doc, source=source)
+        info = ServingInfo.from_document(doc, source=source)
         if not info.image_size:
-            info = ServingInfo.from_dict(doc, source=source, image_size=input_size)
+            info = ServingInfo.from_document(doc, source=source, image_size=input_size)
     if not info.image_size:
         raise ConfigError(f"--model {source}: the image size is unknown (no serving description "
                           "and no fixed input shape)")

@@ -22,12 +22,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from skin.storage import join
+from skin import artifacts
+from skin.errors import DocumentError
 
 log = logging.getLogger(__name__)
 
 STATES = ("staged", "searching", "retraining", "published", "failed", "empty")
-_MARKERS = ("data/manifest.json", "tuner/result.json", "models/LATEST", "tuner/oracle/")
 
 
 def _read_json(storage, uri: str) -> Any | None:
@@ -37,6 +37,18 @@ def _read_json(storage, uri: str) -> Any | None:
         return None
     except ValueError as e:
         log.warning("%s is not valid JSON: %s", uri, e)
+        return None
+
+
+def _read_document(read, storage, where: str):
+    """``read(storage, where)`` (skin.artifacts.read_*); None when absent or, said, when of
+    another shape."""
+    try:
+        return read(storage, where)
+    except FileNotFoundError:
+        return None
+    except DocumentError as e:  # not one this version reads: said, and left out
+        log.warning("%s", e)
         return None
 
 
@@ -51,7 +63,7 @@ def _oracle_counts(storage, root: str) -> dict[str, int] | None:
     """Trials by status from the chief's journal and trial records (None when absent)."""
     from skin.tuning.journal import OracleStore
 
-    prefix = join(root, "tuner", "oracle")
+    prefix = artifacts.oracle_uri(root)
     if not storage.list(prefix + "/"):
         return None
     try:
@@ -74,34 +86,31 @@ def experiment_state(storage, root: str) -> dict:
                            "synthetic": None, "trials": {}, "outcome": None, "reason": "",
                            "best": None, "objective": None, "published": None,
                            "test": None}
-    manifest = _read_json(storage, join(root, "data", "manifest.json"))
-    if isinstance(manifest, dict):
+    manifest = _read_document(artifacts.read_manifest, storage, artifacts.data_uri(root))
+    if manifest is not None:
         out["staged"] = True
-        splits = manifest.get("splits") or {}
-        out["images"] = {k: (v or {}).get("count") for k, v in splits.items()}
-        out["synthetic"] = bool(manifest.get("synthetic"))
+        out["images"] = {k: manifest.count(k) for k in manifest.splits}
+        out["synthetic"] = bool(manifest.synthetic)
         out["state"] = "staged"
     counts = _oracle_counts(storage, root)
     if counts is not None:
         out["trials"] = counts
         out["state"] = "searching"
-    result = _read_json(storage, join(root, "tuner", "result.json"))
-    if isinstance(result, dict):
-        out["outcome"] = result.get("outcome") or "completed"
-        out["reason"] = result.get("reason") or ""
-        out["objective"] = result.get("objective")
-        if isinstance(result.get("counts"), dict) and result["counts"]:
-            out["trials"] = {str(k): int(v) for k, v in result["counts"].items()}
-        best = result.get("best")
-        if isinstance(best, dict):
-            out["best"] = {"trial_id": best.get("trial_id"), "score": best.get("score")}
+    result = _read_document(artifacts.read_result, storage, root)
+    if result is not None:
+        out["outcome"], out["reason"], out["objective"] = (result.outcome, result.reason,
+                                                          result.objective)
+        if result.counts:
+            out["trials"] = dict(result.counts)
+        if result.best is not None:
+            out["best"] = {"trial_id": result.best["trial_id"], "score": result.best["score"]}
         out["state"] = "failed" if out["outcome"] == "failed" else "retraining"
-    latest = _read_text(storage, join(root, "models", "LATEST"))
+    latest = _read_text(storage, artifacts.latest_uri(root))
     if latest and latest.strip():
         version = latest.strip()
         out["published"] = version
         out["state"] = "published"
-        metrics = _read_json(storage, join(root, "models", version, "metrics.json"))
+        metrics = _read_json(storage, artifacts.model_file_uri(root, version, artifacts.METRICS))
         if isinstance(metrics, dict):
             out["test"] = {k: metrics.get(k) for k in (
                 "evaluated_on", "n", "roc_auc", "sensitivity", "specificity", "threshold")}
@@ -117,7 +126,7 @@ def list_experiments(storage, base: str) -> list[dict]:
     roots: set[str] = set()
     for uri in storage.list(base + "/"):
         rest = uri[len(base) + 1:]
-        for marker in _MARKERS:
+        for marker in artifacts.MARKERS:
             at = rest.find(marker)
             if at == 0 or (at > 0 and rest[at - 1] == "/"):
                 roots.add((base + "/" + rest[:at]).rstrip("/"))

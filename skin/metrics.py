@@ -38,6 +38,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from skin import __version__
+from skin.artifacts import objective_direction
 
 log = logging.getLogger("skin.metrics")
 
@@ -69,12 +70,6 @@ ORACLE_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 BATCH_JOBS = ("stage", "retrain")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def objective_direction(objective: str) -> str:
-    """'min' for a loss or an error, 'max' otherwise (keras-tuner's own inference)."""
-    name = objective.lower()
-    return "min" if ("loss" in name or "error" in name) else "max"
 
 
 def _finite(value) -> float | None:
@@ -677,7 +672,8 @@ def role_metrics(registry: CollectorRegistry, exp, tuner_id: str) -> ChiefMetric
     """The hooks of a tuning role (``chief`` or ``tuner<i>``), configured from the experiment:
     objective and direction, the workers to expect, the lease that counts as connected."""
     if tuner_id == "chief":
-        return ChiefMetrics(registry, objective=exp.search.objective, workers=exp.workers,
+        return ChiefMetrics(registry, objective=exp.search.objective,
+                            direction=exp.search.direction, workers=exp.workers,
                             lease_seconds=exp.search.lease_seconds, experiment=exp.name,
                             tuner=exp.search.tuner)
     return WorkerMetrics(registry, tuner_id, objective=exp.search.objective)

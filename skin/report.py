@@ -11,10 +11,9 @@ best-so-far line, and the top trials' hyperparameters as a table. The HTML
 page embeds the PNG (base64) and adds the counts by status and every trial,
 so it can be mailed or opened from the bucket without anything beside it.
 
-The result's shape is skin.tuning.results' (``id``, ``duration``, ``counts``,
-``trials_by_status`` with trial ids); it is read leniently (a list or a mapping of
-trials, ``trial_id`` or ``id``, ``duration_s``/``duration_seconds``/``duration``, an objective as a
-name or as ``{"name", "direction"}``): the report must not fail a retrain.
+The result is a :class:`skin.artifacts.SearchResult` (read, and its shape checked, by
+``skin.tuning.load_result``); the retrain renders the report under a try: a report that
+fails never stops a model from being published.
 """
 
 from __future__ import annotations
@@ -33,10 +32,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import transforms
 
-from skin.metrics import TRIAL_END_STATUSES, objective_direction
+from skin.artifacts import REPORT_HTML, SEARCH_PNG, SearchResult
+from skin.metrics import TRIAL_END_STATUSES
 
-PNG_NAME = "search.png"
-HTML_NAME = "report.html"
 TOP_TRIALS = 5
 
 
@@ -52,73 +50,24 @@ class TrialRow:
     stopped_at: int | None = None  # the epoch the early-stopping rule ended it at
 
 
-def _float(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _hyperparameters(value) -> dict[str, Any]:
-    """The search's own hyperparameters; Hyperband's bookkeeping (``tuner/epochs``,
-    ``tuner/bracket`` ...) is left out."""
-    if not isinstance(value, dict):
-        return {}
-    if isinstance(value.get("values"), dict):  # keras-tuner's HyperParameters.get_config()
-        value = value["values"]
-    return {str(k): v for k, v in value.items() if not str(k).startswith("tuner/")}
-
-
-def _trial(raw: dict, fallback_id: str) -> TrialRow:
-    duration = next((raw[k] for k in ("duration_s", "duration_seconds", "duration", "seconds")
-                     if raw.get(k) is not None), None)
-    epochs = raw.get("epochs")
-    return TrialRow(
-        trial_id=str(raw.get("trial_id", raw.get("id", fallback_id))),
-        status=str(raw.get("status", "")).lower() or "unknown",
-        score=_float(raw.get("score")),
-        hyperparameters=_hyperparameters(raw.get("hyperparameters")),
-        worker=str(raw.get("worker") or raw.get("tuner_id") or ""),
-        epochs=int(epochs) if isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
-        else None,
-        duration_s=_float(duration),
-        stopped_at=raw.get("stopped_at") if isinstance(raw.get("stopped_at"), int) else None,
-    )
-
-
-def trials_of(result: dict) -> list[TrialRow]:
-    """The result's trials in the order they were created (numeric ids), else as given."""
-    raw = result.get("trials") or []
-    if isinstance(raw, dict):
-        raw = [dict(v, trial_id=v.get("trial_id", k)) if isinstance(v, dict) else {"trial_id": k}
-               for k, v in raw.items()]
-    rows = [_trial(t, str(i)) for i, t in enumerate(raw) if isinstance(t, dict)]
+def trials_of(result: SearchResult) -> list[TrialRow]:
+    """The result's trials in the order they were created (numeric ids), else as written."""
+    rows = [TrialRow(trial_id=t.id, status=t.status,
+                     score=t.score if t.score is not None and math.isfinite(t.score) else None,
+                     hyperparameters=t.hyperparameters,
+                     worker=t.worker or "", epochs=t.epochs, duration_s=t.duration,
+                     stopped_at=t.stopped_at)
+            for t in result.trials]
     if rows and all(r.trial_id.isdigit() for r in rows):
         rows.sort(key=lambda r: int(r.trial_id))
     return rows
 
 
-def objective_of(result: dict) -> tuple[str, str]:
-    """(name, 'min' or 'max')."""
-    objective = result.get("objective") or "score"
-    direction = result.get("direction")
-    if isinstance(objective, dict):
-        direction = direction or objective.get("direction")
-        objective = objective.get("name", "score")
-    objective = str(objective)
-    direction = str(direction or objective_direction(objective)).lower()
-    return objective, "min" if direction.startswith("min") else "max"
-
-
-def counts_of(result: dict, trials: list[TrialRow]) -> dict[str, int]:
-    """Trials by status: the result's own counts if it has them (``counts``: {status: n};
-    ``trials_by_status``: {status: [ids]}), else counted here."""
-    for key in ("counts", "trials_by_status", "by_status"):
-        given = result.get(key)
-        if isinstance(given, dict) and given:
-            return {str(k).lower(): len(v) if isinstance(v, (list, tuple)) else int(v)
-                    for k, v in given.items()}
+def counts_of(result: SearchResult, trials: list[TrialRow]) -> dict[str, int]:
+    """Trials by status: the result's own ``counts`` if it has any, else counted here (a
+    search that failed before any trial writes none)."""
+    if result.counts:
+        return dict(result.counts)
     counts = {s: 0 for s in TRIAL_END_STATUSES}
     for t in trials:
         counts[t.status] = counts.get(t.status, 0) + 1
@@ -227,8 +176,9 @@ def _html_table(header: list[str], rows: list[list[Any]], classes: list[str] | N
     return "\n".join(out)
 
 
-def _search_sections(result: dict, trials: list[TrialRow], objective: str, direction: str,
+def _search_sections(result: SearchResult, published: dict | None, trials: list[TrialRow],
                      top: list[TrialRow], counts: dict[str, int], png: bytes) -> list[str]:
+    objective, direction = result.objective, result.direction
     best = top[0] if top else None
     summary = (f"{len(trials)} trials; objective <b>{html.escape(objective)}</b> "
                f"({'maximised' if direction == 'max' else 'minimised'})")
@@ -247,7 +197,7 @@ def _search_sections(result: dict, trials: list[TrialRow], objective: str, direc
                 for t in trials]
     best_id = best.trial_id if best else None
     image = base64.b64encode(png).decode("ascii")
-    published = _published_section(result.get("published"), objective)
+    published = _published_section(published, objective)
     return [
         "<h2>The search</h2>", f"<p>{summary}</p>",
         "<h2>Trials by status</h2>",
@@ -255,7 +205,7 @@ def _search_sections(result: dict, trials: list[TrialRow], objective: str, direc
         f'<img alt="objective of every trial with the best so far" '
         f'src="data:image/png;base64,{image}">',
         *published,
-        *_confirmation_section(result.get("confirmation"), objective),
+        *_confirmation_section(result.confirmation, objective),
         f"<h2>Top {len(top)} trials</h2>",
         _html_table(["trial", objective, "epochs", *names], top_rows),
         "<h2>Every trial</h2>",
@@ -272,7 +222,7 @@ def _page(title: str, sections: list[str]) -> str:
 
 def _published_section(published, objective: str) -> list[str]:
     """The published model's members (an ensemble and/or test-time augmentation), when the
-    retrain adds ``published`` to the result: ``{"version", "tta_views", "validation_auc",
+    retrain passes ``published``: ``{"version", "tta_views", "validation_auc",
     "members": [{"trial_id", "score", "validation_auc", "validation_auc_tta",
     "hyperparameters"}]}``."""
     if not isinstance(published, dict) or not published.get("members"):
@@ -322,17 +272,17 @@ def _confirmation_section(confirmation, objective: str) -> list[str]:
                         classes=["best" if r[0] == chosen else "" for r in rows])]
 
 
-def render_search_report(result: dict | None, out_dir, metrics: dict | None = None) \
-        -> tuple[Path | None, Path]:
+def render_search_report(result: SearchResult | None, out_dir, metrics: dict | None = None,
+                         published: dict | None = None) -> tuple[Path | None, Path]:
     """Write ``report.html`` (and ``search.png`` when there is a search ``result``) into
     ``out_dir``; their paths. With ``metrics`` (the published version's ``metrics.json``)
     the page is the run report: the model's figures and the plots beside it in
-    ``out_dir`` (:mod:`skin.run_report`) first, then the search."""
+    ``out_dir`` (:mod:`skin.run_report`) first, then the search; ``published``: the
+    published model's members (skin.retrain), shown with the search."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections: list[str] = []
-    name = (result or {}).get("experiment") or ((metrics or {}).get("experiment") or {}).get(
-        "name")
+    name = ((metrics or {}).get("experiment") or {}).get("name")
     if metrics is not None:
         from skin.run_report import model_sections
 
@@ -340,17 +290,16 @@ def render_search_report(result: dict | None, out_dir, metrics: dict | None = No
     png_path = None
     if result is not None:
         trials = trials_of(result)
-        objective, direction = objective_of(result)
-        top = top_trials(trials, direction)
+        top = top_trials(trials, result.direction)
         counts = counts_of(result, trials)
-        png = _draw(trials, objective, direction, top)
-        png_path = out / PNG_NAME
+        png = _draw(trials, result.objective, result.direction, top)
+        png_path = out / SEARCH_PNG
         png_path.write_bytes(png)
-        sections += _search_sections(result, trials, objective, direction, top, counts, png)
+        sections += _search_sections(result, published, trials, top, counts, png)
     else:
         sections.append("<h2>The search</h2><p>No search result was found in the bucket.</p>")
     title = ("Run report" if metrics is not None else "Search report") + (
         f": {name}" if name else "")
-    html_path = out / HTML_NAME
+    html_path = out / REPORT_HTML
     html_path.write_text(_page(title, sections), encoding="utf-8")
     return png_path, html_path

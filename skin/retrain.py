@@ -65,7 +65,7 @@ import keras
 import numpy as np
 
 import skin
-from skin import clinical, provenance
+from skin import artifacts, clinical, provenance
 from skin.errors import (
     ConfigError,
     DataError,
@@ -75,8 +75,6 @@ from skin.errors import (
 )
 from skin.evaluate import (
     CLASS_NAMES,
-    MODEL_FILE,
-    SERVING_FILE,
     choose_threshold,
     classification_metrics,
     embed_serving,
@@ -134,11 +132,6 @@ class Curves(keras.callbacks.Callback):
                  time.monotonic() - self._started, " ".join(shown))
 
 
-def _monitor(objective: str) -> tuple[str, str]:
-    """The validation metric to early-stop on and its direction."""
-    return objective, ("min" if objective.endswith("loss") else "max")
-
-
 def _hyperparameters(values: dict[str, Any]):
     import keras_tuner
 
@@ -170,7 +163,7 @@ def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = Non
     hp = _hyperparameters(best.get("hyperparameters") or {})
     model = hypermodel.build(hp)
     epochs = _epochs(exp, best)
-    monitor, mode = _monitor(exp.search.objective)
+    monitor, mode = exp.search.objective, exp.search.direction
     curves = Curves(epochs)
     # patience 0 switches early stopping off. restore_best: the best validation epoch's
     # weights are published, else the last epoch's (chosen by no one: validation then
@@ -411,7 +404,7 @@ def code_version() -> str:
 def manifest_hash(manifest: dict, data_dir: Path) -> str:
     if manifest.get("manifest_sha256"):
         return str(manifest["manifest_sha256"])
-    path = data_dir / "manifest.json"
+    path = data_dir / artifacts.MANIFEST
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
@@ -697,7 +690,7 @@ def _new_version(storage, models_uri: str) -> str:
         version = _dt.datetime.now(_dt.UTC).strftime(VERSION_FORMAT)
         if not storage.list(join(models_uri, version) + "/"):
             try:
-                storage.write_json(join(models_uri, version, "metrics.json"),
+                storage.write_json(join(models_uri, version, artifacts.METRICS),
                                    {"version": version, "publishing": True},
                                    if_generation_match=0)
                 return version
@@ -710,7 +703,7 @@ def _new_version(storage, models_uri: str) -> str:
 def _read_latest(storage, models_uri: str) -> tuple[str | None, int]:
     """(the version LATEST names, its generation); (None, 0) when nothing is published."""
     try:
-        data, generation = storage.read_versioned(join(models_uri, "LATEST"))
+        data, generation = storage.read_versioned(join(models_uri, artifacts.LATEST))
     except FileNotFoundError:
         return None, 0
     return data.decode("utf-8", errors="replace").strip() or None, generation
@@ -718,7 +711,7 @@ def _read_latest(storage, models_uri: str) -> tuple[str | None, int]:
 
 def _move_latest(storage, models_uri: str, version: str, seen: tuple[str | None, int]) -> None:
     """Point LATEST at ``version`` unless another retrain moved it since we read ``seen``."""
-    latest = join(models_uri, "LATEST")
+    latest = join(models_uri, artifacts.LATEST)
     try:
         storage.write_text(latest, version + "\n", if_generation_match=seen[1])
     except PreconditionFailedError:
@@ -730,7 +723,8 @@ def _move_latest(storage, models_uri: str, version: str, seen: tuple[str | None,
             f"instead, write {version!r} into {latest}") from None
 
 
-def _render_report(result: dict | None, out_dir: Path, metrics: dict | None = None) -> None:
+def _render_report(result: artifacts.SearchResult | None, out_dir: Path,
+                   metrics: dict | None = None, published: dict | None = None) -> None:
     """``report.html``: the published model's figures and plots (``metrics`` and the PNGs
     in ``out_dir``), then the search (``result``), when there is either."""
     if result is None and metrics is None:
@@ -742,12 +736,12 @@ def _render_report(result: dict | None, out_dir: Path, metrics: dict | None = No
         log.info("skin.report.render_search_report is not available: no run report")
         return
     try:
-        render_search_report(result, out_dir, metrics=metrics)
+        render_search_report(result, out_dir, metrics=metrics, published=published)
     except Exception:  # the report is a by-product; the model is published anyway
         log.exception("the run report failed; publishing without it")
 
 
-def _load_result(storage, exp) -> dict | None:
+def _load_result(storage, exp) -> artifacts.SearchResult | None:
     try:
         from skin.tuning import load_result
     except ImportError:
@@ -757,24 +751,17 @@ def _load_result(storage, exp) -> dict | None:
         return load_result(storage, exp)
     except FileNotFoundError:
         return None
-    except ValueError as e:  # unreadable JSON: only the report needs it
+    except ValueError as e:  # not JSON, or a DocumentError: only the report needs it
         log.warning("search result unreadable, no run report: %s", e)
         return None
 
 
-def _direction(result: dict | None, objective: str) -> str:
-    direction = str((result or {}).get("direction") or "").lower()
-    if direction.startswith(("min", "max")):
-        return direction[:3]
-    return "min" if objective.endswith("loss") else "max"
-
-
-def top_trials(result: dict | None, n: int, *, best: dict | None = None,
+def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | None = None,
                objective: str = "val_auc") -> list[dict]:
     """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
 
-    ``result``: ``tuner/result.json``; trials ranked by score in its ``direction`` (else
-    ``min`` for a loss ``objective``, ``max`` otherwise), ties in the result's order. A
+    ``result``: ``tuner/result.json``; trials ranked by score in its ``direction`` (without
+    a result, ``objective``'s: skin.artifacts.objective_direction), ties in its order. A
     configuration that several trials share (Hyperband continues one across rounds)
     counts once, with its best trial. ``best`` (``best_hyperparameters.json``), when given,
     comes first whatever the result says. Each entry is shaped like ``best``:
@@ -783,13 +770,13 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     """
     from skin.tuning.tuner import values_hash  # what makes two trials one configuration
 
-    objective = str((result or {}).get("objective") or objective)
-    direction = _direction(result, objective)
-    scored = [t for t in (result or {}).get("trials") or []
-              if isinstance(t, dict) and t.get("status") == "completed"
-              and isinstance(t.get("score"), (int, float)) and not isinstance(t.get("score"), bool)
-              and math.isfinite(t["score"])]
-    scored.sort(key=lambda t: -t["score"] if direction == "max" else t["score"])  # stable
+    if result is not None:
+        objective, direction = result.objective, result.direction
+    else:
+        direction = artifacts.objective_direction(objective)
+    scored = [t for t in (result.trials if result is not None else [])
+              if t.status == "completed" and t.score is not None and math.isfinite(t.score)]
+    scored.sort(key=lambda t: -t.score if direction == "max" else t.score)  # stable
     picked: list[dict] = []
     seen: set[str] = set()
     if best is not None and n > 0:
@@ -798,17 +785,16 @@ def top_trials(result: dict | None, n: int, *, best: dict | None = None,
     for t in scored:
         if len(picked) >= n:
             break
-        key = values_hash(t.get("hyperparameters") or {})
+        key = values_hash(t.hyperparameters)
         if key in seen:
             continue
         seen.add(key)
-        picked.append({"trial_id": t.get("id"), "score": t["score"], "objective": objective,
-                       "epochs": t.get("epochs") or None,
-                       "hyperparameters": dict(t.get("hyperparameters") or {})})
+        picked.append({"trial_id": t.id, "score": t.score, "objective": objective,
+                       "epochs": t.epochs or None, "hyperparameters": dict(t.hyperparameters)})
     return picked
 
 
-def members_to_retrain(exp, best: dict, result: dict | None) -> list[dict]:
+def members_to_retrain(exp, best: dict, result: artifacts.SearchResult | None) -> list[dict]:
     """The trials to retrain: the best alone, or the top ``retrain.ensemble``."""
     wanted = exp.retrain.ensemble
     if wanted <= 1:
@@ -832,7 +818,7 @@ def _load_best(storage, exp) -> dict:
     from skin.tuning import load_best
 
     try:
-        return load_best(storage, exp)
+        return load_best(storage, exp).to_json()  # a member spec: the best's keys (top_trials)
     except FileNotFoundError as e:
         raise SearchFailedError(f"no best hyperparameters at {exp.tuner_uri}: the search has not "
                                 f"finished ({e})") from None
@@ -858,7 +844,7 @@ def check_members(exp, hypermodel, specs: list[dict]) -> None:
         try:
             check_values(oracle.hyperparameters, values, exp.search.fixed)
         except ValueError as e:
-            raise ConfigError(f"{join(exp.tuner_uri, 'best_hyperparameters.json')} (trial "
+            raise ConfigError(f"{artifacts.best_uri(exp)} (trial "
                               f"{spec.get('trial_id', '?')}): {e}; nothing was trained or "
                               "published") from None
 
@@ -987,7 +973,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     }
     curves = {evaluated_on: (eval_labels, eval_probs), "validation": (val_labels, val_probs)}
     _write_version(local_dir, model, metrics, serving, exp, best, manifest,
-                   _with_members(result, metrics),
+                   result, _published(result, metrics),
                    curves=curves, points={evaluated_on: evaluation, "validation": validation})
 
     storage.upload_dir(local_dir, uri)
@@ -999,18 +985,18 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     return Published(version=version, uri=uri, metrics=metrics, local_dir=local_dir)
 
 
-def _with_members(result: dict | None, metrics: dict) -> dict | None:
-    """The search result plus what the run report shows of the published model: with an
-    ensemble or TTA, its members and their validation ROC AUC (``published``)."""
+def _published(result: artifacts.SearchResult | None, metrics: dict) -> dict | None:
+    """What the run report shows of the published model beside the search: with an
+    ensemble or TTA, its members and their validation ROC AUC."""
     ensemble, tta = metrics["ensemble"], metrics["tta"]
     if result is None or (ensemble["size"] == 1 and not tta["enabled"]):
-        return result
-    return {**result, "published": {
+        return None
+    return {
         "version": metrics["version"], "tta_views": tta["views"],
         "validation_auc": ensemble["validation_auc"],
         "members": [{k: m.get(k) for k in ("trial_id", "score", "validation_auc",
                                           "validation_auc_tta", "hyperparameters")}
-                    for m in ensemble["members"]]}}
+                    for m in ensemble["members"]]}
 
 
 def export_saved_model(model, path: Path, image_size: int) -> None:
@@ -1031,20 +1017,21 @@ def export_saved_model(model, path: Path, image_size: int) -> None:
 
 
 def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, best: dict,
-                   manifest: dict, result: dict | None, *, curves: dict, points: dict) -> None:
+                   manifest: dict, result: artifacts.SearchResult | None,
+                   published: dict | None, *, curves: dict, points: dict) -> None:
     """Every file of a version, in a local folder."""
-    keras_file = local_dir / MODEL_FILE
+    keras_file = local_dir / artifacts.MODEL
     model.save(keras_file)
     embed_serving(keras_file, serving)
-    (local_dir / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
-    export_saved_model(model, local_dir / "saved_model", metrics["image_size"])
-    (local_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (local_dir / artifacts.SERVING).write_text(json.dumps(serving, indent=2) + "\n")
+    export_saved_model(model, local_dir / artifacts.SAVED_MODEL, metrics["image_size"])
+    (local_dir / artifacts.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     plot_learning_curves(metrics["training"]["history"], metrics["training"]["published_epoch"],
-                         local_dir / "learning_curves.png")
-    plot_roc(curves, points, local_dir / "roc.png")
+                         local_dir / artifacts.LEARNING_CURVES_PNG)
+    plot_roc(curves, points, local_dir / artifacts.ROC_PNG)
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["evaluated_on"],
-                          metrics["threshold"], local_dir / "confusion_matrix.png")
-    plot_reliability(points, local_dir / "reliability.png")
-    (local_dir / "model_card.md").write_text(model_card(exp, metrics["version"], metrics, best,
+                          metrics["threshold"], local_dir / artifacts.CONFUSION_PNG)
+    plot_reliability(points, local_dir / artifacts.RELIABILITY_PNG)
+    (local_dir / artifacts.MODEL_CARD).write_text(model_card(exp, metrics["version"], metrics, best,
                                                         manifest))
-    _render_report(result, local_dir, metrics)
+    _render_report(result, local_dir, metrics, published)

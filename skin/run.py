@@ -36,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skin import artifacts
 from skin.config import Experiment
 from skin.errors import (
     EXIT_INTERRUPTED,
@@ -394,17 +395,16 @@ def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
 
 
 def _fetch_model(exp: Experiment, out: Path) -> tuple[str, Path]:
-    from skin.storage import Storage, join
+    from skin.storage import Storage
 
     storage = Storage()
-    version = storage.read_text(join(exp.models_uri, "LATEST")).strip()
+    version = storage.read_text(artifacts.latest_uri(exp)).strip()
     model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    storage.download_dir(join(exp.models_uri, version), model_dir)
+    storage.download_dir(artifacts.model_dir_uri(exp, version), model_dir)
     with contextlib.suppress(FileNotFoundError):
-        (out / "best_hyperparameters.json").write_text(
-            storage.read_text(join(exp.tuner_uri, "best_hyperparameters.json")))
+        (out / artifacts.BEST).write_text(storage.read_text(artifacts.best_uri(exp)))
     return version, model_dir
 
 
@@ -414,20 +414,19 @@ def _fmt(value) -> str:
 
 def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
              timings: dict[str, float], opts: RunOptions) -> str:
-    metrics = json.loads((model_dir / "metrics.json").read_text())
-    best_path = out / "best_hyperparameters.json"
-    best = json.loads(best_path.read_text()) if best_path.exists() else {}
+    metrics = json.loads((model_dir / artifacts.METRICS).read_text())
+    best_path = out / artifacts.BEST
+    best = (artifacts.BestTrial.from_json(json.loads(best_path.read_text()), str(best_path))
+            if best_path.exists() else None)
     lines = ["", "=" * 72, f"skin run: {exp.name} done in {timings['total'] / 60:.1f} min "
              f"(stage {timings['stage']:.0f} s, tune {timings['tune']:.0f} s, "
              f"retrain {timings['retrain']:.0f} s)"]
     if exp.data.source == "synthetic":
         lines.append("NOTE: trained on SYNTHETIC images; these numbers say nothing about moles.")
-    if best:
-        lines.append(f"best trial {best.get('trial_id')}: {best.get('objective', 'score')} = "
-                     f"{_fmt(best.get('score'))}")
-        for name, value in sorted(best.get("hyperparameters", {}).items()):
-            if not name.startswith("tuner/"):
-                lines.append(f"  {name:<28} {_fmt(value)}")
+    if best is not None:
+        lines.append(f"best trial {best.trial_id}: {best.objective} = {_fmt(best.score)}")
+        for name, value in sorted(best.hyperparameters.items()):
+            lines.append(f"  {name:<28} {_fmt(value)}")
     split = metrics.get("evaluated_on", "test")
     lines.append(f"published model {version}, evaluated on the {split} split "
                  f"(n={metrics.get('n')}):")
@@ -446,7 +445,7 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
     if (out / "gcs").is_dir():
         lines.append(f"  bucket files {out / 'gcs'}/  (serve them again: python -m skin.emulator "
                      f"--data-dir {out / 'gcs'}, then set STORAGE_EMULATOR_HOST)")
-    report = model_dir / "report.html"
+    report = model_dir / artifacts.REPORT_HTML
     if report.exists():
         lines.append(f"  run report   {report}")
     lines.append("=" * 72)

@@ -15,14 +15,15 @@ import base64
 import html
 from pathlib import Path
 
+from skin import artifacts
 from skin.evaluate import figure_rows, interval_text
 
 PLOTS = (  # (file, alt text)
-    ("roc.png", "ROC curves of validation (solid blue, circles) and test (dashed red, squares)"),
-    ("confusion_matrix.png", "confusion matrix with the rate of each cell in its true class"),
-    ("reliability.png", "reliability diagram: fraction malignant against mean predicted "
+    (artifacts.ROC_PNG, "ROC curves of validation (solid blue, circles) and test (dashed red, squares)"),
+    (artifacts.CONFUSION_PNG, "confusion matrix with the rate of each cell in its true class"),
+    (artifacts.RELIABILITY_PNG, "reliability diagram: fraction malignant against mean predicted "
                         "probability per bin"),
-    ("learning_curves.png", "training and validation curves of the retrain"),
+    (artifacts.LEARNING_CURVES_PNG, "training and validation curves of the retrain"),
 )
 
 

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from skin import provenance
+from skin import artifacts, provenance
 from skin.config import Experiment
 from skin.errors import DataError
 from skin.grouping import CLASSES, SPLITS, fold_groups, near_duplicate_groups, split_images
@@ -66,7 +66,6 @@ from skin.storage import Storage, is_gcs, join
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1  # keys added since (folds, fold_counts, an image's fold) are optional
 # Bump when a change here changes what a stage writes for the same input.
 # 2: validation folds (the split itself is the same as under 1).
 STAGE_ALGORITHM = 2
@@ -463,7 +462,7 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
         _hash_files(items)
         report.fingerprint = _fingerprint(items, exp)
 
-        manifest_uri = join(data_uri, "manifest.json")
+        manifest_uri = join(data_uri, artifacts.MANIFEST)
         if storage.exists(manifest_uri):
             existing = storage.read_json(manifest_uri)
             if existing.get("source_fingerprint") == _fingerprint(items, exp, algorithm=1):
@@ -500,13 +499,13 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
         if not usable:
             raise DataError(f"{source}: no usable images ({report.files} files, "
                             f"{len(report.quarantined)} quarantined; see "
-                            f"{join(data_uri, 'stage_report.json')})")
+                            f"{join(data_uri, artifacts.STAGE_REPORT)})")
         splits = _assign(usable, exp, report)
         _assign_folds(usable, splits, exp, report)
         files = _write_shards(usable, splits, exp, storage, data_uri, scratch)
         report.usable = len(usable)
         report.seconds = time.monotonic() - started
-        storage.write_json(join(data_uri, "stage_report.json"), report.to_dict())
+        storage.write_json(join(data_uri, artifacts.STAGE_REPORT), report.to_dict())
         manifest = _manifest(usable, splits, files, exp, report)
         storage.write_json(manifest_uri, manifest)
     log.info("%s", report.summary())
@@ -558,7 +557,7 @@ def _quarantine(items: list[_Item], storage: Storage, data_uri: str,
     for item in items:
         if not item.reason:
             continue
-        target = join(data_uri, "quarantine", item.rel)
+        target = join(data_uri, artifacts.QUARANTINE, item.rel)
         try:
             storage.upload_file(item.path, target)
         except (FileNotFoundError, PermissionError, IsADirectoryError):
@@ -715,7 +714,7 @@ def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str,
             entry["source_sha256"] = it.sha256
         images.append(entry)
     manifest = {
-        "version": MANIFEST_VERSION,
+        "version": artifacts.MANIFEST_VERSION,
         "source_fingerprint": report.fingerprint,
         "source": report.source,
         "test_source": report.test_source,

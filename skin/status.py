@@ -19,6 +19,7 @@ says (:mod:`skin.experiments`): staged, searching, retraining, published or fail
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -29,8 +30,11 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from skin.errors import EXIT_OK, EXIT_RETRYABLE
+from skin import artifacts
+from skin.errors import EXIT_OK, EXIT_RETRYABLE, DocumentError
 from skin.metrics import TRIAL_STATUSES
+
+log = logging.getLogger(__name__)
 
 # The chief's metrics on Kubernetes: k8s/namespace.yaml and k8s/base/network/chief-service.yaml,
 # whose name an overlay suffixes with its experiment's (nameSuffix: skin-chief-skin-cnn).
@@ -94,7 +98,7 @@ class Status:
     time_left: float | None = None  # seconds
     finished: bool = False
     version: str = ""
-    best_hyperparameters: dict | None = None  # from the bucket, when asked for
+    best_hyperparameters: artifacts.BestTrial | None = None  # from the bucket, when asked for
 
 
 def _url(address: str) -> str:
@@ -176,11 +180,15 @@ def fetch(address: str, timeout: float = 5.0) -> Status:
     return parse(text, address)
 
 
-def read_best_hyperparameters(exp, storage) -> dict | None:
-    """``<root>/tuner/best_hyperparameters.json`` of an experiment, or None before it exists."""
+def read_best_hyperparameters(exp, storage) -> artifacts.BestTrial | None:
+    """``<root>/tuner/best_hyperparameters.json`` of an experiment, or None before it exists
+    (or, with a warning, when it is not one this version reads)."""
     try:
-        return storage.read_json(exp.tuner_uri + "/best_hyperparameters.json")
+        return artifacts.read_best(storage, exp)
     except FileNotFoundError:
+        return None
+    except DocumentError as e:
+        log.warning("best hyperparameters not shown: %s", e)
         return None
 
 
@@ -223,10 +231,9 @@ def format_status(status: Status) -> str:
             best += f" (trial {st.best_trial})"
         best += f", improved {_duration(st.best_improved_age)} ago"
     lines.append(best)
-    if st.best_hyperparameters:
-        hp = st.best_hyperparameters.get("hyperparameters", st.best_hyperparameters)
-        if isinstance(hp, dict):
-            lines.append("           " + ", ".join(f"{k}={v}" for k, v in sorted(hp.items())))
+    if st.best_hyperparameters is not None:
+        hp = st.best_hyperparameters.hyperparameters
+        lines.append("           " + ", ".join(f"{k}={v}" for k, v in sorted(hp.items())))
     lines.append(f"workers    {st.workers_connected} connected of {st.workers_expected or '?'}")
     if st.workers:
         lines.append(f"  {'worker':<10} {'trial':<8} {'epoch':>9} {'last report':>12}")

@@ -314,7 +314,7 @@ def test_the_chief_fails_the_search_at_once_when_the_weights_are_missing(
     exp = experiment(bucket, name="mobilenetv2", weights=missing)
     runtime = Runtime(tuner_id="chief", oracle_port=free_port(), work_dir=tmp_path / "work")
     assert run_chief(exp, runtime, storage) == 4
-    result = load_result(storage, exp)
+    result = load_result(storage, exp).to_json()
     assert result["outcome"] == "failed"
     assert f"backbone.weights: '{missing}' does not exist" in result["reason"]
 

@@ -95,14 +95,14 @@ def test_confirmation_trials_validate_on_the_staged_folds(staged, storage):
     top = [t.trial_id for t in oracle.confirm.candidates(oracle)]
     # every candidate on the same folds, seed s on fold 1 + (s-1) % 2
     assert made == sorted((c, s, f) for c in top for s, f in ((1, 1), (2, 2), (3, 1)))
-    summary = build_result(oracle, exp)["confirmation"]
+    summary = build_result(oracle, exp).confirmation
     assert summary["folds"] == [0, 1, 2]
     for row in summary["candidates"]:
         assert row["folds"] == [0, 1, 2, 1] and row["n"] == 4
         base = row["scores"][0]
         assert row["scores"] == pytest.approx([base, base - 0.01, base - 0.02, base - 0.01])
     assert "validated on folds 0, 1, 2" in summary["text"]
-    trials = build_result(oracle, exp)["trials"]
+    trials = build_result(oracle, exp).to_json()["trials"]
     assert sorted(t["fold"] for t in trials if t["confirms"]) == [1, 1, 1, 1, 2, 2]
     assert all(t["fold"] is None for t in trials if not t["confirms"])
 

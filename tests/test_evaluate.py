@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from skin import artifacts
 from skin import evaluate as ev
-from skin.errors import ConfigError, DataError
+from skin.errors import ConfigError, DataError, DocumentError
 
 # ---------------------------------------------------------------------------
 # Metric functions
@@ -302,13 +303,13 @@ def tiny_model():
 def publish_tiny(folder: Path, threshold: float = 0.5, version: str = "20250101-000000",
                  embed: bool = True, beside: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    keras_file = folder / ev.MODEL_FILE
+    keras_file = folder / artifacts.MODEL
     tiny_model().save(keras_file)
     doc = ev.serving_document(threshold, SIZE, version)
     if embed:
         ev.embed_serving(keras_file, doc)
     if beside:
-        (folder / ev.SERVING_FILE).write_text(json.dumps(doc))
+        (folder / artifacts.SERVING).write_text(json.dumps(doc))
     return folder
 
 
@@ -324,9 +325,9 @@ def published(tmp_path_factory) -> Path:
 def test_embedded_serving_keeps_the_archive_loadable_in_safe_mode(published):
     import keras
 
-    keras_file = published / "20250101-000000" / ev.MODEL_FILE
+    keras_file = published / "20250101-000000" / artifacts.MODEL
     with zipfile.ZipFile(keras_file) as zf:
-        assert ev.SERVING_ARCHIVE_ENTRY in zf.namelist()
+        assert artifacts.SERVING_ARCHIVE_ENTRY in zf.namelist()
     model = keras.models.load_model(keras_file, safe_mode=True)
     x = np.zeros((1, SIZE, SIZE, 3), np.float32)
     x[..., 0] = 100.0
@@ -348,7 +349,7 @@ def test_load_published_local_forms(published, relative):
 
 def test_load_published_from_a_lone_keras_file(published, tmp_path):
     lone = tmp_path / "anywhere.keras"
-    shutil.copy(published / "20250101-000000" / ev.MODEL_FILE, lone)
+    shutil.copy(published / "20250101-000000" / artifacts.MODEL, lone)
     _, info = ev.load_published(lone)
     assert info.threshold == pytest.approx(0.42) and info.described
 
@@ -363,6 +364,13 @@ def test_load_published_serving_json_beside_when_not_embedded(tmp_path):
     publish_tiny(tmp_path / "v", threshold=0.3, embed=False)
     _, info = ev.load_published(tmp_path / "v")
     assert info.threshold == pytest.approx(0.3) and info.described
+
+
+def test_load_published_refuses_a_serving_json_of_another_shape(tmp_path):
+    publish_tiny(tmp_path / "v", embed=False)
+    (tmp_path / "v" / artifacts.SERVING).write_text(json.dumps({"threshold": "high"}))
+    with pytest.raises(DocumentError, match="serving.json: 'threshold' is 'high'"):
+        ev.load_published(tmp_path / "v")
 
 
 def test_load_published_without_description_uses_default_threshold(tmp_path):

@@ -112,7 +112,7 @@ def test_split_brain_one_chief_serves_and_a_frozen_one_writes_nothing(roles, sto
     assert "lost the lock" in s.log(first)
     assert _objects(storage, s.exp.root_uri) == before  # it wrote nothing at all
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     assert len(result["trials"]) == 4
 
@@ -139,7 +139,7 @@ def test_a_reclaimed_trials_old_holder_cannot_overwrite_the_new_attempts_files(r
     for worker in ("tuner0", "tuner1"):
         assert s.wait(worker) == 0, s.log(worker)[-4000:]
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     trial = next(t for t in result["trials"] if t["id"] == trial_id)
     assert [(a["status"], a["worker"]) for a in trial["attempts"]] == [

@@ -209,7 +209,7 @@ def test_hostile_calls_are_refused_and_counted_while_workers_publish_their_own_b
         assert s.wait("tuner0") == 0, s.log("tuner0")[-4000:]
         assert s.wait("tuner1") == 0, s.log("tuner1")[-4000:]
 
-        result = load_result(storage, s.exp)
+        result = load_result(storage, s.exp).to_json()
         assert result["outcome"] == "completed", result["reason"]
         assert result["counts"] == {"completed": 3}, result["counts"]
         by_id = {t["id"]: t for t in result["trials"]}
@@ -218,7 +218,7 @@ def test_hostile_calls_are_refused_and_counted_while_workers_publish_their_own_b
         assert {a["worker"] for t in result["trials"] for a in t["attempts"]} <= \
             {"tuner0", "tuner1"}
 
-        best = load_best(storage, s.exp)
+        best = load_best(storage, s.exp).to_json()
         assert best["hyperparameters"] == by_id[best["trial_id"]]["hyperparameters"]
         assert set(best["hyperparameters"]) == {"units", "learning_rate"}
         assert best["hyperparameters"]["units"] in range(4, 65, 4)
@@ -470,8 +470,8 @@ def test_skin_retrain_on_a_tampered_best_exits_2_and_publishes_nothing(tmp_path,
 
     import yaml
 
+    from skin.artifacts import best_uri
     from skin.storage import join
-    from skin.tuning.results import best_uri
 
     exp = _retrain_exp(bucket)
     config = tmp_path / "experiment.yaml"

@@ -46,7 +46,7 @@ def test_preemption_churn_loses_no_trial_and_no_finished_epoch(search, storage):
         assert kill.code == EXIT_RELEASED, kill
         assert kill.seconds < 15, kill
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     assert len(result["trials"]) == 8
     by = result["attempts_by_status"]
@@ -110,7 +110,7 @@ def test_hung_worker_exits_by_its_watchdog_and_its_trial_moves_on(search, storag
     s.start("tuner0")
     assert s.wait("chief") == 0, s.log("chief")[-4000:]
     assert s.wait("tuner0") == 0
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     hung = [t for t in result["trials"] if t["attempts"][0]["status"] == "failed"]
     assert len(hung) == 1, result["trials"]

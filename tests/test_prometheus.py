@@ -502,7 +502,7 @@ def test_prometheus_scrapes_a_local_distributed_run(tmp_path, emulator, storage,
                 assert time.monotonic() < deadline, "the search did not end in 300 s\n" + log_tail()
                 time.sleep(0.5)
             assert procs[role].returncode == 0, log_tail()
-        result = load_result(storage, exp)
+        result = load_result(storage, exp).to_json()
         while not prom.query("last_over_time(skin_chief_search_finished[10m]) == 1"):
             assert procs["chief"].poll() is None or time.monotonic() < deadline, log_tail()
             assert time.monotonic() < deadline, "search_finished never scraped\n" + log_tail()

@@ -54,7 +54,7 @@ def test_a_released_trial_is_requeued_at_once_and_never_counts_as_failed(tmp_pat
     oracle.end(_completed(third.trial, 0.8), "tuner0", 3, epochs=(2, 4))
     assert oracle.state == "finished", oracle.reason
 
-    result = build_result(oracle, exp)
+    result = build_result(oracle, exp).to_json()
     (t,) = result["trials"]
     assert [(a["status"], a.get("first_epoch"), a["epochs"]) for a in t["attempts"]] == \
         [("released", 0, 1), ("released", 1, 2), ("completed", 2, 4)]

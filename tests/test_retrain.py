@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from skin import artifacts
 from skin import evaluate as ev
 from skin import retrain as rt
 from skin.config import Runtime, parse_experiment
@@ -34,7 +35,8 @@ SIZE = 32
 
 # Small and fast, from the real search space.
 BEST = {
-    "trial_id": "0007", "score": 0.81, "objective": "val_auc", "epochs": 2,
+    "trial_id": "0007", "score": 0.81, "objective": "val_auc", "direction": "max", "epochs": 2,
+    "best_epoch": 2,
     "hyperparameters": {
         "stem": 2, "blocks": 3, "filters": 16, "kernel_size": 3, "block_type": "plain",
         "batch_norm": True,
@@ -203,7 +205,7 @@ def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
     keras_file = published.local_dir / "model.keras"
     keras.models.load_model(keras_file, safe_mode=True)
     with zipfile.ZipFile(keras_file) as zf:
-        inside = json.loads(zf.read(ev.SERVING_ARCHIVE_ENTRY))
+        inside = json.loads(zf.read(artifacts.SERVING_ARCHIVE_ENTRY))
     beside = json.loads((published.local_dir / "serving.json").read_text())
     assert inside == beside
     assert beside["threshold"] == published.metrics["threshold"]
@@ -515,13 +517,21 @@ def test_code_version_names_the_commit():
 
 
 def test_run_report_is_rendered_from_the_search_result(tmp_path):
-    rt._render_report(RESULT, tmp_path)
+    rt._render_report(_as_written(RESULT), tmp_path)
     assert (tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
     assert "0007" in (tmp_path / "report.html").read_text()
 
 
 # ---------------------------------------------------------------------------
 # Ensemble of the top trials, test-time augmentation
+
+
+def _as_written(doc: dict):
+    """``doc`` completed into the result.json the chief writes, read as every reader reads it."""
+    from skin.artifacts import SearchResult
+
+    return SearchResult.from_json({"outcome": "completed", "reason": "", "tuner": "random",
+                                   "best": None, "counts": {}, "trials_by_status": {}, **doc})
 
 
 def _scored(tid, score, units, status="completed", **extra):
@@ -534,7 +544,7 @@ def _scored(tid, score, units, status="completed", **extra):
     ("min", ["0004", "0007", "0003"]),  # configuration 1 at its best: 0007
 ])
 def test_top_trials_are_distinct_and_in_objective_order(direction, expected):
-    result = {"objective": "val_x", "direction": direction, "trials": [
+    result = {"objective": "val_auc", "direction": direction, "trials": [
         _scored("0001", 0.60, 1),
         _scored("0002", 0.80, 2),
         _scored("0003", 0.70, 3),
@@ -546,10 +556,11 @@ def test_top_trials_are_distinct_and_in_objective_order(direction, expected):
         _scored("0009", None, 9),
         _scored("0010", 0.40, 4, status="cancelled"),
     ]}
+    result = _as_written(result)
     top = rt.top_trials(result, 3)
     assert [t["trial_id"] for t in top] == expected
     assert top[0] == {"trial_id": expected[0], "score": {"max": 0.90, "min": 0.50}[direction],
-                      "objective": "val_x", "epochs": 1,
+                      "objective": "val_auc", "epochs": 1,
                       "hyperparameters": {"units": {"max": 5, "min": 4}[direction]}}
     everything = rt.top_trials(result, 8)
     assert len(everything) == 5  # five distinct configurations completed
@@ -561,8 +572,10 @@ def test_top_trials_are_distinct_and_in_objective_order(direction, expected):
 
 
 def test_top_trials_direction_from_the_objective_and_without_a_result():
-    result = {"objective": "val_loss", "trials": [_scored("1", 0.3, 1), _scored("2", 0.2, 2)]}
-    assert [t["trial_id"] for t in rt.top_trials(result, 2)] == ["2", "1"]
+    result = {"objective": "val_loss", "direction": "min",
+              "trials": [_scored("1", 0.3, 1), _scored("2", 0.2, 2)]}
+    assert [t["trial_id"] for t in rt.top_trials(_as_written(result), 2)] == ["2", "1"]
+    assert [t["trial_id"] for t in rt.top_trials(None, 2, objective="val_loss")] == []
     assert rt.top_trials(None, 3, best={"trial_id": "x"}) == [{"trial_id": "x"}]
     assert rt.top_trials(None, 3) == []
 

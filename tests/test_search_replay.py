@@ -134,7 +134,7 @@ def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
     good = run("tuner0", [0.8, 0.9, 0.95])
     bad = run("tuner1", [0.5, 0.5, 0.5], stop_at=1)
     assert oracle.state == "finished"
-    result = build_result(oracle, exp)
+    result = build_result(oracle, exp).to_json()
     trials = {t["id"]: t for t in result["trials"]}
     assert trials[bad]["status"] == "completed" and trials[bad]["score"] == 0.5
     assert trials[bad]["stopped_at"] == 1 and trials[bad]["epochs"] == 1
@@ -143,6 +143,16 @@ def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
     assert registry.get_sample_value("skin_chief_trials_stopped_early_total") == 1
     assert registry.get_sample_value("skin_chief_trials_ended_total",
                                      {"status": "completed"}) == 2
+
+
+def _as_written(doc: dict):
+    """``doc`` completed into the result.json the chief writes, read as every reader reads it."""
+    from skin.artifacts import SearchResult
+
+    return SearchResult.from_json({
+        "outcome": "completed", "reason": "", "tuner": "random", "best": None, "counts": {},
+        "trials_by_status": {}, **doc,
+        "trials": [{"hyperparameters": {}, **t} for t in doc["trials"]]})
 
 
 def test_the_run_report_shows_stopped_trials_and_the_confirmation(tmp_path):
@@ -156,7 +166,7 @@ def test_the_run_report_shows_stopped_trials_and_the_confirmation(tmp_path):
             {"trial_id": "02", "n": 3, "mean": 0.90, "std": 0.04, "scores": [0.95, 0.88, 0.87]},
             {"trial_id": "00", "n": 3, "mean": 0.92, "std": 0.01, "scores": [0.93, 0.91, 0.92]}],
             "chosen": "00", "text": "trial 00 chosen over trial 02 by 0.0200 ± 0.0238: within noise"}}
-    _, page = render_search_report(result, tmp_path)
+    _, page = render_search_report(_as_written(result), tmp_path)
     text = page.read_text()
     assert "1 stopped early by the median rule" in text
     assert "completed (stopped at epoch 3)" in text
@@ -173,7 +183,7 @@ def test_the_run_report_names_the_validation_fold_of_each_confirmation_score(tmp
         "confirmation": {"folds": [0, 1, 2], "candidates": [
             {"trial_id": "00", "n": 3, "mean": 0.92, "std": 0.01, "scores": [0.93, 0.91, 0.92],
              "folds": [0, 1, 2]}], "chosen": "00", "text": "trial 00: the only candidate"}}
-    _, page = render_search_report(result, tmp_path)
+    _, page = render_search_report(_as_written(result), tmp_path)
     text = page.read_text()
     assert "scores (validation fold)" in text
     assert "0.93 (fold 0), 0.91 (fold 1), 0.92 (fold 2)" in text

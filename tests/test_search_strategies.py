@@ -24,7 +24,7 @@ def test_median_stopping_stops_a_learning_rate_that_cannot_learn_and_never_a_goo
     assert s.wait("chief", timeout=300) == 0, s.log("chief")
     assert s.wait("tuner0") == 0 and s.wait("tuner1") == 0
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     trials = result["trials"]
     bad = [t for t in trials if t["hyperparameters"]["learning_rate"] == 0.0]
@@ -70,7 +70,7 @@ def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(
     assert s.wait("chief", timeout=300) == 0, s.log("chief")
     assert s.wait("tuner0") == 0 and s.wait("tuner1") == 0
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     by_id = {t["id"]: t for t in result["trials"]}
     searched = [t for t in result["trials"] if not t["confirms"]]
@@ -107,7 +107,7 @@ def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(
     assert c["text"].startswith(f"trial {c['chosen']} chosen over trial {best_single['id']} by ")
     assert c["verdict"] in ("within noise", "beyond noise")
 
-    best = load_best(storage, s.exp)  # what the retrain publishes
+    best = load_best(storage, s.exp).to_json()  # what the retrain publishes
     assert best["trial_id"] == c["chosen"] and best["hyperparameters"]["units"] == 2
     assert best["confirmation"]["chosen"] == c["chosen"]
     assert result["best"]["trial_id"] == c["chosen"]

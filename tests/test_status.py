@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from skin import metrics as m
+from skin.artifacts import SearchResult
 from skin.config import parse_experiment
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
 from skin.status import fetch, format_status, main_status
@@ -137,8 +138,8 @@ def test_status_adds_the_best_hyperparameters_from_the_bucket(chief, storage, bu
     main_status(address, out=out, experiment=exp, storage=storage)  # nothing there yet
     assert "learning_rate" not in out.getvalue()
     storage.write_json(exp.tuner_uri + "/best_hyperparameters.json", {
-        "trial_id": "0001", "score": 0.83, "objective": "val_auc", "epochs": 6,
-        "hyperparameters": {"learning_rate": 0.001, "filters": 32}})
+        "trial_id": "0001", "score": 0.83, "objective": "val_auc", "direction": "max",
+        "epochs": 6, "best_epoch": 4, "hyperparameters": {"learning_rate": 0.001, "filters": 32}})
     out = io.StringIO()
     assert main_status(address, out=out, experiment=exp, storage=storage) == EXIT_OK
     assert "filters=32, learning_rate=0.001" in out.getvalue()
@@ -197,22 +198,22 @@ def _three_experiments(storage, bucket: str) -> dict[str, str]:
     from skin.tuning.journal import OracleStore
 
     base = f"gs://{bucket}/experiments"
-    manifest = {"source": "synthetic", "synthetic": True,
+    manifest = {"version": 1, "source": "synthetic", "synthetic": True,
                 "splits": {"train": {"count": 40}, "validation": {"count": 10},
                            "test": {"count": 10}}}
     roots = {name: f"{base}/{name}" for name in ("done", "broken", "running")}
     for root in roots.values():
         storage.write_json(f"{root}/data/manifest.json", manifest)
-    storage.write_json(f"{roots['done']}/tuner/result.json", {
-        "outcome": "completed", "reason": "", "objective": "val_auc", "direction": "max",
-        "best": {"trial_id": "0003", "score": 0.8123}, "counts": {"completed": 5, "failed": 1}})
+    storage.write_json(f"{roots['done']}/tuner/result.json", SearchResult(
+        outcome="completed", reason="", tuner="random", objective="val_auc", direction="max",
+        best={"trial_id": "0003", "score": 0.8123}, counts={"completed": 5, "failed": 1}).to_json())
     storage.write_json(f"{roots['done']}/models/20260101-000000/metrics.json", {
         "evaluated_on": "test", "n": 10, "roc_auc": 0.75, "sensitivity": 0.8,
         "specificity": 0.6, "threshold": 0.4, "intervals_95": {"roc_auc": [0.6, 0.9]}})
     storage.write_text(f"{roots['done']}/models/LATEST", "20260101-000000\n")
-    storage.write_json(f"{roots['broken']}/tuner/result.json", {
-        "outcome": "failed", "reason": "3 consecutive trials failed", "objective": "val_auc",
-        "best": None, "counts": {"failed": 3}})
+    storage.write_json(f"{roots['broken']}/tuner/result.json", SearchResult(
+        outcome="failed", reason="3 consecutive trials failed", tuner="random",
+        objective="val_auc", direction="max", counts={"failed": 3}).to_json())
     store = OracleStore(storage, f"{roots['running']}/tuner/oracle")
     store.write_batch(0, {"version": 1}, {
         "0000": {"trial": {"trial_id": "0000", "status": "COMPLETED", "score": 0.7}, "meta": {}},
@@ -237,9 +238,9 @@ def test_experiment_states_from_the_bucket(storage, bucket):
     assert states["running"]["images"] == {"train": 40, "validation": 10, "test": 10}
     assert experiment_state(storage, f"gs://{bucket}/nothing")["state"] == "empty"
     # A completed search without a published model is being retrained.
-    storage.write_json(f"{roots['running']}/tuner/result.json",
-                       {"outcome": "completed", "best": {"trial_id": "0000", "score": 0.7},
-                        "counts": {"completed": 3}})
+    storage.write_json(f"{roots['running']}/tuner/result.json", SearchResult(
+        outcome="completed", reason="", tuner="random", objective="val_auc", direction="max",
+        best={"trial_id": "0000", "score": 0.7}, counts={"completed": 3}).to_json())
     assert experiment_state(storage, roots["running"])["state"] == "retraining"
     table = format_table(list_experiments(storage, f"gs://{bucket}/experiments"))
     assert re.search(r"done\s+published\s+6\s+0\.8123\s+20260101-000000", table), table

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from skin.artifacts import best_uri
 from skin.config import load_experiment
 from skin.storage import join
 from skin.tuning import load_best, load_result
@@ -173,14 +174,16 @@ def test_chief_and_two_workers_run_a_hyperband_search(search, storage):
     assert s.wait("tuner1") == 0, s.log("tuner1")
     workers_left_after = time.monotonic() - chief_done
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     assert len(result["trials"]) == 6
     assert {t["worker"] for t in result["trials"]} == {"tuner0", "tuner1"}
     assert result["trials_by_status"] == {"completed": [t["id"] for t in result["trials"]]}
 
-    best = load_best(storage, s.exp)
-    assert set(best) >= {"trial_id", "score", "objective", "hyperparameters", "epochs"}
+    best = load_best(storage, s.exp).to_json()
+    assert best == storage.read_json(best_uri(s.exp))  # read back as written, key for key
+    assert set(best) == {"trial_id", "score", "objective", "direction", "hyperparameters",
+                         "epochs", "best_epoch"}
     assert best["objective"] == "val_auc"
     assert set(best["hyperparameters"]) == {"units", "learning_rate"}  # no tuner/ keys
     assert best["score"] == max(t["score"] for t in result["trials"])
@@ -213,7 +216,7 @@ def test_worker_killed_mid_trial_resumes_with_the_same_id(search, storage):
     assert s.wait("chief") == 0, s.log("chief")
     assert s.wait("tuner0") == 0, s.log("tuner0")
 
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     killed = next(t for t in result["trials"] if t["id"] == trial_id)
     assert killed["status"] == "completed" and killed["epochs"] == 4
@@ -237,7 +240,7 @@ def test_worker_killed_for_good_loses_its_trial_to_another(search, storage):
     chief_log = s.log("chief")
     assert re.search(rf"trial {trial_id} reclaimed from tuner0: no report for 6 s", chief_log), \
         chief_log[-3000:]
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     lost = next(t for t in result["trials"] if t["id"] == trial_id)
     assert [a["status"] for a in lost["attempts"]] == ["reclaimed", "completed"]
@@ -255,7 +258,7 @@ def test_an_epoch_longer_than_the_lease_keeps_its_trial(search, storage):
     assert s.wait("tuner0") == 0, s.log("tuner0")
 
     assert "reclaimed" not in s.log("chief"), s.log("chief")[-3000:]
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     assert len(result["trials"]) == 2
     for t in result["trials"]:
@@ -277,7 +280,7 @@ def test_chief_killed_mid_search_resumes_without_rerunning(search, storage):
     assert s.wait("tuner1") == 0, s.log("tuner1")
 
     assert "resuming the search from" in (s.tmp / "logs" / "chief.2.log").read_text()
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     assert len(result["trials"]) == 6
     workers_log = s.log("tuner0") + s.log("tuner1")
@@ -298,7 +301,7 @@ def test_failing_search_space_stops_everyone_with_exit_4(search, storage):
     assert "this search space is broken on purpose" in s.log("chief")
     for worker in ("tuner0", "tuner1"):
         assert "the search failed" in s.log(worker)
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert result["outcome"] == "failed"
     assert "consecutive trials failed" in result["reason"]
     assert result["counts"].get("failed", 0) >= 2
@@ -327,6 +330,6 @@ def test_idle_worker_waits_with_backoff_using_almost_no_cpu(search, storage):
     assert cpu / wall < 0.02, f"idle worker used {cpu:.3f} s of CPU in {wall:.1f} s"
     assert s.wait("chief") == 0, s.log("chief")
     assert s.wait("tuner0") == 0 and s.wait("tuner1") == 0
-    result = load_result(storage, s.exp)
+    result = load_result(storage, s.exp).to_json()
     assert_each_trial_ended_once(s, result)
     assert result["trials"][0]["worker"] != idle

@@ -30,8 +30,8 @@ def _exp(tmp_path, bucket, **search):
 
 
 def _oracle(exp, storage, *, journal=True, slots=16, compact_interval_s=0.5):
+    from skin.artifacts import oracle_uri
     from skin.tuning.oracle import make_oracle
-    from skin.tuning.results import oracle_uri
 
     oracle = make_oracle(exp)
     for name in ("x", "y", "z"):  # what populate_space would find in a hypermodel
@@ -256,7 +256,7 @@ def test_a_space_that_cannot_be_built_fails_the_search_for_everyone(tmp_path, bu
 
     exp = _exp(tmp_path, bucket)
     assert run_chief(exp, _runtime(tmp_path), storage, hypermodel=_SpaceOnly(True).model) == 4
-    result = load_result(storage, exp)
+    result = load_result(storage, exp).to_json()
     assert result["outcome"] == "failed"
     assert "the search space cannot be built: ValueError: no model for you" in result["reason"]
     assert read_outcome(storage, exp)["outcome"] == "failed"
@@ -314,11 +314,13 @@ class _FakeJobs:
 @pytest.mark.parametrize("found, code", [(True, 0), (False, 2)])
 def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restarts(
         tmp_path, bucket, storage, monkeypatch, found, code):
+    from skin.artifacts import SearchResult, result_uri
     from skin.tuning import run_chief
-    from skin.tuning.results import result_uri
 
     exp = _exp(tmp_path, bucket)
-    storage.write_json(result_uri(exp), {"outcome": "completed", "reason": "all trials ended"})
+    storage.write_json(result_uri(exp), SearchResult(  # as a chief that ended wrote it
+        outcome="completed", reason="all trials ended", tuner="random", objective="val_auc",
+        direction="max").to_json())
     api = _FakeJobs(tmp_path, found=found)
     monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig))
     runtime = _runtime(tmp_path, retrain_job="retrain", namespace="skin")
@@ -468,7 +470,7 @@ def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storag
     assert run_worker(exp, worker, storage, hypermodel=TinyHyperModel()) == 0
     chief.join(60)
     assert codes == {"chief": 0}
-    result = load_result(storage, exp)
+    result = load_result(storage, exp).to_json()
     assert result["counts"] == {"completed": 2}
     for t in result["trials"]:
         # The last epoch checkpoint: the first execution done, the second's epochs.

@@ -2,8 +2,8 @@
 
     run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> exit code
     run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> exit code
-    load_best(storage, exp) -> dict      # <root>/tuner/best_hyperparameters.json
-    load_result(storage, exp) -> dict    # <root>/tuner/result.json
+    load_best(storage, exp) -> BestTrial # <root>/tuner/best_hyperparameters.json (skin.artifacts)
+    load_result(storage, exp) -> SearchResult  # <root>/tuner/result.json (skin.artifacts)
 
 Modules: ``oracle`` (keras-tuner's oracles with leases and per-trial state),
 ``journal`` (that state in the bucket), ``chief`` (the gRPC servicer and the

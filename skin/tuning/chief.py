@@ -39,6 +39,7 @@ from pathlib import Path
 
 import grpc
 
+from skin.artifacts import SearchResult, best_uri, lock_uri, oracle_uri, result_uri
 from skin.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -52,19 +53,11 @@ from skin.errors import (
     SkinError,
     exit_code_for,
 )
-from skin.storage import join
 from skin.tuning import auth
 from skin.tuning import protocol as wire
 from skin.tuning.journal import Journal, OracleStore
-from skin.tuning.lock import LOCK_NAME, ChiefLock, Fence, should_wait
-from skin.tuning.results import (
-    best_uri,
-    build_best,
-    build_result,
-    oracle_uri,
-    read_outcome,
-    result_uri,
-)
+from skin.tuning.lock import ChiefLock, Fence, should_wait
+from skin.tuning.results import build_best, build_result, read_outcome
 
 log = logging.getLogger("skin.tuning")
 
@@ -409,7 +402,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
         for server in servers:
             server.stop(grace=0)
 
-    lock = ChiefLock(storage, join(oracle_uri(exp), LOCK_NAME), exp.chief.lock_seconds,
+    lock = ChiefLock(storage, lock_uri(exp), exp.chief.lock_seconds,
                      metrics=metrics, on_lost=lost)
     wire.hook(metrics, "chief_lock", False)
     lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()
@@ -469,10 +462,10 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
         except Exception as e:  # nothing can run: end the search, tell the workers
             reason = f"the search space cannot be built: {type(e).__name__}: {e}"
             log.exception("search failed: %s", reason)
-            fence.write_json(result_uri(exp), {
-                "outcome": "failed", "reason": reason, "tuner": exp.search.tuner,
-                "objective": oracle.objective.name, "direction": oracle.objective.direction,
-                "best": None, "counts": {}, "trials_by_status": {}, "trials": []}, "result")
+            fence.write_json(result_uri(exp), SearchResult(
+                outcome="failed", reason=reason, tuner=exp.search.tuner,
+                objective=oracle.objective.name,
+                direction=oracle.objective.direction).to_json(), "result")
             raise SearchFailedError(reason) from None
         log.info("new search: %s over %d hyperparameters, objective %s (%s)",
                  exp.search.tuner, len(oracle.hyperparameters.space), oracle.objective.name,
@@ -530,12 +523,12 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
             if journal.error is not None:
                 raise RetryableError(f"oracle state cannot be saved: {journal.error}")
         journal.flush()
-        fence.write_json(result_uri(exp), build_result(oracle, exp), "result")
+        fence.write_json(result_uri(exp), build_result(oracle, exp).to_json(), "result")
         best = build_best(oracle, exp)
         if best is not None and oracle.state != FAILED:
-            fence.write_current(best_uri(exp), best, "result")
-            log.info("best trial %s: %s=%.4f; wrote %s", best["trial_id"], best["objective"],
-                     best["score"], best_uri(exp))
+            fence.write_current(best_uri(exp), best.to_json(), "result")
+            log.info("best trial %s: %s=%.4f; wrote %s", best.trial_id, best.objective,
+                     best.score, best_uri(exp))
     finally:
         server.stop(grace=0 if lock.lost.is_set() else 0.5).wait()
     # Fold the journal into one object per trial, if that is quick; the journal alone is a

@@ -48,7 +48,6 @@ from skin.errors import FencedError, LockHeldError, PreconditionFailedError, Ret
 
 log = logging.getLogger("skin.tuning")
 
-LOCK_NAME = "lock.json"
 # Our own view of the lease ends this much earlier than the expiry others read: room for
 # the time a write takes to land and for clocks that disagree a little.
 _SAFETY = 0.8

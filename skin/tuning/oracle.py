@@ -103,8 +103,7 @@ class Assignment:
 
 
 def objective_for(exp) -> keras_tuner.Objective:
-    name = exp.search.objective
-    return keras_tuner.Objective(name, "min" if name.endswith("loss") else "max")
+    return keras_tuner.Objective(exp.search.objective, exp.search.direction)
 
 
 class LeasedOracle:

@@ -1,6 +1,6 @@
 """What a search leaves in the bucket: ``tuner/result.json`` and ``tuner/best_hyperparameters.json``.
 
-``best_hyperparameters.json`` (the retrain reads it)::
+``best_hyperparameters.json`` (the retrain reads it; ``skin.artifacts.BestTrial``)::
 
     {"trial_id", "score", "objective", "direction", "hyperparameters": {name: value},
      "epochs", "best_epoch", "confirmation"?}
@@ -9,7 +9,7 @@
 ``epochs`` is how many epochs the best trial trained in all (Hyperband counts
 the epochs of the trials it continued), ``best_epoch`` the epoch of its score.
 
-``result.json`` (the run report reads it)::
+``result.json`` (the run report reads it; ``skin.artifacts.SearchResult``)::
 
     {"outcome": "completed" | "failed", "reason", "tuner", "objective", "direction",
      "started_at", "finished_at", "best": {"trial_id", "score"} | null,
@@ -46,34 +46,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from skin.storage import join
+from skin.artifacts import BestTrial, SearchResult, TrialSummary, read_best, read_result
 
-RESULT_NAME = "result.json"
-BEST_NAME = "best_hyperparameters.json"
 COMPLETED, FAILED_STATUS, CANCELLED = "completed", "failed", "cancelled"
 ATTEMPT_STATUSES = ("completed", "released", "reclaimed", "failed")
 
 
-def result_uri(exp) -> str:
-    return join(exp.tuner_uri, RESULT_NAME)
+def load_best(storage, exp) -> BestTrial:
+    """The best trial (skin.artifacts.BestTrial); FileNotFoundError until a search completed,
+    DocumentError when the file is not one this version reads."""
+    return read_best(storage, exp)
 
 
-def best_uri(exp) -> str:
-    return join(exp.tuner_uri, BEST_NAME)
-
-
-def oracle_uri(exp) -> str:
-    return join(exp.tuner_uri, "oracle")
-
-
-def load_best(storage, exp) -> dict:
-    """The best trial's hyperparameters; FileNotFoundError until a search completed."""
-    return storage.read_json(best_uri(exp))
-
-
-def load_result(storage, exp) -> dict:
-    """The search summary; FileNotFoundError until a search ended."""
-    return storage.read_json(result_uri(exp))
+def load_result(storage, exp) -> SearchResult:
+    """The search summary (skin.artifacts.SearchResult); FileNotFoundError until a search
+    ended, DocumentError when the file is not one this version reads."""
+    return read_result(storage, exp)
 
 
 def read_outcome(storage, exp) -> dict | None:
@@ -82,7 +70,7 @@ def read_outcome(storage, exp) -> dict | None:
         result = load_result(storage, exp)
     except FileNotFoundError:
         return None
-    return {"outcome": result.get("outcome", COMPLETED), "reason": result.get("reason", "")}
+    return {"outcome": result.outcome, "reason": result.reason}
 
 
 def _public_values(values: dict) -> dict:
@@ -100,7 +88,7 @@ def _status(trial, search_failed: bool) -> str:
     return CANCELLED if search_failed else status or "unknown"
 
 
-def build_result(oracle, exp) -> dict:
+def build_result(oracle, exp) -> SearchResult:
     """result.json from the chief's oracle (takes the oracle's lock)."""
     from skin.tuning.oracle import FAILED
 
@@ -118,42 +106,42 @@ def build_result(oracle, exp) -> dict:
                 if a.get("status"):
                     attempts_by[a["status"]] = attempts_by.get(a["status"], 0) + 1
             duration = sum((a["ended"] or time.time()) - a["started"] for a in attempts)
-            trials.append({
-                "id": tid,
-                "status": status,
-                "score": _plain(trial.score) if trial.score is not None else None,
-                "hyperparameters": _public_values(trial.hyperparameters.values),
-                "worker": attempts[-1]["worker"] if attempts else None,
-                "epochs": int(meta.get("epochs") or 0),
-                "duration": round(duration, 3),
-                "attempts": attempts,
-                "message": (attempts[-1].get("reason") if attempts else None),
-                "continues": trial.hyperparameters.values.get("tuner/trial_id"),
-                "stopped_at": (meta.get("stopped") or {}).get("epoch"),  # search.early_stopping
-                "confirms": trial.hyperparameters.values.get("tuner/confirms"),  # search.confirm
-                "seed": trial.hyperparameters.values.get("tuner/seed"),
-                "fold": trial.hyperparameters.values.get("tuner/fold"),
-            })
+            trials.append(TrialSummary(
+                id=tid,
+                status=status,
+                score=_plain(trial.score) if trial.score is not None else None,
+                hyperparameters=_public_values(trial.hyperparameters.values),
+                worker=attempts[-1]["worker"] if attempts else None,
+                epochs=int(meta.get("epochs") or 0),
+                duration=round(duration, 3),
+                attempts=attempts,
+                message=(attempts[-1].get("reason") if attempts else None),
+                continues=trial.hyperparameters.values.get("tuner/trial_id"),
+                stopped_at=(meta.get("stopped") or {}).get("epoch"),  # search.early_stopping
+                confirms=trial.hyperparameters.values.get("tuner/confirms"),  # search.confirm
+                seed=trial.hyperparameters.values.get("tuner/seed"),
+                fold=trial.hyperparameters.values.get("tuner/fold"),
+            ))
         best = build_best(oracle, exp)
-        return {
-            "outcome": FAILED_STATUS if failed else COMPLETED,
-            "reason": oracle.reason,
-            "tuner": exp.search.tuner,
-            "objective": oracle.objective.name,
-            "direction": oracle.objective.direction,
-            "started_at": oracle.started_at,
-            "finished_at": time.time(),
-            "best": {"trial_id": best["trial_id"], "score": best["score"]} if best else None,
-            "counts": {k: len(v) for k, v in sorted(by_status.items())},
-            "trials_by_status": by_status,
-            "stopped_early": [t["id"] for t in trials if t["stopped_at"]],
-            "confirmation": oracle.confirm.summary(oracle) if oracle.confirm else None,
-            "attempts_by_status": attempts_by,
-            "trials": trials,
-        }
+        return SearchResult(
+            outcome=FAILED_STATUS if failed else COMPLETED,
+            reason=oracle.reason,
+            tuner=exp.search.tuner,
+            objective=oracle.objective.name,
+            direction=oracle.objective.direction,
+            started_at=oracle.started_at,
+            finished_at=time.time(),
+            best={"trial_id": best.trial_id, "score": best.score} if best else None,
+            counts={k: len(v) for k, v in sorted(by_status.items())},
+            trials_by_status=by_status,
+            stopped_early=[t.id for t in trials if t.stopped_at],
+            confirmation=oracle.confirm.summary(oracle) if oracle.confirm else None,
+            attempts_by_status=attempts_by,
+            trials=trials,
+        )
 
 
-def build_best(oracle, exp) -> dict | None:
+def build_best(oracle, exp) -> BestTrial | None:
     """best_hyperparameters.json from the chief's oracle; None if no trial completed."""
     with oracle.lock:
         completed = [t for t in oracle.trials.values() if t.status == "COMPLETED"
@@ -165,16 +153,14 @@ def build_best(oracle, exp) -> dict | None:
         if confirmation is not None:  # the best mean over seeds, not the best single score
             best = oracle.trials[confirmation["chosen"]]
         meta = oracle.meta.get(best.trial_id, {})
-        out = {
-            "trial_id": best.trial_id,
-            "score": _plain(best.score),
-            "objective": oracle.objective.name,
-            "direction": oracle.objective.direction,
-            "hyperparameters": _public_values(best.hyperparameters.values),
-            "epochs": int(meta.get("epochs") or best.hyperparameters.values.get(
+        return BestTrial(
+            trial_id=best.trial_id,
+            score=_plain(best.score),
+            objective=oracle.objective.name,
+            direction=oracle.objective.direction,
+            hyperparameters=_public_values(best.hyperparameters.values),
+            epochs=int(meta.get("epochs") or best.hyperparameters.values.get(
                 "tuner/epochs", exp.search.max_epochs)),
-            "best_epoch": int(best.best_step or 0) + 1,
-        }
-        if confirmation is not None:
-            out["confirmation"] = confirmation
-        return out
+            best_epoch=int(best.best_step or 0) + 1,
+            confirmation=confirmation,
+        )

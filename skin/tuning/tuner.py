@@ -44,6 +44,14 @@ import keras_tuner
 from keras_tuner.src import errors as kt_errors
 from keras_tuner.src.engine import tuner_utils
 
+from skin.artifacts import (
+    BEST_WEIGHTS,
+    BUILD_CONFIG,
+    EPOCH_STATE,
+    EPOCH_WEIGHTS,
+    attempt_of,
+    trial_uri,
+)
 from skin.errors import RetryableError
 from skin.storage import join
 from skin.tuning import checks
@@ -53,8 +61,6 @@ from skin.tuning.client import LeaseLostError
 log = logging.getLogger("skin.tuning")
 
 IDLE_MIN_S, IDLE_MAX_S = 0.25, 2.0
-EPOCH_WEIGHTS, EPOCH_STATE = "epoch.weights.h5", "epoch.json"
-BEST_WEIGHTS, BUILD_CONFIG = "checkpoint.weights.h5", "build_config.json"
 
 
 @contextlib.contextmanager
@@ -243,9 +249,6 @@ class EpochReporter(keras.callbacks.Callback):
                  self.state["epochs"], tuner.tuner_id, shown, seconds)
 
 
-ATTEMPT_PREFIX = "attempt-"
-
-
 class TrialFiles:
     """A trial's files in the bucket (``<root>/trials/<id>/attempt-<n>/``) and in a local
     trial dir."""
@@ -255,7 +258,7 @@ class TrialFiles:
         self.local_dir = Path(local_dir)
 
     def uri(self, trial_id: str, name: str, attempt: int) -> str:
-        return join(self.trials_uri, trial_id, f"{ATTEMPT_PREFIX}{int(attempt)}", name)
+        return trial_uri(self.trials_uri, trial_id, name, attempt)
 
     def local(self, trial_id: str, name: str) -> Path:
         path = self.local_dir / f"trial_{trial_id}" / name
@@ -326,9 +329,8 @@ def attempts_with(storage, trials_uri: str, trial_id: str, name: str) -> list[in
     found = []
     for uri in storage.list(prefix):
         rel = uri[len(prefix):].strip("/").split("/")
-        if len(rel) == 2 and rel[1] == name and rel[0].startswith(ATTEMPT_PREFIX):
-            with contextlib.suppress(ValueError):
-                found.append(int(rel[0][len(ATTEMPT_PREFIX):]))
+        if len(rel) == 2 and rel[1] == name and attempt_of(rel[0]) is not None:
+            found.append(attempt_of(rel[0]))
     return sorted(found, reverse=True)
 
 
@@ -337,7 +339,7 @@ def checkpoint_uri(storage, trials_uri: str, trial_id: str, name: str = BEST_WEI
     found = attempts_with(storage, trials_uri, trial_id, name)
     if not found:
         raise FileNotFoundError(f"{join(trials_uri, trial_id)}: no attempt has {name}")
-    return join(trials_uri, trial_id, f"{ATTEMPT_PREFIX}{found[0]}", name)
+    return trial_uri(trials_uri, trial_id, name, found[0])
 
 
 def load_weights(model, path) -> None:

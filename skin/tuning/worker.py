@@ -16,6 +16,7 @@ import random
 import time
 from pathlib import Path
 
+from skin.artifacts import manifest_uri
 from skin.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -26,7 +27,6 @@ from skin.errors import (
     SkinError,
     exit_code_for,
 )
-from skin.storage import join
 from skin.tuning import protocol as wire
 from skin.tuning.results import read_outcome
 
@@ -43,7 +43,7 @@ def chief_patience(exp) -> float:
 
 def wait_for_data(storage, exp, seconds: float) -> None:
     """Block until the staged manifest exists (bounded); RetryableError when it does not."""
-    manifest = join(exp.data_uri, "manifest.json")
+    manifest = manifest_uri(exp)
     deadline = time.monotonic() + seconds
     delay, said = 1.0, False
     while not storage.exists(manifest):

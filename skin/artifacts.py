@@ -1,0 +1,483 @@
+"""What an experiment keeps in the bucket: every object path under its root, in one place.
+
+The roles share nothing but the bucket (ARCHITECTURE.md, "Bucket layout"); this module
+names what they hand each other there. Every reader and writer builds its paths here::
+
+    <root>/data/manifest.json                      manifest_uri(root)  (written last by stage)
+    <root>/data/<split>-<i>-of-<n>.tfrecord        shards, listed in the manifest
+    <root>/data/stage_report.json                  stage_report_uri(root)
+    <root>/data/quarantine/<label>/<file>          quarantine_uri(root, rel)
+    <root>/tuner/oracle/{header,trials/,journal/}  oracle_uri(root) (skin.tuning.journal)
+    <root>/tuner/oracle/lock.json                  lock_uri(root)
+    <root>/tuner/result.json                       result_uri(root)
+    <root>/tuner/best_hyperparameters.json         best_uri(root)
+    <root>/trials/<id>/attempt-<n>/<file>          attempt_uri(root, id, n, file)
+    <root>/models/<version>/<file>                 model_file_uri(root, version, file)
+    <root>/models/LATEST                           latest_uri(root) (written last by retrain)
+
+``root`` is ``Experiment.root_uri`` or the experiment itself (anything with ``root_uri``).
+The names are the on-bucket contract: change one and every stored experiment breaks.
+No TensorFlow, no config import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from skin.errors import DocumentError
+from skin.storage import join
+
+# <root>/<folder>
+DATA, TUNER, TRIALS, MODELS = "data", "tuner", "trials", "models"
+
+# data/ (stage)
+MANIFEST = "manifest.json"
+STAGE_REPORT = "stage_report.json"
+QUARANTINE = "quarantine"
+
+# tuner/ (chief)
+ORACLE = "oracle"
+LOCK = "lock.json"
+RESULT = "result.json"
+BEST = "best_hyperparameters.json"
+
+# trials/<id>/[attempt-<n>/] (workers)
+ATTEMPT_PREFIX = "attempt-"
+EPOCH_WEIGHTS, EPOCH_STATE = "epoch.weights.h5", "epoch.json"
+BEST_WEIGHTS, BUILD_CONFIG = "checkpoint.weights.h5", "build_config.json"
+
+# models/ (retrain)
+LATEST = "LATEST"
+MODEL = "model.keras"
+SERVING = "serving.json"  # beside model.keras, and inside the .keras archive as:
+SERVING_ARCHIVE_ENTRY = "skin_serving.json"
+METRICS = "metrics.json"
+MODEL_CARD = "model_card.md"
+SAVED_MODEL = "saved_model"
+REPORT_HTML = "report.html"
+SEARCH_PNG = "search.png"
+LEARNING_CURVES_PNG = "learning_curves.png"
+ROC_PNG = "roc.png"
+CONFUSION_PNG = "confusion_matrix.png"
+RELIABILITY_PNG = "reliability.png"
+
+# What marks a folder as an experiment root (skin.experiments).
+MARKERS = (f"{DATA}/{MANIFEST}", f"{TUNER}/{RESULT}", f"{MODELS}/{LATEST}", f"{TUNER}/{ORACLE}/")
+
+
+def _root(root) -> str:
+    return root if isinstance(root, str) else root.root_uri
+
+
+def data_uri(root) -> str:
+    return join(_root(root), DATA)
+
+
+def tuner_uri(root) -> str:
+    return join(_root(root), TUNER)
+
+
+def trials_uri(root) -> str:
+    return join(_root(root), TRIALS)
+
+
+def models_uri(root) -> str:
+    return join(_root(root), MODELS)
+
+
+def manifest_uri(root) -> str:
+    return join(data_uri(root), MANIFEST)
+
+
+def stage_report_uri(root) -> str:
+    return join(data_uri(root), STAGE_REPORT)
+
+
+def quarantine_uri(root, rel: str) -> str:
+    return join(data_uri(root), QUARANTINE, rel)
+
+
+def oracle_uri(root) -> str:
+    return join(tuner_uri(root), ORACLE)
+
+
+def lock_uri(root) -> str:
+    return join(oracle_uri(root), LOCK)
+
+
+def result_uri(root) -> str:
+    return join(tuner_uri(root), RESULT)
+
+
+def best_uri(root) -> str:
+    return join(tuner_uri(root), BEST)
+
+
+def attempt_dir(attempt: int) -> str:
+    return f"{ATTEMPT_PREFIX}{int(attempt)}"
+
+
+def attempt_of(folder: str) -> int | None:
+    """``n`` of an ``attempt-<n>`` folder name; None for any other name."""
+    if folder.startswith(ATTEMPT_PREFIX) and folder[len(ATTEMPT_PREFIX):].isdigit():
+        return int(folder[len(ATTEMPT_PREFIX):])
+    return None
+
+
+def trial_uri(trials: str, trial_id: str, name: str, attempt: int | None = None) -> str:
+    """``<trials>/<id>/[attempt-<n>/]<name>``; ``trials`` is the trials folder (trials_uri)."""
+    if attempt is None:
+        return join(trials, trial_id, name)
+    return join(trials, trial_id, attempt_dir(attempt), name)
+
+
+def model_dir_uri(root, version: str) -> str:
+    return join(models_uri(root), version)
+
+
+def model_file_uri(root, version: str, name: str = MODEL) -> str:
+    return join(models_uri(root), version, name)
+
+
+def latest_uri(root) -> str:
+    return join(models_uri(root), LATEST)
+
+
+# ---------------------------------------------------------------------------
+# The objective and its direction: one rule for every role
+
+# The objectives an experiment may name (search.objective) and what "better" means for each,
+# stated, not guessed from the name (keras-tuner's infer_metric_direction knows these three).
+OBJECTIVE_DIRECTIONS = {"val_auc": "max", "val_accuracy": "max", "val_loss": "min"}
+DIRECTIONS = ("min", "max")
+
+
+def objective_direction(objective: str) -> str:
+    """``"min"`` or ``"max"`` for an objective of OBJECTIVE_DIRECTIONS; ValueError otherwise."""
+    try:
+        return OBJECTIVE_DIRECTIONS[objective]
+    except (KeyError, TypeError):
+        raise ValueError(f"objective {objective!r} has no known direction; expected one of "
+                         f"{', '.join(OBJECTIVE_DIRECTIONS)} or an explicit "
+                         "'min'/'max'") from None
+
+
+def direction_of(doc: dict | None, objective: str) -> str:
+    """The direction a document states (``result.json``, ``best_hyperparameters.json``:
+    ``"direction": "min"|"max"``), else that of ``objective``."""
+    stated = (doc or {}).get("direction")
+    if stated in DIRECTIONS:
+        return stated
+    if stated is not None:
+        raise ValueError(f"direction {stated!r} is not valid; expected 'min' or 'max'")
+    return objective_direction(objective)
+
+
+# ---------------------------------------------------------------------------
+# The documents the roles hand each other: one to_json/from_json each.
+# from_json refuses what this version cannot read (not a mapping, a required key missing or
+# of the wrong type, an unknown direction) with a DocumentError naming the document and the
+# key; keys it does not know are ignored (a newer writer may add some).
+
+_NUMBER = (int, float)
+
+
+def _check(doc: Any, where: str, required: dict[str, tuple],
+           optional: dict[str, tuple] | None = None) -> dict:
+    if not isinstance(doc, dict):
+        raise DocumentError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    for key, types in (*required.items(), *(optional or {}).items()):
+        if key not in doc:
+            if key in required:
+                raise DocumentError(f"{where}: {key!r} is missing")
+            continue
+        value = doc[key]
+        if value is None and type(None) in types:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = "/".join("null" if t is type(None) else t.__name__ for t in types)
+            raise DocumentError(f"{where}: {key!r} is {value!r}; expected {names}")
+    return doc
+
+
+def _direction(doc: dict, where: str) -> str:
+    if doc["direction"] not in DIRECTIONS:
+        raise DocumentError(f"{where}: 'direction' is {doc['direction']!r}; expected 'min' or "
+                            "'max'")
+    return doc["direction"]
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """``tuner/best_hyperparameters.json``: the chief writes it when the search completes,
+    the retrain trains it, ``skin status`` and ``skin run`` show it.
+
+    ``hyperparameters`` leaves out keras-tuner's bookkeeping (``tuner/epochs`` …);
+    ``epochs`` is how many epochs the trial trained in all (Hyperband counts the epochs of
+    the trials it continued), ``best_epoch`` the epoch of its score; ``confirmation`` the
+    search.confirm summary when confirmation picked it (the key is absent otherwise)."""
+
+    trial_id: str
+    score: float
+    objective: str
+    direction: str
+    hyperparameters: dict[str, Any]
+    epochs: int
+    best_epoch: int
+    confirmation: dict | None = None
+
+    _REQUIRED: ClassVar[dict[str, tuple]] = {
+        "trial_id": (str,), "score": _NUMBER, "objective": (str,), "direction": (str,),
+        "hyperparameters": (dict,), "epochs": (int,), "best_epoch": (int,)}
+
+    def to_json(self) -> dict:
+        doc = {"trial_id": self.trial_id, "score": self.score, "objective": self.objective,
+               "direction": self.direction, "hyperparameters": dict(self.hyperparameters),
+               "epochs": self.epochs, "best_epoch": self.best_epoch}
+        if self.confirmation is not None:
+            doc["confirmation"] = self.confirmation
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = BEST) -> BestTrial:
+        _check(doc, where, cls._REQUIRED, {"confirmation": (dict, type(None))})
+        return cls(trial_id=doc["trial_id"], score=doc["score"], objective=doc["objective"],
+                   direction=_direction(doc, where), hyperparameters=dict(doc["hyperparameters"]),
+                   epochs=doc["epochs"], best_epoch=doc["best_epoch"],
+                   confirmation=doc.get("confirmation"))
+
+
+def read_best(storage, root) -> BestTrial:
+    """``tuner/best_hyperparameters.json``; FileNotFoundError until a search completed,
+    DocumentError when it is not one this version can read."""
+    uri = best_uri(root)
+    try:
+        doc = storage.read_json(uri)
+    except ValueError as e:  # not JSON (the message names the URI)
+        raise DocumentError(str(e)) from None
+    return BestTrial.from_json(doc, uri)
+
+
+@dataclass(frozen=True)
+class ServingDocument:
+    """``models/<version>/serving.json`` (also inside ``model.keras`` as
+    ``skin_serving.json``): retrain writes it, ``skin evaluate``/``skin predict`` read it.
+
+    The model takes float32 RGB 0..255 ``[batch, image_size, image_size, 3]`` and returns
+    P(``class_names[1]``); that class when ``p >= threshold``. ``positive_class``, ``input``
+    and ``output`` are written for people and follow from the rest. Only ``threshold`` is
+    required on reading (a model published without the others still loads: the image size
+    then comes from the model's input); ``data_source`` is what it was trained on."""
+
+    threshold: float
+    image_size: int = 0
+    class_names: tuple[str, ...] = ("benign", "malignant")  # label 0, label 1 (skin.data)
+    version: str = ""
+    data_source: dict | None = None
+
+    def to_json(self) -> dict:
+        size, positive = int(self.image_size), self.class_names[1]
+        doc = {
+            "threshold": float(self.threshold),
+            "image_size": size,
+            "class_names": list(self.class_names),
+            "positive_class": positive,
+            "version": self.version,
+            "input": f"float32 RGB pixels 0..255, shape [batch, {size}, {size}, 3]",
+            "output": f"probability of '{positive}'; predict it when >= threshold",
+        }
+        if self.data_source is not None:
+            doc["data_source"] = dict(self.data_source)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = SERVING) -> ServingDocument:
+        _check(doc, where, {"threshold": _NUMBER},
+               {"image_size": (int, type(None)), "class_names": (list, type(None)),
+                "version": (str, type(None)), "data_source": (dict, type(None))})
+        names = doc.get("class_names") or cls.class_names
+        if len(names) != 2 or not all(isinstance(n, str) for n in names):
+            raise DocumentError(f"{where}: 'class_names' is {names!r}; expected two names")
+        return cls(threshold=float(doc["threshold"]), image_size=int(doc.get("image_size") or 0),
+                   class_names=tuple(names), version=str(doc.get("version") or ""),
+                   data_source=doc.get("data_source"))
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """One trial of ``result.json`` (skin.tuning.results documents every key)."""
+
+    id: str
+    status: str  # completed | failed | cancelled (the search failed while it ran) | …
+    score: float | None
+    hyperparameters: dict[str, Any]
+    worker: str | None = None
+    epochs: int = 0
+    duration: float = 0.0
+    attempts: list[dict] = field(default_factory=list)
+    message: str | None = None
+    continues: str | None = None  # the trial whose weights a Hyperband trial started from
+    stopped_at: int | None = None  # search.early_stopping
+    confirms: str | None = None  # search.confirm
+    seed: int | None = None
+    fold: int | None = None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "status": self.status, "score": self.score,
+                "hyperparameters": dict(self.hyperparameters), "worker": self.worker,
+                "epochs": self.epochs, "duration": self.duration, "attempts": list(self.attempts),
+                "message": self.message, "continues": self.continues,
+                "stopped_at": self.stopped_at, "confirms": self.confirms, "seed": self.seed,
+                "fold": self.fold}
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> TrialSummary:
+        _check(doc, where, {"id": (str,), "status": (str,), "score": (*_NUMBER, type(None)),
+                            "hyperparameters": (dict,)},
+               {"worker": (str, type(None)), "epochs": (int, type(None)),
+                "duration": (*_NUMBER, type(None)), "attempts": (list, type(None)),
+                "stopped_at": (int, type(None)), "seed": (int, type(None)),
+                "fold": (int, type(None))})
+        return cls(id=doc["id"], status=doc["status"], score=doc["score"],
+                   hyperparameters=dict(doc["hyperparameters"]), worker=doc.get("worker"),
+                   epochs=doc.get("epochs") or 0, duration=doc.get("duration") or 0.0,
+                   attempts=list(doc.get("attempts") or []), message=doc.get("message"),
+                   continues=doc.get("continues"), stopped_at=doc.get("stopped_at"),
+                   confirms=doc.get("confirms"), seed=doc.get("seed"), fold=doc.get("fold"))
+
+
+SEARCH_OUTCOMES = ("completed", "failed")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """``tuner/result.json``: the chief writes it when the search ends (its presence means it
+    ended); workers, retrain (ensemble members, the run report), ``skin experiments`` and the
+    benchmarks read it. The full shape is documented in skin.tuning.results."""
+
+    outcome: str  # completed | failed
+    reason: str
+    tuner: str
+    objective: str
+    direction: str
+    best: dict | None = None  # {"trial_id", "score"}
+    counts: dict[str, int] = field(default_factory=dict)
+    trials_by_status: dict[str, list[str]] = field(default_factory=dict)
+    trials: list[TrialSummary] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    stopped_early: list[str] = field(default_factory=list)
+    confirmation: dict | None = None
+    attempts_by_status: dict[str, int] = field(default_factory=dict)
+
+    _REQUIRED: ClassVar[dict[str, tuple]] = {
+        "outcome": (str,), "reason": (str,), "tuner": (str,), "objective": (str,),
+        "direction": (str,), "best": (dict, type(None)), "counts": (dict,),
+        "trials_by_status": (dict,), "trials": (list,)}
+    _OPTIONAL: ClassVar[dict[str, tuple]] = {
+        "started_at": (*_NUMBER, type(None)), "finished_at": (*_NUMBER, type(None)),
+        "stopped_early": (list, type(None)), "confirmation": (dict, type(None)),
+        "attempts_by_status": (dict, type(None))}
+
+    def to_json(self) -> dict:
+        return {
+            "outcome": self.outcome, "reason": self.reason, "tuner": self.tuner,
+            "objective": self.objective, "direction": self.direction,
+            "started_at": self.started_at, "finished_at": self.finished_at, "best": self.best,
+            "counts": dict(self.counts), "trials_by_status": dict(self.trials_by_status),
+            "stopped_early": list(self.stopped_early), "confirmation": self.confirmation,
+            "attempts_by_status": dict(self.attempts_by_status),
+            "trials": [t.to_json() for t in self.trials],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = RESULT) -> SearchResult:
+        _check(doc, where, cls._REQUIRED, cls._OPTIONAL)
+        if doc["outcome"] not in SEARCH_OUTCOMES:
+            raise DocumentError(f"{where}: 'outcome' is {doc['outcome']!r}; expected "
+                                "'completed' or 'failed'")
+        if doc["best"] is not None:
+            _check(doc["best"], f"{where}: best", {"trial_id": (str,), "score": _NUMBER})
+        return cls(
+            outcome=doc["outcome"], reason=doc["reason"], tuner=doc["tuner"],
+            objective=doc["objective"], direction=_direction(doc, where), best=doc["best"],
+            counts=dict(doc["counts"]), trials_by_status=dict(doc["trials_by_status"]),
+            trials=[TrialSummary.from_json(t, f"{where}: trials[{i}]")
+                    for i, t in enumerate(doc["trials"])],
+            started_at=doc.get("started_at"), finished_at=doc.get("finished_at"),
+            stopped_early=list(doc.get("stopped_early") or []),
+            confirmation=doc.get("confirmation"),
+            attempts_by_status=dict(doc.get("attempts_by_status") or {}))
+
+
+def read_result(storage, root) -> SearchResult:
+    """``tuner/result.json``; FileNotFoundError until the search ended, DocumentError when it
+    is not one this version can read."""
+    uri = result_uri(root)
+    try:
+        doc = storage.read_json(uri)
+    except ValueError as e:  # not JSON (the message names the URI)
+        raise DocumentError(str(e)) from None
+    return SearchResult.from_json(doc, uri)
+
+
+MANIFEST_VERSION = 1  # keys added since (folds, fold_counts, an image's fold) are optional
+
+
+@dataclass(frozen=True)
+class DataManifest:
+    """``data/manifest.json``, a typed view for readers: stage builds and writes the whole
+    document (written last: its presence means staging finished; every key in
+    ARCHITECTURE.md), ``doc`` keeps it as written, so its digest (``manifest_sha256``,
+    skin.stage.manifest_digest) still checks."""
+
+    doc: dict
+
+    @property
+    def version(self) -> int:
+        return self.doc["version"]
+
+    @property
+    def splits(self) -> dict[str, dict]:
+        """``{split: {"count", "benign", "malignant", "shards"}}``."""
+        return self.doc["splits"]
+
+    @property
+    def folds(self) -> int:
+        """Validation folds of the training part; 1 for data staged before folds."""
+        return max(1, int(self.doc.get("folds") or 1))
+
+    @property
+    def synthetic(self) -> bool | None:
+        return self.doc.get("synthetic")
+
+    def count(self, split: str) -> int:
+        return int((self.splits.get(split) or {}).get("count") or 0)
+
+    def to_json(self) -> dict:
+        return self.doc
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = MANIFEST) -> DataManifest:
+        _check(doc, where, {"version": (int,), "splits": (dict,)},
+               {"files": (dict,), "images": (list,), "folds": (int,), "fold_counts": (list,),
+                "synthetic": (bool, type(None)), "manifest_sha256": (str,),
+                "image_size": (int, type(None))})
+        if doc["version"] != MANIFEST_VERSION:
+            raise DocumentError(f"{where}: not a version {MANIFEST_VERSION} staging manifest "
+                                f"(version {doc['version']!r})")
+        for name, split in doc["splits"].items():
+            _check(split, f"{where}: splits.{name}", {"count": (int,)}, {"shards": (list,)})
+        return cls(doc)
+
+
+def read_manifest(storage, data: str) -> DataManifest:
+    """``<data>/manifest.json`` (``data`` is the data folder, ``Experiment.data_uri``);
+    FileNotFoundError before staging finished, DocumentError for another shape."""
+    uri = join(data, MANIFEST)
+    try:
+        doc = storage.read_json(uri)
+    except ValueError as e:  # not JSON (the message names the URI)
+        raise DocumentError(str(e)) from None
+    return DataManifest.from_json(doc, uri)

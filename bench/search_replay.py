@@ -362,9 +362,11 @@ def main(argv=None) -> int:
     report = replay(doc, repeats=args.repeats, max_trials=args.max_trials or None,
                     factor=args.factor, start_epoch=args.start_epoch or None,
                     min_trials=args.min_trials, top=args.top, seeds=args.seeds)
+    # a recording still under way (or interrupted) has no "finished" time: say so
+    kind = doc.get("kind") if doc.get("finished") else f"UNFINISHED {doc.get('kind')}"
     report["curves"] = {"file": str(curves), "kind": doc.get("kind"),
-                        "image_size": doc.get("image_size")}
-    print(f"curves: {curves} ({doc.get('kind')} recording: {report['configs']} configurations, "
+                        "finished": doc.get("finished"), "image_size": doc.get("image_size")}
+    print(f"curves: {curves} ({kind} recording: {report['configs']} configurations, "
           f"{report['max_epochs']} epochs, seed-to-seed sigma {report['sigma']:.4f}); "
           f"{args.repeats} replays per strategy; settings {report['settings']}")
     print(table(report))

@@ -377,14 +377,20 @@ def test_neighbours_link_only_when_they_look_alike():
     assert len(set(group[:10])) == 10
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_split_groups_keeps_groups_whole_and_classes_stratified(seed):
+def random_groups(seed: int, n: int = 300) -> list[list[int]]:
+    """[benign, malignant] counts of n seeded random groups (sizes 1-7, 45 % malignant)."""
     rng = np.random.default_rng(seed)
     groups = []
-    for _ in range(300):
+    for _ in range(n):
         size = int(rng.choice([1, 1, 1, 1, 2, 3, 7]))
         label = int(rng.random() < 0.45)
         groups.append([size, 0] if label == 0 else [0, size])
+    return groups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_groups_keeps_groups_whole_and_classes_stratified(seed):
+    groups = random_groups(seed)
     fractions = {"train": 0.6, "validation": 0.25, "test": 0.15}
     chosen = split_groups(groups, fractions, seed)
     assert len(chosen) == len(groups) and set(chosen) == set(fractions)
@@ -469,12 +475,7 @@ def test_split_groups_is_the_split_of_before_folds(seed):
     # sha256 of the split of these groups as the stage computed it before folds existed
     # (STAGE_ALGORITHM 1): folds must not move an image between train/validation/test
     before = {0: "189ae27ee77330ac", 1: "068e8ca03eedc279", 2: "3f0dd98e5a81f478"}
-    rng = np.random.default_rng(seed)
-    groups = []
-    for _ in range(300):
-        size = int(rng.choice([1, 1, 1, 1, 2, 3, 7]))
-        label = int(rng.random() < 0.45)
-        groups.append([size, 0] if label == 0 else [0, size])
+    groups = random_groups(seed)
     chosen = split_groups(groups, {"train": 0.6, "validation": 0.25, "test": 0.15}, seed)
     assert hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16] == before[seed]
 

@@ -159,3 +159,43 @@ def test_sigterm_inside_a_deferred_section_waits_for_the_safe_point():
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_RELEASED, out
     assert out.index("asked; finishing the batch") < out.index("left")
+
+
+def test_the_workers_span_sets_where_an_attempt_began_when_epoch_reports_were_lost(tmp_path,
+                                                                                   bucket,
+                                                                                   storage):
+    from skin.tuning.results import build_result
+
+    # Epoch reports 0 and 1 never reached the chief (it was restarting); the first that did is
+    # epoch 2. The worker's ending says it trained epochs 0-4 in this attempt: that counts.
+    exp = _exp(tmp_path, bucket, max_trials=1, max_epochs=4)
+    oracle, _ = _oracle(exp, storage)
+    held = oracle.assign("tuner0")
+    tid = held.trial.trial_id
+    oracle.report(tid, "tuner0", held.attempt, {"val_auc": 0.7}, 2, progress_only=True)
+    oracle.end(_completed(held.trial, 0.8), "tuner0", held.attempt, epochs=(0, 4))
+    (t,) = build_result(oracle, exp).to_json()["trials"]
+    assert [(a["status"], a.get("first_epoch"), a["epochs"]) for a in t["attempts"]] == \
+        [("completed", 0, 4)]
+
+
+def test_a_replacement_process_of_the_same_attempt_keeps_where_the_attempt_began(tmp_path,
+                                                                                 bucket,
+                                                                                 storage):
+    from skin.tuning.tuner import EPOCH_STATE, TrialFiles
+
+    # Attempt 1 began at epoch 0 and saved epoch 3; its process died before the chief heard of
+    # it, and a replacement with the same id got attempt 1 back. Attempt 2 (another worker)
+    # takes the trial up at epoch 3.
+    files = TrialFiles(storage, f"gs://{bucket}/exp/tuner/trials", tmp_path)
+    fresh, _ = files.resume_state("7", 1, "h", 0, 4, "tuner0")
+    assert (fresh["epoch"], fresh["attempt_first"]) == (0, 0)
+    saved = dict(fresh, epoch=3, history=[{"epoch": e} for e in range(3)])
+    storage.write_json(files.uri("7", EPOCH_STATE, 1), saved)
+
+    same, source = files.resume_state("7", 1, "h", 0, 4, "tuner0")
+    assert (same["epoch"], same["attempt_first"], source) == (3, 0, 1)
+    later, adopted = files.resume_state("7", 2, "h", 0, 4, "tuner1")
+    assert (later["epoch"], later["attempt_first"], later["attempt"], adopted) == (3, 3, 2, 1)
+    other, _ = files.resume_state("7", 1, "another configuration", 0, 4, "tuner0")
+    assert (other["epoch"], other["attempt_first"], other["history"]) == (0, 0, [])

@@ -403,7 +403,7 @@ class LeasedOracle:
         first, last = (int(e) for e in epochs)
         meta = self.meta[trial_id]
         attempt = meta["attempts"][-1]
-        if attempt.get("first_epoch") is None and last > first:
+        if last > first:  # the worker's count wins over the first epoch report that arrived
             attempt["first_epoch"] = first
         if last >= attempt.get("epochs", 0):
             meta["epochs"] = attempt["epochs"] = last

@@ -295,6 +295,32 @@ class TrialFiles:
                 continue
         return None, attempt
 
+    def resume_state(self, trial_id: str, attempt: int, digest: str, first: int, last: int,
+                     worker: str) -> tuple[dict, int]:
+        """The epoch state ``attempt`` trains on, and the attempt whose files it names: its own
+        (a replacement process of the same attempt), an earlier attempt's (its checkpoint is
+        adopted), or a fresh state at ``first``.
+
+        ``attempt_first`` is the epoch the attempt took the trial up at. A replacement process
+        keeps it: the attempt's span runs from there, whatever epoch reports the chief lost."""
+        state, source = self.load_epoch_state(trial_id, attempt)
+        if state is not None and (state.get("hash") != digest or state.get("epochs") != last):
+            log.warning("trial %s: ignoring an epoch checkpoint of another configuration",
+                        trial_id)
+            state = None
+        if state is None:
+            state, source = {"trial_id": trial_id, "hash": digest, "epochs": last,
+                             "execution": 0, "worker": worker, "epoch": first,
+                             "attempt_first": first, "history": [], "done": [],
+                             "best_value": None}, attempt
+        elif source != attempt:
+            self.adopt(trial_id, source, attempt)
+            state["attempt_first"] = int(state["epoch"])
+        else:
+            state.setdefault("attempt_first", int(state["epoch"]))
+        state["attempt"] = attempt
+        return state, source
+
     def adopt(self, trial_id: str, source: int, attempt: int) -> None:
         """Copy the best-epoch checkpoint of attempt ``source`` into ``attempt``: the new
         attempt's folder is whole, whatever the old holder writes into its own later."""
@@ -559,22 +585,11 @@ class WorkerTuner(keras_tuner.Tuner):
         trial_id = trial.trial_id
         first, last = self._epochs(trial)
         past_id = hp.values.get("tuner/trial_id")
-        digest = values_hash(hp.values)
-        state, source = self.files.load_epoch_state(trial_id, self.attempt)
-        if state is not None and (state.get("hash") != digest or
-                                  state.get("epochs") != last):
-            log.warning("trial %s: ignoring an epoch checkpoint of another configuration",
-                        trial_id)
-            state = None
-        if state is None:
-            state = {"trial_id": trial_id, "hash": digest, "epochs": last, "execution": 0,
-                     "worker": self.tuner_id,
-                     "epoch": first, "history": [], "done": [], "best_value": None}
-        elif source != self.attempt:
-            self.files.adopt(trial_id, source, self.attempt)
-        state["attempt"] = self.attempt
+        state, source = self.files.resume_state(trial_id, self.attempt,
+                                                values_hash(hp.values), first, last,
+                                                self.tuner_id)
         self.running = (trial_id, state)
-        self.resumed_at = int(state["epoch"])  # the epoch this process starts the trial at
+        self.resumed_at = int(state["attempt_first"])  # where this attempt took the trial up
         self.batch_boundary()  # SIGTERM before the first batch: release at once
         user_callbacks = kwargs.pop("callbacks", [])
         objective = self.oracle.objective

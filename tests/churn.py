@@ -83,14 +83,14 @@ def drive(s: Search, workers: list[str], *, worker_kills: int, chief_kills: int,
           timeout_s: float = 600.0) -> Churn:
     """SIGTERM ``worker_kills`` times a random worker that is mid-trial (after a random part
     of an epoch), and the chief ``chief_kills`` times spread among them; restart each at
-    once. Returns when the kills are done or the search ended (the chief exited 0)."""
+    once. Returns when the kills are done or the search ended (the chief exited, with any code)."""
     rng = random.Random(seed)
     churn = Churn()
     chief_after = {round((i + 1) * worker_kills / (chief_kills + 1)) for i in range(chief_kills)}
     deadline = time.monotonic() + timeout_s
     while len(churn.kills) < worker_kills and time.monotonic() < deadline:
-        if s.procs["chief"].poll() == 0:
-            break  # the search ended before every fault was made
+        if s.procs["chief"].poll() is not None:
+            break  # the search ended (or failed) before every fault was made
         ready = [(w, t) for w in workers if s.procs[w].poll() is None
                  and (t := training(s, w)) is not None]
         if not ready:

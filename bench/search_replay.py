@@ -177,10 +177,22 @@ class Replay:
                 "epochs": self.epochs, "trials": len(o.trials), "stopped": stopped}
 
 
+def agreement(picks: list[str], size: int = 3) -> float:
+    """The share of consecutive groups of ``size`` picks in which at least two agree."""
+    groups = [picks[i:i + size] for i in range(0, len(picks) - size + 1, size)]
+    if not groups:
+        return 0.0
+    return sum(1 for g in groups if max(g.count(p) for p in g) >= 2) / len(groups)
+
+
 def replay(doc: dict, strategies=STRATEGIES, repeats: int = 100, seed0: int = 1,
            max_trials: int | None = None, factor: int = 3, start_epoch: int | None = None,
-           min_trials: int = 3, top: int = 3, seeds: int = 2) -> dict:
-    """{strategy: {"epochs", "regret", ...}} over ``repeats`` replays of each strategy."""
+           min_trials: int = 3, top: int = 3, seeds: int = 2, triples: int = 0) -> dict:
+    """{strategy: {"epochs", "regret", ...}} over ``repeats`` replays of each strategy.
+
+    ``triples``: as many groups of three searches with ONE oracle seed and three noise draws,
+    as ``make bench-quality`` repeated three times would run (its search is seeded): the
+    share of groups where at least two of the three publish the same configuration."""
     logging.getLogger("skin.tuning").setLevel(logging.WARNING)
     truth = true_means(doc)
     better = max if doc.get("direction", "max") == "max" else min
@@ -201,6 +213,14 @@ def replay(doc: dict, strategies=STRATEGIES, repeats: int = 100, seed0: int = 1,
             res["regret"] = abs(best_true - truth[res["picked"]])
             runs.append(res)
         regrets = [x["regret"] for x in runs]
+        picks = []
+        for g in range(triples):
+            exp = experiment(strategy, doc, seed0 + 10_000 + g, max_trials=max_trials,
+                             factor=factor, start_epoch=start_epoch, min_trials=min_trials,
+                             top=top, seeds=seeds)
+            for k in range(3):
+                rng = random.Random(1000 * (seed0 + 10_000 + g) + 7 + k)
+                picks.append(Replay(doc, exp, rng, sigma).run()["picked"])
         out[strategy] = {
             "repeats": repeats,
             "epochs_mean": statistics.fmean(x["epochs"] for x in runs),
@@ -210,6 +230,8 @@ def replay(doc: dict, strategies=STRATEGIES, repeats: int = 100, seed0: int = 1,
             "regret_se": statistics.stdev(regrets) / math.sqrt(len(regrets)) if len(regrets) > 1
             else 0.0,
             "regret_zero_share": sum(1 for x in regrets if x == 0) / len(regrets),
+            "triples": triples,
+            "same_pick_2_of_3": agreement(picks) if picks else None,
             "seconds": round(time.perf_counter() - t0, 2),
         }
     return {"configs": n, "max_epochs": doc["max_epochs"], "sigma": sigma,
@@ -220,15 +242,19 @@ def replay(doc: dict, strategies=STRATEGIES, repeats: int = 100, seed0: int = 1,
             "strategies": out}
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def table(report: dict) -> str:
     rows = ["| strategy | epochs (mean) | vs random | trials | stopped early | regret (mean ± se) "
-            "| regret 0 |", "|---|---|---|---|---|---|---|"]
+            "| regret 0 | same pick in >= 2 of 3 |", "|---|---|---|---|---|---|---|---|"]
     base = report["strategies"].get("random", {}).get("epochs_mean")
     for name, s in report["strategies"].items():
         ratio = f"{s['epochs_mean'] / base:.2f}x" if base else "-"
         rows.append(f"| {name} | {s['epochs_mean']:.1f} | {ratio} | {s['trials_mean']:.1f} | "
                     f"{s['stopped_mean']:.1f} | {s['regret_mean']:.4f} ± {s['regret_se']:.4f} | "
-                    f"{s['regret_zero_share']:.0%} |")
+                    f"{s['regret_zero_share']:.0%} | {_share(s.get('same_pick_2_of_3'))} |")
     return "\n".join(rows)
 
 
@@ -351,6 +377,8 @@ def main(argv=None) -> int:
     rep.add_argument("--min-trials", type=int, default=3)
     rep.add_argument("--top", type=int, default=3)
     rep.add_argument("--seeds", type=int, default=2)
+    rep.add_argument("--triples", type=int, default=50,
+                     help="groups of 3 searches with one oracle seed (pick agreement)")
     rep.add_argument("--json", default="", help="also write the report here")
     args = ap.parse_args(argv)
     if args.mode == "record":
@@ -361,14 +389,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     report = replay(doc, repeats=args.repeats, max_trials=args.max_trials or None,
                     factor=args.factor, start_epoch=args.start_epoch or None,
-                    min_trials=args.min_trials, top=args.top, seeds=args.seeds)
+                    min_trials=args.min_trials, top=args.top, seeds=args.seeds,
+                    triples=args.triples)
     # a recording still under way (or interrupted) has no "finished" time: say so
     kind = doc.get("kind") if doc.get("finished") else f"UNFINISHED {doc.get('kind')}"
     report["curves"] = {"file": str(curves), "kind": doc.get("kind"),
                         "finished": doc.get("finished"), "image_size": doc.get("image_size")}
     print(f"curves: {curves} ({kind} recording: {report['configs']} configurations, "
           f"{report['max_epochs']} epochs, seed-to-seed sigma {report['sigma']:.4f}); "
-          f"{args.repeats} replays per strategy; settings {report['settings']}")
+          f"{args.repeats} replays per strategy, {args.triples} triples with one seed; "
+          f"settings {report['settings']}")
     print(table(report))
     print(f"replay took {time.perf_counter() - t0:.1f} s")
     if args.json:

@@ -79,6 +79,23 @@ def test_the_replay_confirms_with_the_products_confirmation():
     assert conf["epochs_mean"] == pytest.approx(hb["epochs_mean"] + 4 * 9)
 
 
+def test_pick_agreement_counts_groups_of_three_with_two_alike():
+    assert search_replay.agreement(["a", "b", "a", "c", "d", "e"]) == 0.5
+    assert search_replay.agreement(["a", "a", "a"]) == 1.0
+    assert search_replay.agreement(["a", "b"]) == 0.0  # no whole group
+
+
+def test_one_oracle_seed_and_little_noise_publish_the_same_configuration():
+    # 3 of 12 configurations tried, no noise: one seed samples the same 3, so the same pick;
+    # a triple drawing other configurations would disagree now and then.
+    doc = _doc(good=12, bad=0, epochs=4)
+    quiet = dict(doc, configs=[dict(c, seeds={1: c["seeds"][1]}) for c in doc["configs"]])
+    report = search_replay.replay(quiet, strategies=("random",), repeats=2, max_trials=3,
+                                  triples=4)
+    assert report["strategies"]["random"]["same_pick_2_of_3"] == 1.0
+    assert "| 100% |" in search_replay.table(report)
+
+
 def test_the_recorded_smoke_curves_replay():
     path = search_replay.SMOKE_CURVES
     doc = search_replay.load_curves(path)

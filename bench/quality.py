@@ -136,8 +136,8 @@ def _hp(values: dict):
 
 def score_model(model, data_dir: Path, size: int, target: float) -> dict:
     """Threshold on validation, figures on test (the retrain's own functions)."""
-    from skin.evaluate import choose_threshold, classification_metrics
     from skin.retrain import split_predictions
+    from skin.scoring import choose_threshold, classification_metrics
 
     vy, vp = split_predictions(model, data_dir, "validation", size)
     ty, tp = split_predictions(model, data_dir, "test", size)

@@ -35,9 +35,9 @@ def main(argv=None) -> int:
 
     from skin.config import load_experiment
     from skin.emulator import Emulator
-    from skin.evaluate import choose_threshold, classification_metrics
     from skin.model import SkinHyperModel, hyperparameters_from_values, inference_model
     from skin.retrain import split_predictions, top_trials
+    from skin.scoring import choose_threshold, classification_metrics
     from skin.storage import Storage, join
     from skin.tuning.tuner import checkpoint_uri
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                               "test_auc": test["roc_auc"], "test_acc": test["accuracy"],
                               "test_sens": test["sensitivity"]}), flush=True)
     # The run's published model (its 60-epoch retrain), as published and with the 8-view TTA.
-    from skin.evaluate import load_published
+    from skin.serving import load_published
 
     published, _ = load_published(out / "model")
     for tta in (False, True):

@@ -58,7 +58,7 @@ the image (``retrain.tta``: identity, flips, rotations by 90 degrees; a lesion h
 no orientation). The views and their mean are two small registered layers,
 ``skin>DihedralViews`` and ``skin>ViewMean``: loading such a model with
 ``keras.models.load_model(path, safe_mode=True)`` needs ``import skin.model`` first
-(``skin.evaluate`` does it).
+(``skin.serving`` does it).
 """
 
 from __future__ import annotations

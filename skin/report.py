@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt
 from matplotlib import transforms
 
 from skin.artifacts import REPORT_HTML, SEARCH_PNG, SearchResult
+from skin.formatting import fmt
 from skin.metrics import TRIAL_END_STATUSES
 
 TOP_TRIALS = 5
@@ -77,12 +78,6 @@ def counts_of(result: SearchResult, trials: list[TrialRow]) -> dict[str, int]:
 def top_trials(trials: list[TrialRow], direction: str, n: int = TOP_TRIALS) -> list[TrialRow]:
     scored = [t for t in trials if t.score is not None and t.status == "completed"]
     return sorted(scored, key=lambda t: t.score, reverse=direction == "max")[:n]
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _draw(trials: list[TrialRow], objective: str, direction: str, top: list[TrialRow]) -> bytes:
@@ -140,9 +135,9 @@ def _draw(trials: list[TrialRow], objective: str, direction: str, top: list[Tria
     tab = fig.add_subplot(grid[1])
     tab.axis("off")
     if top:
-        cells = [[_fmt(t.score) for t in top], [_fmt(t.epochs if t.epochs is not None else "-")
-                                                 for t in top]]
-        cells += [[_fmt(t.hyperparameters.get(n, "-")) for t in top] for n in names]
+        cells = [[fmt(t.score, 4, style="g") for t in top],
+                 [str(t.epochs if t.epochs is not None else "-") for t in top]]
+        cells += [[fmt(t.hyperparameters.get(n, "-"), 4, style="g") for t in top] for n in names]
         table = tab.table(cellText=cells, rowLabels=[objective, "epochs"] + names,
                           colLabels=[f"trial {t.trial_id}" for t in top], loc="upper center",
                           cellLoc="center")
@@ -166,7 +161,7 @@ def _html_table(header: list[str], rows: list[list[Any]], classes: list[str] | N
                 left: int = 1) -> str:
     def cell(tag: str, i: int, v) -> str:
         cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{html.escape(_fmt(v))}</{tag}>"
+        return f"<{tag}{cls}>{html.escape(fmt(v, 4, style='g'))}</{tag}>"
 
     out = ["<table>", "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
     for j, row in enumerate(rows):
@@ -257,7 +252,7 @@ def _confirmation_section(confirmation, objective: str) -> list[str]:
     on_folds = any(any(c.get("folds") or []) for c in candidates)
 
     def scores(c: dict) -> str:
-        values = [_fmt(float(v)) for v in c.get("scores") or []]
+        values = [fmt(float(v), 4, style="g") for v in c.get("scores") or []]
         if on_folds and len(c.get("folds") or []) == len(values):
             values = [f"{v} (fold {f})" for v, f in zip(values, c["folds"])]
         return ", ".join(values)

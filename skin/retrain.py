@@ -73,18 +73,9 @@ from skin.errors import (
     PublishRaceLostError,
     SearchFailedError,
 )
-from skin.evaluate import (
-    CLASS_NAMES,
-    choose_threshold,
-    classification_metrics,
-    embed_serving,
-    figure_rows,
-    interval_text,
-    malignant_probability,
-    roc_auc,
-    roc_curve,
-    serving_document,
-)
+from skin.formatting import figure_rows, interval_text
+from skin.scoring import CLASS_NAMES, choose_threshold, classification_metrics, roc_auc, roc_curve
+from skin.serving import embed_serving, malignant_probability, serving_document
 from skin.storage import join
 
 log = logging.getLogger(__name__)

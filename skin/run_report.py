@@ -2,7 +2,7 @@
 
 From the version's ``metrics.json`` and the plots the retrain drew beside it: the
 evaluated split's figures with their 95 % intervals (the rows of
-:func:`skin.evaluate.figure_rows`, the formatter ``skin evaluate`` and the model card use),
+:func:`skin.formatting.figure_rows`, the formatter ``skin evaluate`` and the model card use),
 PPV and NPV at the reference prevalence, data provenance, the ROC (validation and test
 drawn apart), the confusion matrix with rates, the reliability diagram with the
 calibration table, and the operating points. Every image is embedded, so the page
@@ -16,7 +16,7 @@ import html
 from pathlib import Path
 
 from skin import artifacts
-from skin.evaluate import figure_rows, interval_text
+from skin.formatting import figure_rows, fmt, interval_text
 
 PLOTS = (  # (file, alt text)
     (artifacts.ROC_PNG, "ROC curves of validation (solid blue, circles) and test (dashed red, squares)"),
@@ -29,10 +29,6 @@ PLOTS = (  # (file, alt text)
 
 def _e(value) -> str:
     return html.escape(str(value))
-
-
-def _num(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
@@ -97,12 +93,12 @@ def _operating_points(metrics: dict) -> str:
         t = r["test"]
         published = abs(r["target_sensitivity"] - metrics.get("target_sensitivity", -1)) < 1e-9
         row = [f"{r['target_sensitivity']:.2f}" + (" <b>(published)</b>" if published else ""),
-               f"{r['threshold']:.4f}", _num(r["validation"]["sensitivity"]),
-               _num(r["validation"]["specificity"]),
-               f"{_num(t['sensitivity'])} ({_e(interval_text(t, 'sensitivity', ' – '))})",
-               f"{_num(t['specificity'])} ({_e(interval_text(t, 'specificity', ' – '))})"]
+               f"{r['threshold']:.4f}", fmt(r["validation"]["sensitivity"]),
+               fmt(r["validation"]["specificity"]),
+               f"{fmt(t['sensitivity'])} ({_e(interval_text(t, 'sensitivity', ' – '))})",
+               f"{fmt(t['specificity'])} ({_e(interval_text(t, 'specificity', ' – '))})"]
         if prevalence:
-            row += [_num(t.get("ppv")), _num(t.get("npv"))]
+            row += [fmt(t.get("ppv")), fmt(t.get("npv"))]
         rows.append(row)
     return _table(header, rows)
 
@@ -141,22 +137,22 @@ def model_sections(metrics: dict, folder: Path) -> list[str]:
         out.append(
             f"<p>At a prevalence of <b>{100 * pv['prevalence']:.1f} %</b> malignant "
             f"({_e(ref.get('source', 'retrain.reference_prevalence'))}): PPV "
-            f"<b>{_num(pv['ppv'])}</b> ({_e(interval_text(pv, 'ppv', ' – '))}), NPV "
-            f"<b>{_num(pv['npv'])}</b> ({_e(interval_text(pv, 'npv', ' – '))}). The {_e(split)} "
+            f"<b>{fmt(pv['ppv'])}</b> ({_e(interval_text(pv, 'ppv', ' – '))}), NPV "
+            f"<b>{fmt(pv['npv'])}</b> ({_e(interval_text(pv, 'npv', ' – '))}). The {_e(split)} "
             f"set itself is {100 * metrics['n_malignant'] / max(1, metrics['n']):.0f} % "
             "malignant, so its precision overstates the PPV in a clinic.</p>")
     out += [
         "<h2>ROC</h2>", _image(folder, *PLOTS[0]),
         "<h2>Confusion matrix</h2>",
         _table(["", "predicted benign", "predicted malignant"], [
-            ["benign", f"{tn} ({_num(tn / max(1, tn + fp))} specificity)",
-             f"{fp} ({_num(fp / max(1, tn + fp))} false-positive rate)"],
-            ["malignant", f"{fn} ({_num(fn / max(1, fn + tp))} missed)",
-             f"{tp} ({_num(tp / max(1, fn + tp))} sensitivity)"]]),
+            ["benign", f"{tn} ({fmt(tn / max(1, tn + fp))} specificity)",
+             f"{fp} ({fmt(fp / max(1, tn + fp))} false-positive rate)"],
+            ["malignant", f"{fn} ({fmt(fn / max(1, fn + tp))} missed)",
+             f"{tp} ({fmt(tp / max(1, fn + tp))} sensitivity)"]]),
         _image(folder, *PLOTS[1]),
         "<h2>Calibration</h2>",
-        f"<p>Brier score {_num(metrics.get('brier'))}, expected calibration error "
-        f"{_num(metrics.get('ece'))} over {cal.get('bins', '?')} equal-width bins "
+        f"<p>Brier score {fmt(metrics.get('brier'))}, expected calibration error "
+        f"{fmt(metrics.get('ece'))} over {cal.get('bins', '?')} equal-width bins "
         f"({_e(split)}).</p>",
         _image(folder, *PLOTS[2]),
         _calibration(metrics),

@@ -179,7 +179,7 @@ def test_a_random_backbone_still_tells_images_apart_in_inference_mode():
     model.fit(x, y, epochs=6, batch_size=8, verbose=0)  # 48 steps
     order = rng.permutation(64)
     p = model.predict(x[order], verbose=0)[:, 0]
-    from skin.evaluate import roc_auc
+    from skin.scoring import roc_auc
 
     # With 0.9 they are told apart; with 0.999 (MobileNetV2's own) or 0.99 every image got
     # the same score here (standard deviation 6e-8 and 3e-8).

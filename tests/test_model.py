@@ -339,9 +339,9 @@ def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
     export_saved_model(loaded, tmp_path / "saved_model", SIZE)
     exported = tf.saved_model.load(str(tmp_path / "saved_model"))
     np.testing.assert_allclose(np.asarray(exported.serve(x)), expected, rtol=1e-5, atol=1e-5)
-    # A fresh process that only knows skin.evaluate loads it (the layers register themselves).
+    # A fresh process that only knows skin.serving loads it (the layers register themselves).
     np.save(tmp_path / "x.npy", x)
-    code = ("import sys, numpy as np; from skin.evaluate import load_published\n"
+    code = ("import sys, numpy as np; from skin.serving import load_published\n"
             "m, _ = load_published(sys.argv[1]); x = np.load(sys.argv[2])\n"
             "np.save(sys.argv[3], m.predict_on_batch(x))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin import artifacts
+from skin import artifacts, scoring, serving
 from skin import evaluate as ev
 from skin import retrain as rt
 from skin.config import Runtime, parse_experiment
@@ -186,13 +186,13 @@ def test_metrics_json(run):
 @pytest.mark.slow
 def test_threshold_comes_from_validation_and_test_metrics_from_the_saved_model(run):
     exp, runtime, _, published = run
-    model, info = ev.load_published(published.local_dir)
+    model, info = serving.load_published(published.local_dir)
     data_dir = runtime.work_dir / "data"
     val_labels, val_probs = rt.split_predictions(model, data_dir, "validation", SIZE)
-    assert info.threshold == pytest.approx(ev.choose_threshold(val_labels, val_probs, 0.9),
+    assert info.threshold == pytest.approx(scoring.choose_threshold(val_labels, val_probs, 0.9),
                                            abs=1e-6)
     test_labels, test_probs = rt.split_predictions(model, data_dir, "test", SIZE)
-    expected = ev.classification_metrics(test_labels, test_probs, info.threshold)
+    expected = scoring.classification_metrics(test_labels, test_probs, info.threshold)
     assert published.metrics["confusion_matrix"] == expected["confusion_matrix"]
     assert published.metrics["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
 
@@ -210,7 +210,7 @@ def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
     assert inside == beside
     assert beside["threshold"] == published.metrics["threshold"]
     assert beside["data_source"]["kind"] == "folder"  # the staged source's kind
-    assert ev.load_published(published.local_dir)[1].data_source_kind == "folder"
+    assert serving.load_published(published.local_dir)[1].data_source_kind == "folder"
     assert (beside["image_size"], beside["class_names"], beside["version"]) == (
         SIZE, ["benign", "malignant"], published.version)
 
@@ -220,7 +220,7 @@ def test_saved_model_export_matches_keras(run):
     import tensorflow as tf
 
     published = run[3]
-    model, _ = ev.load_published(published.local_dir)
+    model, _ = serving.load_published(published.local_dir)
     x = np.random.default_rng(0).uniform(0, 255, (3, SIZE, SIZE, 3)).astype(np.float32)
     exported = tf.saved_model.load(str(published.local_dir / "saved_model"))
     np.testing.assert_allclose(np.asarray(exported.serve(x)), model.predict_on_batch(x),
@@ -645,16 +645,16 @@ def test_ensemble_threshold_and_metrics_from_the_published_model(ensemble_run, t
         assert e["training"]["epochs_budget"] == 1
     assert ens["validation_auc"] == m["validation"]["roc_auc"]
     # The threshold is chosen on the published (ensemble + TTA) model's own validation outputs.
-    model, info = ev.load_published(published.local_dir)
+    model, info = serving.load_published(published.local_dir)
     data_dir = published.local_dir.parents[1] / "data"
     labels, probs = rt.split_predictions(model, data_dir, "validation", SIZE)
-    assert info.threshold == pytest.approx(ev.choose_threshold(labels, probs, 0.9), abs=1e-6)
-    assert m["validation"]["roc_auc"] == pytest.approx(ev.roc_auc(labels, probs), abs=1e-6)
+    assert info.threshold == pytest.approx(scoring.choose_threshold(labels, probs, 0.9), abs=1e-6)
+    assert m["validation"]["roc_auc"] == pytest.approx(scoring.roc_auc(labels, probs), abs=1e-6)
     # Each member's own figure is what it scores alone.
     member_labels, member_probs = rt.split_predictions(hypermodel.built[2], data_dir,  # [0]: probe
                                                        "validation", SIZE)
     assert ens["members"][1]["validation_auc"] == pytest.approx(
-        ev.roc_auc(member_labels, member_probs), abs=1e-6)
+        scoring.roc_auc(member_labels, member_probs), abs=1e-6)
 
 
 @pytest.mark.slow

@@ -26,15 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib import transforms
-
 from skin.artifacts import REPORT_HTML, SEARCH_PNG, SearchResult
 from skin.formatting import fmt
 from skin.metrics import TRIAL_END_STATUSES
+from skin.plots import pyplot
 
 TOP_TRIALS = 5
 
@@ -83,6 +78,9 @@ def top_trials(trials: list[TrialRow], direction: str, n: int = TOP_TRIALS) -> l
 def _draw(trials: list[TrialRow], objective: str, direction: str, top: list[TrialRow]) -> bytes:
     names = sorted({k for t in top for k in t.hyperparameters})
     table_rows = 2 + len(names)
+    plt = pyplot()
+    from matplotlib import transforms
+
     fig = plt.figure(figsize=(10, 4.2 + 0.28 * table_rows), dpi=110)
     grid = fig.add_gridspec(2, 1, height_ratios=[4.2, 0.3 + 0.28 * table_rows], hspace=0.35)
     ax = fig.add_subplot(grid[0])

@@ -325,7 +325,7 @@ def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
     import subprocess
     import sys
 
-    from skin.retrain import export_saved_model
+    from skin.publish import export_saved_model
 
     model = M.inference_model(members, tta=True)
     x = images(3, seed=7)

@@ -21,32 +21,15 @@ import numpy as np
 
 from skin.errors import ConfigError, DataError
 from skin.formatting import figure_rows
+from skin.images import IMAGE_EXTENSIONS, find_images
 from skin.scoring import CLASS_NAMES, DEFAULT_THRESHOLD, classification_metrics
 from skin.serving import check_model, load_published, malignant_probability
 from skin.storage import is_gcs
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
 # ---------------------------------------------------------------------------
 # Reading folders of images.
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def find_images(root: Path) -> list[Path]:
-    """Image files below ``root`` (nested folders too), by extension, case-insensitive, sorted."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
-        for name in files:
-            if not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(folder) / name)
-    return sorted(found)
-
 
 def find_labelled_images(data_dir: Path) -> list[tuple[Path, int]]:
     """``(path, label)`` for every image under ``benign/`` (0) and ``malignant/`` (1)."""

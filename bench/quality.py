@@ -259,7 +259,8 @@ def split_seed_run(exp, storage, best: dict, seed: int, work: Path,
     configuration, or the top ``retrain.ensemble`` of the search, with ``retrain.tta``) the
     way it does, and score on that split's test part."""
     from skin import data as skin_data
-    from skin.model import SkinHyperModel, inference_model
+    from skin.inference import inference_model
+    from skin.model import SkinHyperModel
     from skin.stage import stage
     from skin.training import members_to_retrain, train
 

@@ -27,7 +27,7 @@ a value the search could not have issued exits 2 with nothing published.
 with distinct hyperparameters (:func:`skin.training.top_trials` over ``tuner/result.json``; the best
 trial first; fewer when fewer exist) and publishes one model, the mean of their
 outputs. ``retrain.tta`` makes the published model average P(malignant) over the 8
-dihedral views of the image (``skin.model.inference_model``). Either way the
+dihedral views of the image (``skin.inference.inference_model``). Either way the
 threshold is chosen on the published model's own validation outputs, and
 ``metrics.json``, the model card and the run report list the members with their
 validation ROC AUC beside the published model's.
@@ -127,7 +127,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     manifest = skin_data.load_manifest(data_dir)
     size = exp.data.image_size
 
-    from skin.model import DIHEDRAL_VIEWS, inference_model
+    from skin.inference import DIHEDRAL_VIEWS, inference_model
 
     tta = exp.retrain.tta
     trained, members = [], []

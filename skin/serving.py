@@ -224,7 +224,7 @@ def load_published(model_uri: str | os.PathLike, storage=None):
 
 
 def _load_file(keras, keras_file: Path, *, source: str):
-    import skin.model  # noqa: F401 -- registers the skin> layers of a TTA or ensemble model
+    import skin.inference  # noqa: F401 -- registers the skin> layers of a TTA or ensemble model
     try:
         model = keras.models.load_model(str(keras_file), compile=False, safe_mode=True)
     except (ValueError, TypeError, OSError, zipfile.BadZipFile) as e:

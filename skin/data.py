@@ -34,11 +34,11 @@ import numpy as np
 
 from skin.artifacts import MANIFEST, DataManifest, read_manifest
 from skin.errors import DataError, RetryableError
+from skin.images import CLASSES
 from skin.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("benign", "malignant")
 _SHUFFLE_BUFFER_MAX = 10_000
 
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from skin.errors import ConfigError, DataError
 from skin.formatting import figure_rows
-from skin.images import IMAGE_EXTENSIONS, find_images
-from skin.scoring import CLASS_NAMES, DEFAULT_THRESHOLD, classification_metrics
+from skin.images import CLASSES, IMAGE_EXTENSIONS, find_images
+from skin.scoring import DEFAULT_THRESHOLD, classification_metrics
 from skin.serving import check_model, load_published, malignant_probability
 from skin.storage import is_gcs
 
@@ -36,14 +36,14 @@ def find_labelled_images(data_dir: Path) -> list[tuple[Path, int]]:
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: no such folder")
     class_dirs = {p.name.lower(): p for p in sorted(data_dir.iterdir()) if p.is_dir()}
-    missing = [c for c in CLASS_NAMES if c not in class_dirs]
-    if len(missing) == len(CLASS_NAMES):
+    missing = [c for c in CLASSES if c not in class_dirs]
+    if len(missing) == len(CLASSES):
         raise DataError(f"--data {data_dir}: expected folders benign/ and malignant/ "
                         f"(found: {', '.join(sorted(class_dirs)) or 'no folders'})")
     for name in missing:
         log.warning("%s has no %s/ folder: every image is %s", data_dir, name,
-                    CLASS_NAMES[1 - CLASS_NAMES.index(name)])
-    labelled = [(path, label) for label, name in enumerate(CLASS_NAMES) if name in class_dirs
+                    CLASSES[1 - CLASSES.index(name)])
+    labelled = [(path, label) for label, name in enumerate(CLASSES) if name in class_dirs
                 for path in find_images(class_dirs[name])]
     if not labelled:
         raise DataError(f"--data {data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) "

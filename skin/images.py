@@ -24,6 +24,8 @@ MIN_SIDE = 32  # smaller images carry no usable detail
 THUMB = 32  # near-duplicate thumbnails are THUMB x THUMB grayscale
 JPEG_QUALITY = 95
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what find_images picks up
+# The label folders, label = position: 0 benign, 1 malignant (the positive class).
+CLASSES = ("benign", "malignant")
 
 _NUMBER_RE = re.compile(r"(\d+)$")
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from skin.formatting import interval_text
-from skin.scoring import CLASS_NAMES, roc_curve
+from skin.images import CLASSES
+from skin.scoring import roc_curve
 
 
 def pyplot():
@@ -132,8 +133,8 @@ def plot_confusion_matrix(matrix: list[list[int]], split: str, threshold: float,
     for (i, j), count in np.ndenumerate(m):
         ax.text(j, i, f"{count}\n{100 * rates[i, j]:.1f} %\n{names[i][j]}", ha="center",
                 va="center", color="white" if rates[i, j] > 0.5 else "black", fontsize=10)
-    ax.set_xticks([0, 1], [f"predicted\n{c}" for c in CLASS_NAMES])
-    ax.set_yticks([0, 1], [f"{c}\n(n={int(rows[k, 0])})" for k, c in enumerate(CLASS_NAMES)])
+    ax.set_xticks([0, 1], [f"predicted\n{c}" for c in CLASSES])
+    ax.set_yticks([0, 1], [f"{c}\n(n={int(rows[k, 0])})" for k, c in enumerate(CLASSES)])
     ax.set_title(f"{split}, threshold {threshold:.3f} (rates per true class)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

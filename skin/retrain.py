@@ -61,7 +61,8 @@ from pathlib import Path
 from skin import artifacts, clinical, provenance, publish, training
 from skin.errors import SearchFailedError
 from skin.formatting import fmt
-from skin.scoring import CLASS_NAMES, choose_threshold, classification_metrics
+from skin.images import CLASSES
+from skin.scoring import choose_threshold, classification_metrics
 from skin.serving import serving_document
 from skin.storage import join
 
@@ -205,7 +206,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
         "uri": uri,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "image_size": size,
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(CLASSES),
         "serving": serving,
         "best_trial": {k: best.get(k) for k in ("trial_id", "score", "objective", "epochs")},
         "hyperparameters": best.get("hyperparameters") or {},

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-CLASS_NAMES = ("benign", "malignant")  # label 0, label 1 (the positive class)
 DEFAULT_THRESHOLD = 0.5
 
 def _as_arrays(labels: Sequence, scores: Sequence) -> tuple[np.ndarray, np.ndarray]:

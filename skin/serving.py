@@ -33,7 +33,8 @@ from skin.artifacts import (
     ServingDocument,
 )
 from skin.errors import ConfigError, DocumentError
-from skin.scoring import CLASS_NAMES, DEFAULT_THRESHOLD
+from skin.images import CLASSES
+from skin.scoring import DEFAULT_THRESHOLD
 from skin.storage import is_gcs
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class ServingInfo:
 
     threshold: float = DEFAULT_THRESHOLD
     image_size: int = 0
-    class_names: tuple[str, ...] = CLASS_NAMES
+    class_names: tuple[str, ...] = CLASSES
     version: str = ""
     source: str = ""  # where the model was loaded from (resolved)
     described: bool = True  # False when no serving description was found (defaults used)
@@ -67,7 +68,7 @@ class ServingInfo:
 
 
 def serving_document(threshold: float, image_size: int, version: str,
-                     class_names: Sequence[str] = CLASS_NAMES,
+                     class_names: Sequence[str] = CLASSES,
                      data_source: dict | None = None) -> dict:
     """The serving description retrain writes beside and inside ``model.keras``.
 

@@ -20,7 +20,8 @@ from skin import artifacts
 from skin.config import Experiment
 from skin.data import manifest_digest
 from skin.errors import DataError
-from skin.grouping import CLASSES, SPLITS
+from skin.grouping import SPLITS
+from skin.images import CLASSES
 from skin.storage import Storage
 
 log = logging.getLogger(__name__)

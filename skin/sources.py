@@ -12,7 +12,7 @@ from pathlib import Path
 
 from skin.config import Experiment
 from skin.errors import DataError
-from skin.grouping import CLASSES
+from skin.images import CLASSES
 from skin.storage import Storage, is_gcs
 
 log = logging.getLogger(__name__)

@@ -57,8 +57,8 @@ import numpy as np
 from skin import artifacts, provenance
 from skin.config import Experiment
 from skin.errors import DataError
-from skin.grouping import CLASSES, SPLITS, fold_groups, near_duplicate_groups, split_images
-from skin.images import UnusableImage, file_number, prepare_image, tf_decoder
+from skin.grouping import SPLITS, fold_groups, near_duplicate_groups, split_images
+from skin.images import CLASSES, UnusableImage, file_number, prepare_image, tf_decoder
 from skin.shards import build_manifest, write_shards
 from skin.sources import resolve_source
 from skin.storage import Storage, join

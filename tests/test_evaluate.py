@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin import artifacts, scoring, serving
+from skin import artifacts, images, scoring, serving
 from skin import evaluate as ev
 from skin.errors import ConfigError, DataError, DocumentError
 
@@ -341,7 +341,7 @@ def test_embedded_serving_keeps_the_archive_loadable_in_safe_mode(published):
 def test_load_published_local_forms(published, relative):
     model, info = serving.load_published(published.parent / relative)
     assert info.threshold == pytest.approx(0.42)
-    assert (info.image_size, info.class_names, info.version) == (SIZE, scoring.CLASS_NAMES,
+    assert (info.image_size, info.class_names, info.version) == (SIZE, images.CLASSES,
                                                                  "20250101-000000")
     assert info.source.endswith("20250101-000000/model.keras")
     assert model.input_shape == (None, SIZE, SIZE, 3)

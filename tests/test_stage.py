@@ -19,7 +19,8 @@ from PIL import Image
 from skin import synthetic
 from skin.config import API_VERSION, KIND, Experiment, parse_experiment
 from skin.errors import DataError
-from skin.grouping import CLASSES, fold_groups, near_duplicate_groups, split_groups, split_images
+from skin.grouping import fold_groups, near_duplicate_groups, split_groups, split_images
+from skin.images import CLASSES
 from skin.stage import stage
 from skin.storage import Storage, join
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from skin import artifacts
 from skin.formatting import figure_rows, fmt, interval_text
+from skin.report import html_table
 
 PLOTS = (  # (file, alt text)
     (artifacts.ROC_PNG, "ROC curves of validation (solid blue, circles) and test (dashed red, squares)"),
@@ -29,17 +30,6 @@ PLOTS = (  # (file, alt text)
 
 def _e(value) -> str:
     return html.escape(str(value))
-
-
-def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
-    def cell(tag: str, i: int, v: str) -> str:
-        cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{v}</{tag}>"
-
-    out = ["<table>", "<tr>" + "".join(cell("th", i, _e(h)) for i, h in enumerate(header))
-           + "</tr>"]
-    out += ["<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows]
-    return "\n".join(out + ["</table>"])
 
 
 def _image(folder: Path, name: str, alt: str) -> str:
@@ -75,7 +65,8 @@ def _figures(metrics: dict) -> str:
              _e(val.get(r["key"], "")), _e(r["note"])]
             for r in figure_rows(metrics, sep=" – ")]
     split = metrics.get("evaluated_on", "test")
-    return _table(["figure", split, f"95 % interval ({split})", "validation", "note"], rows)
+    return html_table(["figure", split, f"95 % interval ({split})", "validation", "note"], rows,
+                      markup=True)
 
 
 def _operating_points(metrics: dict) -> str:
@@ -100,14 +91,15 @@ def _operating_points(metrics: dict) -> str:
         if prevalence:
             row += [fmt(t.get("ppv")), fmt(t.get("npv"))]
         rows.append(row)
-    return _table(header, rows)
+    return html_table(header, rows, markup=True)
 
 
 def _calibration(metrics: dict) -> str:
     table = (metrics.get("calibration") or {}).get("table") or []
     rows = [[f"{b['low']:.1f} – {b['high']:.1f}", str(b["n"]), f"{b['mean_probability']:.3f}",
              f"{b['fraction_malignant']:.3f}"] for b in table]
-    return _table(["P(malignant) bin", "images", "mean P(malignant)", "fraction malignant"], rows)
+    return html_table(["P(malignant) bin", "images", "mean P(malignant)", "fraction malignant"],
+                      rows, markup=True)
 
 
 def model_sections(metrics: dict, folder: Path) -> list[str]:
@@ -144,11 +136,11 @@ def model_sections(metrics: dict, folder: Path) -> list[str]:
     out += [
         "<h2>ROC</h2>", _image(folder, *PLOTS[0]),
         "<h2>Confusion matrix</h2>",
-        _table(["", "predicted benign", "predicted malignant"], [
+        html_table(["", "predicted benign", "predicted malignant"], [
             ["benign", f"{tn} ({fmt(tn / max(1, tn + fp))} specificity)",
              f"{fp} ({fmt(fp / max(1, tn + fp))} false-positive rate)"],
             ["malignant", f"{fn} ({fmt(fn / max(1, fn + tp))} missed)",
-             f"{tp} ({fmt(tp / max(1, fn + tp))} sensitivity)"]]),
+             f"{tp} ({fmt(tp / max(1, fn + tp))} sensitivity)"]], markup=True),
         _image(folder, *PLOTS[1]),
         "<h2>Calibration</h2>",
         f"<p>Brier score {fmt(metrics.get('brier'))}, expected calibration error "

@@ -65,7 +65,7 @@ class EpochTimes:
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
-    from skin.evaluate import roc_auc
+    from skin.scoring import roc_auc
 
     return float(roc_auc(y, p))
 

@@ -21,7 +21,7 @@
    tf.data pipeline (``skin.data.dataset``, what workers and retrain use)
    against the same images already in memory.
 5. Split seeds: the best configuration retrained (the retrain's own code:
-   ``skin.retrain.train``, early-stopped on validation, threshold on
+   ``skin.training.train``, early-stopped on validation, threshold on
    validation) on ``--split-seeds`` more grouped splits of the data, each
    scored on its own held-out test part, so a lucky split is visible. The
    search itself ran once, on the experiment's split.
@@ -136,8 +136,8 @@ def _hp(values: dict):
 
 def score_model(model, data_dir: Path, size: int, target: float) -> dict:
     """Threshold on validation, figures on test (the retrain's own functions)."""
-    from skin.evaluate import choose_threshold, classification_metrics
-    from skin.retrain import split_predictions
+    from skin.scoring import choose_threshold, classification_metrics
+    from skin.training import split_predictions
 
     vy, vp = split_predictions(model, data_dir, "validation", size)
     ty, tp = split_predictions(model, data_dir, "test", size)
@@ -259,9 +259,10 @@ def split_seed_run(exp, storage, best: dict, seed: int, work: Path,
     configuration, or the top ``retrain.ensemble`` of the search, with ``retrain.tta``) the
     way it does, and score on that split's test part."""
     from skin import data as skin_data
-    from skin.model import SkinHyperModel, inference_model
-    from skin.retrain import members_to_retrain, train
+    from skin.inference import inference_model
+    from skin.model import SkinHyperModel
     from skin.stage import stage
+    from skin.training import members_to_retrain, train
 
     exp_s = dataclasses.replace(exp, name=f"{exp.name}-split{seed}",
                                 data=dataclasses.replace(exp.data, seed=seed))

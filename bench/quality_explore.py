@@ -6,8 +6,8 @@
 Images come from bench/quality_data.py (in memory, reduced size, the product's grouped
 split: train / validation / test = 70 / 15 / 15). The model is skin.model.build_model and
 training is skin.model.fit_datasets: the same code the pipeline runs. The threshold
-is chosen on validation (``skin.evaluate.choose_threshold``: highest with malignant
-sensitivity >= --target); test figures are reported at it (``skin.evaluate``). Prints one
+is chosen on validation (``skin.scoring.choose_threshold``: highest with malignant
+sensitivity >= --target); test figures are reported at it (``skin.scoring``). Prints one
 JSON line per run (and appends it to --log, default /tmp/skin-quality-explore.jsonl).
 """
 
@@ -25,12 +25,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import yaml
 
-from skin.evaluate import choose_threshold, classification_metrics, roc_auc, roc_curve
+from skin.scoring import choose_threshold, classification_metrics, roc_auc, roc_curve
 
 
 def scores(y, p, thr):
     """Accuracy, sensitivity, specificity and confusion matrix at ``thr`` (the product's
-    :func:`skin.evaluate.classification_metrics`), rounded for the log."""
+    :func:`skin.scoring.classification_metrics`), rounded for the log."""
     m = classification_metrics(y, p, thr, extended=False)
     return dict(acc=_round(m["accuracy"]), sens=_round(m["sensitivity"]),
                 spec=_round(m["specificity"]), cm=m["confusion_matrix"])

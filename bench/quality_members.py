@@ -4,8 +4,8 @@
 
 Reads what a `make bench-quality OUT=dir` run left in ``dir/bucket`` (staged data,
 ``tuner/result.json``, each trial's best checkpoint), with no training: the top
-``--top`` completed trials with distinct hyperparameters (``skin.retrain.top_trials``)
-are loaded from their checkpoints and combined with ``skin.model.inference_model``,
+``--top`` completed trials with distinct hyperparameters (``skin.training.top_trials``)
+are loaded from their checkpoints and combined with ``skin.inference.inference_model``,
 the function the retrain publishes with. For k = 1..top members, with and without
 the 8-view TTA, the threshold is chosen on validation (``retrain.target_sensitivity``)
 and the figures are reported on the held-out test split; the run's published model
@@ -35,10 +35,11 @@ def main(argv=None) -> int:
 
     from skin.config import load_experiment
     from skin.emulator import Emulator
-    from skin.evaluate import choose_threshold, classification_metrics
-    from skin.model import SkinHyperModel, hyperparameters_from_values, inference_model
-    from skin.retrain import split_predictions, top_trials
+    from skin.inference import inference_model
+    from skin.model import SkinHyperModel, hyperparameters_from_values
+    from skin.scoring import choose_threshold, classification_metrics
     from skin.storage import Storage, join
+    from skin.training import split_predictions, top_trials
     from skin.tuning.tuner import checkpoint_uri
 
     exp = load_experiment(out / "experiment.yaml", env={})
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                               "test_auc": test["roc_auc"], "test_acc": test["accuracy"],
                               "test_sens": test["sensitivity"]}), flush=True)
     # The run's published model (its 60-epoch retrain), as published and with the 8-view TTA.
-    from skin.evaluate import load_published
+    from skin.serving import load_published
 
     published, _ = load_published(out / "model")
     for tta in (False, True):

@@ -52,7 +52,7 @@ def main(argv=None):
 
     from bench.quality_explore import configured_values, predict_tta, split_data, summary
     from skin import model as M
-    from skin.evaluate import choose_threshold
+    from skin.scoring import choose_threshold
 
     xs, ys, _ = split_data(args.size, args.split_seed)
     values = configured_values(args.set)

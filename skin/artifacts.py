@@ -430,7 +430,7 @@ class DataManifest:
     """``data/manifest.json``, a typed view for readers: stage builds and writes the whole
     document (written last: its presence means staging finished; every key in
     ARCHITECTURE.md), ``doc`` keeps it as written, so its digest (``manifest_sha256``,
-    skin.stage.manifest_digest) still checks."""
+    skin.data.manifest_digest) still checks."""
 
     doc: dict
 

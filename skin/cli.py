@@ -206,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     _setup_logging(runtime.log_level)
 
     if args.command in ("evaluate", "predict"):
-        from skin.evaluate import check_model
+        from skin.serving import check_model
         check_model(args.model)  # a missing model is named at once, before TensorFlow loads
         if not args.verbose:
             _quiet_tensorflow()

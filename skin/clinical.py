@@ -2,7 +2,7 @@
 probabilities mean what they say, and what a positive call means at a realistic prevalence.
 
 Plain numpy, label 1 (malignant) is the positive class, like the metric functions of
-:mod:`skin.evaluate` (which this module extends; ``classification_metrics`` there adds
+:mod:`skin.scoring` (which this module extends; ``classification_metrics`` there adds
 these figures to every evaluation):
 
 - :func:`auc_interval`: the 95 % interval of the ROC AUC by **DeLong's method**
@@ -15,7 +15,7 @@ these figures to every evaluation):
 - :func:`predictive_values`: PPV and NPV at a stated prevalence, from sensitivity and
   specificity (Bayes' rule), with an interval carried over from their Wilson intervals.
 - :func:`operating_points`: thresholds chosen on validation for several target
-  sensitivities (:func:`skin.evaluate.choose_threshold`) and what each gives on test.
+  sensitivities (:func:`skin.scoring.choose_threshold`) and what each gives on test.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ REFERENCE_PREVALENCE_SOURCE = (
 
 
 def _arrays(labels: Sequence, scores: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    from skin.evaluate import _as_arrays
+    from skin.scoring import _as_arrays
 
     return _as_arrays(labels, scores)
 
@@ -177,7 +177,7 @@ def operating_points(val_labels: Sequence, val_scores: Sequence, test_labels: Se
     """For each target sensitivity: the threshold validation chooses for it, the
     validation sensitivity and specificity there, and what it gives on test (sensitivity,
     specificity with Wilson intervals; PPV and NPV at ``prevalence`` when given)."""
-    from skin.evaluate import choose_threshold, classification_metrics
+    from skin.scoring import choose_threshold, classification_metrics
 
     rows = []
     for target in targets:
@@ -198,7 +198,7 @@ def operating_points(val_labels: Sequence, val_scores: Sequence, test_labels: Se
 
 
 def extended_metrics(labels: Sequence, scores: Sequence) -> dict:
-    """The figures :func:`skin.evaluate.classification_metrics` adds: the Brier score, the
+    """The figures :func:`skin.scoring.classification_metrics` adds: the Brier score, the
     expected calibration error and the calibration bins (the AUC interval goes with the
     other intervals, in ``intervals_95``)."""
     return {

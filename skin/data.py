@@ -13,7 +13,7 @@ Images come out as float32 0..255, ``[image_size, image_size, 3]``, labels as
 float32 0/1 (1 = malignant). Augmentation and rescaling are Keras layers in
 the model (skin/model.py), not here, so a served image goes through exactly
 the same steps: :func:`load_images` runs stage's conversion
-(:func:`skin.stage.prepare_image`) and this module's decode-and-resize.
+(:func:`skin.images.prepare_image`) and this module's decode-and-resize.
 
 Resizing squashes the whole image to a square (no crop: a lesion's border
 matters), with antialiasing, then rounds to 8 bit so the in-memory cache is
@@ -34,11 +34,11 @@ import numpy as np
 
 from skin.artifacts import MANIFEST, DataManifest, read_manifest
 from skin.errors import DataError, RetryableError
+from skin.images import CLASSES
 from skin.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("benign", "malignant")
 _SHUFFLE_BUFFER_MAX = 10_000
 
 
@@ -56,9 +56,14 @@ def load_manifest(local_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
-def _verify_manifest(manifest: dict, where: str) -> None:
-    from skin.stage import manifest_digest
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest without its own ``manifest_sha256`` key (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
 
+
+def _verify_manifest(manifest: dict, where: str) -> None:
     DataManifest.from_json(manifest, where)  # DocumentError (a DataError) for another shape
     digest = manifest.get("manifest_sha256")
     if digest and digest != manifest_digest(manifest):
@@ -309,14 +314,14 @@ def load_images(paths: Iterable[str | os.PathLike], image_size: int,
                 storage: Storage | None = None) -> np.ndarray:
     """Image files (any format and mode PIL reads) -> float32 ``[n, size, size, 3]`` 0..255.
 
-    The same steps as staging plus training: :func:`skin.stage.prepare_image`
+    The same steps as staging plus training: :func:`skin.images.prepare_image`
     (RGB JPEG, big images downscaled), then :func:`decode_and_resize`.
     ``gs://`` paths are read through ``storage``. An unusable file is a
     :class:`DataError` naming it and saying why.
     """
     import tensorflow as tf
 
-    from skin.stage import UnusableImage, prepare_image
+    from skin.images import UnusableImage, prepare_image
 
     store = storage or Storage()
     out = []

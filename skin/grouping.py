@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-CLASSES = ("benign", "malignant")  # label index = position
+from skin.images import CLASSES
+
 SPLITS = ("train", "validation", "test")
 ADJACENT_MAX_GAP = 3  # file numbers at most this far apart count as neighbours
 ADJACENT_FLOOR = 0.80  # never link neighbours below this correlation

@@ -19,8 +19,14 @@ licence is unknown and how to state it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import subprocess
 from pathlib import Path
+
+import skin
+from skin import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +166,28 @@ def card_lines(doc: dict, *, test: dict | None = None, manifest_sha256: str = ""
     if manifest_sha256:
         lines.append(f"- manifest sha256: `{manifest_sha256}`")
     return lines
+
+
+def code_version() -> str:
+    """``skin.__version__`` plus the git commit (and ``-dirty``) when the code is a checkout."""
+    here = Path(skin.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return skin.__version__
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        suffix = "-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else ""
+        return f"{skin.__version__}+git.{commit.stdout.strip()}{suffix}"
+    except (OSError, subprocess.SubprocessError):
+        return skin.__version__
+
+
+def manifest_hash(manifest: dict, data_dir: Path) -> str:
+    if manifest.get("manifest_sha256"):
+        return str(manifest["manifest_sha256"])
+    path = data_dir / artifacts.MANIFEST
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

@@ -26,14 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib import transforms
-
 from skin.artifacts import REPORT_HTML, SEARCH_PNG, SearchResult
+from skin.formatting import fmt
 from skin.metrics import TRIAL_END_STATUSES
+from skin.plots import pyplot
 
 TOP_TRIALS = 5
 
@@ -79,15 +75,12 @@ def top_trials(trials: list[TrialRow], direction: str, n: int = TOP_TRIALS) -> l
     return sorted(scored, key=lambda t: t.score, reverse=direction == "max")[:n]
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _draw(trials: list[TrialRow], objective: str, direction: str, top: list[TrialRow]) -> bytes:
     names = sorted({k for t in top for k in t.hyperparameters})
     table_rows = 2 + len(names)
+    plt = pyplot()
+    from matplotlib import transforms
+
     fig = plt.figure(figsize=(10, 4.2 + 0.28 * table_rows), dpi=110)
     grid = fig.add_gridspec(2, 1, height_ratios=[4.2, 0.3 + 0.28 * table_rows], hspace=0.35)
     ax = fig.add_subplot(grid[0])
@@ -140,9 +133,9 @@ def _draw(trials: list[TrialRow], objective: str, direction: str, top: list[Tria
     tab = fig.add_subplot(grid[1])
     tab.axis("off")
     if top:
-        cells = [[_fmt(t.score) for t in top], [_fmt(t.epochs if t.epochs is not None else "-")
-                                                 for t in top]]
-        cells += [[_fmt(t.hyperparameters.get(n, "-")) for t in top] for n in names]
+        cells = [[fmt(t.score, 4, style="g") for t in top],
+                 [str(t.epochs if t.epochs is not None else "-") for t in top]]
+        cells += [[fmt(t.hyperparameters.get(n, "-"), 4, style="g") for t in top] for n in names]
         table = tab.table(cellText=cells, rowLabels=[objective, "epochs"] + names,
                           colLabels=[f"trial {t.trial_id}" for t in top], loc="upper center",
                           cellLoc="center")
@@ -162,16 +155,21 @@ text-align:right;font-size:13px}th{background:#f3f3f3}td.l,th.l{text-align:left}
 img{max-width:100%}.best{background:#fff4d6}"""
 
 
-def _html_table(header: list[str], rows: list[list[Any]], classes: list[str] | None = None,
-                left: int = 1) -> str:
-    def cell(tag: str, i: int, v) -> str:
+def html_table(header: list[str], rows: list[list[Any]], classes: list[str] | None = None,
+               left: int = 1, *, markup: bool = False) -> str:
+    """An HTML table, the first ``left`` columns aligned left; ``classes``: a CSS class per
+    row. Cells are values, written with :func:`skin.formatting.fmt` and escaped, or with
+    ``markup`` HTML already (:mod:`skin.run_report`'s). The header is always escaped."""
+    def cell(tag: str, i: int, v, as_markup: bool) -> str:
         cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{html.escape(_fmt(v))}</{tag}>"
+        return f"<{tag}{cls}>{v if as_markup else html.escape(fmt(v, 4, style='g'))}</{tag}>"
 
-    out = ["<table>", "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>"]
+    out = ["<table>", "<tr>" + "".join(cell("th", i, h, False) for i, h in enumerate(header))
+           + "</tr>"]
     for j, row in enumerate(rows):
         cls = f' class="{classes[j]}"' if classes and classes[j] else ""
-        out.append(f"<tr{cls}>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>")
+        out.append(f"<tr{cls}>" + "".join(cell("td", i, v, markup) for i, v in enumerate(row))
+                   + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -201,15 +199,15 @@ def _search_sections(result: SearchResult, published: dict | None, trials: list[
     return [
         "<h2>The search</h2>", f"<p>{summary}</p>",
         "<h2>Trials by status</h2>",
-        _html_table(["status", "trials"], [[k, v] for k, v in counts.items()]),
+        html_table(["status", "trials"], [[k, v] for k, v in counts.items()]),
         f'<img alt="objective of every trial with the best so far" '
         f'src="data:image/png;base64,{image}">',
         *published,
         *_confirmation_section(result.confirmation, objective),
         f"<h2>Top {len(top)} trials</h2>",
-        _html_table(["trial", objective, "epochs", *names], top_rows),
+        html_table(["trial", objective, "epochs", *names], top_rows),
         "<h2>Every trial</h2>",
-        _html_table(["trial", "status", objective, "epochs", "seconds", "worker"], all_rows,
+        html_table(["trial", "status", objective, "epochs", "seconds", "worker"], all_rows,
                     classes=["best" if r[0] == best_id else "" for r in all_rows], left=2)]
 
 
@@ -242,7 +240,7 @@ def _published_section(published, objective: str) -> list[str]:
                  *([published.get("validation_auc")] if tta else []), *["" for _ in names]])
     version = html.escape(str(published.get("version") or ""))
     return [f"<h2>Published model {version}: its members</h2>", f"<p>{html.escape(what)}.</p>",
-            _html_table(["trial", objective, "validation ROC AUC",
+            html_table(["trial", objective, "validation ROC AUC",
                          *(["with TTA"] if tta else []), *names], rows,
                         classes=[""] * len(members) + ["best"])]
 
@@ -257,7 +255,7 @@ def _confirmation_section(confirmation, objective: str) -> list[str]:
     on_folds = any(any(c.get("folds") or []) for c in candidates)
 
     def scores(c: dict) -> str:
-        values = [_fmt(float(v)) for v in c.get("scores") or []]
+        values = [fmt(float(v), 4, style="g") for v in c.get("scores") or []]
         if on_folds and len(c.get("folds") or []) == len(values):
             values = [f"{v} (fold {f})" for v, f in zip(values, c["folds"])]
         return ", ".join(values)
@@ -267,7 +265,7 @@ def _confirmation_section(confirmation, objective: str) -> list[str]:
     chosen = confirmation.get("chosen")
     return ["<h2>Confirmation of the pick</h2>",
             f"<p>{html.escape(str(confirmation.get('text') or ''))}.</p>",
-            _html_table(["trial", "trainings", f"mean {objective}", "std",
+            html_table(["trial", "trainings", f"mean {objective}", "std",
                          "scores (validation fold)" if on_folds else "scores"], rows,
                         classes=["best" if r[0] == chosen else "" for r in rows])]
 

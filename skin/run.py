@@ -46,7 +46,7 @@ from skin.errors import (
     FATAL_EXIT_CODES,
     RetryableError,
 )
-from skin.evaluate import interval_text
+from skin.formatting import fmt, interval_text
 
 log = logging.getLogger("skin.run")
 
@@ -408,10 +408,6 @@ def _fetch_model(exp: Experiment, out: Path) -> tuple[str, Path]:
     return version, model_dir
 
 
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
              timings: dict[str, float], opts: RunOptions) -> str:
     metrics = json.loads((model_dir / artifacts.METRICS).read_text())
@@ -424,9 +420,9 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
     if exp.data.source == "synthetic":
         lines.append("NOTE: trained on SYNTHETIC images; these numbers say nothing about moles.")
     if best is not None:
-        lines.append(f"best trial {best.trial_id}: {best.objective} = {_fmt(best.score)}")
+        lines.append(f"best trial {best.trial_id}: {best.objective} = {fmt(best.score, 4, style='auto')}")
         for name, value in sorted(best.hyperparameters.items()):
-            lines.append(f"  {name:<28} {_fmt(value)}")
+            lines.append(f"  {name:<28} {fmt(value, 4, style='auto')}")
     split = metrics.get("evaluated_on", "test")
     lines.append(f"published model {version}, evaluated on the {split} split "
                  f"(n={metrics.get('n')}):")
@@ -434,7 +430,7 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
                 "threshold"):
         if key in metrics:
             ci = interval_text(metrics, key)
-            lines.append(f"  {key:<12} {_fmt(metrics[key])}"
+            lines.append(f"  {key:<12} {fmt(metrics[key], 4, style='auto')}"
                          + (f"  (95 % interval {ci})" if ci else ""))
     if "confusion_matrix" in metrics:
         lines.append(f"  confusion    [[tn, fp], [fn, tp]] = {metrics['confusion_matrix']}")

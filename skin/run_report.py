@@ -2,7 +2,7 @@
 
 From the version's ``metrics.json`` and the plots the retrain drew beside it: the
 evaluated split's figures with their 95 % intervals (the rows of
-:func:`skin.evaluate.figure_rows`, the formatter ``skin evaluate`` and the model card use),
+:func:`skin.formatting.figure_rows`, the formatter ``skin evaluate`` and the model card use),
 PPV and NPV at the reference prevalence, data provenance, the ROC (validation and test
 drawn apart), the confusion matrix with rates, the reliability diagram with the
 calibration table, and the operating points. Every image is embedded, so the page
@@ -16,7 +16,8 @@ import html
 from pathlib import Path
 
 from skin import artifacts
-from skin.evaluate import figure_rows, interval_text
+from skin.formatting import figure_rows, fmt, interval_text
+from skin.report import html_table
 
 PLOTS = (  # (file, alt text)
     (artifacts.ROC_PNG, "ROC curves of validation (solid blue, circles) and test (dashed red, squares)"),
@@ -29,21 +30,6 @@ PLOTS = (  # (file, alt text)
 
 def _e(value) -> str:
     return html.escape(str(value))
-
-
-def _num(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
-    def cell(tag: str, i: int, v: str) -> str:
-        cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{v}</{tag}>"
-
-    out = ["<table>", "<tr>" + "".join(cell("th", i, _e(h)) for i, h in enumerate(header))
-           + "</tr>"]
-    out += ["<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows]
-    return "\n".join(out + ["</table>"])
 
 
 def _image(folder: Path, name: str, alt: str) -> str:
@@ -79,7 +65,8 @@ def _figures(metrics: dict) -> str:
              _e(val.get(r["key"], "")), _e(r["note"])]
             for r in figure_rows(metrics, sep=" – ")]
     split = metrics.get("evaluated_on", "test")
-    return _table(["figure", split, f"95 % interval ({split})", "validation", "note"], rows)
+    return html_table(["figure", split, f"95 % interval ({split})", "validation", "note"], rows,
+                      markup=True)
 
 
 def _operating_points(metrics: dict) -> str:
@@ -97,21 +84,22 @@ def _operating_points(metrics: dict) -> str:
         t = r["test"]
         published = abs(r["target_sensitivity"] - metrics.get("target_sensitivity", -1)) < 1e-9
         row = [f"{r['target_sensitivity']:.2f}" + (" <b>(published)</b>" if published else ""),
-               f"{r['threshold']:.4f}", _num(r["validation"]["sensitivity"]),
-               _num(r["validation"]["specificity"]),
-               f"{_num(t['sensitivity'])} ({_e(interval_text(t, 'sensitivity', ' – '))})",
-               f"{_num(t['specificity'])} ({_e(interval_text(t, 'specificity', ' – '))})"]
+               f"{r['threshold']:.4f}", fmt(r["validation"]["sensitivity"]),
+               fmt(r["validation"]["specificity"]),
+               f"{fmt(t['sensitivity'])} ({_e(interval_text(t, 'sensitivity', ' – '))})",
+               f"{fmt(t['specificity'])} ({_e(interval_text(t, 'specificity', ' – '))})"]
         if prevalence:
-            row += [_num(t.get("ppv")), _num(t.get("npv"))]
+            row += [fmt(t.get("ppv")), fmt(t.get("npv"))]
         rows.append(row)
-    return _table(header, rows)
+    return html_table(header, rows, markup=True)
 
 
 def _calibration(metrics: dict) -> str:
     table = (metrics.get("calibration") or {}).get("table") or []
     rows = [[f"{b['low']:.1f} – {b['high']:.1f}", str(b["n"]), f"{b['mean_probability']:.3f}",
              f"{b['fraction_malignant']:.3f}"] for b in table]
-    return _table(["P(malignant) bin", "images", "mean P(malignant)", "fraction malignant"], rows)
+    return html_table(["P(malignant) bin", "images", "mean P(malignant)", "fraction malignant"],
+                      rows, markup=True)
 
 
 def model_sections(metrics: dict, folder: Path) -> list[str]:
@@ -141,22 +129,22 @@ def model_sections(metrics: dict, folder: Path) -> list[str]:
         out.append(
             f"<p>At a prevalence of <b>{100 * pv['prevalence']:.1f} %</b> malignant "
             f"({_e(ref.get('source', 'retrain.reference_prevalence'))}): PPV "
-            f"<b>{_num(pv['ppv'])}</b> ({_e(interval_text(pv, 'ppv', ' – '))}), NPV "
-            f"<b>{_num(pv['npv'])}</b> ({_e(interval_text(pv, 'npv', ' – '))}). The {_e(split)} "
+            f"<b>{fmt(pv['ppv'])}</b> ({_e(interval_text(pv, 'ppv', ' – '))}), NPV "
+            f"<b>{fmt(pv['npv'])}</b> ({_e(interval_text(pv, 'npv', ' – '))}). The {_e(split)} "
             f"set itself is {100 * metrics['n_malignant'] / max(1, metrics['n']):.0f} % "
             "malignant, so its precision overstates the PPV in a clinic.</p>")
     out += [
         "<h2>ROC</h2>", _image(folder, *PLOTS[0]),
         "<h2>Confusion matrix</h2>",
-        _table(["", "predicted benign", "predicted malignant"], [
-            ["benign", f"{tn} ({_num(tn / max(1, tn + fp))} specificity)",
-             f"{fp} ({_num(fp / max(1, tn + fp))} false-positive rate)"],
-            ["malignant", f"{fn} ({_num(fn / max(1, fn + tp))} missed)",
-             f"{tp} ({_num(tp / max(1, fn + tp))} sensitivity)"]]),
+        html_table(["", "predicted benign", "predicted malignant"], [
+            ["benign", f"{tn} ({fmt(tn / max(1, tn + fp))} specificity)",
+             f"{fp} ({fmt(fp / max(1, tn + fp))} false-positive rate)"],
+            ["malignant", f"{fn} ({fmt(fn / max(1, fn + tp))} missed)",
+             f"{tp} ({fmt(tp / max(1, fn + tp))} sensitivity)"]], markup=True),
         _image(folder, *PLOTS[1]),
         "<h2>Calibration</h2>",
-        f"<p>Brier score {_num(metrics.get('brier'))}, expected calibration error "
-        f"{_num(metrics.get('ece'))} over {cal.get('bins', '?')} equal-width bins "
+        f"<p>Brier score {fmt(metrics.get('brier'))}, expected calibration error "
+        f"{fmt(metrics.get('ece'))} over {cal.get('bins', '?')} equal-width bins "
         f"({_e(split)}).</p>",
         _image(folder, *PLOTS[2]),
         _calibration(metrics),

@@ -7,7 +7,7 @@ Steps, in order:
 1. **Source.** A folder holding ``benign/`` and ``malignant/``, a ``.zip`` of
    one, a ``gs://`` prefix (downloaded), or ``synthetic`` (generated into the
    work dir; the report says so). ``data.test_source`` (a separate folder) is
-   staged as the test split when set.
+   staged as the test split when set (:mod:`skin.sources`).
 2. **Fingerprint and idempotence.** A hash over every file's relative path
    and sha256 plus the split settings. When ``<data>/manifest.json`` exists
    with the same fingerprint nothing is written (``already_staged``); with a
@@ -19,7 +19,8 @@ Steps, in order:
    untouched to ``<data>/quarantine/`` with the reason in the report. Images
    that are not RGB JPEG (PNG, alpha, grayscale, CMYK, palette...) are
    converted to RGB JPEG; images with a side over 1024 px are downscaled.
-   Nothing else is resized: the pipeline resizes to the model's size.
+   Nothing else is resized: the pipeline resizes to the model's size
+   (:func:`skin.images.prepare_image`, which serving runs too).
 4. **Exact duplicates** (same sha256) are dropped, keeping one copy; the same
    bytes under both labels is a labelling conflict and every copy is
    quarantined.
@@ -33,7 +34,7 @@ Steps, in order:
    for two such parts with both classes: no folds (``folds: 1``, train images -1).
 7. **Write** ``<split>-<i>-of-<n>.tfrecord`` shards, the quarantine copies,
    ``stage_report.json``, and ``manifest.json`` last: its presence means the
-   stage finished.
+   stage finished (:mod:`skin.shards`).
 """
 
 from __future__ import annotations
@@ -41,18 +42,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import re
-import shutil
 import tempfile
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +57,11 @@ import numpy as np
 from skin import artifacts, provenance
 from skin.config import Experiment
 from skin.errors import DataError
-from skin.grouping import CLASSES, SPLITS, fold_groups, near_duplicate_groups, split_images
-from skin.storage import Storage, is_gcs, join
+from skin.grouping import SPLITS, fold_groups, near_duplicate_groups, split_images
+from skin.images import CLASSES, UnusableImage, file_number, prepare_image, tf_decoder
+from skin.shards import build_manifest, write_shards
+from skin.sources import resolve_source
+from skin.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +70,6 @@ log = logging.getLogger(__name__)
 STAGE_ALGORITHM = 2
 MAX_FOLDS = 10  # fold 0 (the validation split) plus at most 9 parts of the train split
 
-MAX_SIDE = 8000  # larger sides are quarantined (no dermoscope produces them; likely a bomb)
-MAX_PIXELS = 40_000_000
-STORE_MAX_SIDE = 1024  # larger images are downscaled before they are stored
-MIN_SIDE = 32  # smaller images carry no usable detail
-THUMB = 32  # near-duplicate thumbnails are THUMB x THUMB grayscale
-JPEG_QUALITY = 95
 _CHECK_THREADS = 4
 
 
@@ -152,15 +145,6 @@ class _Item:
     shard: str = ""
 
 
-_NUMBER_RE = re.compile(r"(\d+)$")
-
-
-def file_number(path: Path) -> int | None:
-    """The trailing integer of a file's name (``ISIC_0024306.jpg``: 24306), if any: the
-    numbering near-duplicate grouping reads (:func:`skin.grouping.near_duplicate_groups`)."""
-    m = _NUMBER_RE.search(path.stem)
-    return int(m.group(1)) if m else None
-
 
 def _scan(root: Path, origin: str, report: StageReport) -> list[_Item]:
     """Files under ``root/benign`` and ``root/malignant``, in a stable order."""
@@ -198,105 +182,6 @@ def _hash_files(items: list[_Item]) -> None:
         list(pool.map(one, items))
 
 
-def _to_rgb(img, note: list[str]):
-    """Any PIL image -> RGB (alpha composited over white, high bit depths scaled)."""
-    from PIL import Image
-
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        top = float(arr.max()) or 1.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
-        note.append(f"{mode} scaled to 8 bit")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-            img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        note.append("alpha composited over white")
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-class UnusableImage(ValueError):
-    """A file that cannot be staged; the message is the reason."""
-
-
-@dataclass
-class PreparedImage:
-    """An image as stage stores it: RGB JPEG bytes, and what was done to get them."""
-
-    jpeg: bytes  # the original bytes when they were already usable
-    converted: str  # "" when the original bytes are kept
-    width: int
-    height: int
-    thumb: np.ndarray  # zero-mean, unit-norm THUMB x THUMB grayscale, flattened
-
-
-def prepare_image(data: bytes, tf_decode=None) -> PreparedImage:
-    """Check one image file's bytes and turn them into what stage stores.
-
-    RGB JPEGs of at most ``STORE_MAX_SIDE`` px a side are kept byte for byte;
-    anything else that decodes (PNG, alpha, grayscale, CMYK, palette, 16 bit,
-    larger sides) is converted to an RGB JPEG. ``skin.data.load_images`` runs
-    the same function, so a served image is exactly what training saw.
-    Raises :class:`UnusableImage` with the reason.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise UnusableImage("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise UnusableImage("not an image (no known image format)") from None
-    except Image.DecompressionBombError as e:
-        raise UnusableImage(f"decompression bomb ({e})") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unusable
-        raise UnusableImage(f"not a readable image ({type(e).__name__}: {e})") from None
-    width, height = img.size
-    fmt = img.format or "?"
-    if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
-        raise UnusableImage(f"too large: {width}x{height} px (limit {MAX_SIDE} px a side, "
-                            f"{MAX_PIXELS // 1_000_000} Mpx; possible decompression bomb)")
-    if min(width, height) < MIN_SIDE:
-        raise UnusableImage(f"too small: {width}x{height} px (need >= {MIN_SIDE} px a side)")
-    try:
-        img.load()
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt: unusable, with the reason
-        reason = str(e) or type(e).__name__
-        if "truncated" in reason.lower():
-            raise UnusableImage(f"truncated {fmt} ({reason})") from None
-        raise UnusableImage(f"corrupt {fmt} ({type(e).__name__}: {reason})") from None
-    note: list[str] = []
-    try:
-        if getattr(img, "n_frames", 1) > 1:
-            note.append(f"first of {img.n_frames} frames")
-        rgb = _to_rgb(img, note)
-        if fmt != "JPEG" or img.mode != "RGB":
-            note.insert(0, f"{fmt} {img.mode} -> RGB JPEG")
-        if max(width, height) > STORE_MAX_SIDE:
-            scale = STORE_MAX_SIDE / max(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            rgb = rgb.resize(size, Image.LANCZOS)
-            note.append(f"downscaled {width}x{height} -> {size[0]}x{size[1]}")
-        jpeg = data
-        if note:
-            jpeg = _encode_jpeg(rgb)
-        elif tf_decode is not None and not tf_decode(jpeg):
-            note.append("re-encoded: TensorFlow cannot decode the original JPEG")
-            jpeg = _encode_jpeg(rgb)
-        gray = rgb.convert("L").resize((THUMB, THUMB), Image.BOX, reducing_gap=2.0)
-    except Exception as e:  # noqa: BLE001
-        raise UnusableImage(f"cannot be converted to RGB ({type(e).__name__}: {e})") from None
-    thumb = np.asarray(gray, dtype=np.float32).ravel()
-    thumb -= thumb.mean()
-    norm = float(np.linalg.norm(thumb))
-    thumb = thumb / norm if norm > 1e-6 else np.zeros_like(thumb)
-    return PreparedImage(jpeg, "; ".join(note), rgb.size[0], rgb.size[1], thumb)
-
-
 def _check(item: _Item, tf_decode) -> None:
     """Prepare one file; fill in the stored bytes and thumbnail, or a quarantine reason."""
     if item.reason:
@@ -318,95 +203,6 @@ def _check(item: _Item, tf_decode) -> None:
     item.stored_sha256 = (hashlib.sha256(prepared.jpeg).hexdigest() if prepared.converted
                           else item.sha256)
 
-
-def _encode_jpeg(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
-
-def _tf_decoder():
-    """A thread-safe check that TensorFlow's decode_jpeg (the training decoder) accepts bytes."""
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover - TF is a dependency; stay usable without it
-        return None
-
-    def decode(data: bytes) -> bool:
-        try:
-            tf.io.decode_jpeg(data, channels=3)
-            return True
-        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-            return False
-
-    return decode
-
-
-# ---------------------------------------------------------------------------
-# Sources
-
-def _resolve_source(source: str, storage: Storage, scratch: Path, exp: Experiment,
-                    work_dir: Path, report: StageReport, what: str) -> Path:
-    if source == "synthetic":
-        from skin import synthetic
-
-        out = work_dir / f"synthetic-{exp.data.synthetic_images_per_class}-{exp.data.seed}"
-        if not out.is_dir():
-            # generate beside, then rename: a folder that exists is complete
-            tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=work_dir))
-            synthetic.generate(tmp, exp.data.synthetic_images_per_class, size=128,
-                               seed=exp.data.seed)
-            try:
-                tmp.rename(out)
-            except OSError:  # another stage got there first; its copy is identical
-                shutil.rmtree(tmp, ignore_errors=True)
-        report.synthetic = True
-        log.warning("data is SYNTHETIC: %d generated images per class (%s)",
-                    exp.data.synthetic_images_per_class, out)
-        return out
-    if is_gcs(source):
-        out = scratch / f"{what}-download"
-        log.info("downloading %s", source)
-        nbytes = storage.download_dir(source, out)
-        if nbytes == 0 and not any(out.rglob("*")):
-            raise DataError(f"data.{what}: {source}: no objects below this prefix")
-        return _find_root(out, source, what)
-    path = Path(source).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    if not path.exists():
-        raise DataError(f"data.{what}: {source}: no such file or folder (resolved to {path})")
-    if path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise DataError(f"data.{what}: {source}: not a folder or a .zip file")
-        out = scratch / f"{what}-unzipped"
-        _safe_extract(path, out)
-        return _find_root(out, source, what)
-    return _find_root(path, source, what)
-
-
-def _find_root(path: Path, source: str, what: str) -> Path:
-    """The folder that holds benign/ and malignant/: ``path`` or its single subfolder."""
-    if all((path / c).is_dir() for c in CLASSES):
-        return path
-    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
-               and p.name != "__MACOSX"] if path.is_dir() else []  # macOS zips add __MACOSX/
-    if len(subdirs) == 1 and all((subdirs[0] / c).is_dir() for c in CLASSES):
-        return subdirs[0]
-    missing = [c + "/" for c in CLASSES if not (path / c).is_dir()]
-    raise DataError(f"data.{what}: {source}: no {' or '.join(missing)} folder; expected "
-                    "benign/ and malignant/ image folders in it (or in its single subfolder)")
-
-
-def _safe_extract(archive: Path, out: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        base = out.resolve()
-        for info in zf.infolist():
-            target = (out / info.filename).resolve()
-            if not target.is_relative_to(base):
-                raise DataError(f"{archive}: member {info.filename!r} would unpack outside "
-                                "the target folder; refusing")
-        zf.extractall(out)
 
 
 # ---------------------------------------------------------------------------
@@ -446,13 +242,14 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
     report = StageReport(data_uri=data_uri, source=source, test_source=exp.data.test_source)
     with tempfile.TemporaryDirectory(prefix="stage-", dir=work_dir) as tmp:
         scratch = Path(tmp)
-        root = _resolve_source(source, storage, scratch, exp, work_dir, report, "source")
+        root, report.synthetic = resolve_source(source, storage, scratch, exp, work_dir,
+                                                "source")
         items = _scan(root, "source", report)
         report.provenance["source"] = provenance.describe(
             source, root, synthetic=report.synthetic, licence=exp.data.licence)
         if exp.data.test_source:
-            test_root = _resolve_source(exp.data.test_source, storage, scratch, exp, work_dir,
-                                        report, "test_source")
+            test_root, _ = resolve_source(exp.data.test_source, storage, scratch, exp,
+                                          work_dir, "test_source")
             items += _scan(test_root, "test", report)
             report.provenance["test_source"] = provenance.describe(
                 exp.data.test_source, test_root, licence=exp.data.licence)
@@ -502,11 +299,11 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
                             f"{join(data_uri, artifacts.STAGE_REPORT)})")
         splits = _assign(usable, exp, report)
         _assign_folds(usable, splits, exp, report)
-        files = _write_shards(usable, splits, exp, storage, data_uri, scratch)
+        files = write_shards(usable, splits, exp, storage, data_uri, scratch)
         report.usable = len(usable)
         report.seconds = time.monotonic() - started
         storage.write_json(join(data_uri, artifacts.STAGE_REPORT), report.to_dict())
-        manifest = _manifest(usable, splits, files, exp, report)
+        manifest = build_manifest(usable, splits, files, exp, report)
         storage.write_json(manifest_uri, manifest)
     log.info("%s", report.summary())
     return report
@@ -516,7 +313,7 @@ def _check_all(items: list[_Item]) -> None:
     from PIL import Image
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply stricter limits
-    tf_decode = _tf_decoder()
+    tf_decode = tf_decoder()
     done = 0
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
@@ -655,90 +452,3 @@ def _assign_folds(usable: list[_Item], splits: list[str], exp: Experiment,
         labels = [it.label for it in usable if it.fold == f]
         report.folds.append({"count": len(labels),
                              **{name: labels.count(c) for c, name in enumerate(CLASSES)}})
-
-
-def _write_shards(usable: list[_Item], splits: list[str], exp: Experiment, storage: Storage,
-                  data_uri: str, scratch: Path) -> dict[str, dict[str, Any]]:
-    import tensorflow as tf
-
-    out_dir = scratch / "shards"
-    out_dir.mkdir()
-    rng = np.random.default_rng(exp.data.seed)
-    files: dict[str, dict[str, Any]] = {}
-    for s in SPLITS:
-        members = [k for k, sp in enumerate(splits) if sp == s]
-        if not members:
-            continue
-        members = [members[k] for k in rng.permutation(len(members))]
-        n = min(exp.data.shards, len(members))
-        names = [f"{s}-{i}-of-{n}.tfrecord" for i in range(n)]
-        writers = [tf.io.TFRecordWriter(str(out_dir / name)) for name in names]
-        try:
-            for pos, k in enumerate(members):
-                item = usable[k]
-                data = item.stored if item.stored is not None else item.path.read_bytes()
-                if item.stored is None and hashlib.sha256(data).hexdigest() != item.sha256:
-                    raise DataError(f"{item.rel}: changed while it was being staged; stage again")
-                example = tf.train.Example(features=tf.train.Features(feature={
-                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[item.label])),
-                    "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(
-                        value=[item.stored_sha256.encode()])),
-                    "fold": tf.train.Feature(int64_list=tf.train.Int64List(value=[item.fold])),
-                }))
-                writers[pos % n].write(example.SerializeToString())
-                item.shard = names[pos % n]
-        finally:
-            for w in writers:
-                w.close()
-        for name in names:
-            path = out_dir / name
-            files[name] = {"split": s, "bytes": path.stat().st_size,
-                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        log.info("wrote %d %s images in %d shards", len(members), s, n)
-    storage.upload_dir(out_dir, data_uri)
-    return files
-
-
-def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str, Any]],
-              exp: Experiment, report: StageReport) -> dict:
-    split_doc = {}
-    for s in SPLITS:
-        split_doc[s] = dict(report.splits[s],
-                            shards=sorted(name for name, f in files.items() if f["split"] == s))
-    images = []
-    for it, sp in zip(usable, splits):
-        entry = {"sha256": it.stored_sha256, "label": CLASSES[it.label], "split": sp,
-                 "source": it.rel, "group": it.group, "fold": it.fold}
-        if it.stored_sha256 != it.sha256:
-            entry["source_sha256"] = it.sha256
-        images.append(entry)
-    manifest = {
-        "version": artifacts.MANIFEST_VERSION,
-        "source_fingerprint": report.fingerprint,
-        "source": report.source,
-        "test_source": report.test_source,
-        "synthetic": report.synthetic,
-        "provenance": report.provenance,
-        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "image_size": exp.data.image_size,
-        "classes": list(CLASSES),
-        "settings": {k: getattr(exp.data, k) for k in (
-            "validation_fraction", "test_fraction", "seed", "shards",
-            "near_duplicate_correlation")},
-        "splits": split_doc,
-        "folds": len(report.folds),  # skin.data.dataset(fold=f), f in 1..folds-1
-        "fold_counts": report.folds,
-        "files": {name: {"bytes": f["bytes"], "sha256": f["sha256"]}
-                  for name, f in sorted(files.items())},
-        "images": images,
-    }
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    return manifest
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of a manifest without its own ``manifest_sha256`` key (canonical JSON)."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-                          ).hexdigest()

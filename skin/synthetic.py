@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from skin.images import CLASSES
+
 log = logging.getLogger(__name__)
 
-CLASSES = ("benign", "malignant")
 _SKIN_TONES = np.array([(232, 190, 160), (215, 165, 130), (190, 140, 105), (240, 205, 180),
                         (200, 150, 120)], dtype=np.float32)
 

@@ -179,7 +179,7 @@ def test_a_random_backbone_still_tells_images_apart_in_inference_mode():
     model.fit(x, y, epochs=6, batch_size=8, verbose=0)  # 48 steps
     order = rng.permutation(64)
     p = model.predict(x[order], verbose=0)[:, 0]
-    from skin.evaluate import roc_auc
+    from skin.scoring import roc_auc
 
     # With 0.9 they are told apart; with 0.999 (MobileNetV2's own) or 0.99 every image got
     # the same score here (standard deviation 6e-8 and 3e-8).
@@ -350,7 +350,7 @@ def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_sy
     assert f"A CNN on a mobilenetv2 backbone (weights from `{uri}`; frozen" in card
     model_path = tmp_path / "model.keras"
     storage.download_file(join(published.uri, "model.keras"), model_path)
-    import skin.model  # noqa: F401 -- registers the layers the published model uses
+    import skin.inference  # noqa: F401 -- registers the layers the published model uses
 
     model = keras.models.load_model(model_path, safe_mode=True)
     # The frozen backbone is published with the weights it was given.
@@ -451,7 +451,7 @@ def test_retrain_publishes_a_lite0_model_on_imported_weights_with_tta(
     assert metrics["backbone"] == {"name": "efficientnet_lite0", "weights": uri, "trainable": True}
     model_path = tmp_path / "model.keras"
     storage.download_file(join(published.uri, "model.keras"), model_path)
-    import skin.model  # noqa: F401 -- registers the TTA layers
+    import skin.inference  # noqa: F401 -- registers the TTA layers
 
     model = keras.models.load_model(model_path, safe_mode=True)
     assert model.get_layer("tta_views") is not None

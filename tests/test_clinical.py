@@ -12,8 +12,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from skin import clinical
-from skin import evaluate as ev
+from skin import clinical, scoring
 from skin.errors import ConfigError
 
 
@@ -33,7 +32,7 @@ def test_auc_and_brier_match_scikit_learn(seed, ties):
     labels, scores = _random_case(seed, ties=ties)
     auc, var = clinical.delong(labels, scores)
     assert auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
-    assert auc == pytest.approx(ev.roc_auc(labels, scores), abs=1e-12)
+    assert auc == pytest.approx(scoring.roc_auc(labels, scores), abs=1e-12)
     assert var > 0
     assert clinical.brier_score(labels, scores) == pytest.approx(
         brier_score_loss(labels, scores), abs=1e-12)
@@ -65,7 +64,7 @@ def test_ece_of_a_calibrated_and_a_miscalibrated_model():
     # Squashing towards 0.5 keeps the ranking and the AUC but breaks calibration.
     squashed = 0.5 + (p - 0.5) * 0.5
     assert clinical.expected_calibration_error(labels, squashed) == pytest.approx(0.125, abs=0.01)
-    assert ev.roc_auc(labels, squashed) == pytest.approx(ev.roc_auc(labels, p), abs=1e-12)
+    assert scoring.roc_auc(labels, squashed) == pytest.approx(scoring.roc_auc(labels, p), abs=1e-12)
 
 
 def test_delong_variance_hand_computed():
@@ -112,7 +111,7 @@ def test_predictive_values_at_a_prevalence():
     lo, hi = pv["intervals_95"]["npv"]
     assert lo < pv["npv"] < hi
     # At the prevalence of a balanced test set the PPV is the test set's precision.
-    balanced = ev.classification_metrics([0] * 50 + [1] * 50,
+    balanced = scoring.classification_metrics([0] * 50 + [1] * 50,
                                          list(np.linspace(0, 0.6, 50)) + list(
                                              np.linspace(0.3, 1, 50)), 0.45)
     assert clinical.predictive_values(balanced, 0.5)["ppv"] == pytest.approx(
@@ -124,13 +123,13 @@ def test_predictive_values_at_a_prevalence():
 
 def test_classification_metrics_carry_the_new_figures_and_stay_json_clean():
     labels, scores = _random_case(3)
-    m = ev.classification_metrics(labels, scores, 0.5)
+    m = scoring.classification_metrics(labels, scores, 0.5)
     lo, hi = m["intervals_95"]["roc_auc"]
     assert lo < m["roc_auc"] < hi
     assert m["interval_methods"]["roc_auc"] == "DeLong"
     assert m["brier"] == pytest.approx(brier_score_loss(labels, scores))
     assert m["calibration"]["bins"] == 10 and m["ece"] >= 0
-    one_class = ev.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    one_class = scoring.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
     assert one_class["intervals_95"]["roc_auc"] is None
     json.dumps(one_class, allow_nan=False)
 
@@ -144,10 +143,10 @@ def test_operating_points_from_validation_applied_to_test():
     thresholds = [r["threshold"] for r in rows]
     assert thresholds == sorted(thresholds, reverse=True)  # more sensitive: lower threshold
     for r in rows:
-        assert r["threshold"] == ev.choose_threshold(val_labels, val_scores,
+        assert r["threshold"] == scoring.choose_threshold(val_labels, val_scores,
                                                      r["target_sensitivity"])
         assert r["validation"]["sensitivity"] >= r["target_sensitivity"]
-        expected = ev.classification_metrics(test_labels, test_scores, r["threshold"])
+        expected = scoring.classification_metrics(test_labels, test_scores, r["threshold"])
         assert r["test"]["sensitivity"] == expected["sensitivity"]
         assert r["test"]["specificity"] == expected["specificity"]
         assert r["test"]["ppv"] == pytest.approx(

@@ -1,6 +1,6 @@
-"""skin.evaluate: the metric functions (exact, against hand-computed values), model
-resolution and loading in safe mode (local and through the storage emulator), and
-`evaluate`/`predict` on folders of real images with broken files mixed in."""
+"""skin.scoring's metric functions (exact, against hand-computed values), skin.serving's
+model resolution and loading in safe mode (local and through the storage emulator), and
+skin.evaluate's `evaluate`/`predict` on folders of real images with broken files mixed in."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin import artifacts
+from skin import artifacts, images, scoring, serving
 from skin import evaluate as ev
 from skin.errors import ConfigError, DataError, DocumentError
 
@@ -31,12 +31,12 @@ from skin.errors import ConfigError, DataError, DocumentError
     ([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 8 / 9),
 ])
 def test_roc_auc_hand_computed(labels, scores, expected):
-    assert ev.roc_auc(labels, scores) == pytest.approx(expected, abs=1e-12)
+    assert scoring.roc_auc(labels, scores) == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1], []])
 def test_roc_auc_is_nan_without_both_classes(labels):
-    assert math.isnan(ev.roc_auc(labels, [0.5] * len(labels)))
+    assert math.isnan(scoring.roc_auc(labels, [0.5] * len(labels)))
 
 
 @pytest.mark.parametrize("labels, scores, fpr, tpr, thresholds", [
@@ -46,7 +46,7 @@ def test_roc_auc_is_nan_without_both_classes(labels):
      [0, 0, 0.5, 1], [0, 0.5, 1, 1], [np.inf, 0.9, 0.5, 0.1]),
 ])
 def test_roc_curve_hand_computed(labels, scores, fpr, tpr, thresholds):
-    got_fpr, got_tpr, got_thr = ev.roc_curve(labels, scores)
+    got_fpr, got_tpr, got_thr = scoring.roc_curve(labels, scores)
     np.testing.assert_allclose(got_fpr, fpr)
     np.testing.assert_allclose(got_tpr, tpr)
     np.testing.assert_array_equal(got_thr, thresholds)
@@ -56,15 +56,15 @@ def test_roc_curve_area_equals_rank_auc_with_ties():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 300)
     scores = np.round(rng.random(300) * 0.6 + labels * 0.3, 1)  # many ties
-    fpr, tpr, _ = ev.roc_curve(labels, scores)
+    fpr, tpr, _ = scoring.roc_curve(labels, scores)
     area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-    assert area == pytest.approx(ev.roc_auc(labels, scores), abs=1e-12)
+    assert area == pytest.approx(scoring.roc_auc(labels, scores), abs=1e-12)
     assert 0.5 < area < 1.0
 
 
 def test_roc_curve_needs_both_classes():
     with pytest.raises(ValueError, match="both classes"):
-        ev.roc_curve([1, 1], [0.2, 0.3])
+        scoring.roc_curve([1, 1], [0.2, 0.3])
 
 
 @pytest.mark.parametrize("threshold, expected", [
@@ -74,7 +74,7 @@ def test_roc_curve_needs_both_classes():
     (0.81, [[2, 0], [2, 0]]),
 ])
 def test_confusion_matrix_hand_computed(threshold, expected):
-    assert ev.confusion_matrix([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], threshold) == expected
+    assert scoring.confusion_matrix([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], threshold) == expected
 
 
 TENTHS = [round(0.1 * i, 1) for i in range(1, 11)]  # ten malignant scores 0.1 .. 1.0
@@ -88,16 +88,16 @@ TENTHS = [round(0.1 * i, 1) for i in range(1, 11)]  # ten malignant scores 0.1 .
     ([1] * 10, TENTHS, 0.91, 0.1),       # 9.1 -> 10 needed
     ([1, 1, 1, 1], [0.8, 0.8, 0.8, 0.2], 0.5, 0.8),   # ties: 3 of 4 kept at 0.8
     ([0, 1, 0, 1], [0.99, 0.6, 0.7, 0.3], 0.5, 0.6),  # benign scores do not matter
-    ([0, 0, 0], [0.1, 0.2, 0.3], 0.9, ev.DEFAULT_THRESHOLD),  # no malignant: the default
+    ([0, 0, 0], [0.1, 0.2, 0.3], 0.9, scoring.DEFAULT_THRESHOLD),  # no malignant: the default
 ])
 def test_choose_threshold_hand_computed(labels, scores, target, expected):
-    assert ev.choose_threshold(labels, scores, target) == pytest.approx(expected)
+    assert scoring.choose_threshold(labels, scores, target) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("target", [0.0, -0.1, 1.01])
 def test_choose_threshold_rejects_targets_out_of_range(target):
     with pytest.raises(ValueError, match="target_sensitivity"):
-        ev.choose_threshold([0, 1], [0.1, 0.9], target)
+        scoring.choose_threshold([0, 1], [0.1, 0.9], target)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -107,7 +107,7 @@ def test_choose_threshold_is_the_highest_that_keeps_the_target(seed, target):
     labels = rng.integers(0, 2, 101)
     labels[:2] = 1
     scores = np.round(rng.random(101), 2)  # ties included
-    t = ev.choose_threshold(labels, scores, target)
+    t = scoring.choose_threshold(labels, scores, target)
     malignant = scores[labels == 1]
 
     def sensitivity(threshold):
@@ -121,7 +121,7 @@ def test_choose_threshold_is_the_highest_that_keeps_the_target(seed, target):
 
 
 def test_classification_metrics_hand_computed():
-    m = ev.classification_metrics([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 0.5)
+    m = scoring.classification_metrics([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 0.5)
     assert m["confusion_matrix"] == [[2, 1], [1, 2]]
     assert (m["n"], m["n_benign"], m["n_malignant"]) == (6, 3, 3)
     for key in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
@@ -134,7 +134,7 @@ def test_classification_metrics_asymmetric_case():
     # tn=3 fp=1 fn=2 tp=4
     labels = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
     scores = [0.1, 0.2, 0.3, 0.9, 0.4, 0.45, 0.6, 0.7, 0.8, 0.95]
-    m = ev.classification_metrics(labels, scores, 0.5)
+    m = scoring.classification_metrics(labels, scores, 0.5)
     assert m["confusion_matrix"] == [[3, 1], [2, 4]]
     assert m["accuracy"] == pytest.approx(0.7)
     assert m["sensitivity"] == pytest.approx(4 / 6)
@@ -151,41 +151,41 @@ def test_classification_metrics_asymmetric_case():
     (1, 29, 0.0061, 0.1718),
 ])
 def test_wilson_interval_matches_published_values(successes, n, low, high):
-    lo, hi = ev.wilson_interval(successes, n)
+    lo, hi = scoring.wilson_interval(successes, n)
     assert (lo, hi) == (pytest.approx(low, abs=5e-5), pytest.approx(high, abs=5e-5))
 
 
 def test_wilson_interval_edges():
-    lo, hi = ev.wilson_interval(0, 29)
-    assert ev.wilson_interval(29, 29) == [pytest.approx(1 - hi), 1.0]  # symmetric in p, 1 - p
+    lo, hi = scoring.wilson_interval(0, 29)
+    assert scoring.wilson_interval(29, 29) == [pytest.approx(1 - hi), 1.0]  # symmetric in p, 1 - p
     assert lo == 0.0
-    assert ev.wilson_interval(0, 0) is None
+    assert scoring.wilson_interval(0, 0) is None
     with pytest.raises(ValueError, match="successes must be in"):
-        ev.wilson_interval(5, 4)
+        scoring.wilson_interval(5, 4)
 
 
 def test_classification_metrics_carry_intervals():
     # tn=3 fp=1 fn=2 tp=4, as above
     labels = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
     scores = [0.1, 0.2, 0.3, 0.9, 0.4, 0.45, 0.6, 0.7, 0.8, 0.95]
-    m = ev.classification_metrics(labels, scores, 0.5)
+    m = scoring.classification_metrics(labels, scores, 0.5)
     ci = m["intervals_95"]
-    assert ci["sensitivity"] == pytest.approx(ev.wilson_interval(4, 6))
-    assert ci["specificity"] == pytest.approx(ev.wilson_interval(3, 4))
-    assert ci["accuracy"] == pytest.approx(ev.wilson_interval(7, 10))
+    assert ci["sensitivity"] == pytest.approx(scoring.wilson_interval(4, 6))
+    assert ci["specificity"] == pytest.approx(scoring.wilson_interval(3, 4))
+    assert ci["accuracy"] == pytest.approx(scoring.wilson_interval(7, 10))
     for key, (lo, hi) in ci.items():
         assert lo < m[key] < hi, key
     text = ev.format_report({**m, "model": "x", "data": "y"})
     lo, hi = ci["sensitivity"]
     assert f"95 % interval {lo:.3f}-{hi:.3f}" in text
     # No malignant image: no sensitivity interval, and the report still renders.
-    m = ev.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    m = scoring.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
     assert m["intervals_95"]["sensitivity"] is None
     json.dumps(m, allow_nan=False)
 
 
 def test_classification_metrics_undefined_ratios_are_none_and_json_clean():
-    m = ev.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)  # no malignant, none predicted
+    m = scoring.classification_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)  # no malignant, none predicted
     assert m["sensitivity"] is None and m["precision"] is None and m["f1"] is None
     assert m["roc_auc"] is None
     assert m["specificity"] == 1.0 and m["accuracy"] == 1.0
@@ -200,11 +200,11 @@ def test_classification_metrics_undefined_ratios_are_none_and_json_clean():
 ])
 def test_metric_inputs_are_checked(labels, scores, message):
     with pytest.raises(ValueError, match=message):
-        ev.classification_metrics(labels, scores, 0.5)
+        scoring.classification_metrics(labels, scores, 0.5)
 
 
 def test_format_report_shows_every_figure():
-    m = ev.classification_metrics([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 0.5)
+    m = scoring.classification_metrics([0, 0, 0, 1, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.4, 0.9], 0.5)
     m.update(model="gs://b/models/20250101-000000/model.keras", version="20250101-000000",
              data="/data", skipped=[{"path": "/data/benign/x.jpg", "reason": "truncated"}],
              n_skipped=1)
@@ -305,9 +305,9 @@ def publish_tiny(folder: Path, threshold: float = 0.5, version: str = "20250101-
     folder.mkdir(parents=True, exist_ok=True)
     keras_file = folder / artifacts.MODEL
     tiny_model().save(keras_file)
-    doc = ev.serving_document(threshold, SIZE, version)
+    doc = serving.serving_document(threshold, SIZE, version)
     if embed:
-        ev.embed_serving(keras_file, doc)
+        serving.embed_serving(keras_file, doc)
     if beside:
         (folder / artifacts.SERVING).write_text(json.dumps(doc))
     return folder
@@ -339,9 +339,9 @@ def test_embedded_serving_keeps_the_archive_loadable_in_safe_mode(published):
     ".",  # an experiment root: models/LATEST below it
 ])
 def test_load_published_local_forms(published, relative):
-    model, info = ev.load_published(published.parent / relative)
+    model, info = serving.load_published(published.parent / relative)
     assert info.threshold == pytest.approx(0.42)
-    assert (info.image_size, info.class_names, info.version) == (SIZE, ev.CLASS_NAMES,
+    assert (info.image_size, info.class_names, info.version) == (SIZE, images.CLASSES,
                                                                  "20250101-000000")
     assert info.source.endswith("20250101-000000/model.keras")
     assert model.input_shape == (None, SIZE, SIZE, 3)
@@ -350,19 +350,19 @@ def test_load_published_local_forms(published, relative):
 def test_load_published_from_a_lone_keras_file(published, tmp_path):
     lone = tmp_path / "anywhere.keras"
     shutil.copy(published / "20250101-000000" / artifacts.MODEL, lone)
-    _, info = ev.load_published(lone)
+    _, info = serving.load_published(lone)
     assert info.threshold == pytest.approx(0.42) and info.described
 
 
 def test_load_published_out_folder_of_skin_run(published, tmp_path):
     shutil.copytree(published / "20250101-000000", tmp_path / "model")
-    _, info = ev.load_published(tmp_path)
+    _, info = serving.load_published(tmp_path)
     assert info.threshold == pytest.approx(0.42)
 
 
 def test_load_published_serving_json_beside_when_not_embedded(tmp_path):
     publish_tiny(tmp_path / "v", threshold=0.3, embed=False)
-    _, info = ev.load_published(tmp_path / "v")
+    _, info = serving.load_published(tmp_path / "v")
     assert info.threshold == pytest.approx(0.3) and info.described
 
 
@@ -370,13 +370,13 @@ def test_load_published_refuses_a_serving_json_of_another_shape(tmp_path):
     publish_tiny(tmp_path / "v", embed=False)
     (tmp_path / "v" / artifacts.SERVING).write_text(json.dumps({"threshold": "high"}))
     with pytest.raises(DocumentError, match="serving.json: 'threshold' is 'high'"):
-        ev.load_published(tmp_path / "v")
+        serving.load_published(tmp_path / "v")
 
 
 def test_load_published_without_description_uses_default_threshold(tmp_path):
     publish_tiny(tmp_path / "v", embed=False, beside=False)
-    _, info = ev.load_published(tmp_path / "v")
-    assert info.threshold == ev.DEFAULT_THRESHOLD and not info.described
+    _, info = serving.load_published(tmp_path / "v")
+    assert info.threshold == scoring.DEFAULT_THRESHOLD and not info.described
     assert info.image_size == SIZE  # from the model's input
 
 
@@ -389,7 +389,7 @@ def test_load_published_without_description_uses_default_threshold(tmp_path):
 ])
 def test_load_published_local_errors(tmp_path, make, message):
     with pytest.raises(ConfigError, match=message):
-        ev.load_published(make(tmp_path))
+        serving.load_published(make(tmp_path))
 
 
 def test_load_published_refuses_unsafe_lambda(tmp_path):
@@ -399,7 +399,7 @@ def test_load_published_refuses_unsafe_lambda(tmp_path):
     out = keras.layers.Lambda(lambda t: t[:, 0, 0, :1])(inputs)
     keras.Model(inputs, out).save(tmp_path / "model.keras")
     with pytest.raises(ConfigError, match="safe mode.*safe_mode=False"):
-        ev.load_published(tmp_path)
+        serving.load_published(tmp_path)
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/LATEST", "/20250101-000000",
@@ -407,7 +407,7 @@ def test_load_published_refuses_unsafe_lambda(tmp_path):
 def test_load_published_from_the_bucket(published, storage, bucket, suffix):
     root = f"gs://{bucket}/experiments/exp"
     storage.upload_dir(published, f"{root}/models")
-    _, info = ev.load_published(f"{root}/models{suffix}", storage)
+    _, info = serving.load_published(f"{root}/models{suffix}", storage)
     assert info.threshold == pytest.approx(0.42) and info.version == "20250101-000000"
     assert info.source == f"{root}/models/20250101-000000/model.keras"
 
@@ -415,7 +415,7 @@ def test_load_published_from_the_bucket(published, storage, bucket, suffix):
 def test_load_published_experiment_root_in_the_bucket(published, storage, bucket):
     root = f"gs://{bucket}/exp"
     storage.upload_dir(published, f"{root}/models")
-    _, info = ev.load_published(root, storage)
+    _, info = serving.load_published(root, storage)
     assert info.version == "20250101-000000"
 
 
@@ -426,7 +426,7 @@ def test_load_published_experiment_root_in_the_bucket(published, storage, bucket
 ])
 def test_load_published_bucket_errors(storage, bucket, suffix, message):
     with pytest.raises(ConfigError, match=message):
-        ev.load_published(f"gs://{bucket}/exp{suffix}", storage)
+        serving.load_published(f"gs://{bucket}/exp{suffix}", storage)
 
 
 # ---------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def _one_by_one(model_dir: Path, folder: Path, skip: set[str]):
 
     from skin.data import load_images
 
-    model, info = ev.load_published(model_dir)
+    model, info = serving.load_published(model_dir)
     labels, probs = [], []
     for path, label in ev.find_labelled_images(folder):
         if str(path) in skip:
@@ -473,7 +473,7 @@ def _one_by_one(model_dir: Path, folder: Path, skip: set[str]):
             Image.open(path).convert("RGB").save(tmp)
             x = load_images([str(tmp)], info.image_size)
         labels.append(label)
-        probs.append(float(ev.malignant_probability(model, x)[0]))
+        probs.append(float(serving.malignant_probability(model, x)[0]))
     return np.array(labels), np.array(probs)
 
 
@@ -491,7 +491,7 @@ def test_evaluate_folder_with_broken_files(image_folder, tmp_path):
     n_files = len(ev.find_labelled_images(image_folder))
     assert result["files_found"] == n_files and result["n"] == n_files - 3
     labels, probs = _one_by_one(model_dir, image_folder, {str(p) for p in broken})
-    expected = ev.classification_metrics(labels, probs, 0.501)
+    expected = scoring.classification_metrics(labels, probs, 0.501)
     assert result["confusion_matrix"] == expected["confusion_matrix"]
     assert result["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
     assert (result["threshold"], result["version"]) == (0.501, "20250101-000000")
@@ -525,8 +525,8 @@ def test_predict_one_per_image_in_order(real_or_synthetic_images, tmp_path):
             assert p.label == ("malignant" if p.probability >= 0.5 else "benign")
     from skin.data import load_images
 
-    model, _ = ev.load_published(model_dir)
-    direct = ev.malignant_probability(model, load_images([str(images[0])], SIZE))[0]
+    model, _ = serving.load_published(model_dir)
+    direct = serving.malignant_probability(model, load_images([str(images[0])], SIZE))[0]
     assert preds[0].probability == pytest.approx(float(direct), abs=1e-6)
     lines = ev.format_predictions(preds).splitlines()[1:]
     assert len(lines) == len(asked)

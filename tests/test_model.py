@@ -1,4 +1,5 @@
-"""skin.model: the search space builds valid, compiled, loadable models that train."""
+"""skin.model: the search space builds valid, compiled, loadable models that train; skin.inference:
+the published model over members and views."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from skin import inference
 from skin import model as M
 from skin.config import API_VERSION, KIND, parse_experiment
 from skin.errors import ConfigError
@@ -280,7 +282,7 @@ def members():
 @pytest.mark.parametrize("views", [1, 2, 4, 8])
 def test_dihedral_views_layer_stacks_the_views_view_major(views):
     x = images(3)
-    out = M.DihedralViews(views)(x).numpy()
+    out = inference.DihedralViews(views)(x).numpy()
     assert out.shape == (views * 3, SIZE, SIZE, 3)
     expected = {0: x, 1: x[:, :, ::-1], 2: x[:, ::-1], 3: x[:, ::-1, ::-1]}
     for v in range(min(views, 4)):
@@ -292,7 +294,7 @@ def test_dihedral_views_layer_stacks_the_views_view_major(views):
 
 def test_tta_model_is_the_mean_over_the_eight_views(members):
     base = members[0]
-    tta = M.inference_model([base], tta=True)
+    tta = inference.inference_model([base], tta=True)
     x = images(4, seed=5)
     expected = np.mean([base.predict_on_batch(v) for v in dihedral_views(x)], axis=0)
     got = tta.predict_on_batch(x)
@@ -305,17 +307,17 @@ def test_tta_model_is_the_mean_over_the_eight_views(members):
 
 
 def test_one_member_without_tta_is_published_as_it_is(members):
-    assert M.inference_model(members[:1]) is members[0]
+    assert inference.inference_model(members[:1]) is members[0]
 
 
 def test_ensemble_is_the_mean_of_its_members(members):
     x = images(5, seed=6)
     separate = [m.predict_on_batch(x) for m in members]
     assert np.abs(separate[0] - separate[1]).max() > 1e-4  # two different models
-    ensemble = M.inference_model(members)
+    ensemble = inference.inference_model(members)
     np.testing.assert_allclose(ensemble.predict_on_batch(x), np.mean(separate, axis=0),
                                rtol=1e-5, atol=1e-6)
-    both = M.inference_model(members, tta=True)
+    both = inference.inference_model(members, tta=True)
     expected = np.mean([m.predict_on_batch(v) for m in members for v in dihedral_views(x)], axis=0)
     np.testing.assert_allclose(both.predict_on_batch(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -325,9 +327,9 @@ def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
     import subprocess
     import sys
 
-    from skin.retrain import export_saved_model
+    from skin.publish import export_saved_model
 
-    model = M.inference_model(members, tta=True)
+    model = inference.inference_model(members, tta=True)
     x = images(3, seed=7)
     expected = model.predict_on_batch(x)
     path = tmp_path / "model.keras"
@@ -339,9 +341,9 @@ def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
     export_saved_model(loaded, tmp_path / "saved_model", SIZE)
     exported = tf.saved_model.load(str(tmp_path / "saved_model"))
     np.testing.assert_allclose(np.asarray(exported.serve(x)), expected, rtol=1e-5, atol=1e-5)
-    # A fresh process that only knows skin.evaluate loads it (the layers register themselves).
+    # A fresh process that only knows skin.serving loads it (the layers register themselves).
     np.save(tmp_path / "x.npy", x)
-    code = ("import sys, numpy as np; from skin.evaluate import load_published\n"
+    code = ("import sys, numpy as np; from skin.serving import load_published\n"
             "m, _ = load_published(sys.argv[1]); x = np.load(sys.argv[2])\n"
             "np.save(sys.argv[3], m.predict_on_batch(x))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),
@@ -353,6 +355,6 @@ def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
 def test_inference_model_rejects_mismatched_members(members):
     other = M.SkinHyperModel(experiment(image_size=48)).build(hyperparameters(blocks=3))
     with pytest.raises(ValueError, match="member 1"):
-        M.inference_model([members[0], other])
+        inference.inference_model([members[0], other])
     with pytest.raises(ValueError, match="views"):
-        M.DihedralViews(3)
+        inference.DihedralViews(3)

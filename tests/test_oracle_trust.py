@@ -451,14 +451,14 @@ def _spec(**changes):
                                              r"to 16"),
 ])
 def test_retrain_refuses_values_outside_the_space_or_fixed(changes, fixed, message):
-    from skin import retrain as rt
+    from skin import training
     from skin.errors import ConfigError
     from skin.model import SkinHyperModel
 
     exp = _retrain_exp("b-b", fixed=fixed)
-    rt.check_members(exp, SkinHyperModel(exp), [_spec(batch_size=16) if fixed else _spec()])
+    training.check_members(exp, SkinHyperModel(exp), [_spec(batch_size=16) if fixed else _spec()])
     with pytest.raises(ConfigError, match=message) as e:
-        rt.check_members(exp, SkinHyperModel(exp), [_spec(**changes)])
+        training.check_members(exp, SkinHyperModel(exp), [_spec(**changes)])
     assert "nothing was trained or published" in str(e.value)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin import artifacts
+from skin import artifacts, model_card, provenance, publish, scoring, serving, training
 from skin import evaluate as ev
 from skin import retrain as rt
 from skin.config import Runtime, parse_experiment
@@ -171,11 +171,11 @@ def test_metrics_json(run):
     assert metrics["threshold"] == metrics["serving"]["threshold"] == metrics["validation"][
         "threshold"]
     assert (metrics["image_size"], metrics["class_names"]) == (SIZE, ["benign", "malignant"])
-    training = metrics["training"]
-    assert 1 <= training["epochs_trained"] <= 2 and training["epochs_budget"] == 2
-    assert len(training["history"]["loss"]) == len(training["history"]["val_loss"]) == \
-        training["epochs_trained"]
-    assert training["monitor"] == "val_auc" and training["best_epoch"] >= 1
+    retrained = metrics["training"]
+    assert 1 <= retrained["epochs_trained"] <= 2 and retrained["epochs_budget"] == 2
+    assert len(retrained["history"]["loss"]) == len(retrained["history"]["val_loss"]) == \
+        retrained["epochs_trained"]
+    assert retrained["monitor"] == "val_auc" and retrained["best_epoch"] >= 1
     assert metrics["hyperparameters"] == BEST["hyperparameters"]
     assert metrics["tta"] == {"enabled": False, "views": 1}  # the defaults: one plain model
     assert (metrics["ensemble"]["size"], metrics["ensemble"]["members"][0]["trial_id"]) == (1, "0007")
@@ -186,13 +186,13 @@ def test_metrics_json(run):
 @pytest.mark.slow
 def test_threshold_comes_from_validation_and_test_metrics_from_the_saved_model(run):
     exp, runtime, _, published = run
-    model, info = ev.load_published(published.local_dir)
+    model, info = serving.load_published(published.local_dir)
     data_dir = runtime.work_dir / "data"
-    val_labels, val_probs = rt.split_predictions(model, data_dir, "validation", SIZE)
-    assert info.threshold == pytest.approx(ev.choose_threshold(val_labels, val_probs, 0.9),
+    val_labels, val_probs = training.split_predictions(model, data_dir, "validation", SIZE)
+    assert info.threshold == pytest.approx(scoring.choose_threshold(val_labels, val_probs, 0.9),
                                            abs=1e-6)
-    test_labels, test_probs = rt.split_predictions(model, data_dir, "test", SIZE)
-    expected = ev.classification_metrics(test_labels, test_probs, info.threshold)
+    test_labels, test_probs = training.split_predictions(model, data_dir, "test", SIZE)
+    expected = scoring.classification_metrics(test_labels, test_probs, info.threshold)
     assert published.metrics["confusion_matrix"] == expected["confusion_matrix"]
     assert published.metrics["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
 
@@ -210,7 +210,7 @@ def test_model_keras_is_self_describing_and_loads_in_safe_mode(run):
     assert inside == beside
     assert beside["threshold"] == published.metrics["threshold"]
     assert beside["data_source"]["kind"] == "folder"  # the staged source's kind
-    assert ev.load_published(published.local_dir)[1].data_source_kind == "folder"
+    assert serving.load_published(published.local_dir)[1].data_source_kind == "folder"
     assert (beside["image_size"], beside["class_names"], beside["version"]) == (
         SIZE, ["benign", "malignant"], published.version)
 
@@ -220,7 +220,7 @@ def test_saved_model_export_matches_keras(run):
     import tensorflow as tf
 
     published = run[3]
-    model, _ = ev.load_published(published.local_dir)
+    model, _ = serving.load_published(published.local_dir)
     x = np.random.default_rng(0).uniform(0, 255, (3, SIZE, SIZE, 3)).astype(np.float32)
     exported = tf.saved_model.load(str(published.local_dir / "saved_model"))
     np.testing.assert_allclose(np.asarray(exported.serve(x)), model.predict_on_batch(x),
@@ -256,10 +256,10 @@ def test_model_card(run):
     assert m["reference_prevalence"]["source"].startswith("urgent suspected skin cancer")
     for row in m["operating_points"]:
         assert f"| {row['target_sensitivity']:.2f}" in card and f"{row['threshold']:.4f}" in card
-    training = m["training"]
-    assert training["restored_best"] is True  # the default
-    assert training["published_epoch"] == training["best_epoch"]
-    assert f"restored epoch {training['best_epoch']} (best val_auc)" in card
+    retrained = m["training"]
+    assert retrained["restored_best"] is True  # the default
+    assert retrained["published_epoch"] == retrained["best_epoch"]
+    assert f"restored epoch {retrained['best_epoch']} (best val_auc)" in card
 
 
 @pytest.mark.slow
@@ -287,7 +287,7 @@ def test_card_names_the_isic_licence_only_for_the_isic_images(run, tmp_path):
     for name, doc in cases.items():
         metrics = json.loads(json.dumps(published.metrics))
         metrics["data"]["provenance"] = doc
-        cards[name] = rt.model_card(exp, published.version, metrics, BEST, {})
+        cards[name] = model_card.model_card(exp, published.version, metrics, BEST, {})
     for name in ("isic-readme", "isic-config"):
         assert "ISIC Archive" in cards[name] and "CC-BY-NC" in cards[name], name
     assert f"recognised by {isic / 'README.md'}" in cards["isic-readme"]
@@ -339,16 +339,16 @@ def test_restore_best_publishes_the_best_or_the_last_epochs_weights(run, restore
         def fit(self, hp, model, *, callbacks=None, **kw):
             return super().fit(hp, model, callbacks=[PeakAtEpochOne(), *(callbacks or [])], **kw)
 
-    model, training = rt.train(exp, Rigged(exp), BEST, runtime.work_dir / "data")
-    assert (training["epochs_trained"], training["best_epoch"]) == (3, 1)
-    assert training["restored_best"] is restore_best
-    assert training["published_epoch"] == (1 if restore_best else 3)
-    expected = snapshots[training["published_epoch"] - 1]
+    model, trained = training.train(exp, Rigged(exp), BEST, runtime.work_dir / "data")
+    assert (trained["epochs_trained"], trained["best_epoch"]) == (3, 1)
+    assert trained["restored_best"] is restore_best
+    assert trained["published_epoch"] == (1 if restore_best else 3)
+    expected = snapshots[trained["published_epoch"] - 1]
     other = snapshots[2 if restore_best else 0]
     got = model.get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
     assert not all(np.array_equal(a, b) for a, b in zip(got, other))
-    card_words = rt._published_epoch(training)
+    card_words = model_card._published_epoch(trained)
     assert card_words == ("restored epoch 1 (best val_auc)" if restore_best else
                           "published the last epoch's weights (epoch 3; the best val_auc was "
                           "at epoch 1)")
@@ -462,7 +462,7 @@ def test_a_failed_upload_never_moves_latest(emulator, bucket, real_or_synthetic_
 ])
 def test_epoch_policy(retrain_epochs, best, expected, tmp_path):
     exp = experiment("b-b", tmp_path, epochs=retrain_epochs)
-    assert rt._epochs(exp, best) == expected
+    assert training._epochs(exp, best) == expected
 
 
 def test_best_values_reach_the_real_hypermodel(tmp_path):
@@ -470,7 +470,7 @@ def test_best_values_reach_the_real_hypermodel(tmp_path):
 
     exp = experiment("b-b", tmp_path)
     recorded = {**BEST["hyperparameters"], "stem": 4}   # every value off its default reaches
-    values = SkinHyperModel(exp).values(rt._hyperparameters(recorded))
+    values = SkinHyperModel(exp).values(training._hyperparameters(recorded))
     assert {k: values[k] for k in values} == {k: v for k, v in recorded.items()
                                               if not k.startswith("tuner/")}
 
@@ -481,7 +481,7 @@ def test_a_best_trial_recorded_before_a_new_hyperparameter_gets_its_default(tmp_
 
     exp = experiment("b-b", tmp_path)
     old = {k: v for k, v in BEST["hyperparameters"].items() if k != "stem"}
-    values = SkinHyperModel(exp).values(rt._hyperparameters(old))
+    values = SkinHyperModel(exp).values(training._hyperparameters(old))
     assert values["stem"] == 2
     assert {k: values[k] for k in old if not k.startswith("tuner/")} == {
         k: v for k, v in old.items() if not k.startswith("tuner/")}
@@ -489,16 +489,16 @@ def test_a_best_trial_recorded_before_a_new_hyperparameter_gets_its_default(tmp_
 
 def test_new_version_skips_a_taken_second(storage, bucket):
     models = f"gs://{bucket}/x/models"
-    taken = rt._new_version(storage, models)
+    taken = publish.new_version(storage, models)
     storage.write_text(f"{models}/{taken}/metrics.json", "{}")
-    assert rt._new_version(storage, models) > taken
+    assert publish.new_version(storage, models) > taken
 
 
 @pytest.mark.slow
 def test_plots_with_a_read_only_matplotlib_config_dir(tmp_path):
     code = (
-        "import os, sys; from pathlib import Path; from skin import retrain as rt\n"
-        "rt.plot_confusion_matrix([[3, 1], [2, 4]], 'test', 0.42, Path(sys.argv[1]))\n"
+        "import os, sys; from pathlib import Path; from skin import plots\n"
+        "plots.plot_confusion_matrix([[3, 1], [2, 4]], 'test', 0.42, Path(sys.argv[1]))\n"
         "print(os.environ['MPLCONFIGDIR'])\n")
     out = tmp_path / "cm.png"
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
@@ -510,14 +510,14 @@ def test_plots_with_a_read_only_matplotlib_config_dir(tmp_path):
 
 
 def test_code_version_names_the_commit():
-    version = rt.code_version()
+    version = provenance.code_version()
     assert version.startswith("0.")
-    if (Path(rt.__file__).parents[1] / ".git").exists():
+    if (Path(provenance.__file__).parents[1] / ".git").exists():
         assert re.search(r"\+git\.[0-9a-f]{12}", version)
 
 
 def test_run_report_is_rendered_from_the_search_result(tmp_path):
-    rt._render_report(_as_written(RESULT), tmp_path)
+    publish.render_report(_as_written(RESULT), tmp_path)
     assert (tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
     assert "0007" in (tmp_path / "report.html").read_text()
 
@@ -557,27 +557,27 @@ def test_top_trials_are_distinct_and_in_objective_order(direction, expected):
         _scored("0010", 0.40, 4, status="cancelled"),
     ]}
     result = _as_written(result)
-    top = rt.top_trials(result, 3)
+    top = training.top_trials(result, 3)
     assert [t["trial_id"] for t in top] == expected
     assert top[0] == {"trial_id": expected[0], "score": {"max": 0.90, "min": 0.50}[direction],
                       "objective": "val_auc", "epochs": 1,
                       "hyperparameters": {"units": {"max": 5, "min": 4}[direction]}}
-    everything = rt.top_trials(result, 8)
+    everything = training.top_trials(result, 8)
     assert len(everything) == 5  # five distinct configurations completed
     assert len({json.dumps(t["hyperparameters"]) for t in everything}) == 5
     # The best trial of best_hyperparameters.json comes first; its configuration only once.
     best = {"trial_id": "0003", "score": 0.7, "hyperparameters": {"units": 3}}
-    assert [t["trial_id"] for t in rt.top_trials(result, 3, best=best)] == [
+    assert [t["trial_id"] for t in training.top_trials(result, 3, best=best)] == [
         "0003", *[t for t in expected if t != "0003"][:2]]
 
 
 def test_top_trials_direction_from_the_objective_and_without_a_result():
     result = {"objective": "val_loss", "direction": "min",
               "trials": [_scored("1", 0.3, 1), _scored("2", 0.2, 2)]}
-    assert [t["trial_id"] for t in rt.top_trials(_as_written(result), 2)] == ["2", "1"]
-    assert [t["trial_id"] for t in rt.top_trials(None, 2, objective="val_loss")] == []
-    assert rt.top_trials(None, 3, best={"trial_id": "x"}) == [{"trial_id": "x"}]
-    assert rt.top_trials(None, 3) == []
+    assert [t["trial_id"] for t in training.top_trials(_as_written(result), 2)] == ["2", "1"]
+    assert [t["trial_id"] for t in training.top_trials(None, 2, objective="val_loss")] == []
+    assert training.top_trials(None, 3, best={"trial_id": "x"}) == [{"trial_id": "x"}]
+    assert training.top_trials(None, 3) == []
 
 
 @pytest.fixture(scope="module")
@@ -645,16 +645,16 @@ def test_ensemble_threshold_and_metrics_from_the_published_model(ensemble_run, t
         assert e["training"]["epochs_budget"] == 1
     assert ens["validation_auc"] == m["validation"]["roc_auc"]
     # The threshold is chosen on the published (ensemble + TTA) model's own validation outputs.
-    model, info = ev.load_published(published.local_dir)
+    model, info = serving.load_published(published.local_dir)
     data_dir = published.local_dir.parents[1] / "data"
-    labels, probs = rt.split_predictions(model, data_dir, "validation", SIZE)
-    assert info.threshold == pytest.approx(ev.choose_threshold(labels, probs, 0.9), abs=1e-6)
-    assert m["validation"]["roc_auc"] == pytest.approx(ev.roc_auc(labels, probs), abs=1e-6)
+    labels, probs = training.split_predictions(model, data_dir, "validation", SIZE)
+    assert info.threshold == pytest.approx(scoring.choose_threshold(labels, probs, 0.9), abs=1e-6)
+    assert m["validation"]["roc_auc"] == pytest.approx(scoring.roc_auc(labels, probs), abs=1e-6)
     # Each member's own figure is what it scores alone.
-    member_labels, member_probs = rt.split_predictions(hypermodel.built[2], data_dir,  # [0]: probe
+    member_labels, member_probs = training.split_predictions(hypermodel.built[2], data_dir,  # [0]: probe
                                                        "validation", SIZE)
     assert ens["members"][1]["validation_auc"] == pytest.approx(
-        ev.roc_auc(member_labels, member_probs), abs=1e-6)
+        scoring.roc_auc(member_labels, member_probs), abs=1e-6)
 
 
 @pytest.mark.slow
@@ -679,11 +679,11 @@ def test_card_gives_the_confirmation_over_seeds_and_validation_folds(run):
                     "0.0050 (mean of 3 and 3 trainings, validated on folds 0, 1, 2): within noise",
                     "candidates": [{"trial_id": "01", "mean": 0.91, "std": 0.01, "n": 3},
                                    {"trial_id": "00", "mean": 0.90, "std": 0.01, "n": 3}]}
-    card = rt.model_card(exp, published.version, published.metrics,
+    card = model_card.model_card(exp, published.version, published.metrics,
                          {**BEST, "confirmation": confirmation}, {})
     assert "validated on folds 0, 1, 2): within noise; mean ± std over seeds and validation " \
         "folds: trial 01 0.9100 ± 0.0100 (n=3)" in card
     seeds_only = {**confirmation, "folds": [0]}
-    card = rt.model_card(exp, published.version, published.metrics,
+    card = model_card.model_card(exp, published.version, published.metrics,
                          {**BEST, "confirmation": seeds_only}, {})
     assert "mean ± std over seeds: trial 01" in card

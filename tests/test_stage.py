@@ -20,7 +20,8 @@ from skin import synthetic
 from skin.config import API_VERSION, KIND, Experiment, parse_experiment
 from skin.errors import DataError
 from skin.grouping import fold_groups, near_duplicate_groups, split_groups, split_images
-from skin.stage import CLASSES, stage
+from skin.images import CLASSES
+from skin.stage import stage
 from skin.storage import Storage, join
 
 

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from skin import __version__
 from skin.artifacts import objective_direction
+from skin.tuning.hooks import ChiefHooks, WorkerHooks
 
 log = logging.getLogger("skin.metrics")
 
@@ -136,7 +137,7 @@ class _WorkerSeen:
     running: int = 0
 
 
-class ChiefMetrics:
+class ChiefMetrics(ChiefHooks):
     """The chief's (oracle's) metrics. Thread-safe: the gRPC servicer calls it from many threads.
 
     ``objective``/``direction`` decide what "best" means (``direction`` defaults to
@@ -446,7 +447,7 @@ class ChiefMetrics:
 # Worker
 
 
-class WorkerMetrics:
+class WorkerMetrics(WorkerHooks):
     """One worker's metrics; every series carries ``worker`` (its ``tuner<i>`` id)."""
 
     def __init__(self, registry: CollectorRegistry, worker: str, *,

@@ -382,3 +382,53 @@ def test_role_metrics_configures_the_hooks_from_the_experiment():
     worker = m.role_metrics(CollectorRegistry(), exp, "tuner2")
     assert isinstance(worker, m.WorkerMetrics)
     assert (worker.worker, worker.objective) == ("tuner2", "val_loss")
+
+
+def test_metrics_implement_every_hook_of_their_interface_with_its_signature():
+    import inspect
+
+    from skin.tuning.hooks import ChiefHooks, WorkerHooks
+
+    for interface, impl in ((ChiefHooks, m.ChiefMetrics), (WorkerHooks, m.WorkerMetrics)):
+        hooks = [n for n, v in vars(interface).items() if callable(v) and not n.startswith("_")]
+        assert len(hooks) >= 4
+        for name in hooks:
+            assert name in vars(impl), f"{impl.__name__} does not implement {name}"
+            assert inspect.signature(getattr(impl, name)) == \
+                inspect.signature(getattr(interface, name)), name
+            assert getattr(interface(), name)(*_hook_args(interface, name)) is None  # no-op
+
+
+def _hook_args(interface, name: str) -> list:
+    import inspect
+
+    params = list(inspect.signature(getattr(interface, name)).parameters.values())[1:]
+    sample = {"str": "tuner0", "int": 1, "float": 1.0, "bool": True}
+    return [sample.get(str(p.annotation).split(" |")[0], None) for p in params
+            if p.default is inspect.Parameter.empty]
+
+
+def test_a_failing_hook_is_logged_once_and_never_reaches_the_caller(caplog):
+    from skin.tuning.hooks import ChiefHooks, WorkerHooks
+
+    calls = []
+
+    class Broken(ChiefHooks):
+        def trial_started(self, worker: str) -> None:
+            calls.append(worker)
+            raise RuntimeError("broken on purpose")
+
+    class Odd(WorkerHooks):
+        def data_synced(self, nbytes: int, seconds: float) -> None:
+            raise ZeroDivisionError("also broken")
+
+    caplog.set_level("WARNING", logger="skin.tuning")
+    hooks = Broken()
+    assert hooks.trial_started("tuner0") is None
+    hooks.trial_started("tuner1")
+    hooks.search_finished()  # not overridden: the no-op
+    Odd().data_synced(1, 1.0)
+    assert calls == ["tuner0", "tuner1"]  # the hook ran each time
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("trial_started failed (RuntimeError: broken on purpose)" in x for x in lines) == 1
+    assert sum("data_synced failed (ZeroDivisionError: also broken)" in x for x in lines) == 1

@@ -10,7 +10,8 @@ Modules: ``oracle`` (keras-tuner's oracles with leases and per-trial state),
 chief's life), ``client`` (a worker's line to the chief), ``tuner`` (the
 worker's keras-tuner Tuner: trials, checkpoints through the bucket),
 ``worker`` (the worker's life), ``results`` (what a search leaves behind),
-``protocol`` (what travels beside keras-tuner's messages).
+``protocol`` (what travels beside keras-tuner's messages), ``hooks`` (the typed
+metrics hooks, no-op by default).
 
 Importing this package is cheap; TensorFlow loads when a role starts.
 """

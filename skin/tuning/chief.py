@@ -55,6 +55,7 @@ from skin.errors import (
 )
 from skin.tuning import auth
 from skin.tuning import protocol as wire
+from skin.tuning.hooks import ChiefHooks, Listener
 from skin.tuning.journal import Journal, OracleStore
 from skin.tuning.lock import ChiefLock, Fence, should_wait
 from skin.tuning.results import build_best, build_result, read_outcome
@@ -66,11 +67,11 @@ RPC_THREADS = 32
 
 
 
-class ChiefListener:
+class ChiefListener(Listener):
     """Turns oracle events into log lines for a human and metrics for Prometheus."""
 
-    def __init__(self, metrics=None, max_epochs: int = 0):
-        self.metrics = metrics
+    def __init__(self, metrics: ChiefHooks | None = None, max_epochs: int = 0):
+        self.metrics = metrics if metrics is not None else ChiefHooks()
         self.max_epochs = max_epochs
         self.best: tuple[float, str] | None = None
 
@@ -83,7 +84,7 @@ class ChiefListener:
                 extra += f" from trial {values['tuner/trial_id']}"
         log.info("trial %s started on %s (attempt %d%s)", trial.trial_id, attempt["worker"],
                  attempt["n"], extra)
-        wire.hook(self.metrics, "trial_started", attempt["worker"])
+        self.metrics.trial_started(attempt["worker"])
 
     def trial_ended(self, oracle, trial, attempt) -> None:
         worker, duration = attempt["worker"], attempt["ended"] - attempt["started"]
@@ -115,17 +116,22 @@ class ChiefListener:
                         trial.trial_id, worker, duration, attempt["n"], allowed, fate,
                         attempt["reason"] or "no message")
             status = "invalid" if requeued else "failed"
-        wire.hook(self.metrics, "trial_ended", status, duration,
-              trial.score if status == "completed" else None, worker)
+        self.metrics.trial_ended(status, duration, trial.score if status == "completed" else None,
+                                 worker)
         self._report_progress(oracle)
 
     def worker_report(self, worker: str, trial, epochs_done: int) -> None:
         budget = trial.hyperparameters.values.get("tuner/epochs", self.max_epochs)
-        wire.hook(self.metrics, "worker_report", worker, epoch=epochs_done,
-                  epochs_budget=int(budget))
+        self.metrics.worker_report(worker, epoch=epochs_done, epochs_budget=int(budget))
 
     def worker_alive(self, worker: str) -> None:  # a heartbeat: seen, no progress
-        wire.hook(self.metrics, "worker_report", worker)
+        self.metrics.worker_report(worker)
+
+    def trial_stopped_early(self, trial_id: str) -> None:
+        self.metrics.trial_stopped_early()
+
+    def confirmation_started(self, trial_id: str) -> None:
+        self.metrics.confirmation_started()
 
     def search_ended(self, oracle) -> None:
         if oracle.state == "failed":
@@ -142,7 +148,7 @@ class ChiefListener:
         eta = None
         if done and total and total > done:
             eta = (time.time() - oracle.started_at) / done * (total - done)
-        wire.hook(self.metrics, "set_search_progress", done, total, eta)
+        self.metrics.set_search_progress(done, total, eta)
 
 
 def _rpc(method):
@@ -155,15 +161,15 @@ def _rpc(method):
         try:
             return method(self, request, context)
         except auth.Refusal as e:  # logged once per caller by auth.CallerCheck
-            wire.hook(self.metrics, "oracle_refused", e.reason)
+            self.metrics.oracle_refused(e.reason)
             context.abort(e.code, wire.ascii_value(e))
         except self.Refused as e:
-            wire.hook(self.metrics, "oracle_refused", e.reason)
+            self.metrics.oracle_refused(e.reason)
             log.warning("%s refused: %s", name, e)
             context.abort(grpc.StatusCode.PERMISSION_DENIED if e.denied else
                           grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
         except self.LeaseLost as e:
-            wire.hook(self.metrics, "oracle_refused", "not_holder")
+            self.metrics.oracle_refused("not_holder")
             context.set_trailing_metadata(((wire.LEASE, wire.LEASE_LOST),
                                            (wire.SEARCH, self.oracle.state)))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e))
@@ -177,7 +183,7 @@ def _rpc(method):
             log.warning("%s rejected: %s", name, e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
         finally:
-            wire.hook(self.metrics, "oracle_call", name, time.perf_counter() - t0)
+            self.metrics.oracle_call(name, time.perf_counter() - t0)
 
     return wrapper
 
@@ -188,7 +194,8 @@ def _servicer_base():
     return oracle_chief.OracleServicer
 
 
-def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: int | None = None):
+def make_servicer(oracle, metrics: ChiefHooks | None = None, wait_timeout_s: float = 60.0,
+                  workers: int | None = None):
     """keras-tuner's OracleServicer, subclassed: locking, leases, durable answers, callers
     checked (``workers``: the experiment's worker count; None accepts any ``tuner<N>``)."""
     from keras_tuner.src import protos
@@ -203,7 +210,7 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: i
     class OracleServicer(_servicer_base()):
         def __init__(self):
             super().__init__(oracle)
-            self.metrics = metrics
+            self.metrics = metrics if metrics is not None else ChiefHooks()
             self.LeaseLost, self.SearchStopped, self.Refused = LeaseLost, SearchStopped, Refused
 
         def _wait(self, ticket: int) -> None:
@@ -270,7 +277,7 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: i
             if md.get(wire.REPORT) == wire.REPORT_WATCHDOG:
                 log.error("%s's watchdog ends trial %s: %s; the worker exits and is replaced",
                           worker, trial.trial_id, trial.message)
-                wire.hook(self.metrics, "worker_watchdog_exit", worker or "?")
+                self.metrics.worker_watchdog_exit(worker or "?")
             self._wait(oracle.end(trial, worker, attempt, wire.parse_epochs(md.get(wire.EPOCHS))))
             md = [(wire.SEARCH, oracle.state)]
             if oracle.state != "running":
@@ -298,7 +305,7 @@ def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: i
 
 
 def serve(servicer, port: int, host: str = "127.0.0.1", threads: int = RPC_THREADS, *,
-          token: str = "", tls_dir: str = "", metrics=None) -> grpc.Server:
+          token: str = "", tls_dir: str = "", metrics: ChiefHooks | None = None) -> grpc.Server:
     """Start a gRPC server for ``servicer`` on ``host`` (comma-separated addresses): with
     ``token``, calls without it are refused; with ``tls_dir``, TLS. RetryableError when a
     port cannot be bound."""
@@ -306,8 +313,8 @@ def serve(servicer, port: int, host: str = "127.0.0.1", threads: int = RPC_THREA
 
     interceptors = []
     if token:
-        interceptors.append(auth.TokenInterceptor(
-            token, on_refused=lambda reason: wire.hook(metrics, "oracle_refused", reason)))
+        hooks = metrics if metrics is not None else ChiefHooks()
+        interceptors.append(auth.TokenInterceptor(token, on_refused=hooks.oracle_refused))
     credentials = auth.server_credentials(tls_dir) if tls_dir else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
                                                     thread_name_prefix="oracle-rpc"),
@@ -363,14 +370,16 @@ def start_retrain(runtime) -> int:
     return EXIT_OK
 
 
-def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+def run_chief(exp, runtime, storage, metrics: ChiefHooks | None = None, hypermodel=None) -> int:
     """Serve the oracle until the search ends; the process exit code (skin.errors).
+    ``metrics``: None is the no-op hooks.
 
     SIGTERM (preemption, drain, a new chief pod) stops serving at the next tick; the
     journal is flushed and the chief exits EXIT_RELEASED; the next chief resumes.
     """
     from skin.tuning.preempt import Preempted, Preemption
 
+    metrics = metrics if metrics is not None else ChiefHooks()
     preemption = Preemption("chief")
     try:
         with preemption, preemption.deferred():
@@ -404,7 +413,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
 
     lock = ChiefLock(storage, lock_uri(exp), exp.chief.lock_seconds,
                      metrics=metrics, on_lost=lost)
-    wire.hook(metrics, "chief_lock", False)
+    metrics.chief_lock(False)
     lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()
     try:
         return _serve(exp, runtime, storage, metrics, hypermodel, lock, servers, preemption)
@@ -536,7 +545,7 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
     if journal.error is None and not journal.compact(timeout=1.0):
         log.info("left the last journal batches uncompacted (a restarted chief replays them)")
     journal.stop()
-    wire.hook(metrics, "search_finished")
+    metrics.search_finished()
     if oracle.state == FAILED:
         log.error("chief exits %d: the search failed (summary in %s)", EXIT_SEARCH_FAILED,
                   result_uri(exp))

@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import keras_tuner
 from keras_tuner.src.engine import trial as trial_module
@@ -52,6 +52,7 @@ from skin.errors import ConfigError
 from skin.tuning import checks
 from skin.tuning.confirm import Confirmation
 from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401 - re-exported
+from skin.tuning.hooks import Listener
 from skin.tuning.stopping import MedianStopping, stopped_reply
 
 log = logging.getLogger("skin.tuning")
@@ -85,16 +86,6 @@ class SearchStopped(Exception):
         self.reason = reason
 
 
-class Listener(Protocol):
-    """What the chief wants to hear about (logging, metrics); called with the lock held."""
-
-    def trial_started(self, oracle: LeasedOracle, trial, attempt: dict) -> None: ...
-    def trial_ended(self, oracle: LeasedOracle, trial, attempt: dict) -> None: ...
-    def worker_report(self, worker: str, trial, epochs_done: int) -> None: ...
-    def worker_alive(self, worker: str) -> None: ...
-    def search_ended(self, oracle: LeasedOracle) -> None: ...
-
-
 @dataclass
 class Assignment:
     trial: Any  # keras_tuner Trial
@@ -117,7 +108,7 @@ class LeasedOracle:
         self.done = threading.Event()
         self.state, self.reason = RUNNING, ""
         self.fingerprint = ""
-        self.listener: Listener | None = None
+        self.listener: Listener = Listener()
         self.journal = None  # skin.tuning.journal.Journal, set by the chief
         self.stopping = None  # skin.tuning.stopping.MedianStopping (search.early_stopping)
         self.confirm = None  # skin.tuning.confirm.Confirmation (search.confirm)
@@ -237,8 +228,7 @@ class LeasedOracle:
             state, reason = FAILED, f"no trial completed ({reason})"
         self.state, self.reason = state, reason
         self._mark(header=True)
-        if self.listener is not None:
-            self.listener.search_ended(self)
+        self.listener.search_ended(self)
         self.done.set()
 
     # -- what the servicer calls ------------------------------------------------------
@@ -267,8 +257,7 @@ class LeasedOracle:
                 meta["attempts"].append(attempt)
                 self.leases[tuner_id] = now + self.lease_seconds
                 ticket = self._mark([trial.trial_id], header=True)
-                if self.listener is not None:
-                    self.listener.trial_started(self, trial, attempt)
+                self.listener.trial_started(self, trial, attempt)
                 return Assignment(trial, attempt["n"], ticket)
             if trial.status == TrialStatus.STOPPED:
                 if self.ongoing_trials or self._retry_queue:
@@ -305,8 +294,7 @@ class LeasedOracle:
             # Nobody waits on a report: it rides with the next write (an ending carries the
             # final metrics again, so a chief restart loses nothing that matters).
             self._mark([trial_id], urgent=False)
-            if self.listener is not None:
-                self.listener.worker_report(worker, trial, int(step) + 1)
+            self.listener.worker_report(worker, trial, int(step) + 1)
             return trial
 
     def heartbeat(self, trial_id: str, worker: str | None, attempt: int | None) -> Any:
@@ -321,8 +309,7 @@ class LeasedOracle:
                 raise SearchStopped(self.state, self.reason)
             trial, worker = self._check_owner(trial_id, worker, attempt)
             self.leases[worker] = time.monotonic() + self.lease_seconds
-            if self.listener is not None:
-                self.listener.worker_alive(worker)
+            self.listener.worker_alive(worker)
             return trial
 
     def release(self, trial_id: str, worker: str | None, attempt: int | None,
@@ -358,8 +345,7 @@ class LeasedOracle:
                            epochs=max(0, int(epochs)))
             meta["epochs"] = current["epochs"]
             ticket = self._mark([trial_id], header=True)
-            if self.listener is not None:
-                self.listener.trial_ended(self, trial, current)
+            self.listener.trial_ended(self, trial, current)
             return ticket
 
     def end(self, trial, worker: str | None, attempt: int | None,
@@ -486,8 +472,7 @@ class LeasedOracle:
         if current.status in (TrialStatus.COMPLETED, TrialStatus.FAILED):
             meta["end_seq"] = self._next_seq()
         self._mark([trial_id], header=True)
-        if self.listener is not None:
-            self.listener.trial_ended(self, current, attempt)
+        self.listener.trial_ended(self, current, attempt)
         self._after_end(current)
 
     def _after_end(self, trial) -> None:

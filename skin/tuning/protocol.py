@@ -40,11 +40,6 @@ finite or out of range, other hyperparameters than issued) ``INVALID_ARGUMENT``.
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger("skin.tuning")
-_broken_hooks: set[str] = set()
-
 WORKER = "skin-worker"
 ATTEMPT = "skin-attempt"
 REPORT = "skin-report"
@@ -74,16 +69,3 @@ def ascii_value(text: str, limit: int = 1000) -> str:
     """A metadata-safe version of ``text`` (printable ASCII, bounded)."""
     out = "".join(c if 32 <= ord(c) < 127 else "?" for c in str(text).replace("\n", " "))
     return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-def hook(metrics, name: str, *args, **kwargs) -> None:
-    """Call a metrics hook (skin.metrics); a broken one is logged once, never fatal."""
-    if metrics is None:
-        return
-    try:
-        getattr(metrics, name)(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - metrics never break the search
-        if name not in _broken_hooks:
-            _broken_hooks.add(name)
-            log.warning("metrics hook %s failed (%s: %s); going on without it", name,
-                        type(e).__name__, e)

@@ -55,8 +55,8 @@ from skin.artifacts import (
 from skin.errors import RetryableError
 from skin.storage import join
 from skin.tuning import checks
-from skin.tuning import protocol as wire
 from skin.tuning.client import LeaseLostError
+from skin.tuning.hooks import WorkerHooks
 
 log = logging.getLogger("skin.tuning")
 
@@ -242,8 +242,8 @@ class EpochReporter(keras.callbacks.Callback):
                 tuner.files.save_best(trial_id, self.model, tuner.attempt)
         tuner.files.save_epoch(trial_id, self.model, self.state, tuner.attempt)
         images = tuner.images_per_epoch
-        wire.hook(tuner.hooks, "epoch_ended", int(epoch), seconds,
-                  images / seconds if images and seconds > 0 else 0.0, logs)
+        tuner.hooks.epoch_ended(int(epoch), seconds,
+                                images / seconds if images and seconds > 0 else 0.0, logs)
         shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
         log.info("trial %s epoch %d/%d on %s: %s (%.1f s)", trial_id, epoch + 1,
                  self.state["epochs"], tuner.tuner_id, shown, seconds)
@@ -380,7 +380,7 @@ class WorkerTuner(keras_tuner.Tuner):
     """Runs the chief's trials on this worker (see the module docstring)."""
 
     def __init__(self, *, local_oracle, client, hypermodel, storage, exp, tuner_id: str,
-                 directory, metrics=None, images_per_epoch: int = 0, preemption=None,
+                 directory, metrics: WorkerHooks | None = None, images_per_epoch: int = 0, preemption=None,
                  watchdog=None, **kwargs):
         with stock_distribution_off():
             super().__init__(oracle=local_oracle, hypermodel=hypermodel, directory=str(directory),
@@ -391,7 +391,8 @@ class WorkerTuner(keras_tuner.Tuner):
         self.heartbeat: Heartbeat | None = None  # the running trial's
         self.attempt = 1  # the running trial's attempt number (its files' folder)
         self.max_epochs = exp.search.max_epochs
-        self.hooks = metrics  # not self.metrics: keras_tuner.Tuner uses it for compile metrics
+        # not self.metrics: keras_tuner.Tuner uses that name for compile metrics
+        self.hooks = metrics if metrics is not None else WorkerHooks()
         self.images_per_epoch = images_per_epoch
         self.files = TrialFiles(storage, exp.trials_uri, self.project_dir)
         self._stopped: dict[str, int] = {}  # trial id -> the epoch the chief stopped it at
@@ -477,7 +478,7 @@ class WorkerTuner(keras_tuner.Tuner):
                         "leased to %s (a replacement with this id gets it back, else the lease "
                         "runs out)", trial_id, self.tuner_id, type(e).__name__, e,
                         self.tuner_id)
-        wire.hook(self.hooks, "trial_finished", "released")
+        self.hooks.trial_finished("released")
         return "released"
 
     def end_hung(self, reason: str) -> None:
@@ -496,7 +497,7 @@ class WorkerTuner(keras_tuner.Tuner):
         first, last = self._epochs(trial)
         log.info("trial %s started on %s (attempt %d, epochs %d->%d)%s", trial_id, self.tuner_id,
                  attempt, first, last, self._describe(trial))
-        wire.hook(self.hooks, "trial_started", last - first)
+        self.hooks.trial_started(last - first)
         t0 = time.monotonic()
         lease = self.exp.search.lease_seconds
         span = None
@@ -529,7 +530,7 @@ class WorkerTuner(keras_tuner.Tuner):
             if isinstance(e.cause, LeaseLostError):
                 log.warning("trial %s on %s: the chief gave it to another worker (%s); dropping "
                             "it", trial_id, self.tuner_id, e.cause)
-                wire.hook(self.hooks, "trial_finished", "reclaimed")
+                self.hooks.trial_finished("reclaimed")
                 return "reclaimed"
             raise e.cause from None
         except RetryableError:
@@ -554,7 +555,7 @@ class WorkerTuner(keras_tuner.Tuner):
         except LeaseLostError as e:
             log.warning("trial %s on %s: ended too late, the chief had reclaimed it (%s)",
                         trial_id, self.tuner_id, e)
-            wire.hook(self.hooks, "trial_finished", "reclaimed")
+            self.hooks.trial_finished("reclaimed")
             return "reclaimed"
         seconds = time.monotonic() - t0
         status = trial.status.lower()
@@ -564,7 +565,7 @@ class WorkerTuner(keras_tuner.Tuner):
             log.info("trial %s completed on %s: %s=%.4f after %d epochs in %.1f s%s", trial_id,
                      self.tuner_id, name, trial.metrics.get_best_value(name), stopped or last,
                      seconds, " (stopped early)" if stopped else "")
-        wire.hook(self.hooks, "trial_finished", status)
+        self.hooks.trial_finished(status)
         return status
 
     def _epochs(self, trial) -> tuple[int, int]:

@@ -293,7 +293,7 @@ def test_tls_with_a_test_made_certificate_and_a_worker_with_the_wrong_ca_is_refu
         tmp_path, bucket):
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics
+    from skin import metrics_server as metrics
     from skin.errors import ConfigError, RetryableError
     from skin.tuning.chief import make_servicer, serve
     from skin.tuning.client import ChiefClient

@@ -68,7 +68,7 @@ def test_a_release_reaches_the_chief_over_grpc_and_is_logged_as_such(tmp_path, b
     from prometheus_client import CollectorRegistry
 
     from conftest import free_port
-    from skin import metrics as m
+    from skin.metrics_chief import ChiefMetrics
     from skin.tuning.chief import ChiefListener, make_servicer, serve
     from skin.tuning.client import ChiefClient
     from skin.tuning.oracle import make_oracle
@@ -77,7 +77,7 @@ def test_a_release_reaches_the_chief_over_grpc_and_is_logged_as_such(tmp_path, b
     exp = _exp(tmp_path, bucket, max_trials=2)
     oracle, _ = _oracle(exp, storage)
     registry = CollectorRegistry()
-    hooks = m.ChiefMetrics(registry, workers=1)
+    hooks = ChiefMetrics(registry, workers=1)
     oracle.listener = ChiefListener(hooks)
     port = free_port()
     server = serve(make_servicer(oracle, hooks), port, host="127.0.0.1", threads=4)

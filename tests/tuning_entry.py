@@ -181,7 +181,8 @@ def main() -> int:
         _freeze_before_saving_epoch(args.freeze_before_saving_epoch)
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics, tuning
+    from skin import metrics_server as metrics
+    from skin import tuning
     from skin.config import load_experiment, runtime_from_env
     from skin.storage import Storage
 

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from skin.model import SkinHyperModel, hyperparameters_from_values, inference_model
     from skin.retrain import split_predictions, top_trials
     from skin.storage import Storage, join
-    from skin.tuning.tuner import checkpoint_uri
+    from skin.tuning.checkpoints import checkpoint_uri
 
     exp = load_experiment(out / "experiment.yaml", env={})
     with Emulator(bucket=exp.storage.bucket, data_dir=str(out / "bucket")) as emu:

@@ -538,7 +538,7 @@ def test_a_worker_fails_a_diverged_trial_instead_of_reporting_nan():
     import keras_tuner
     from keras_tuner.src import errors as kt_errors
 
-    from skin.tuning.tuner import EpochReporter
+    from skin.tuning.checkpoints import EpochReporter
 
     reported = []
     tuner = SimpleNamespace(

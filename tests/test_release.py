@@ -182,7 +182,8 @@ def test_the_workers_span_sets_where_an_attempt_began_when_epoch_reports_were_lo
 def test_a_replacement_process_of_the_same_attempt_keeps_where_the_attempt_began(tmp_path,
                                                                                  bucket,
                                                                                  storage):
-    from skin.tuning.tuner import EPOCH_STATE, TrialFiles
+    from skin.artifacts import EPOCH_STATE
+    from skin.tuning.checkpoints import TrialFiles
 
     # Attempt 1 began at epoch 0 and saved epoch 3; its process died before the chief heard of
     # it, and a replacement with the same id got attempt 1 back. Attempt 2 (another worker)

@@ -454,9 +454,9 @@ def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, stora
 @pytest.mark.slow
 def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
     """A chief (in a thread) and a worker in this process, two executions per trial."""
+    from skin.artifacts import EPOCH_STATE
     from skin.config import Runtime
     from skin.tuning import load_result, run_chief, run_worker
-    from skin.tuning.tuner import EPOCH_STATE
     from tuning_entry import TinyHyperModel
 
     exp = _exp(tmp_path, bucket, max_trials=2, max_epochs=2, executions_per_trial=2)

@@ -153,9 +153,9 @@ class TinyHyperModel(keras_tuner.HyperModel):
 def _freeze_before_saving_epoch(n: int) -> None:
     import signal
 
-    from skin.tuning import tuner
+    from skin.tuning import checkpoints
 
-    save_epoch, frozen = tuner.TrialFiles.save_epoch, []
+    save_epoch, frozen = checkpoints.TrialFiles.save_epoch, []
 
     def freezing(self, trial_id, model, state, *args, **kwargs):
         if state["epoch"] == n and not frozen:
@@ -165,7 +165,7 @@ def _freeze_before_saving_epoch(n: int) -> None:
             os.kill(os.getpid(), signal.SIGSTOP)
         return save_epoch(self, trial_id, model, state, *args, **kwargs)
 
-    tuner.TrialFiles.save_epoch = freezing
+    checkpoints.TrialFiles.save_epoch = freezing
 
 
 def main() -> int:

@@ -9,7 +9,8 @@ Modules: ``oracle`` (keras-tuner's oracles with leases and per-trial state),
 ``journal`` (that state in the bucket), ``chief`` (the gRPC servicer and the
 chief's life), ``client`` (a worker's line to the chief), ``tuner`` (the
 worker's keras-tuner Tuner: trials, checkpoints through the bucket),
-``worker`` (the worker's life), ``results`` (what a search leaves behind),
+``checkpoints`` (a trial's files in the bucket, the per-epoch
+checkpoint), ``worker`` (the worker's life), ``results`` (what a search leaves behind),
 ``protocol`` (what travels beside keras-tuner's messages), ``hooks`` (the typed
 metrics hooks, no-op by default).
 

@@ -496,7 +496,8 @@ def test_a_refused_ending_changes_nothing_and_a_reported_objective_may_end_a_tri
     from keras_tuner.src.engine import metrics_tracking
     from keras_tuner.src.engine import trial as trial_module
 
-    from skin.tuning.oracle import Refused, make_oracle
+    from skin.tuning.oracle import make_oracle
+    from skin.tuning.protocol import Refused
 
     exp = _tiny_exp(tmp_path, bucket)
     oracle = make_oracle(exp)

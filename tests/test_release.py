@@ -20,7 +20,7 @@ from test_tuning_oracle import _completed, _exp, _oracle, _restored
 
 def test_a_released_trial_is_requeued_at_once_and_never_counts_as_failed(tmp_path, bucket,
                                                                          storage):
-    from skin.tuning.oracle import LeaseLost
+    from skin.tuning.protocol import LeaseLost
     from skin.tuning.results import build_result
 
     # One retry and one consecutive failure allowed: three releases would exhaust both if

@@ -151,7 +151,7 @@ def test_reload_replays_the_journal_on_top_of_the_last_compaction(tmp_path, buck
 
 def test_expired_lease_requeues_the_trial_then_fails_it_when_retries_run_out(tmp_path, bucket,
                                                                            storage):
-    from skin.tuning.oracle import LeaseLost
+    from skin.tuning.protocol import LeaseLost
 
     exp = _exp(tmp_path, bucket, lease_seconds=1, max_trial_retries=1,
                max_consecutive_failed_trials=1)
@@ -178,7 +178,7 @@ def test_expired_lease_requeues_the_trial_then_fails_it_when_retries_run_out(tmp
 
 
 def test_a_heartbeat_renews_the_lease_and_records_nothing(tmp_path, bucket, storage):
-    from skin.tuning.oracle import LeaseLost
+    from skin.tuning.protocol import LeaseLost
 
     exp = _exp(tmp_path, bucket, lease_seconds=2, max_trial_retries=1)
     oracle, _ = _oracle(exp, storage, journal=False)

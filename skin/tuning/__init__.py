@@ -5,7 +5,7 @@
     load_best(storage, exp) -> BestTrial # <root>/tuner/best_hyperparameters.json (skin.artifacts)
     load_result(storage, exp) -> SearchResult  # <root>/tuner/result.json (skin.artifacts)
 
-Modules: ``oracle`` (keras-tuner's oracles with leases and per-trial state),
+Modules: ``oracle`` (keras-tuner's oracles with leases), ``oracle_state`` (their per-trial state),
 ``journal`` (that state in the bucket), ``chief`` (the gRPC servicer and the
 chief's life), ``client`` (a worker's line to the chief), ``tuner`` (the
 worker's keras-tuner Tuner: trials, checkpoints through the bucket),

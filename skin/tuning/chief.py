@@ -163,17 +163,17 @@ def _rpc(method):
         except auth.Refusal as e:  # logged once per caller by auth.CallerCheck
             self.metrics.oracle_refused(e.reason)
             context.abort(e.code, wire.ascii_value(e))
-        except self.Refused as e:
+        except wire.Refused as e:
             self.metrics.oracle_refused(e.reason)
             log.warning("%s refused: %s", name, e)
             context.abort(grpc.StatusCode.PERMISSION_DENIED if e.denied else
                           grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
-        except self.LeaseLost as e:
+        except wire.LeaseLost as e:
             self.metrics.oracle_refused("not_holder")
             context.set_trailing_metadata(((wire.LEASE, wire.LEASE_LOST),
                                            (wire.SEARCH, self.oracle.state)))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e))
-        except self.SearchStopped as e:
+        except wire.SearchStopped as e:
             context.set_trailing_metadata(((wire.SEARCH, e.state),
                                            (wire.REASON, wire.ascii_value(e.reason))))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e.reason))
@@ -202,8 +202,6 @@ def make_servicer(oracle, metrics: ChiefHooks | None = None, wait_timeout_s: flo
     from keras_tuner.src.engine import hyperparameters as hp_module
     from keras_tuner.src.engine import trial as trial_module
 
-    from skin.tuning.oracle import LeaseLost, Refused, SearchStopped
-
     service = protos.get_service()
     callers = auth.CallerCheck(workers)
 
@@ -211,7 +209,6 @@ def make_servicer(oracle, metrics: ChiefHooks | None = None, wait_timeout_s: flo
         def __init__(self):
             super().__init__(oracle)
             self.metrics = metrics if metrics is not None else ChiefHooks()
-            self.LeaseLost, self.SearchStopped, self.Refused = LeaseLost, SearchStopped, Refused
 
         def _wait(self, ticket: int) -> None:
             if ticket >= 0 and oracle.journal is not None:
@@ -428,7 +425,9 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
 
 def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list,
            preemption=None) -> int:
-    from skin.tuning.oracle import FAILED, fingerprint_matches, make_oracle
+    from skin.tuning.fingerprint import fingerprint_matches
+    from skin.tuning.oracle import make_oracle
+    from skin.tuning.oracle_state import FAILED
 
     fence = Fence(storage, lock)
     outcome = read_outcome(storage, exp)

@@ -30,8 +30,9 @@ key                 direction    value
                                  no ``message`` field)
 ==================  ===========  ==========================================================
 
-Errors: a lost lease or an ended search is ``FAILED_PRECONDITION`` with the
-trailing keys above; a chief that cannot save its state answers
+Errors (the oracle raises :class:`LeaseLost`, :class:`SearchStopped`, :class:`Refused`;
+the servicer turns them into status codes): a lost lease or an ended search is
+``FAILED_PRECONDITION`` with the trailing keys above; a chief that cannot save its state answers
 ``UNAVAILABLE``, which workers retry like a chief that is restarting. A call
 without the token is ``UNAUTHENTICATED``; one without a valid worker id or
 attempt ``PERMISSION_DENIED``; a report the chief will not take (metrics not
@@ -69,3 +70,25 @@ def ascii_value(text: str, limit: int = 1000) -> str:
     """A metadata-safe version of ``text`` (printable ASCII, bounded)."""
     out = "".join(c if 32 <= ord(c) < 127 else "?" for c in str(text).replace("\n", " "))
     return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+class LeaseLost(Exception):
+    """The caller does not (or no longer) hold this trial."""
+
+
+class Refused(ValueError):
+    """A report or space the chief refuses; nothing changed. ``reason`` labels the refusal
+    counter; ``denied``: the caller may not do this at all (else its data is wrong)."""
+
+    def __init__(self, reason: str, message: str, *, denied: bool = False):
+        super().__init__(message)
+        self.reason, self.denied = reason, denied
+
+
+class SearchStopped(Exception):
+    """The search has ended (``state`` finished or failed); ``reason`` says why."""
+
+    def __init__(self, state: str, reason: str):
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason

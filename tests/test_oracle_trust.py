@@ -295,9 +295,9 @@ def test_tls_with_a_test_made_certificate_and_a_worker_with_the_wrong_ca_is_refu
 
     from skin import metrics_server as metrics
     from skin.errors import ConfigError, RetryableError
-    from skin.tuning.chief import make_servicer, serve
     from skin.tuning.client import ChiefClient
     from skin.tuning.oracle import make_oracle
+    from skin.tuning.servicer import make_servicer, serve
 
     exp = _tiny_exp(tmp_path, bucket)
     oracle = make_oracle(exp)

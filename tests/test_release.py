@@ -69,9 +69,10 @@ def test_a_release_reaches_the_chief_over_grpc_and_is_logged_as_such(tmp_path, b
 
     from conftest import free_port
     from skin.metrics_chief import ChiefMetrics
-    from skin.tuning.chief import ChiefListener, make_servicer, serve
+    from skin.tuning.chief import ChiefListener
     from skin.tuning.client import ChiefClient
     from skin.tuning.oracle import make_oracle
+    from skin.tuning.servicer import make_servicer, serve
 
     caplog.set_level("INFO", logger="skin.tuning")
     exp = _exp(tmp_path, bucket, max_trials=2)

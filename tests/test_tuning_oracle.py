@@ -64,9 +64,9 @@ def _completed(trial, value):
 
 def test_concurrent_workers_over_grpc_get_each_trial_once_and_the_bucket_keeps_it(
         tmp_path, bucket, storage):
-    from skin.tuning.chief import make_servicer, serve
     from skin.tuning.client import ChiefClient, SearchOver
     from skin.tuning.oracle import make_oracle
+    from skin.tuning.servicer import make_servicer, serve
 
     exp = _exp(tmp_path, bucket, max_trials=60)
     oracle, store = _oracle(exp, storage)

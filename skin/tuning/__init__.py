@@ -6,8 +6,8 @@
     load_result(storage, exp) -> SearchResult  # <root>/tuner/result.json (skin.artifacts)
 
 Modules: ``oracle`` (keras-tuner's oracles with leases), ``oracle_state`` (their per-trial state),
-``journal`` (that state in the bucket), ``chief`` (the gRPC servicer and the
-chief's life), ``client`` (a worker's line to the chief), ``tuner`` (the
+``journal`` (that state in the bucket), ``chief`` (the chief's life),
+``servicer`` (the gRPC servicer), ``client`` (a worker's line to the chief), ``tuner`` (the
 worker's keras-tuner Tuner: trials, checkpoints through the bucket),
 ``checkpoints`` (a trial's files in the bucket, the per-epoch
 checkpoint), ``worker`` (the worker's life), ``results`` (what a search leaves behind),

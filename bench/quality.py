@@ -164,7 +164,7 @@ def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -
     local = data_dir.parent / "early" / trial["id"]
     local.mkdir(parents=True, exist_ok=True)
     weights = local / "checkpoint.weights.h5"
-    from skin.tuning.tuner import checkpoint_uri
+    from skin.tuning.checkpoints import checkpoint_uri
 
     storage.download_file(checkpoint_uri(storage, exp.trials_uri, trial["id"]), weights)
     model = SkinHyperModel(exp).build(_hp(trial["hyperparameters"]))

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from skin.scoring import choose_threshold, classification_metrics
     from skin.storage import Storage, join
     from skin.training import split_predictions, top_trials
-    from skin.tuning.tuner import checkpoint_uri
+    from skin.tuning.checkpoints import checkpoint_uri
 
     exp = load_experiment(out / "experiment.yaml", env={})
     with Emulator(bucket=exp.storage.bucket, data_dir=str(out / "bucket")) as emu:

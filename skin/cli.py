@@ -177,7 +177,7 @@ def _role_metrics(runtime, exp):
     """Start the role's Prometheus endpoint: (hooks, server), both None when metrics are off."""
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics as m
+    from skin import metrics_server as m
 
     if runtime.role == "chief":
         port = exp.chief.metrics_port if runtime.metrics_port is None else runtime.metrics_port
@@ -328,7 +328,7 @@ def _batch_role(command: str, exp, runtime, storage) -> int:
     """stage and retrain: batch jobs whose metrics go to a Pushgateway (or the log)."""
     from prometheus_client import CollectorRegistry
 
-    from skin.metrics import BatchMetrics
+    from skin.metrics_batch import BatchMetrics
 
     batch = BatchMetrics(CollectorRegistry(), command, experiment=exp.name)
     try:

@@ -144,7 +144,7 @@ def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | No
     ``{"trial_id", "score", "objective", "epochs", "hyperparameters"}``. Fewer than ``n``
     when fewer distinct configurations completed.
     """
-    from skin.tuning.tuner import values_hash  # what makes two trials one configuration
+    from skin.tuning.checkpoints import values_hash  # what makes two trials one configuration
 
     if result is not None:
         objective, direction = result.objective, result.direction

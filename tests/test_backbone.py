@@ -111,7 +111,7 @@ def test_the_config_lists_the_same_backbones_as_the_module():
 
 
 def test_a_saved_search_with_another_backbone_is_another_search():
-    from skin.tuning.oracle import search_fingerprint
+    from skin.tuning.fingerprint import search_fingerprint
 
     plain = search_fingerprint(experiment())
     scratch = search_fingerprint(experiment(name="mobilenetv2"))

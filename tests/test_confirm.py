@@ -42,7 +42,7 @@ def run_search(exp, folds_source):
     from keras_tuner.src.engine import metrics_tracking
     from prometheus_client import CollectorRegistry
 
-    from skin.metrics import ChiefMetrics
+    from skin.metrics_chief import ChiefMetrics
     from skin.tuning.chief import ChiefListener
     from skin.tuning.oracle import make_oracle
 

@@ -12,7 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from skin import metrics as m
+from skin.metrics import ORACLE_METHODS, TRIAL_END_STATUSES
+from skin.metrics_batch import BatchMetrics
+from skin.metrics_chief import ChiefMetrics
+from skin.metrics_server import role_metrics, serve
+from skin.metrics_worker import WorkerMetrics
 
 FORBIDDEN_LABELS = {"trial", "trial_id", "id", "hp", "hyperparameter", "value", "image"}
 ALLOWED_LABELS = {"role", "status", "worker", "method", "split", "le", "kind", "metric", "phase",
@@ -33,10 +37,10 @@ def families(registry: CollectorRegistry):
 
 def all_registries():
     chief, worker, stage, retrain = (CollectorRegistry() for _ in range(4))
-    m.ChiefMetrics(chief, workers=2)
-    m.WorkerMetrics(worker, "tuner0")
-    m.BatchMetrics(stage, "stage")
-    m.BatchMetrics(retrain, "retrain")
+    ChiefMetrics(chief, workers=2)
+    WorkerMetrics(worker, "tuner0")
+    BatchMetrics(stage, "stage")
+    BatchMetrics(retrain, "retrain")
     return {"chief": chief, "worker": worker, "stage": stage, "retrain": retrain}
 
 
@@ -66,11 +70,11 @@ def test_names_and_labels_follow_the_conventions(role):
 
 def test_chief_initialises_known_label_sets_to_zero():
     r = CollectorRegistry()
-    m.ChiefMetrics(r, workers=3)
-    for status in m.TRIAL_END_STATUSES:
+    ChiefMetrics(r, workers=3)
+    for status in TRIAL_END_STATUSES:
         assert value(r, "skin_chief_trials_ended_total", status=status) == 0
         assert value(r, "skin_chief_trial_duration_seconds_count", status=status) == 0
-    for method in m.ORACLE_METHODS:
+    for method in ORACLE_METHODS:
         assert value(r, "skin_chief_oracle_calls_total", method=method) == 0
     for i in range(3):
         assert value(r, "skin_chief_worker_reports_total", worker=f"tuner{i}") == 0
@@ -85,7 +89,7 @@ def test_chief_initialises_known_label_sets_to_zero():
 
 def test_chief_counts_trials_and_keeps_the_best_of_completed_ones():
     r = CollectorRegistry()
-    c = m.ChiefMetrics(r, objective="val_auc", workers=2)
+    c = ChiefMetrics(r, objective="val_auc", workers=2)
     before = time.time()
     for worker in ("tuner0", "tuner1", "tuner0"):
         c.trial_started(worker)
@@ -117,7 +121,7 @@ def test_chief_counts_trials_and_keeps_the_best_of_completed_ones():
 
 def test_a_minimised_objective_keeps_the_lowest_score():
     r = CollectorRegistry()
-    c = m.ChiefMetrics(r, objective="val_loss")
+    c = ChiefMetrics(r, objective="val_loss")
     assert c.direction == "min"
     for score in (0.9, 0.4, 0.6):
         c.trial_started("tuner0")
@@ -130,7 +134,7 @@ def test_a_minimised_objective_keeps_the_lowest_score():
 
 def test_workers_connected_follows_the_lease_and_reclaims_are_not_reports():
     r = CollectorRegistry()
-    c = m.ChiefMetrics(r, workers=2, lease_seconds=0.3)
+    c = ChiefMetrics(r, workers=2, lease_seconds=0.3)
     c.worker_report("tuner0", epoch=2, epochs_budget=5)
     c.trial_started("tuner1")
     assert value(r, "skin_chief_workers_connected") == 2
@@ -150,7 +154,7 @@ def test_workers_connected_follows_the_lease_and_reclaims_are_not_reports():
 
 def test_progress_timestamp_moves_on_epochs_and_trials_not_on_heartbeats():
     r = CollectorRegistry()
-    c = m.ChiefMetrics(r)
+    c = ChiefMetrics(r)
     t0 = value(r, "skin_chief_last_progress_timestamp_seconds")
     time.sleep(0.01)
     c.worker_report("tuner0")  # a lease renewal alone is not progress
@@ -162,7 +166,7 @@ def test_progress_timestamp_moves_on_epochs_and_trials_not_on_heartbeats():
 
 def test_time_left_is_estimated_from_trial_durations_and_workers():
     r = CollectorRegistry()
-    c = m.ChiefMetrics(r, workers=2)
+    c = ChiefMetrics(r, workers=2)
     c.set_search_progress(0, 10, None)
     assert math.isnan(value(r, "skin_chief_search_eta_seconds"))  # nothing to estimate from
     for worker, seconds in (("tuner0", 100.0), ("tuner1", 300.0)):
@@ -187,7 +191,7 @@ def test_time_left_is_estimated_from_trial_durations_and_workers():
 
 def test_oracle_calls_are_counted_and_timed_by_method():
     r = CollectorRegistry()
-    c = m.ChiefMetrics(r)
+    c = ChiefMetrics(r)
     c.oracle_call("CreateTrial", 0.004)
     with pytest.raises(RuntimeError):
         with c.timed_oracle_call("RenewLease"):
@@ -201,7 +205,7 @@ def test_oracle_calls_are_counted_and_timed_by_method():
 
 def test_worker_tracks_its_trial_epochs_losses_and_throughput():
     r = CollectorRegistry()
-    w = m.WorkerMetrics(r, "tuner1", objective="val_auc")
+    w = WorkerMetrics(r, "tuner1", objective="val_auc")
     lbl = {"worker": "tuner1"}
     w.data_synced(2_000_000, 1.5)
     w.trial_started(epochs_budget=4)
@@ -238,7 +242,7 @@ def test_worker_tracks_its_trial_epochs_losses_and_throughput():
 
 def test_batch_metrics_time_the_run_and_keep_counts_and_model_metrics():
     r = CollectorRegistry()
-    b = m.BatchMetrics(r, "retrain", experiment="exp1")
+    b = BatchMetrics(r, "retrain", experiment="exp1")
     with b.run():
         with b.phase("fit"):
             time.sleep(0.01)
@@ -257,14 +261,14 @@ def test_batch_metrics_time_the_run_and_keep_counts_and_model_metrics():
     assert "model.auc=0.91" in b.summary()
 
     r2 = CollectorRegistry()
-    failing = m.BatchMetrics(r2, "stage")
+    failing = BatchMetrics(r2, "stage")
     with pytest.raises(ValueError):
         with failing.run():
             raise ValueError("no images")
     assert value(r2, "skin_stage_last_failure_timestamp_seconds") > 0
     assert value(r2, "skin_stage_last_success_timestamp_seconds") == 0
     with pytest.raises(ValueError, match="job"):
-        m.BatchMetrics(CollectorRegistry(), "Stage Job")
+        BatchMetrics(CollectorRegistry(), "Stage Job")
 
 
 class _Gateway(http.server.BaseHTTPRequestHandler):
@@ -287,7 +291,7 @@ def test_batch_push_sends_the_registry_to_the_gateway_and_logs_without_one(caplo
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         r = CollectorRegistry()
-        b = m.BatchMetrics(r, "stage", experiment="exp1")
+        b = BatchMetrics(r, "stage", experiment="exp1")
         b.set_count("train", 120)
         b.succeeded(3.0)
         _Gateway.received.clear()
@@ -310,9 +314,9 @@ def test_batch_push_sends_the_registry_to_the_gateway_and_logs_without_one(caplo
 
 def test_serve_binds_a_free_port_and_reports_scrapes():
     r = CollectorRegistry()
-    c = m.ChiefMetrics(r, workers=1)
+    c = ChiefMetrics(r, workers=1)
     c.trial_started("tuner0")
-    with m.serve(r, "127.0.0.1", 0) as server:
+    with serve(r, "127.0.0.1", 0) as server:
         assert server.port > 0
         assert server.url == f"http://127.0.0.1:{server.port}/metrics"
         assert server.wait_for_scrape(0.05) is False
@@ -345,7 +349,7 @@ def test_wait_for_scrape_ignores_a_scrape_that_read_the_values_before_the_wait()
             return []
 
     r.register(Slow())
-    with m.serve(r, "127.0.0.1", 0) as server:
+    with serve(r, "127.0.0.1", 0) as server:
         first: dict = {}
         scrape = threading.Thread(target=lambda: first.setdefault(
             "body", urllib.request.urlopen(server.url, timeout=10).read().decode()))
@@ -373,12 +377,62 @@ def test_role_metrics_configures_the_hooks_from_the_experiment():
                             "workers": 3, "search": {"objective": "val_loss", "tuner": "random",
                                                      "lease_seconds": 45}}, env={})
     r = CollectorRegistry()
-    chief = m.role_metrics(r, exp, "chief")
-    assert isinstance(chief, m.ChiefMetrics)
+    chief = role_metrics(r, exp, "chief")
+    assert isinstance(chief, ChiefMetrics)
     assert (chief.direction, chief.lease_seconds) == ("min", 45.0)
     assert value(r, "skin_chief_workers_expected") == 3
     assert value(r, "skin_chief_search_info", experiment="exp1", tuner="random",
                  objective="val_loss", direction="min") == 1
-    worker = m.role_metrics(CollectorRegistry(), exp, "tuner2")
-    assert isinstance(worker, m.WorkerMetrics)
+    worker = role_metrics(CollectorRegistry(), exp, "tuner2")
+    assert isinstance(worker, WorkerMetrics)
     assert (worker.worker, worker.objective) == ("tuner2", "val_loss")
+
+
+def test_metrics_implement_every_hook_of_their_interface_with_its_signature():
+    import inspect
+
+    from skin.tuning.hooks import ChiefHooks, WorkerHooks
+
+    for interface, impl in ((ChiefHooks, ChiefMetrics), (WorkerHooks, WorkerMetrics)):
+        hooks = [n for n, v in vars(interface).items() if callable(v) and not n.startswith("_")]
+        assert len(hooks) >= 4
+        for name in hooks:
+            assert name in vars(impl), f"{impl.__name__} does not implement {name}"
+            assert inspect.signature(getattr(impl, name)) == \
+                inspect.signature(getattr(interface, name)), name
+            assert getattr(interface(), name)(*_hook_args(interface, name)) is None  # no-op
+
+
+def _hook_args(interface, name: str) -> list:
+    import inspect
+
+    params = list(inspect.signature(getattr(interface, name)).parameters.values())[1:]
+    sample = {"str": "tuner0", "int": 1, "float": 1.0, "bool": True}
+    return [sample.get(str(p.annotation).split(" |")[0], None) for p in params
+            if p.default is inspect.Parameter.empty]
+
+
+def test_a_failing_hook_is_logged_once_and_never_reaches_the_caller(caplog):
+    from skin.tuning.hooks import ChiefHooks, WorkerHooks
+
+    calls = []
+
+    class Broken(ChiefHooks):
+        def trial_started(self, worker: str) -> None:
+            calls.append(worker)
+            raise RuntimeError("broken on purpose")
+
+    class Odd(WorkerHooks):
+        def data_synced(self, nbytes: int, seconds: float) -> None:
+            raise ZeroDivisionError("also broken")
+
+    caplog.set_level("WARNING", logger="skin.tuning")
+    hooks = Broken()
+    assert hooks.trial_started("tuner0") is None
+    hooks.trial_started("tuner1")
+    hooks.search_finished()  # not overridden: the no-op
+    Odd().data_synced(1, 1.0)
+    assert calls == ["tuner0", "tuner1"]  # the hook ran each time
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("trial_started failed (RuntimeError: broken on purpose)" in x for x in lines) == 1
+    assert sum("data_synced failed (ZeroDivisionError: also broken)" in x for x in lines) == 1

@@ -1,5 +1,5 @@
 """k8s/monitoring: the kustomization renders, its objects have the right shape, and the
-dashboard and the alerts only use metrics that skin.metrics exports."""
+dashboard and the alerts only use metrics that skin.metrics_chief and metrics_worker export."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from skin import metrics as m
+from skin.metrics_chief import ChiefMetrics
+from skin.metrics_worker import WorkerMetrics
 
 MONITORING = Path(__file__).resolve().parents[1] / "k8s/monitoring"
 DASHBOARD = MONITORING / "dashboards/skin-search.json"
@@ -140,8 +141,8 @@ def exported_names() -> set[str]:
     """Every sample name the chief and a worker expose (histograms with their series)."""
     chief, worker = CollectorRegistry(), CollectorRegistry()
     # Series of a worker appear once it reports (no last-report time before one).
-    m.ChiefMetrics(chief, workers=1).worker_report("tuner0", epoch=1, epochs_budget=2)
-    m.WorkerMetrics(worker, "tuner0")
+    ChiefMetrics(chief, workers=1).worker_report("tuner0", epoch=1, epochs_budget=2)
+    WorkerMetrics(worker, "tuner0")
     names = set()
     for registry in (chief, worker):
         text = generate_latest(registry).decode()
@@ -155,4 +156,4 @@ def test_dashboard_and_alerts_use_only_exported_metrics():
     used = {u for u in used if u != "skin_search"}  # the dashboard's uid
     assert used, "no metrics found"
     missing = used - exported_names()
-    assert not missing, f"not exported by skin.metrics: {sorted(missing)}"
+    assert not missing, f"not exported by the chief or a worker: {sorted(missing)}"

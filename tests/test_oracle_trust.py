@@ -293,11 +293,11 @@ def test_tls_with_a_test_made_certificate_and_a_worker_with_the_wrong_ca_is_refu
         tmp_path, bucket):
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics
+    from skin import metrics_server as metrics
     from skin.errors import ConfigError, RetryableError
-    from skin.tuning.chief import make_servicer, serve
     from skin.tuning.client import ChiefClient
     from skin.tuning.oracle import make_oracle
+    from skin.tuning.servicer import make_servicer, serve
 
     exp = _tiny_exp(tmp_path, bucket)
     oracle = make_oracle(exp)
@@ -496,7 +496,8 @@ def test_a_refused_ending_changes_nothing_and_a_reported_objective_may_end_a_tri
     from keras_tuner.src.engine import metrics_tracking
     from keras_tuner.src.engine import trial as trial_module
 
-    from skin.tuning.oracle import Refused, make_oracle
+    from skin.tuning.oracle import make_oracle
+    from skin.tuning.protocol import Refused
 
     exp = _tiny_exp(tmp_path, bucket)
     oracle = make_oracle(exp)
@@ -538,7 +539,7 @@ def test_a_worker_fails_a_diverged_trial_instead_of_reporting_nan():
     import keras_tuner
     from keras_tuner.src import errors as kt_errors
 
-    from skin.tuning.tuner import EpochReporter
+    from skin.tuning.checkpoints import EpochReporter
 
     reported = []
     tuner = SimpleNamespace(

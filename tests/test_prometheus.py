@@ -28,7 +28,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from conftest import free_port
-from skin import metrics as m
+from skin.metrics import TRIAL_END_STATUSES
+from skin.metrics_chief import ChiefMetrics
+from skin.metrics_server import serve
+from skin.metrics_worker import WorkerMetrics
 from skin.status import fetch, format_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +212,7 @@ class Prometheus:
 
 @dataclass
 class SearchTruth:
-    ended: dict[str, int] = field(default_factory=lambda: {s: 0 for s in m.TRIAL_END_STATUSES})
+    ended: dict[str, int] = field(default_factory=lambda: {s: 0 for s in TRIAL_END_STATUSES})
     best: float | None = None
     best_trial: str | None = None
     epochs: dict[str, int] = field(default_factory=dict)
@@ -224,13 +227,13 @@ EPOCHS = 3
 EPOCH_SECONDS = 0.25
 
 
-def simulate_search(chief: m.ChiefMetrics, workers: dict[str, m.WorkerMetrics]) -> SearchTruth:
+def simulate_search(chief: ChiefMetrics, workers: dict[str, WorkerMetrics]) -> SearchTruth:
     truth = SearchTruth()
     lock = threading.Lock()
     plan = list(enumerate(PLAN))
     rng = random.Random(7)
 
-    def work(name: str, w: m.WorkerMetrics) -> None:
+    def work(name: str, w: WorkerMetrics) -> None:
         w.data_synced(3_000_000, 0.2)
         while True:
             with lock:
@@ -286,15 +289,15 @@ def live(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     rules = write_rule_file(workdir)
     chief_registry = CollectorRegistry()
-    chief = m.ChiefMetrics(chief_registry, objective="val_auc", workers=2, lease_seconds=30,
+    chief = ChiefMetrics(chief_registry, objective="val_auc", workers=2, lease_seconds=30,
                            experiment="simulated", tuner="random")
     names = ["tuner0", "tuner1"]
     worker_metrics = {}
-    servers = [m.serve(chief_registry, "127.0.0.1", 0)]
+    servers = [serve(chief_registry, "127.0.0.1", 0)]
     for name in names:
         registry = CollectorRegistry()
-        worker_metrics[name] = m.WorkerMetrics(registry, name, objective="val_auc")
-        servers.append(m.serve(registry, "127.0.0.1", 0))
+        worker_metrics[name] = WorkerMetrics(registry, name, objective="val_auc")
+        servers.append(serve(registry, "127.0.0.1", 0))
     address = lambda s: f"127.0.0.1:{s.port}"  # noqa: E731
     prom = Prometheus(workdir, {
         "skin-chief": [(address(servers[0]), {"role": "chief"})],
@@ -418,7 +421,7 @@ def test_skin_status_reads_the_running_chief(live):
 ROLE = """
 import os, sys, time
 from prometheus_client import CollectorRegistry
-from skin import metrics, tuning
+from skin import metrics_server as metrics, tuning
 from skin.config import load_experiment, runtime_from_env
 from skin.storage import Storage
 

@@ -20,7 +20,7 @@ from test_tuning_oracle import _completed, _exp, _oracle, _restored
 
 def test_a_released_trial_is_requeued_at_once_and_never_counts_as_failed(tmp_path, bucket,
                                                                          storage):
-    from skin.tuning.oracle import LeaseLost
+    from skin.tuning.protocol import LeaseLost
     from skin.tuning.results import build_result
 
     # One retry and one consecutive failure allowed: three releases would exhaust both if
@@ -68,16 +68,17 @@ def test_a_release_reaches_the_chief_over_grpc_and_is_logged_as_such(tmp_path, b
     from prometheus_client import CollectorRegistry
 
     from conftest import free_port
-    from skin import metrics as m
-    from skin.tuning.chief import ChiefListener, make_servicer, serve
+    from skin.metrics_chief import ChiefMetrics
+    from skin.tuning.chief import ChiefListener
     from skin.tuning.client import ChiefClient
     from skin.tuning.oracle import make_oracle
+    from skin.tuning.servicer import make_servicer, serve
 
     caplog.set_level("INFO", logger="skin.tuning")
     exp = _exp(tmp_path, bucket, max_trials=2)
     oracle, _ = _oracle(exp, storage)
     registry = CollectorRegistry()
-    hooks = m.ChiefMetrics(registry, workers=1)
+    hooks = ChiefMetrics(registry, workers=1)
     oracle.listener = ChiefListener(hooks)
     port = free_port()
     server = serve(make_servicer(oracle, hooks), port, host="127.0.0.1", threads=4)
@@ -182,7 +183,8 @@ def test_the_workers_span_sets_where_an_attempt_began_when_epoch_reports_were_lo
 def test_a_replacement_process_of_the_same_attempt_keeps_where_the_attempt_began(tmp_path,
                                                                                  bucket,
                                                                                  storage):
-    from skin.tuning.tuner import EPOCH_STATE, TrialFiles
+    from skin.artifacts import EPOCH_STATE
+    from skin.tuning.checkpoints import TrialFiles
 
     # Attempt 1 began at epoch 0 and saved epoch 3; its process died before the chief heard of
     # it, and a replacement with the same id got attempt 1 back. Attempt 2 (another worker)

@@ -116,7 +116,7 @@ def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
     from prometheus_client import CollectorRegistry
 
     from skin.config import parse_experiment
-    from skin.metrics import ChiefMetrics
+    from skin.metrics_chief import ChiefMetrics
     from skin.tuning.chief import ChiefListener
     from skin.tuning.oracle import make_oracle
     from skin.tuning.results import build_result

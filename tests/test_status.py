@@ -11,10 +11,12 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry
 
-from skin import metrics as m
 from skin.artifacts import SearchResult
 from skin.config import parse_experiment
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
+from skin.metrics_chief import ChiefMetrics
+from skin.metrics_server import serve
+from skin.metrics_worker import WorkerMetrics
 from skin.status import fetch, format_status, main_status
 
 
@@ -22,7 +24,7 @@ from skin.status import fetch, format_status, main_status
 def chief():
     """A chief's metrics served on a free loopback port, mid-search."""
     registry = CollectorRegistry()
-    c = m.ChiefMetrics(registry, objective="val_auc", workers=3, lease_seconds=60,
+    c = ChiefMetrics(registry, objective="val_auc", workers=3, lease_seconds=60,
                        experiment="demo", tuner="hyperband")
     for trial, (worker, status, score) in enumerate([
             ("tuner0", "completed", 0.71), ("tuner1", "completed", 0.83), ("tuner0", "failed", None),
@@ -35,7 +37,7 @@ def chief():
     c.trial_started("tuner1")
     c.worker_report("tuner1", epoch=0, epochs_budget=2)
     c.set_search_progress(5, 20, 900.0)
-    with m.serve(registry, "127.0.0.1", 0) as server:
+    with serve(registry, "127.0.0.1", 0) as server:
         yield c, f"127.0.0.1:{server.port}"
 
 
@@ -79,8 +81,8 @@ def test_format_status_prints_the_table(chief):
 
 def test_a_finished_search_and_an_empty_one():
     registry = CollectorRegistry()
-    c = m.ChiefMetrics(registry, objective="val_loss")
-    with m.serve(registry, "127.0.0.1", 0) as server:
+    c = ChiefMetrics(registry, objective="val_loss")
+    with serve(registry, "127.0.0.1", 0) as server:
         st = fetch(f"http://127.0.0.1:{server.port}/metrics")
         assert st.best is None and st.best_trial is None and st.time_left is None
         text = format_status(st)
@@ -106,8 +108,8 @@ def test_main_status_once_and_when_the_chief_is_unreachable(chief, capsys):
 
 def test_a_worker_endpoint_is_not_a_chief(capsys):
     registry = CollectorRegistry()
-    m.WorkerMetrics(registry, "tuner0")
-    with m.serve(registry, "127.0.0.1", 0) as server:
+    WorkerMetrics(registry, "tuner0")
+    with serve(registry, "127.0.0.1", 0) as server:
         with pytest.raises(ValueError, match="not serve a skin chief"):
             fetch(f"127.0.0.1:{server.port}")
         assert main_status(f"127.0.0.1:{server.port}", out=io.StringIO()) == EXIT_RETRYABLE

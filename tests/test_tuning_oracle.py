@@ -64,9 +64,9 @@ def _completed(trial, value):
 
 def test_concurrent_workers_over_grpc_get_each_trial_once_and_the_bucket_keeps_it(
         tmp_path, bucket, storage):
-    from skin.tuning.chief import make_servicer, serve
     from skin.tuning.client import ChiefClient, SearchOver
     from skin.tuning.oracle import make_oracle
+    from skin.tuning.servicer import make_servicer, serve
 
     exp = _exp(tmp_path, bucket, max_trials=60)
     oracle, store = _oracle(exp, storage)
@@ -151,7 +151,7 @@ def test_reload_replays_the_journal_on_top_of_the_last_compaction(tmp_path, buck
 
 def test_expired_lease_requeues_the_trial_then_fails_it_when_retries_run_out(tmp_path, bucket,
                                                                            storage):
-    from skin.tuning.oracle import LeaseLost
+    from skin.tuning.protocol import LeaseLost
 
     exp = _exp(tmp_path, bucket, lease_seconds=1, max_trial_retries=1,
                max_consecutive_failed_trials=1)
@@ -178,7 +178,7 @@ def test_expired_lease_requeues_the_trial_then_fails_it_when_retries_run_out(tmp
 
 
 def test_a_heartbeat_renews_the_lease_and_records_nothing(tmp_path, bucket, storage):
-    from skin.tuning.oracle import LeaseLost
+    from skin.tuning.protocol import LeaseLost
 
     exp = _exp(tmp_path, bucket, lease_seconds=2, max_trial_retries=1)
     oracle, _ = _oracle(exp, storage, journal=False)
@@ -454,9 +454,9 @@ def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, stora
 @pytest.mark.slow
 def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
     """A chief (in a thread) and a worker in this process, two executions per trial."""
+    from skin.artifacts import EPOCH_STATE
     from skin.config import Runtime
     from skin.tuning import load_result, run_chief, run_worker
-    from skin.tuning.tuner import EPOCH_STATE
     from tuning_entry import TinyHyperModel
 
     exp = _exp(tmp_path, bucket, max_trials=2, max_epochs=2, executions_per_trial=2)

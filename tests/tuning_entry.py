@@ -153,9 +153,9 @@ class TinyHyperModel(keras_tuner.HyperModel):
 def _freeze_before_saving_epoch(n: int) -> None:
     import signal
 
-    from skin.tuning import tuner
+    from skin.tuning import checkpoints
 
-    save_epoch, frozen = tuner.TrialFiles.save_epoch, []
+    save_epoch, frozen = checkpoints.TrialFiles.save_epoch, []
 
     def freezing(self, trial_id, model, state, *args, **kwargs):
         if state["epoch"] == n and not frozen:
@@ -165,7 +165,7 @@ def _freeze_before_saving_epoch(n: int) -> None:
             os.kill(os.getpid(), signal.SIGSTOP)
         return save_epoch(self, trial_id, model, state, *args, **kwargs)
 
-    tuner.TrialFiles.save_epoch = freezing
+    checkpoints.TrialFiles.save_epoch = freezing
 
 
 def main() -> int:
@@ -181,7 +181,8 @@ def main() -> int:
         _freeze_before_saving_epoch(args.freeze_before_saving_epoch)
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics, tuning
+    from skin import metrics_server as metrics
+    from skin import tuning
     from skin.config import load_experiment, runtime_from_env
     from skin.storage import Storage
 

@@ -5,12 +5,14 @@
     load_best(storage, exp) -> BestTrial # <root>/tuner/best_hyperparameters.json (skin.artifacts)
     load_result(storage, exp) -> SearchResult  # <root>/tuner/result.json (skin.artifacts)
 
-Modules: ``oracle`` (keras-tuner's oracles with leases and per-trial state),
-``journal`` (that state in the bucket), ``chief`` (the gRPC servicer and the
-chief's life), ``client`` (a worker's line to the chief), ``tuner`` (the
+Modules: ``oracle`` (keras-tuner's oracles with leases), ``oracle_state`` (their per-trial state),
+``journal`` (that state in the bucket), ``chief`` (the chief's life),
+``servicer`` (the gRPC servicer), ``client`` (a worker's line to the chief), ``tuner`` (the
 worker's keras-tuner Tuner: trials, checkpoints through the bucket),
-``worker`` (the worker's life), ``results`` (what a search leaves behind),
-``protocol`` (what travels beside keras-tuner's messages).
+``checkpoints`` (a trial's files in the bucket, the per-epoch
+checkpoint), ``worker`` (the worker's life), ``results`` (what a search leaves behind),
+``protocol`` (what travels beside keras-tuner's messages), ``hooks`` (the typed
+metrics hooks, no-op by default).
 
 Importing this package is cheap; TensorFlow loads when a role starts.
 """

@@ -3,7 +3,8 @@
 A report is data from another process: a broken worker or a hostile caller can
 send ``val_auc = 2.0`` or a configuration outside the space. The oracle checks
 every report with :func:`check_metrics` and every ending's hyperparameters
-with :func:`changed_values`; the retrain checks what it is about to train with
+with :func:`changed_values` (:func:`check_ending`, :func:`check_space` raise
+:class:`~skin.tuning.protocol.Refused` for the oracle); the retrain checks what it is about to train with
 :func:`check_values`. Each raises ``ValueError`` naming the key and the value.
 
 Nothing here imports TensorFlow; the space is a keras-tuner ``HyperParameters``.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from skin.tuning.protocol import Refused
 
 # Metrics bounded to [0, 1] (a name contains one of these); losses are >= 0.
 UNIT_INTERVAL = ("auc", "accuracy", "precision", "recall", "sensitivity", "specificity")
@@ -169,3 +172,46 @@ def _describe(hp) -> str:
         return f"{kind.lower()}s from {hp.min_value} to {hp.max_value}{step}" + \
             (f" ({hp.sampling} sampling)" if hp.sampling not in (None, "linear") else "")
     return kind
+
+
+# keras-tuner's TrialStatus values an ending may carry (the strings, without importing it)
+ENDING_STATUSES = ("COMPLETED", "INVALID", "FAILED")
+
+
+def check_ending(trial, current, objective: str, space) -> None:
+    """Refused unless a worker's ending ``trial`` is one the chief can take as it is:
+    an ending status, the hyperparameters of ``current`` (the chief's trial), and for a
+    completed trial the objective, sent now or reported (checked) before."""
+    if trial.status not in ENDING_STATUSES:
+        raise Refused("report", f"trial {trial.trial_id}: status {trial.status!r} is not an "
+                                f"ending; expected one of {', '.join(ENDING_STATUSES)}")
+    changed = changed_values(current.hyperparameters.values, trial.hyperparameters.values,
+                             space)
+    if changed:
+        raise Refused("hyperparameters", f"trial {trial.trial_id}: the hyperparameters are "
+                      f"the ones the chief issued; the call changed {', '.join(changed[:5])}")
+    if trial.status == "COMPLETED":
+        sent = trial.metrics.exists(objective)
+        try:
+            check_tracker(trial.metrics if sent else current.metrics, objective)
+            if not sent:
+                for name, value in tracker_values(trial.metrics):
+                    check_metric(name, value)
+        except ValueError as e:
+            raise Refused("report", f"trial {trial.trial_id}: {e}") from None
+
+
+def check_space(ours, sent) -> None:
+    """A worker's UpdateSpace ``sent`` may only confirm the chief's space ``ours`` (both
+    keras-tuner HyperParameters): anything new or different is Refused, never merged."""
+    from keras_tuner.src.engine import hyperparameters as hp_module
+
+    # Compare after the same proto round trip the caller's space went through.
+    known: dict[str, list[dict]] = {}
+    for hp in hp_module.HyperParameters.from_proto(ours.to_proto()).space:
+        known.setdefault(hp.name, []).append(hp.get_config())
+    for hp in sent.space:
+        if hp.get_config() not in known.get(hp.name, []):
+            what = "a new hyperparameter" if hp.name not in known else "a different definition of"
+            raise Refused("space", f"UpdateSpace: {what} {hp.name!r}; the search space is the "
+                          "chief's (workers may only confirm it)", denied=True)

@@ -2,7 +2,7 @@
 
 ``run_chief`` serves keras-tuner's ``OracleService`` on ``<bind address>:<port>``
 (loopback unless told otherwise; the pod address in Kubernetes) from a thread
-pool (stock keras-tuner serves one call at a time). A call without the
+pool (``servicer.py``; stock keras-tuner serves one call at a time). A call without the
 experiment's token, or from a worker id this experiment cannot have, is refused
 before it reaches the oracle (``auth.py``); reports are checked as data
 (``oracle.py``, ``checks.py``). Every call
@@ -29,15 +29,11 @@ fresh lease. A chief started after the search ended does only what is left
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import tempfile
 import time
-from concurrent import futures
 from pathlib import Path
-
-import grpc
 
 from skin.artifacts import SearchResult, best_uri, lock_uri, oracle_uri, result_uri
 from skin.errors import (
@@ -54,23 +50,23 @@ from skin.errors import (
     exit_code_for,
 )
 from skin.tuning import auth
-from skin.tuning import protocol as wire
+from skin.tuning.hooks import ChiefHooks, Listener
 from skin.tuning.journal import Journal, OracleStore
 from skin.tuning.lock import ChiefLock, Fence, should_wait
 from skin.tuning.results import build_best, build_result, read_outcome
+from skin.tuning.servicer import RPC_THREADS, make_servicer, serve
 
 log = logging.getLogger("skin.tuning")
 
-RPC_THREADS = 32
 
 
 
 
-class ChiefListener:
+class ChiefListener(Listener):
     """Turns oracle events into log lines for a human and metrics for Prometheus."""
 
-    def __init__(self, metrics=None, max_epochs: int = 0):
-        self.metrics = metrics
+    def __init__(self, metrics: ChiefHooks | None = None, max_epochs: int = 0):
+        self.metrics = metrics if metrics is not None else ChiefHooks()
         self.max_epochs = max_epochs
         self.best: tuple[float, str] | None = None
 
@@ -83,7 +79,7 @@ class ChiefListener:
                 extra += f" from trial {values['tuner/trial_id']}"
         log.info("trial %s started on %s (attempt %d%s)", trial.trial_id, attempt["worker"],
                  attempt["n"], extra)
-        wire.hook(self.metrics, "trial_started", attempt["worker"])
+        self.metrics.trial_started(attempt["worker"])
 
     def trial_ended(self, oracle, trial, attempt) -> None:
         worker, duration = attempt["worker"], attempt["ended"] - attempt["started"]
@@ -115,17 +111,22 @@ class ChiefListener:
                         trial.trial_id, worker, duration, attempt["n"], allowed, fate,
                         attempt["reason"] or "no message")
             status = "invalid" if requeued else "failed"
-        wire.hook(self.metrics, "trial_ended", status, duration,
-              trial.score if status == "completed" else None, worker)
+        self.metrics.trial_ended(status, duration, trial.score if status == "completed" else None,
+                                 worker)
         self._report_progress(oracle)
 
     def worker_report(self, worker: str, trial, epochs_done: int) -> None:
         budget = trial.hyperparameters.values.get("tuner/epochs", self.max_epochs)
-        wire.hook(self.metrics, "worker_report", worker, epoch=epochs_done,
-                  epochs_budget=int(budget))
+        self.metrics.worker_report(worker, epoch=epochs_done, epochs_budget=int(budget))
 
     def worker_alive(self, worker: str) -> None:  # a heartbeat: seen, no progress
-        wire.hook(self.metrics, "worker_report", worker)
+        self.metrics.worker_report(worker)
+
+    def trial_stopped_early(self, trial_id: str) -> None:
+        self.metrics.trial_stopped_early()
+
+    def confirmation_started(self, trial_id: str) -> None:
+        self.metrics.confirmation_started()
 
     def search_ended(self, oracle) -> None:
         if oracle.state == "failed":
@@ -142,190 +143,7 @@ class ChiefListener:
         eta = None
         if done and total and total > done:
             eta = (time.time() - oracle.started_at) / done * (total - done)
-        wire.hook(self.metrics, "set_search_progress", done, total, eta)
-
-
-def _rpc(method):
-    """Time a servicer method and turn our exceptions into gRPC status codes."""
-    name = method.__name__
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        t0 = time.perf_counter()
-        try:
-            return method(self, request, context)
-        except auth.Refusal as e:  # logged once per caller by auth.CallerCheck
-            wire.hook(self.metrics, "oracle_refused", e.reason)
-            context.abort(e.code, wire.ascii_value(e))
-        except self.Refused as e:
-            wire.hook(self.metrics, "oracle_refused", e.reason)
-            log.warning("%s refused: %s", name, e)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED if e.denied else
-                          grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
-        except self.LeaseLost as e:
-            wire.hook(self.metrics, "oracle_refused", "not_holder")
-            context.set_trailing_metadata(((wire.LEASE, wire.LEASE_LOST),
-                                           (wire.SEARCH, self.oracle.state)))
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e))
-        except self.SearchStopped as e:
-            context.set_trailing_metadata(((wire.SEARCH, e.state),
-                                           (wire.REASON, wire.ascii_value(e.reason))))
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.ascii_value(e.reason))
-        except RetryableError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, wire.ascii_value(e))
-        except (ValueError, KeyError) as e:
-            log.warning("%s rejected: %s", name, e)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, wire.ascii_value(e))
-        finally:
-            wire.hook(self.metrics, "oracle_call", name, time.perf_counter() - t0)
-
-    return wrapper
-
-
-def _servicer_base():
-    from keras_tuner.src.distribute import oracle_chief
-
-    return oracle_chief.OracleServicer
-
-
-def make_servicer(oracle, metrics=None, wait_timeout_s: float = 60.0, workers: int | None = None):
-    """keras-tuner's OracleServicer, subclassed: locking, leases, durable answers, callers
-    checked (``workers``: the experiment's worker count; None accepts any ``tuner<N>``)."""
-    from keras_tuner.src import protos
-    from keras_tuner.src.engine import hyperparameters as hp_module
-    from keras_tuner.src.engine import trial as trial_module
-
-    from skin.tuning.oracle import LeaseLost, Refused, SearchStopped
-
-    service = protos.get_service()
-    callers = auth.CallerCheck(workers)
-
-    class OracleServicer(_servicer_base()):
-        def __init__(self):
-            super().__init__(oracle)
-            self.metrics = metrics
-            self.LeaseLost, self.SearchStopped, self.Refused = LeaseLost, SearchStopped, Refused
-
-        def _wait(self, ticket: int) -> None:
-            if ticket >= 0 and oracle.journal is not None:
-                oracle.journal.wait(ticket, wait_timeout_s)
-
-        @staticmethod
-        def _caller(context, method: str, **kw) -> tuple[str, int | None, dict]:
-            return callers.caller(context, method, **kw)
-
-        @_rpc
-        def GetSpace(self, request, context):
-            self._caller(context, "GetSpace")
-            with oracle.lock:
-                return service.GetSpaceResponse(hyperparameters=oracle.get_space().to_proto())
-
-        @_rpc
-        def UpdateSpace(self, request, context):
-            self._caller(context, "UpdateSpace")
-            hps = hp_module.HyperParameters.from_proto(request.hyperparameters)
-            oracle.confirm_space(hps)  # never merged: the space is the chief's
-            return service.UpdateSpaceResponse()
-
-        @_rpc
-        def CreateTrial(self, request, context):
-            self._caller(context, "CreateTrial", tuner_id=request.tuner_id)
-            assignment = oracle.assign(request.tuner_id)
-            self._wait(assignment.ticket)
-            md = [(wire.SEARCH, oracle.state)]
-            if assignment.attempt:
-                md.append((wire.ATTEMPT, str(assignment.attempt)))
-            if oracle.state != "running":
-                md.append((wire.REASON, wire.ascii_value(oracle.reason)))
-            context.set_trailing_metadata(tuple(md))
-            with oracle.lock:
-                proto = assignment.trial.to_proto()
-            return service.CreateTrialResponse(trial=proto)
-
-        @_rpc
-        def UpdateTrial(self, request, context):
-            worker, attempt, md = self._caller(context, "UpdateTrial", attempt_required=True)
-            if md.get(wire.REPORT) == wire.REPORT_RELEASE:
-                span = wire.parse_epochs(md.get(wire.EPOCHS))
-                self._wait(oracle.release(request.trial_id, worker, attempt, int(request.step),
-                                          first_epoch=span[0] if span else None))
-                context.set_trailing_metadata(((wire.SEARCH, oracle.state),))
-                return service.UpdateTrialResponse()
-            if md.get(wire.REPORT) == wire.REPORT_HEARTBEAT:
-                trial = oracle.heartbeat(request.trial_id, worker, attempt)
-            else:
-                trial = oracle.report(request.trial_id, worker, attempt, dict(request.metrics),
-                                      int(request.step),
-                                      progress_only=md.get(wire.REPORT) == wire.REPORT_EPOCH)
-            with oracle.lock:
-                proto = trial.to_proto()
-            context.set_trailing_metadata(((wire.SEARCH, oracle.state),))
-            return service.UpdateTrialResponse(trial=proto)
-
-        @_rpc
-        def EndTrial(self, request, context):
-            worker, attempt, md = self._caller(context, "EndTrial", attempt_required=True)
-            trial = trial_module.Trial.from_proto(request.trial)
-            trial.message = md.get(wire.MESSAGE)  # not part of keras-tuner's Trial message
-            if md.get(wire.REPORT) == wire.REPORT_WATCHDOG:
-                log.error("%s's watchdog ends trial %s: %s; the worker exits and is replaced",
-                          worker, trial.trial_id, trial.message)
-                wire.hook(self.metrics, "worker_watchdog_exit", worker or "?")
-            self._wait(oracle.end(trial, worker, attempt, wire.parse_epochs(md.get(wire.EPOCHS))))
-            md = [(wire.SEARCH, oracle.state)]
-            if oracle.state != "running":
-                md.append((wire.REASON, wire.ascii_value(oracle.reason)))
-            context.set_trailing_metadata(tuple(md))
-            return service.EndTrialResponse()
-
-        @_rpc
-        def GetTrial(self, request, context):
-            self._caller(context, "GetTrial")
-            with oracle.lock:
-                trial = oracle.trials.get(request.trial_id)
-                if trial is None:
-                    raise KeyError(f"trial {request.trial_id} is unknown")
-                return service.GetTrialResponse(trial=trial.to_proto())
-
-        @_rpc
-        def GetBestTrials(self, request, context):
-            self._caller(context, "GetBestTrials")
-            with oracle.lock:
-                trials = oracle.get_best_trials(request.num_trials)
-                return service.GetBestTrialsResponse(trials=[t.to_proto() for t in trials])
-
-    return OracleServicer()
-
-
-def serve(servicer, port: int, host: str = "127.0.0.1", threads: int = RPC_THREADS, *,
-          token: str = "", tls_dir: str = "", metrics=None) -> grpc.Server:
-    """Start a gRPC server for ``servicer`` on ``host`` (comma-separated addresses): with
-    ``token``, calls without it are refused; with ``tls_dir``, TLS. RetryableError when a
-    port cannot be bound."""
-    from keras_tuner.src import protos
-
-    interceptors = []
-    if token:
-        interceptors.append(auth.TokenInterceptor(
-            token, on_refused=lambda reason: wire.hook(metrics, "oracle_refused", reason)))
-    credentials = auth.server_credentials(tls_dir) if tls_dir else None
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
-                                                    thread_name_prefix="oracle-rpc"),
-                         interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    for h in (h.strip() for h in host.split(",") if h.strip()):
-        address = f"[{h}]:{port}" if ":" in h and not h.startswith("[") else f"{h}:{port}"
-        try:
-            bound = server.add_secure_port(address, credentials) if credentials else \
-                server.add_insecure_port(address)
-        except RuntimeError:
-            bound = 0
-        if not bound:
-            server.stop(0)
-            raise RetryableError(f"the oracle cannot listen on {address} (port in use, or not "
-                                 "an address of this host?)")
-    server.start()
-    return server
+        self.metrics.set_search_progress(done, total, eta)
 
 
 def populate_space(oracle, hypermodel) -> None:
@@ -363,14 +181,16 @@ def start_retrain(runtime) -> int:
     return EXIT_OK
 
 
-def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+def run_chief(exp, runtime, storage, metrics: ChiefHooks | None = None, hypermodel=None) -> int:
     """Serve the oracle until the search ends; the process exit code (skin.errors).
+    ``metrics``: None is the no-op hooks.
 
     SIGTERM (preemption, drain, a new chief pod) stops serving at the next tick; the
     journal is flushed and the chief exits EXIT_RELEASED; the next chief resumes.
     """
     from skin.tuning.preempt import Preempted, Preemption
 
+    metrics = metrics if metrics is not None else ChiefHooks()
     preemption = Preemption("chief")
     try:
         with preemption, preemption.deferred():
@@ -404,7 +224,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
 
     lock = ChiefLock(storage, lock_uri(exp), exp.chief.lock_seconds,
                      metrics=metrics, on_lost=lost)
-    wire.hook(metrics, "chief_lock", False)
+    metrics.chief_lock(False)
     lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()
     try:
         return _serve(exp, runtime, storage, metrics, hypermodel, lock, servers, preemption)
@@ -419,7 +239,9 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
 
 def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list,
            preemption=None) -> int:
-    from skin.tuning.oracle import FAILED, fingerprint_matches, make_oracle
+    from skin.tuning.fingerprint import fingerprint_matches
+    from skin.tuning.oracle import make_oracle
+    from skin.tuning.oracle_state import FAILED
 
     fence = Fence(storage, lock)
     outcome = read_outcome(storage, exp)
@@ -536,7 +358,7 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
     if journal.error is None and not journal.compact(timeout=1.0):
         log.info("left the last journal batches uncompacted (a restarted chief replays them)")
     journal.stop()
-    wire.hook(metrics, "search_finished")
+    metrics.search_finished()
     if oracle.state == FAILED:
         log.error("chief exits %d: the search failed (summary in %s)", EXIT_SEARCH_FAILED,
                   result_uri(exp))

@@ -194,10 +194,7 @@ class Confirmation:
                      ", ".join(c.trial_id for c in self.candidates(oracle)))
         log.info("trial %s confirms trial %s with seed %d%s", trial_id, source_id, seed,
                  f" on fold {fold}" if fold is not None else "")
-        listener = getattr(oracle, "listener", None)
-        from skin.tuning import protocol as wire
-
-        wire.hook(getattr(listener, "metrics", None), "confirmation_started")
+        oracle.listener.confirmation_started(trial_id)
         return trial
 
     # -- the pick --------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Callable
 
 from skin.errors import FencedError, LockHeldError, PreconditionFailedError, RetryableError
+from skin.tuning.hooks import ChiefHooks
 
 log = logging.getLogger("skin.tuning")
 
@@ -78,10 +79,11 @@ class ChiefLock:
     """The search's lock object; see the module docstring."""
 
     def __init__(self, storage, uri: str, ttl_s: float, *, holder: str | None = None,
-                 metrics=None, on_lost: Callable[[str], None] | None = None):
+                 metrics: ChiefHooks | None = None,
+                 on_lost: Callable[[str], None] | None = None):
         self.storage, self.uri, self.ttl_s = storage, uri, float(ttl_s)
         self.holder = holder or holder_id()
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else ChiefHooks()
         self.on_lost = on_lost
         self.generation: int | None = None  # of our last write; None: not held
         self.term = 0
@@ -262,14 +264,10 @@ class ChiefLock:
     # -- metrics ----------------------------------------------------------------------
 
     def _publish(self, lost: bool = False) -> None:
-        from skin.tuning import protocol as wire
-
-        wire.hook(self.metrics, "chief_lock", self.generation is not None and not lost, lost)
+        self.metrics.chief_lock(self.generation is not None and not lost, lost)
 
     def _count_precondition_failure(self, what: str) -> None:
-        from skin.tuning import protocol as wire
-
-        wire.hook(self.metrics, "precondition_failed", what)
+        self.metrics.precondition_failed(what)
 
 
 class Fence:

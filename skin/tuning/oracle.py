@@ -12,15 +12,12 @@ the search algorithm stays keras-tuner's. What the mixin changes:
   no longer holds the trial gets :class:`LeaseLost`, so a reclaimed trial is
   never ended twice. Ending the same attempt twice is harmless (a retried RPC).
 - **Reports are data.** Metrics must be finite and in range and a completed
-  trial must carry the objective (``checks.py``); an ending keeps the
+  trial must carry the objective (``checks.py``, also the endings and the space); an ending keeps the
   hyperparameters the chief issued (one that sends others is refused); a
   worker's ``UpdateSpace`` may only confirm the chief's space. A refused call
   raises :class:`Refused` before anything changes.
-- **Persistence.** Instead of rewriting all of its state on every change
-  (stock ``Oracle.save``), each change marks the trials it touched and the
-  header for :class:`~skin.tuning.journal.Journal`. Everything that grows with
-  the number of trials (start/end order, run counts, retry queue, value
-  hashes, ongoing trials) is derived from the per-trial records on load.
+- **Persistence.** Each change marks what it touched for the journal instead of
+  rewriting all state (:class:`~skin.tuning.oracle_state.JournalledState`).
 - **Releases.** A preempted worker hands its trial back (:meth:`release`): it
   is re-queued at once and resumes from its last finished epoch; a release is
   neither a failed attempt nor a consecutive failure.
@@ -40,7 +37,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import keras_tuner
 from keras_tuner.src.engine import trial as trial_module
@@ -51,48 +48,15 @@ from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
 from skin.errors import ConfigError
 from skin.tuning import checks
 from skin.tuning.confirm import Confirmation
-from skin.tuning.fingerprint import fingerprint_matches, search_fingerprint  # noqa: F401 - re-exported
+from skin.tuning.fingerprint import search_fingerprint
+from skin.tuning.hooks import Listener
+from skin.tuning.oracle_state import FAILED, FINISHED, RUNNING, JournalledState, TrialStatus
+from skin.tuning.protocol import LeaseLost, Refused, SearchStopped
 from skin.tuning.stopping import MedianStopping, stopped_reply
 
 log = logging.getLogger("skin.tuning")
 
-TrialStatus = trial_module.TrialStatus
-RUNNING, FINISHED, FAILED = "running", "finished", "failed"
-# Keys of the stock Oracle.get_state() that we derive from the trial records instead.
-_DERIVED_STATE = ("ongoing_trials", "start_order", "end_order", "run_times", "retry_queue",
-                  "tried_so_far", "id_to_hash", "display")
 
-
-class LeaseLost(Exception):
-    """The caller does not (or no longer) hold this trial."""
-
-
-class Refused(ValueError):
-    """A report or space the chief refuses; nothing changed. ``reason`` labels the refusal
-    counter; ``denied``: the caller may not do this at all (else its data is wrong)."""
-
-    def __init__(self, reason: str, message: str, *, denied: bool = False):
-        super().__init__(message)
-        self.reason, self.denied = reason, denied
-
-
-class SearchStopped(Exception):
-    """The search has ended (``state`` finished or failed); ``reason`` says why."""
-
-    def __init__(self, state: str, reason: str):
-        super().__init__(reason)
-        self.state = state
-        self.reason = reason
-
-
-class Listener(Protocol):
-    """What the chief wants to hear about (logging, metrics); called with the lock held."""
-
-    def trial_started(self, oracle: LeasedOracle, trial, attempt: dict) -> None: ...
-    def trial_ended(self, oracle: LeasedOracle, trial, attempt: dict) -> None: ...
-    def worker_report(self, worker: str, trial, epochs_done: int) -> None: ...
-    def worker_alive(self, worker: str) -> None: ...
-    def search_ended(self, oracle: LeasedOracle) -> None: ...
 
 
 @dataclass
@@ -106,7 +70,7 @@ def objective_for(exp) -> keras_tuner.Objective:
     return keras_tuner.Objective(exp.search.objective, exp.search.direction)
 
 
-class LeasedOracle:
+class LeasedOracle(JournalledState):
     """Mixin: put it first in the bases of a keras-tuner oracle class."""
 
     def __init__(self, *, lease_seconds: float = 300.0, **oracle_kwargs):
@@ -117,7 +81,7 @@ class LeasedOracle:
         self.done = threading.Event()
         self.state, self.reason = RUNNING, ""
         self.fingerprint = ""
-        self.listener: Listener | None = None
+        self.listener: Listener = Listener()
         self.journal = None  # skin.tuning.journal.Journal, set by the chief
         self.stopping = None  # skin.tuning.stopping.MedianStopping (search.early_stopping)
         self.confirm = None  # skin.tuning.confirm.Confirmation (search.confirm)
@@ -128,24 +92,6 @@ class LeasedOracle:
         self._seq = 0
         self._tickets: dict[str, int] = {}  # trial_id -> batch carrying its latest change
         self.started_at = time.time()
-
-    # -- hooks into the stock Oracle -------------------------------------------------
-
-    def _set_project_dir(self, directory, project_name):
-        # The stock oracle keeps trial.json files in a local project dir; ours live in the
-        # bucket (see journal.py). Keep the names only, create nothing.
-        self._directory, self._project_name = directory, project_name
-
-    # The stock oracle saves on every change; we note what changed and let the callers that
-    # must answer durably (assign, end, reclaim) mark it urgent.
-    def _save_trial(self, trial):
-        self._mark([trial.trial_id], urgent=False)
-
-    def save(self):
-        self._mark(header=True, urgent=False)
-
-    def reload(self):  # pragma: no cover - the chief calls restore() with bucket state
-        raise NotImplementedError("LeasedOracle state is restored with restore()")
 
     def _check_consecutive_failures(self):
         # Stock raises RuntimeError here, inside a gRPC handler; we count in _after_end.
@@ -162,33 +108,7 @@ class LeasedOracle:
         self._retry_queue.append(trial.trial_id)
         return True
 
-    def get_state(self):
-        # Stock get_state() serialises every trial's hash and id; we persist those per trial.
-        # Swap the growing collections out so building the header costs O(1) in trials.
-        names = ("_tried_so_far", "_id_to_hash", "start_order", "end_order", "_run_times",
-                 "_retry_queue", "ongoing_trials")
-        saved = {n: getattr(self, n) for n in names}
-        try:
-            for n in names:
-                setattr(self, n, type(saved[n])())
-            state = super().get_state()
-        finally:
-            for n, v in saved.items():
-                setattr(self, n, v)
-        for key in _DERIVED_STATE:
-            state.pop(key, None)
-        return state
-
     # -- bookkeeping -----------------------------------------------------------------
-
-    def _mark(self, trial_ids=(), header: bool = False, *, urgent: bool = True) -> int:
-        if self.journal is None:
-            return -1
-        ticket = self.journal.mark(trial_ids, header, urgent=urgent)
-        if urgent:  # what an answer must wait for; a lazy mark is written whenever
-            for tid in trial_ids:
-                self._tickets[tid] = ticket
-        return ticket
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -237,8 +157,7 @@ class LeasedOracle:
             state, reason = FAILED, f"no trial completed ({reason})"
         self.state, self.reason = state, reason
         self._mark(header=True)
-        if self.listener is not None:
-            self.listener.search_ended(self)
+        self.listener.search_ended(self)
         self.done.set()
 
     # -- what the servicer calls ------------------------------------------------------
@@ -267,8 +186,7 @@ class LeasedOracle:
                 meta["attempts"].append(attempt)
                 self.leases[tuner_id] = now + self.lease_seconds
                 ticket = self._mark([trial.trial_id], header=True)
-                if self.listener is not None:
-                    self.listener.trial_started(self, trial, attempt)
+                self.listener.trial_started(self, trial, attempt)
                 return Assignment(trial, attempt["n"], ticket)
             if trial.status == TrialStatus.STOPPED:
                 if self.ongoing_trials or self._retry_queue:
@@ -305,8 +223,7 @@ class LeasedOracle:
             # Nobody waits on a report: it rides with the next write (an ending carries the
             # final metrics again, so a chief restart loses nothing that matters).
             self._mark([trial_id], urgent=False)
-            if self.listener is not None:
-                self.listener.worker_report(worker, trial, int(step) + 1)
+            self.listener.worker_report(worker, trial, int(step) + 1)
             return trial
 
     def heartbeat(self, trial_id: str, worker: str | None, attempt: int | None) -> Any:
@@ -321,8 +238,7 @@ class LeasedOracle:
                 raise SearchStopped(self.state, self.reason)
             trial, worker = self._check_owner(trial_id, worker, attempt)
             self.leases[worker] = time.monotonic() + self.lease_seconds
-            if self.listener is not None:
-                self.listener.worker_alive(worker)
+            self.listener.worker_alive(worker)
             return trial
 
     def release(self, trial_id: str, worker: str | None, attempt: int | None,
@@ -358,8 +274,7 @@ class LeasedOracle:
                            epochs=max(0, int(epochs)))
             meta["epochs"] = current["epochs"]
             ticket = self._mark([trial_id], header=True)
-            if self.listener is not None:
-                self.listener.trial_ended(self, trial, current)
+            self.listener.trial_ended(self, trial, current)
             return ticket
 
     def end(self, trial, worker: str | None, attempt: int | None,
@@ -380,7 +295,7 @@ class LeasedOracle:
             if self.state == FAILED:
                 raise SearchStopped(self.state, self.reason)
             current, worker = self._check_owner(trial_id, worker, attempt)
-            self._check_ending(trial, current)
+            checks.check_ending(trial, current, self.objective.name, self.hyperparameters)
             self._note_epochs(trial_id, epochs)
             # The chief's own trial, with the caller's status, message and (checked) metrics:
             # stock end_trial would take the caller's hyperparameters and merge them into the space.
@@ -408,45 +323,11 @@ class LeasedOracle:
         if last >= attempt.get("epochs", 0):
             meta["epochs"] = attempt["epochs"] = last
 
-    def _check_ending(self, trial, current) -> None:
-        """Refused unless the ending is one the chief can take as it is."""
-        ends = (TrialStatus.COMPLETED, TrialStatus.INVALID, TrialStatus.FAILED)
-        if trial.status not in ends:
-            raise Refused("report", f"trial {trial.trial_id}: status {trial.status!r} is not an "
-                                    f"ending; expected one of {', '.join(ends)}")
-        changed = checks.changed_values(current.hyperparameters.values,
-                                        trial.hyperparameters.values, self.hyperparameters)
-        if changed:
-            raise Refused("hyperparameters", f"trial {trial.trial_id}: the hyperparameters are "
-                          f"the ones the chief issued; the call changed {', '.join(changed[:5])}")
-        if trial.status == TrialStatus.COMPLETED:
-            objective = self.objective.name
-            # The objective comes with the ending, or was reported (checked) before it.
-            sent = trial.metrics.exists(objective)
-            try:
-                checks.check_tracker(trial.metrics if sent else current.metrics, objective)
-                if not sent:
-                    for name, value in checks.tracker_values(trial.metrics):
-                        checks.check_metric(name, value)
-            except ValueError as e:
-                raise Refused("report", f"trial {trial.trial_id}: {e}") from None
-
     def confirm_space(self, hps) -> None:
         """A worker's UpdateSpace: every hyperparameter it sends must be the chief's own, the
         same; anything new or different is :class:`Refused`, never merged."""
         with self.lock:
-            from keras_tuner.src.engine import hyperparameters as hp_module
-
-            # Compare after the same proto round trip the caller's space went through.
-            ours: dict[str, list[dict]] = {}
-            for hp in hp_module.HyperParameters.from_proto(self.get_space().to_proto()).space:
-                ours.setdefault(hp.name, []).append(hp.get_config())
-            for hp in hps.space:
-                if hp.get_config() not in ours.get(hp.name, []):
-                    what = "a new hyperparameter" if hp.name not in ours else \
-                        "a different definition of"
-                    raise Refused("space", f"UpdateSpace: {what} {hp.name!r}; the search space "
-                                  "is the chief's (workers may only confirm it)", denied=True)
+            checks.check_space(self.get_space(), hps)
 
     def reclaim_expired(self, now: float | None = None) -> list[tuple[str, str]]:
         """End every attempt whose lease has expired; returns ``[(trial_id, worker)]``."""
@@ -486,8 +367,7 @@ class LeasedOracle:
         if current.status in (TrialStatus.COMPLETED, TrialStatus.FAILED):
             meta["end_seq"] = self._next_seq()
         self._mark([trial_id], header=True)
-        if self.listener is not None:
-            self.listener.trial_ended(self, current, attempt)
+        self.listener.trial_ended(self, current, attempt)
         self._after_end(current)
 
     def _after_end(self, trial) -> None:
@@ -508,80 +388,6 @@ class LeasedOracle:
 
     def _empty_trial(self, status: str):
         return trial_module.Trial(self.get_space(), trial_id="", status=status)
-
-    # -- persistence -------------------------------------------------------------------
-
-    def snapshot(self, trial_ids, header: bool) -> tuple[dict | None, dict[str, dict]]:
-        """JSON-ready copies of the given trials' records (and the header); lock held."""
-        records = {}
-        for tid in trial_ids:
-            trial = self.trials.get(tid)
-            if trial is not None:
-                records[tid] = {"trial": trial.get_state(), "meta": _copy_meta(self.meta[tid])}
-        return (self.header() if header else None), records
-
-    def header(self) -> dict:
-        return {"version": 1, "fingerprint": self.fingerprint, "oracle": self.get_state(),
-                "search": {"state": self.state, "reason": self.reason,
-                           "started_at": self.started_at}}
-
-    def restore(self, header: dict, records: dict[str, dict]) -> None:
-        """Rebuild the oracle from a header and per-trial records (see journal.Loaded)."""
-        with self.lock:
-            now = time.monotonic()
-            for tid, record in records.items():
-                self.trials[tid] = trial_module.Trial.from_state(record["trial"])
-                self.meta[tid] = record["meta"]
-            by_start = sorted(self.trials, key=lambda t: self.meta[t].get("start_seq") or 0)
-            ongoing, retry, ended = {}, [], []
-            for tid in by_start:
-                trial, meta = self.trials[tid], self.meta[tid]
-                attempts = meta.get("attempts") or []
-                if trial.status == TrialStatus.RUNNING and attempts and \
-                        attempts[-1]["ended"] is None:
-                    worker = attempts[-1]["worker"]
-                    if worker in ongoing:  # cannot happen; keep the newest, re-queue the other
-                        retry.append(ongoing[worker])
-                    ongoing[worker] = tid
-                elif trial.status in (TrialStatus.INVALID, TrialStatus.RUNNING):
-                    retry.append(tid)
-                elif trial.status in (TrialStatus.COMPLETED, TrialStatus.FAILED):
-                    ended.append(tid)
-            ended.sort(key=lambda t: self.meta[t].get("end_seq") or 0)
-            state = dict(header["oracle"])
-            state.update({
-                "ongoing_trials": ongoing,
-                "start_order": by_start,
-                "end_order": ended,
-                # A released attempt (preempted) does not count against the retries.
-                "run_times": {tid: sum(1 for a in self.meta[tid].get("attempts", [])
-                                       if a["ended"] is not None and a["status"] != "released")
-                              for tid in self.trials},
-                "retry_queue": retry,
-                "tried_so_far": [],
-                "id_to_hash": {},
-                "display": {"search_start": None, "trial_start": {}, "trial_number": {}},
-            })
-            self.set_state(state)
-            for tid, trial in self.trials.items():
-                h = self._compute_values_hash(trial.hyperparameters.values)
-                self._tried_so_far.add(h)
-                self._id_to_hash[tid] = h
-            self.leases = {w: now + self.lease_seconds for w in ongoing}
-            self.consecutive_failures = 0
-            for tid in ended:
-                failed = self.trials[tid].status == TrialStatus.FAILED
-                self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
-            self.completed = sum(1 for t in ended
-                                 if self.trials[t].status == TrialStatus.COMPLETED)
-            self._seq = max([0] + [m.get("start_seq") or 0 for m in self.meta.values()]
-                            + [m.get("end_seq") or 0 for m in self.meta.values()])
-            search = header.get("search", {})
-            self.state = search.get("state", RUNNING)
-            self.reason = search.get("reason", "")
-            self.started_at = search.get("started_at", self.started_at)
-            self.fingerprint = header.get("fingerprint", "")
-
 
 class LeasedHyperbandOracle(LeasedOracle, HyperbandOracle):
     def _algorithm_exhausted(self) -> bool:
@@ -649,19 +455,6 @@ def make_oracle(exp, *, leased: bool = True):
     return oracle
 
 
-def _copy_meta(meta: dict) -> dict:
-    """A snapshot of a trial's bookkeeping (flat dicts and one list of flat dicts)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in meta.items()}
-    out["attempts"] = [dict(a) for a in meta.get("attempts", ())]
-    return out
-
-
 def _last_line(message: str | None) -> str:
     lines = [ln.strip() for ln in (message or "").strip().splitlines() if ln.strip()]
     return lines[-1][:500] if lines else ""
-
-
-def epochs_planned(trial, max_epochs: int) -> tuple[int, int]:
-    """(initial epoch, last epoch) of a trial: Hyperband sets them, others train max_epochs."""
-    values = trial.hyperparameters.values
-    return int(values.get("tuner/initial_epoch", 0)), int(values.get("tuner/epochs", max_epochs))

@@ -30,8 +30,9 @@ key                 direction    value
                                  no ``message`` field)
 ==================  ===========  ==========================================================
 
-Errors: a lost lease or an ended search is ``FAILED_PRECONDITION`` with the
-trailing keys above; a chief that cannot save its state answers
+Errors (the oracle raises :class:`LeaseLost`, :class:`SearchStopped`, :class:`Refused`;
+the servicer turns them into status codes): a lost lease or an ended search is
+``FAILED_PRECONDITION`` with the trailing keys above; a chief that cannot save its state answers
 ``UNAVAILABLE``, which workers retry like a chief that is restarting. A call
 without the token is ``UNAUTHENTICATED``; one without a valid worker id or
 attempt ``PERMISSION_DENIED``; a report the chief will not take (metrics not
@@ -39,11 +40,6 @@ finite or out of range, other hyperparameters than issued) ``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations
-
-import logging
-
-log = logging.getLogger("skin.tuning")
-_broken_hooks: set[str] = set()
 
 WORKER = "skin-worker"
 ATTEMPT = "skin-attempt"
@@ -76,14 +72,23 @@ def ascii_value(text: str, limit: int = 1000) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
-def hook(metrics, name: str, *args, **kwargs) -> None:
-    """Call a metrics hook (skin.metrics); a broken one is logged once, never fatal."""
-    if metrics is None:
-        return
-    try:
-        getattr(metrics, name)(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - metrics never break the search
-        if name not in _broken_hooks:
-            _broken_hooks.add(name)
-            log.warning("metrics hook %s failed (%s: %s); going on without it", name,
-                        type(e).__name__, e)
+class LeaseLost(Exception):
+    """The caller does not (or no longer) hold this trial."""
+
+
+class Refused(ValueError):
+    """A report or space the chief refuses; nothing changed. ``reason`` labels the refusal
+    counter; ``denied``: the caller may not do this at all (else its data is wrong)."""
+
+    def __init__(self, reason: str, message: str, *, denied: bool = False):
+        super().__init__(message)
+        self.reason, self.denied = reason, denied
+
+
+class SearchStopped(Exception):
+    """The search has ended (``state`` finished or failed); ``reason`` says why."""
+
+    def __init__(self, state: str, reason: str):
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason

@@ -108,10 +108,7 @@ class MedianStopping:
         log.info("trial %s stopped early at epoch %d (median rule): best %s %.4f is worse than "
                  "the completed trials' median running average %.4f", trial_id,
                  decision["epoch"], name, decision["best"], decision["median"])
-        listener = getattr(oracle, "listener", None)
-        from skin.tuning import protocol as wire
-
-        wire.hook(getattr(listener, "metrics", None), "trial_stopped_early")
+        oracle.listener.trial_stopped_early(trial_id)
         return True
 
 

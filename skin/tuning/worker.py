@@ -27,7 +27,7 @@ from skin.errors import (
     SkinError,
     exit_code_for,
 )
-from skin.tuning import protocol as wire
+from skin.tuning.hooks import WorkerHooks
 from skin.tuning.results import read_outcome
 
 log = logging.getLogger("skin.tuning")
@@ -68,7 +68,7 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     t0 = time.monotonic()
     path = Path(skin_data.sync_data(
         storage, exp.data_uri, local,
-        on_synced=lambda nbytes, seconds: wire.hook(metrics, "data_synced", nbytes, seconds)))
+        on_synced=metrics.data_synced))
     seconds = time.monotonic() - t0
     nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     try:
@@ -79,8 +79,11 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     return path, images
 
 
-def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
-    """Run trials for the chief until the search ends; the process exit code."""
+def run_worker(exp, runtime, storage, metrics: WorkerHooks | None = None,
+               hypermodel=None) -> int:
+    """Run trials for the chief until the search ends; the process exit code. ``metrics``:
+    None is the no-op hooks."""
+    metrics = metrics if metrics is not None else WorkerHooks()
     from skin.tuning.preempt import Preempted, Preemption
 
     preemption = Preemption(runtime.tuner_id)

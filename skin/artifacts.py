@@ -22,6 +22,7 @@ No TensorFlow, no config import.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -390,6 +391,13 @@ class SearchResult:
             "attempts_by_status": dict(self.attempts_by_status),
             "trials": [t.to_json() for t in self.trials],
         }
+
+    def ranked(self) -> list[TrialSummary]:
+        """The completed trials with a finite score, best first in the result's direction
+        (ties in the order written): the one ranking the report and retrain's ensemble use."""
+        scored = [t for t in self.trials
+                  if t.status == "completed" and t.score is not None and math.isfinite(t.score)]
+        return sorted(scored, key=lambda t: -t.score if self.direction == "max" else t.score)
 
     @classmethod
     def from_json(cls, doc: Any, where: str = RESULT) -> SearchResult:

@@ -13,11 +13,18 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from skin import __version__
-from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, SkinError, exit_code_for
+from skin.errors import (
+    EXIT_DATA,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    ConfigError,
+    SkinError,
+    exit_code_for,
+    interrupts,
+)
 
 log = logging.getLogger("skin")
 
@@ -357,25 +364,15 @@ def _batch_role(command: str, exp, runtime, storage) -> int:
     return 0
 
 
-def _sigterm_interrupts() -> None:
-    """SIGTERM (pod deletion, preemption, `skin run` stopping its children) ends a role like
-    Ctrl-C: cleanly, within the grace period, with exit 130. As PID 1 in a container, Python
-    would otherwise ignore it and be SIGKILLed at the end of the grace period."""
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help is 0, a usage error 2 (our config code)
         return int(e.code or 0)
-    _sigterm_interrupts()
     try:
-        return _dispatch(args)
+        with interrupts(signal.SIGTERM):  # pod deletion, preemption, `skin run` stopping it
+            return _dispatch(args)
     except KeyboardInterrupt:
         log.warning("interrupted")
         return exit_code_for(KeyboardInterrupt())

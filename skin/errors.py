@@ -8,6 +8,11 @@ step.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
 # 0 and 1 keep their usual meaning (1: an unexpected bug, retried by the Job's backoffLimit).
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -112,3 +117,23 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return EXIT_RETRYABLE
     return EXIT_UNEXPECTED
+
+
+@contextlib.contextmanager
+def interrupts(*signals: signal.Signals) -> Iterator[None]:
+    """Inside, each of ``signals`` raises KeyboardInterrupt like Ctrl-C does (exit 130 where it
+    ends a role), so the role stops cleanly within the grace period; the previous handlers
+    come back on leaving. As PID 1 in a container, Python would otherwise ignore SIGTERM and
+    be SIGKILLed at the end of the grace period. Off the main thread (tests): no change."""
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

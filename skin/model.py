@@ -415,12 +415,15 @@ def _steps(train, counts, batch: int) -> int:
 
 
 def hyperparameters_from_values(values: dict[str, Any]) -> keras_tuner.HyperParameters:
-    """A HyperParameters object holding exactly ``values`` (for retraining a best trial)."""
+    """A HyperParameters object holding ``values`` (a best trial's, for retraining it): the one
+    way this project turns recorded values back into keras-tuner's object.
+
+    A registered hyperparameter keeps a value that is already there (keras-tuner's
+    ``_register``), so ``build()`` sees these values, conditional ones included, and declares
+    a name the values lack (recorded before it existed) with its default.
+    """
     hp = keras_tuner.HyperParameters()
-    for name, value in values.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        hp.Fixed(name, value)
+    hp.values.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()})
     return hp
 
 

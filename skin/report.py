@@ -74,11 +74,6 @@ def counts_of(result: SearchResult, trials: list[TrialRow]) -> dict[str, int]:
     return counts
 
 
-def top_trials(trials: list[TrialRow], direction: str, n: int = TOP_TRIALS) -> list[TrialRow]:
-    scored = [t for t in trials if t.score is not None and t.status == "completed"]
-    return sorted(scored, key=lambda t: t.score, reverse=direction == "max")[:n]
-
-
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -290,7 +285,8 @@ def render_search_report(result: SearchResult | None, out_dir, metrics: dict | N
     png_path = None
     if result is not None:
         trials = trials_of(result)
-        top = top_trials(trials, result.direction)
+        rows = {t.trial_id: t for t in trials}
+        top = [rows[t.id] for t in result.ranked()[:TOP_TRIALS]]
         counts = counts_of(result, trials)
         png = _draw(trials, result.objective, result.direction, top)
         png_path = out / SEARCH_PNG

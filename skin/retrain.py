@@ -132,16 +132,6 @@ class Curves(keras.callbacks.Callback):
                  time.monotonic() - self._started, " ".join(shown))
 
 
-def _hyperparameters(values: dict[str, Any]):
-    import keras_tuner
-
-    hp = keras_tuner.HyperParameters()
-    # A registered hyperparameter keeps a value that is already there (keras-tuner's
-    # _register), so build() sees the best trial's values, conditional ones included.
-    hp.values.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()})
-    return hp
-
-
 def _epochs(exp, best: dict) -> int:
     if exp.retrain.epochs:
         return exp.retrain.epochs
@@ -160,7 +150,9 @@ def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = Non
     ``seed``: the random seed of this training (default ``data.seed``).
     """
     keras.utils.set_random_seed(exp.data.seed if seed is None else seed)
-    hp = _hyperparameters(best.get("hyperparameters") or {})
+    from skin.model import hyperparameters_from_values
+
+    hp = hyperparameters_from_values(best.get("hyperparameters") or {})
     model = hypermodel.build(hp)
     epochs = _epochs(exp, best)
     monitor, mode = exp.search.objective, exp.search.direction
@@ -730,11 +722,8 @@ def _render_report(result: artifacts.SearchResult | None, out_dir: Path,
     if result is None and metrics is None:
         log.info("no search result in the bucket: no run report")
         return
-    try:
-        from skin.report import render_search_report
-    except ImportError:
-        log.info("skin.report.render_search_report is not available: no run report")
-        return
+    from skin.report import render_search_report  # matplotlib: loaded when a report is drawn
+
     try:
         render_search_report(result, out_dir, metrics=metrics, published=published)
     except Exception:  # the report is a by-product; the model is published anyway
@@ -743,12 +732,7 @@ def _render_report(result: artifacts.SearchResult | None, out_dir: Path,
 
 def _load_result(storage, exp) -> artifacts.SearchResult | None:
     try:
-        from skin.tuning import load_result
-    except ImportError:
-        log.info("skin.tuning.load_result is not available: no run report")
-        return None
-    try:
-        return load_result(storage, exp)
+        return artifacts.read_result(storage, exp)
     except FileNotFoundError:
         return None
     except ValueError as e:  # not JSON, or a DocumentError: only the report needs it
@@ -771,12 +755,10 @@ def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | No
     from skin.tuning.tuner import values_hash  # what makes two trials one configuration
 
     if result is not None:
-        objective, direction = result.objective, result.direction
+        objective = result.objective
     else:
-        direction = artifacts.objective_direction(objective)
-    scored = [t for t in (result.trials if result is not None else [])
-              if t.status == "completed" and t.score is not None and math.isfinite(t.score)]
-    scored.sort(key=lambda t: -t.score if direction == "max" else t.score)  # stable
+        artifacts.objective_direction(objective)  # a ValueError for an unknown objective
+    scored = result.ranked() if result is not None else []
     picked: list[dict] = []
     seen: set[str] = set()
     if best is not None and n > 0:

@@ -45,6 +45,7 @@ from skin.errors import (
     EXIT_RETRYABLE,
     FATAL_EXIT_CODES,
     RetryableError,
+    interrupts,
 )
 from skin.evaluate import interval_text
 
@@ -186,33 +187,21 @@ def _wait_http(url: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def _install_signal_handlers() -> dict:
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread (tests)
-            previous[sig] = signal.signal(sig, interrupt)
-    return previous
-
-
 def run_local(exp: Experiment, opts: RunOptions) -> int:
     out = Path(opts.out or Path("runs") / exp.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(out / "logs", echo=not opts.quiet)
     for old in sup.log_dir.glob("*.log"):
         old.unlink()
-    previous_handlers = _install_signal_handlers()
     started = time.monotonic()
     try:
-        return _run(exp, opts, out, sup, started)
+        with interrupts(signal.SIGINT, signal.SIGTERM):
+            return _run(exp, opts, out, sup, started)
     except KeyboardInterrupt:
         log.warning("interrupted: stopping every process")
         return EXIT_INTERRUPTED
     finally:
         sup.stop_all()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
 
 
 def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started: float) -> int:

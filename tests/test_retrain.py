@@ -466,22 +466,22 @@ def test_epoch_policy(retrain_epochs, best, expected, tmp_path):
 
 
 def test_best_values_reach_the_real_hypermodel(tmp_path):
-    from skin.model import SkinHyperModel
+    from skin.model import SkinHyperModel, hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     recorded = {**BEST["hyperparameters"], "stem": 4}   # every value off its default reaches
-    values = SkinHyperModel(exp).values(rt._hyperparameters(recorded))
+    values = SkinHyperModel(exp).values(hyperparameters_from_values(recorded))
     assert {k: values[k] for k in values} == {k: v for k, v in recorded.items()
                                               if not k.startswith("tuner/")}
 
 
 def test_a_best_trial_recorded_before_a_new_hyperparameter_gets_its_default(tmp_path):
     # A search finished before `stem` existed: its best trial does not name it.
-    from skin.model import SkinHyperModel
+    from skin.model import SkinHyperModel, hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     old = {k: v for k, v in BEST["hyperparameters"].items() if k != "stem"}
-    values = SkinHyperModel(exp).values(rt._hyperparameters(old))
+    values = SkinHyperModel(exp).values(hyperparameters_from_values(old))
     assert values["stem"] == 2
     assert {k: values[k] for k in old if not k.startswith("tuner/")} == {
         k: v for k, v in old.items() if not k.startswith("tuner/")}

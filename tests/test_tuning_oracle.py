@@ -339,7 +339,7 @@ def test_a_worker_waits_for_staged_data_a_bounded_time_then_exits_75(tmp_path, b
     exp = _exp(tmp_path, bucket)
     worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0", data_wait_seconds=1.5)
     t0 = time.monotonic()
-    with caplog.at_level("INFO", logger="skin.tuning"):
+    with caplog.at_level("INFO", logger="skin"):  # the worker's wait is skin.data's
         assert run_worker(exp, worker, storage, hypermodel=_SpaceOnly().model) == 75
     assert time.monotonic() - t0 < 30
     assert f"waiting for staged data at {exp.data_uri}" in caplog.text

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from pathlib import Path
 
-from skin.artifacts import manifest_uri
 from skin.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_RELEASED,
     EXIT_SEARCH_FAILED,
     ConfigError,
-    RetryableError,
     SkinError,
     exit_code_for,
 )
@@ -41,29 +38,12 @@ def chief_patience(exp) -> float:
     return max(MIN_CHIEF_PATIENCE_S, 2 * exp.search.lease_seconds)
 
 
-def wait_for_data(storage, exp, seconds: float) -> None:
-    """Block until the staged manifest exists (bounded); RetryableError when it does not."""
-    manifest = manifest_uri(exp)
-    deadline = time.monotonic() + seconds
-    delay, said = 1.0, False
-    while not storage.exists(manifest):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RetryableError(f"no staged data at {exp.data_uri} after waiting {seconds:.0f} s "
-                                 "(SKIN_DATA_WAIT_SECONDS); is the stage job done?")
-        if not said:
-            log.info("waiting for staged data at %s (up to %.0f s; the stage job writes "
-                     "manifest.json last)", exp.data_uri, seconds)
-            said = True
-        time.sleep(min(delay * (1 + 0.2 * random.random()), left))
-        delay = min(delay * 2, 15.0)
-
-
 def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     """Copy the staged data to local disk once; (local dir, training images per epoch)."""
     from skin import data as skin_data
 
-    wait_for_data(storage, exp, runtime.data_wait_seconds)
+    skin_data.wait_for_manifest(storage, exp.data_uri, runtime.data_wait_seconds,
+                                setting="SKIN_DATA_WAIT_SECONDS")
     local = Path(runtime.work_dir) / "data"
     t0 = time.monotonic()
     path = Path(skin_data.sync_data(

@@ -1,7 +1,8 @@
 """The ``skin`` command: one entrypoint for every role.
 
-It sets up logging, reads the configuration once, dispatches, and maps
-errors to the exit codes documented in :mod:`skin.errors`. The heavy
+It sets up logging, reads the configuration once, dispatches; what a command
+raises becomes its exit code in :func:`skin.errors.role_ended` (the codes are
+documented in :mod:`skin.errors`). The heavy
 modules (TensorFlow, keras-tuner) are imported only by the commands that
 need them, so ``skin --help`` and config errors are instant.
 """
@@ -16,15 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from skin import __version__
-from skin.errors import (
-    EXIT_DATA,
-    EXIT_OK,
-    EXIT_SOME_FAILED,
-    ConfigError,
-    SkinError,
-    exit_code_for,
-    interrupts,
-)
+from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, exits, interrupts
 
 log = logging.getLogger("skin")
 
@@ -202,6 +195,7 @@ def _role_metrics(runtime, exp):
     return hooks, servers[0]
 
 
+@exits(lambda args: f"skin {args.command}")
 def _dispatch(args: argparse.Namespace) -> int:
     from skin.config import load_experiment, runtime_from_env
     from skin.space import check_model_space
@@ -370,20 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help is 0, a usage error 2 (our config code)
         return int(e.code or 0)
-    try:
-        with interrupts(signal.SIGTERM):  # pod deletion, preemption, `skin run` stopping it
-            return _dispatch(args)
-    except KeyboardInterrupt:
-        log.warning("interrupted")
-        return exit_code_for(KeyboardInterrupt())
-    except Exception as exc:  # every role ends here: one line naming the problem, a typed code
-        code = exit_code_for(exc)
-        if isinstance(exc, SkinError):  # expected failures: one line that names the problem
-            print(f"skin {args.command}: error: {exc} (exit {code})", file=sys.stderr)
-        else:
-            log.exception("skin %s failed unexpectedly (exit %d)", args.command, code)
-        return code
-
+    with interrupts(signal.SIGTERM):  # pod deletion, preemption, `skin run` stopping it
+        return _dispatch(args)
 
 if __name__ == "__main__":
     sys.exit(main())

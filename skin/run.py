@@ -39,7 +39,6 @@ from pathlib import Path
 from skin import artifacts
 from skin.config import Experiment
 from skin.errors import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_RELEASED,
     EXIT_RETRYABLE,
@@ -199,7 +198,7 @@ def run_local(exp: Experiment, opts: RunOptions) -> int:
             return _run(exp, opts, out, sup, started)
     except KeyboardInterrupt:
         log.warning("interrupted: stopping every process")
-        return EXIT_INTERRUPTED
+        raise  # exit 130 (skin.errors.role_ended)
     finally:
         sup.stop_all()
 

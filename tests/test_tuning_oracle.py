@@ -343,7 +343,8 @@ def test_a_worker_waits_for_staged_data_a_bounded_time_then_exits_75(tmp_path, b
         assert run_worker(exp, worker, storage, hypermodel=_SpaceOnly().model) == 75
     assert time.monotonic() - t0 < 30
     assert f"waiting for staged data at {exp.data_uri}" in caplog.text
-    assert "no staged data at" in caplog.text and "SKIN_DATA_WAIT_SECONDS" in caplog.text
+    assert "tuner0: error: no staged data at" in caplog.text  # skin.errors.role_ended
+    assert "SKIN_DATA_WAIT_SECONDS" in caplog.text
 
 
 @pytest.mark.parametrize("tuner", ["hyperband", "bayesian", "random"])

@@ -41,17 +41,14 @@ import grpc
 
 from skin.artifacts import SearchResult, best_uri, lock_uri, oracle_uri, result_uri
 from skin.errors import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_RELEASED,
-    EXIT_RETRYABLE,
     EXIT_SEARCH_FAILED,
     ConfigError,
     FencedError,
     RetryableError,
     SearchFailedError,
     SkinError,
-    exit_code_for,
+    exits,
 )
 from skin.tuning import auth
 from skin.tuning import protocol as wire
@@ -350,44 +347,33 @@ def start_retrain(runtime) -> int:
     """
     if not runtime.retrain_job:
         return EXIT_OK
-    try:
-        from skin import kube
+    from skin import kube
 
+    try:
         kube.unsuspend_job(runtime.namespace, runtime.retrain_job)
-    except Exception as e:  # noqa: BLE001 - every failure is logged and typed
-        code = exit_code_for(e) if isinstance(e, SkinError) else EXIT_RETRYABLE
-        log.error("could not start the retrain Job %s/%s: %s (exit %d; the search result "
-                  "stays in the bucket)", runtime.namespace, runtime.retrain_job, e, code)
-        return code
+    except Exception as e:  # typed here, its exit code decided where the chief ends
+        log.error("could not start the retrain Job %s/%s: %s (the search result stays in the "
+                  "bucket)", runtime.namespace, runtime.retrain_job, e)
+        if isinstance(e, SkinError):
+            raise
+        raise RetryableError(f"retrain Job {runtime.namespace}/{runtime.retrain_job}: "
+                             f"{type(e).__name__}: {e}") from e
     log.info("started the retrain Job %s/%s", runtime.namespace, runtime.retrain_job)
     return EXIT_OK
 
 
+@exits("chief")
 def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
     """Serve the oracle until the search ends; the process exit code (skin.errors).
 
     SIGTERM (preemption, drain, a new chief pod) stops serving at the next tick; the
     journal is flushed and the chief exits EXIT_RELEASED; the next chief resumes.
     """
-    from skin.tuning.preempt import Preempted, Preemption
+    from skin.tuning.preempt import Preemption
 
     preemption = Preemption("chief")
-    try:
-        with preemption, preemption.deferred():
-            return _run_chief(exp, runtime, storage, metrics, hypermodel, preemption)
-    except Preempted:
-        log.warning("chief stopped on SIGTERM with its state saved (exit %d); the next chief "
-                    "resumes", EXIT_RELEASED)
-        return EXIT_RELEASED
-    except KeyboardInterrupt:
-        log.warning("chief interrupted")
-        return EXIT_INTERRUPTED
-    except SkinError as e:
-        log.error("chief: %s (exit %d)", e, exit_code_for(e))
-        return exit_code_for(e)
-    except Exception as e:  # the role's last word: logged, typed exit code
-        log.exception("chief failed unexpectedly")
-        return exit_code_for(e)
+    with preemption, preemption.deferred():
+        return _run_chief(exp, runtime, storage, metrics, hypermodel, preemption)
 
 
 def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:
@@ -427,8 +413,7 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
         log.info("the search of %s already ended (%s; %s): nothing to tune. A new search needs "
                  "a new experiment name.", exp.name, outcome["outcome"], result_uri(exp))
         if outcome["outcome"] == "failed":
-            log.error("search failed: %s", outcome["reason"])
-            return EXIT_SEARCH_FAILED
+            raise SearchFailedError(f"the search failed: {outcome['reason']}")
         return start_retrain(runtime)
 
     port = runtime.oracle_port or exp.chief.oracle_port

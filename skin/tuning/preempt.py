@@ -49,6 +49,8 @@ class Preempted(BaseException):
     """SIGTERM: leave the role now (exit EXIT_RELEASED). A BaseException, like
     KeyboardInterrupt, so no ``except Exception`` on the way swallows it."""
 
+    exit_code = EXIT_RELEASED
+
 
 class Preemption:
     """The SIGTERM handler of one role process (see the module docstring)."""

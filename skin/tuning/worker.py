@@ -16,13 +16,9 @@ import time
 from pathlib import Path
 
 from skin.errors import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_RELEASED,
-    EXIT_SEARCH_FAILED,
     ConfigError,
-    SkinError,
-    exit_code_for,
+    exits,
 )
 from skin.tuning import protocol as wire
 from skin.tuning.results import read_outcome
@@ -59,29 +55,14 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     return path, images
 
 
+@exits(lambda exp, runtime, *args, **kwargs: runtime.tuner_id)
 def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
     """Run trials for the chief until the search ends; the process exit code."""
-    from skin.tuning.preempt import Preempted, Preemption
+    from skin.tuning.preempt import Preemption
 
     preemption = Preemption(runtime.tuner_id)
-    try:
-        with preemption:
-            return _run_worker(exp, runtime, storage, metrics, hypermodel, preemption)
-    except Preempted:
-        log.warning("%s stopped on SIGTERM; no trial left behind (exit %d)", runtime.tuner_id,
-                    EXIT_RELEASED)
-        return EXIT_RELEASED
-    except KeyboardInterrupt:
-        log.warning("%s interrupted", runtime.tuner_id)
-        return EXIT_INTERRUPTED
-    except SkinError as e:
-        code = exit_code_for(e)
-        (log.error if code == EXIT_SEARCH_FAILED else log.warning)(
-            "%s: %s (exit %d)", runtime.tuner_id, e, code)
-        return code
-    except Exception as e:  # the role's last word: logged, typed exit code
-        log.exception("%s failed unexpectedly", runtime.tuner_id)
-        return exit_code_for(e)
+    with preemption:
+        return _run_worker(exp, runtime, storage, metrics, hypermodel, preemption)
 
 
 def _run_worker(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:

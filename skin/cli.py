@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from skin import __version__
+from skin.context import RoleContext
 from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, exits, interrupts
 
 log = logging.getLogger("skin")
@@ -263,21 +264,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     exp = load_experiment(args.config, env)
     check_model_space(exp.search)  # the skin CNN's names and values, before any work
     from skin.storage import Storage
-    storage = Storage()
+    ctx = RoleContext(exp, runtime, Storage())  # the one context every role is handed
     if args.command == "tune":
         from skin import tuning
         if runtime.role not in ("chief", "worker"):
             raise ConfigError("KERASTUNER_TUNER_ID: not set; `skin tune` needs 'chief' or "
                               "'tuner<N>' (or --tuner-id)")
-        hooks, server = _role_metrics(runtime, exp)
+        ctx.metrics, server = _role_metrics(runtime, exp)
         role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
         try:
-            return role(exp, runtime, storage, metrics=hooks)
+            return role(ctx)
         finally:
             if server is not None and runtime.metrics_linger_seconds:
                 # Let Prometheus see the final counts before the pod goes away.
                 server.wait_for_scrape(runtime.metrics_linger_seconds)
-    return _batch_role(args.command, exp, runtime, storage)
+    return _batch_role(args.command, ctx)
 
 
 def _experiments(args: argparse.Namespace, env) -> int:
@@ -325,13 +326,14 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED
 
 
-def _batch_role(command: str, exp, runtime, storage) -> int:
+def _batch_role(command: str, ctx: RoleContext) -> int:
     """stage and retrain: batch jobs whose metrics go to a Pushgateway (or the log)."""
     from prometheus_client import CollectorRegistry
 
     from skin.metrics import BatchMetrics
 
-    batch = BatchMetrics(CollectorRegistry(), command, experiment=exp.name)
+    exp, runtime, storage = ctx.exp, ctx.runtime, ctx.storage
+    batch = ctx.metrics = BatchMetrics(CollectorRegistry(), command, experiment=exp.name)
     try:
         with batch.run():
             if command == "stage":
@@ -345,7 +347,7 @@ def _batch_role(command: str, exp, runtime, storage) -> int:
                     batch.set_count(split, counts.get("count", 0))
             elif command == "retrain":
                 from skin.retrain import retrain
-                published = retrain(exp, runtime, storage)
+                published = retrain(ctx)
                 log.info("published %s", published.uri)
                 batch.set_model_metrics(published.metrics)
             else:

@@ -1,6 +1,6 @@
 """Retrain the best configuration and publish it.
 
-``retrain(exp, runtime, storage)``: the search's best hyperparameters →
+``retrain(ctx)`` (a skin.context.RoleContext): the search's best hyperparameters →
 a final model trained on the train split, early-stopped on validation →
 the decision threshold chosen on validation (the highest one that keeps
 malignant sensitivity >= ``retrain.target_sensitivity``) → evaluation on the
@@ -831,18 +831,17 @@ def check_members(exp, hypermodel, specs: list[dict]) -> None:
                               "published") from None
 
 
-def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None) -> Published:
-    """Retrain the best configuration, choose the threshold, evaluate, publish. See module doc."""
+def retrain(ctx, *, best: dict | None = None) -> Published:
+    """Retrain the best configuration, choose the threshold, evaluate, publish. See module doc.
+    ``ctx``: the role's skin.context.RoleContext."""
     from skin import data as skin_data
+
+    exp, runtime, storage = ctx.exp, ctx.runtime, ctx.storage
 
     latest_seen = _read_latest(storage, exp.models_uri)  # LATEST moves only from here
     best = dict(best) if best is not None else _load_best(storage, exp)
     result = _load_result(storage, exp)
-    if hypermodel is None:
-        from skin.model import SkinHyperModel
-
-        hypermodel = SkinHyperModel(exp, storage=storage,
-                                     cache_dir=Path(runtime.work_dir) / "backbone")
+    hypermodel = ctx.hypermodel()
     specs = members_to_retrain(exp, best, result)
     check_members(exp, hypermodel, specs)  # before any download or training: exit 2 on a mismatch
     data_dir = Path(skin_data.sync_data(storage, exp.data_uri, Path(runtime.work_dir) / "data"))

@@ -375,17 +375,18 @@ def test_the_oracle_and_metrics_bind_loopback_unless_told_or_in_a_pod(env, hosts
 def test_a_chief_without_a_token_in_kubernetes_exits_2_naming_the_secret(tmp_path, bucket,
                                                                           caplog):
     from skin.config import runtime_from_env
+    from skin.context import RoleContext
     from skin.errors import EXIT_CONFIG
     from skin.tuning import run_chief
 
     exp = _tiny_exp(tmp_path, bucket)
     runtime = runtime_from_env({"KERASTUNER_TUNER_ID": "chief", "POD_IP": "10.4.0.7",
                                 "KUBERNETES_SERVICE_HOST": "10.0.0.1"})
-    assert run_chief(exp, runtime, storage=None) == EXIT_CONFIG  # before touching storage
+    assert run_chief(RoleContext(exp, runtime, None)) == EXIT_CONFIG  # before touching storage
     assert "skin-oracle-token" in caplog.text and "SKIN_ORACLE_TOKEN" in caplog.text
     # Outside Kubernetes, on an address others can reach: the same.
     runtime = runtime_from_env({"KERASTUNER_TUNER_ID": "chief", "SKIN_BIND_ADDRESS": "0.0.0.0"})
-    assert run_chief(exp, runtime, storage=None) == EXIT_CONFIG
+    assert run_chief(RoleContext(exp, runtime, None)) == EXIT_CONFIG
 
 
 def test_skin_run_hands_each_tuning_role_a_fresh_token_in_the_environment_only(tmp_path):

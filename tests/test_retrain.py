@@ -25,6 +25,7 @@ from skin import artifacts
 from skin import evaluate as ev
 from skin import retrain as rt
 from skin.config import Runtime, parse_experiment
+from skin.context import RoleContext
 from skin.errors import RetryableError
 from skin.storage import Storage, join
 
@@ -122,7 +123,7 @@ def run(emulator, real_or_synthetic_images, tmp_path_factory):
     storage.write_json(join(exp.tuner_uri, "result.json"), RESULT)
     storage.written.clear()
     runtime = Runtime(work_dir=tmp_path_factory.mktemp("work"))
-    published = rt.retrain(exp, runtime, storage, best=BEST)
+    published = rt.retrain(RoleContext(exp, runtime, storage), best=BEST)
     return exp, runtime, storage, published
 
 
@@ -423,8 +424,8 @@ def test_without_test_split_evaluates_on_validation(emulator, storage, bucket,
     hypermodel = _stand_in_hypermodel()
     best = {"trial_id": "x", "score": 0.7, "objective": "val_auc", "epochs": 1,
             "hyperparameters": {"units": 8}}
-    published = rt.retrain(exp, Runtime(work_dir=tmp_path), storage, hypermodel=hypermodel,
-                           best=best)
+    published = rt.retrain(RoleContext.with_hypermodel(exp, Runtime(work_dir=tmp_path), storage,
+                                                       hypermodel), best=best)
     assert hypermodel.seen_units == 8  # the best value, not the default
     m = published.metrics
     assert m["evaluated_on"] == "validation"
@@ -444,7 +445,8 @@ def test_a_failed_upload_never_moves_latest(emulator, bucket, real_or_synthetic_
     storage.write_text(join(exp.models_uri, "LATEST"), "20000101-000000\n")  # an older model
     failing = RecordingStorage(fail_on="saved_model/saved_model.pb")
     with pytest.raises(RetryableError, match="injected"):
-        rt.retrain(exp, Runtime(work_dir=tmp_path), failing, hypermodel=_stand_in_hypermodel(),
+        rt.retrain(RoleContext.with_hypermodel(exp, Runtime(work_dir=tmp_path), failing,
+                                               _stand_in_hypermodel()),
                    best={"trial_id": "x", "epochs": 1, "hyperparameters": {"units": 4}})
     assert storage.read_text(join(exp.models_uri, "LATEST")).strip() == "20000101-000000"
     assert join(exp.models_uri, "LATEST") not in failing.written
@@ -598,8 +600,8 @@ def ensemble_run(emulator, real_or_synthetic_images, tmp_path_factory):
     hypermodel = _stand_in_hypermodel()
     best = {"trial_id": "0002", "score": 0.81, "objective": "val_auc", "epochs": 1,
             "hyperparameters": {"units": 8}}
-    published = rt.retrain(exp, Runtime(work_dir=tmp_path_factory.mktemp("work")), storage,
-                           hypermodel=hypermodel, best=best)
+    published = rt.retrain(RoleContext.with_hypermodel(
+        exp, Runtime(work_dir=tmp_path_factory.mktemp("work")), storage, hypermodel), best=best)
     return exp, storage, published, hypermodel
 
 

@@ -35,7 +35,6 @@ import logging
 import tempfile
 import time
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 
@@ -363,7 +362,7 @@ def start_retrain(runtime) -> int:
 
 
 @exits("chief")
-def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+def run_chief(ctx) -> int:
     """Serve the oracle until the search ends; the process exit code (skin.errors).
 
     SIGTERM (preemption, drain, a new chief pod) stops serving at the next tick; the
@@ -373,10 +372,11 @@ def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
 
     preemption = Preemption("chief")
     with preemption, preemption.deferred():
-        return _run_chief(exp, runtime, storage, metrics, hypermodel, preemption)
+        return _run_chief(ctx.exp, ctx.runtime, ctx.storage, ctx.metrics, ctx.hypermodel,
+                          preemption)
 
 
-def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:
+def _run_chief(exp, runtime, storage, metrics, make_hypermodel, preemption=None) -> int:
     if runtime.role != "chief":
         raise ConfigError(f"KERASTUNER_TUNER_ID: {runtime.tuner_id!r} is not valid for the chief; "
                           "expected 'chief'")
@@ -393,7 +393,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
     wire.hook(metrics, "chief_lock", False)
     lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()
     try:
-        return _serve(exp, runtime, storage, metrics, hypermodel, lock, servers, preemption)
+        return _serve(exp, runtime, storage, metrics, make_hypermodel, lock, servers, preemption)
     except RetryableError as e:
         if lock.lost.is_set():  # the journal stopped on the lost lock: say why
             raise FencedError(f"this chief lost its lock ({lock.reason}); it stopped "
@@ -403,7 +403,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
         lock.release()
 
 
-def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list,
+def _serve(exp, runtime, storage, metrics, make_hypermodel, lock: ChiefLock, servers: list,
            preemption=None) -> int:
     from skin.tuning.oracle import FAILED, fingerprint_matches, make_oracle
 
@@ -437,13 +437,8 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
         log.info("resuming the search from %s: %d trials %s, %d journal batches replayed",
                  store.prefix, len(oracle.trials), counts or "", loaded.batches)
     else:
-        if hypermodel is None:
-            from skin.model import SkinHyperModel
-
-            hypermodel = SkinHyperModel(exp, storage=storage,
-                                         cache_dir=Path(runtime.work_dir) / "backbone")
         try:
-            populate_space(oracle, hypermodel)
+            populate_space(oracle, make_hypermodel())
         except Exception as e:  # nothing can run: end the search, tell the workers
             reason = f"the search space cannot be built: {type(e).__name__}: {e}"
             log.exception("search failed: %s", reason)

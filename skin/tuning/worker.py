@@ -55,17 +55,18 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     return path, images
 
 
-@exits(lambda exp, runtime, *args, **kwargs: runtime.tuner_id)
-def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+@exits(lambda ctx: ctx.runtime.tuner_id)
+def run_worker(ctx) -> int:
     """Run trials for the chief until the search ends; the process exit code."""
     from skin.tuning.preempt import Preemption
 
-    preemption = Preemption(runtime.tuner_id)
+    preemption = Preemption(ctx.runtime.tuner_id)
     with preemption:
-        return _run_worker(exp, runtime, storage, metrics, hypermodel, preemption)
+        return _run_worker(ctx.exp, ctx.runtime, ctx.storage, ctx.metrics, ctx.hypermodel,
+                           preemption)
 
 
-def _run_worker(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:
+def _run_worker(exp, runtime, storage, metrics, make_hypermodel, preemption=None) -> int:
     from skin.errors import SearchFailedError
     from skin.tuning.client import ChiefClient, SearchOver
     from skin.tuning.oracle import make_oracle
@@ -86,11 +87,7 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel, preemption=None) -> 
             raise SearchFailedError(f"the search failed: {outcome['reason']}")
         log.info("%s: the search of %s already finished; nothing to do", worker, exp.name)
         return EXIT_OK
-    if hypermodel is None:
-        from skin.model import SkinHyperModel
-
-        hypermodel = SkinHyperModel(exp, storage=storage,
-                                     cache_dir=Path(runtime.work_dir) / "backbone")
+    hypermodel = make_hypermodel()
     fit_kwargs: dict = {}
     images = 0
     if getattr(hypermodel, "uses_data", True):

@@ -10,15 +10,23 @@ need them, so ``skin --help`` and config errors are instant.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from skin import __version__
+from skin import __version__, tuning
+from skin.config import load_experiment, runtime_from_env
 from skin.context import RoleContext
 from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, exits, interrupts
+from skin.experiments import format_table, list_experiments
+from skin.space import check_model_space
+from skin.storage import Storage
+
+# Each command imports what pulls in numpy, TensorFlow, keras-tuner, matplotlib or
+# prometheus_client itself, so `skin --help` and a config error stay instant.
 
 log = logging.getLogger("skin")
 
@@ -198,9 +206,6 @@ def _role_metrics(runtime, exp):
 
 @exits(lambda args: f"skin {args.command}")
 def _dispatch(args: argparse.Namespace) -> int:
-    from skin.config import load_experiment, runtime_from_env
-    from skin.space import check_model_space
-
     env = dict(os.environ)
     if getattr(args, "tuner_id", None):
         env["KERASTUNER_TUNER_ID"] = args.tuner_id
@@ -213,8 +218,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.verbose:
             _quiet_tensorflow()
     if args.command == "evaluate":
-        import json
-
         from skin.evaluate import evaluate, format_report
         result = evaluate(args.model, args.data, out=args.out, prevalence=args.prevalence)
         print(json.dumps(result, indent=2) if args.format == "json" else format_report(result))
@@ -234,7 +237,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         from skin.status import main_status
         experiment = storage = None
         if args.config:
-            from skin.storage import Storage
             experiment, storage = load_experiment(args.config, env), Storage()
         if args.bucket and not args.bucket.startswith("gs://"):
             raise ConfigError(f"--bucket: {args.bucket!r} is not valid; expected gs://BUCKET[/…]")
@@ -263,10 +265,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.config, env)
     check_model_space(exp.search)  # the skin CNN's names and values, before any work
-    from skin.storage import Storage
     ctx = RoleContext(exp, runtime, Storage())  # the one context every role is handed
     if args.command == "tune":
-        from skin import tuning
         if runtime.role not in ("chief", "worker"):
             raise ConfigError("KERASTUNER_TUNER_ID: not set; `skin tune` needs 'chief' or "
                               "'tuner<N>' (or --tuner-id)")
@@ -283,12 +283,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _experiments(args: argparse.Namespace, env) -> int:
     """``skin experiments``: one line (or JSON object) per experiment below the bucket."""
-    import json
-
-    from skin.config import load_experiment
-    from skin.experiments import format_table, list_experiments
-    from skin.storage import Storage
-
     base = args.bucket
     if base is None:
         exp = load_experiment(args.config, env)

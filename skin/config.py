@@ -27,6 +27,7 @@ import yaml
 
 from skin import artifacts
 from skin.errors import ConfigError
+from skin.space import parse_space
 
 API_VERSION = "skin/v1"
 KIND = "Experiment"
@@ -78,12 +79,6 @@ class DataConfig:
                                   "terms, any other text is quoted as given")
 
 
-def _parse_space(path: str, value: Any) -> dict:
-    from skin.space import parse_space
-
-    return parse_space(path, value)
-
-
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
     rule: str = _spec("none", choices=("none", "median"),
@@ -127,7 +122,7 @@ class SearchConfig:
                                         "leases exits by itself (exit 81), freeing its GPU; "
                                         "0 = off")
     fixed: dict = _spec({}, help="hyperparameters pinned to one value, by name")
-    space: dict = _spec({}, parser=_parse_space,
+    space: dict = _spec({}, parser=parse_space,
                         help="hyperparameters by name: {type: choice|int|float|boolean|fixed, ...} "
                              "(skin.space); unnamed ones keep the model's default space")
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)

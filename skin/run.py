@@ -36,8 +36,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from skin import artifacts
 from skin.config import Experiment
+from skin.emulator import binary_path, ensure_bucket
 from skin.errors import (
     EXIT_OK,
     EXIT_RELEASED,
@@ -47,6 +50,7 @@ from skin.errors import (
     interrupts,
 )
 from skin.evaluate import interval_text
+from skin.storage import Storage
 
 log = logging.getLogger("skin.run")
 
@@ -212,7 +216,6 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
     doc["data"]["source"] = source
     if exp.data.test_source:
         doc["data"]["test_source"] = str(Path(exp.data.test_source).resolve())
-    import yaml
     exp_file.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")
@@ -220,8 +223,6 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
     base_env.update(SKIN_CONFIG=str(exp_file), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                     SKIN_BIND_ADDRESS="127.0.0.1", SKIN_METRICS_HOST="127.0.0.1")
     if "STORAGE_EMULATOR_HOST" not in base_env:
-        from skin.emulator import binary_path
-
         binary_path()  # no fake-gcs-server here: EmulatorUnavailable says what to do instead
         gcs_dir = out / "gcs"
         if gcs_dir.exists() and not opts.resume:
@@ -236,8 +237,6 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
         print(f"storage: embedded fake-gcs-server at {base_env['STORAGE_EMULATOR_HOST']} "
               f"(bucket {exp.storage.bucket}, kept in {gcs_dir}/)", flush=True)
     else:
-        from skin.emulator import ensure_bucket
-
         ensure_bucket(base_env["STORAGE_EMULATOR_HOST"], exp.storage.bucket)
         print(f"storage: {base_env['STORAGE_EMULATOR_HOST']} (STORAGE_EMULATOR_HOST)", flush=True)
     if exp.data.source == "synthetic":
@@ -383,7 +382,6 @@ def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
 
 
 def _fetch_model(exp: Experiment, out: Path) -> tuple[str, Path]:
-    from skin.storage import Storage
 
     storage = Storage()
     version = storage.read_text(artifacts.latest_uri(exp)).strip()

@@ -15,13 +15,13 @@ import os
 import time
 from pathlib import Path
 
-from skin.errors import (
-    EXIT_OK,
-    ConfigError,
-    exits,
-)
+from skin import data as skin_data
+from skin.errors import EXIT_OK, ConfigError, SearchFailedError, exits
 from skin.tuning import protocol as wire
+from skin.tuning.client import ChiefClient, SearchOver
+from skin.tuning.preempt import Preemption
 from skin.tuning.results import read_outcome
+from skin.tuning.watchdog import Watchdog
 
 log = logging.getLogger("skin.tuning")
 
@@ -36,8 +36,6 @@ def chief_patience(exp) -> float:
 
 def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     """Copy the staged data to local disk once; (local dir, training images per epoch)."""
-    from skin import data as skin_data
-
     skin_data.wait_for_manifest(storage, exp.data_uri, runtime.data_wait_seconds,
                                 setting="SKIN_DATA_WAIT_SECONDS")
     local = Path(runtime.work_dir) / "data"
@@ -58,8 +56,6 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
 @exits(lambda ctx: ctx.runtime.tuner_id)
 def run_worker(ctx) -> int:
     """Run trials for the chief until the search ends; the process exit code."""
-    from skin.tuning.preempt import Preemption
-
     preemption = Preemption(ctx.runtime.tuner_id)
     with preemption:
         return _run_worker(ctx.exp, ctx.runtime, ctx.storage, ctx.metrics, ctx.hypermodel,
@@ -67,11 +63,8 @@ def run_worker(ctx) -> int:
 
 
 def _run_worker(exp, runtime, storage, metrics, make_hypermodel, preemption=None) -> int:
-    from skin.errors import SearchFailedError
-    from skin.tuning.client import ChiefClient, SearchOver
-    from skin.tuning.oracle import make_oracle
-    from skin.tuning.tuner import WorkerTuner
-    from skin.tuning.watchdog import Watchdog
+    from skin.tuning.oracle import make_oracle  # keras-tuner and TensorFlow: loaded here,
+    from skin.tuning.tuner import WorkerTuner  # once the worker knows it has work to do
 
     worker = runtime.tuner_id
     if runtime.role != "worker":

@@ -191,8 +191,8 @@ def serve_ours(args) -> int:
     import keras
     import keras_tuner
 
-    from skin.config import Runtime
     from skin.context import RoleContext
+    from skin.runtime import Runtime
     from skin.storage import Storage
     from skin.tuning import run_chief
 

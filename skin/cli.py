@@ -18,10 +18,11 @@ import sys
 from collections.abc import Sequence
 
 from skin import __version__, tuning
-from skin.config import load_experiment, runtime_from_env
+from skin.config import load_experiment
 from skin.context import RoleContext
 from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, exits, interrupts
 from skin.experiments import format_table, list_experiments
+from skin.runtime import runtime_from_env
 from skin.space import check_model_space
 from skin.storage import Storage
 

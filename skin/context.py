@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # `skin --help` imports this module: nothing beyond the standard library
-    from skin.config import Experiment, Runtime
+    from skin.config import Experiment
+    from skin.runtime import Runtime
 
 
 def skin_hypermodel(ctx: RoleContext) -> Any:

@@ -16,9 +16,10 @@ import pytest
 from skin import backbone as B
 from skin import model as M
 from skin import retrain as rt
-from skin.config import API_VERSION, KIND, Runtime, parse_experiment
+from skin.config import API_VERSION, KIND, parse_experiment
 from skin.context import RoleContext
 from skin.errors import ConfigError
+from skin.runtime import Runtime
 from skin.storage import join
 
 SIZE = 32

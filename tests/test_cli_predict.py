@@ -177,8 +177,8 @@ def test_evaluate_json_with_prevalence(model, real_or_synthetic_images, tmp_path
 @pytest.fixture(scope="module")
 def synthetic_model(emulator, tmp_path_factory):
     from skin import retrain as rt
-    from skin.config import Runtime
     from skin.context import RoleContext
+    from skin.runtime import Runtime
     from skin.stage import stage
     from skin.storage import Storage
     from test_retrain import _stand_in_hypermodel, experiment

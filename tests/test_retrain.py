@@ -24,9 +24,10 @@ import pytest
 from skin import artifacts
 from skin import evaluate as ev
 from skin import retrain as rt
-from skin.config import Runtime, parse_experiment
+from skin.config import parse_experiment
 from skin.context import RoleContext
 from skin.errors import RetryableError
+from skin.runtime import Runtime
 from skin.storage import Storage, join
 
 VERSION_FILES = {"model.keras", "serving.json", "metrics.json", "model_card.md",

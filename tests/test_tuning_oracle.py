@@ -246,7 +246,7 @@ class _SpaceOnly:
 
 
 def _runtime(tmp_path, **kw):
-    from skin.config import Runtime
+    from skin.runtime import Runtime
 
     return Runtime(tuner_id="chief", oracle_port=free_port(), work_dir=tmp_path / "work", **kw)
 
@@ -263,7 +263,7 @@ def test_a_space_that_cannot_be_built_fails_the_search_for_everyone(tmp_path, bu
     assert "the search space cannot be built: ValueError: no model for you" in result["reason"]
     assert read_outcome(storage, exp)["outcome"] == "failed"
     # A worker (re)starting later learns it from the bucket and stops too, without a chief.
-    from skin.config import Runtime
+    from skin.runtime import Runtime
 
     worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0")
     assert run_worker(RoleContext.with_hypermodel(exp, worker, storage, _SpaceOnly().model)) == 4
@@ -336,7 +336,7 @@ def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restart
 
 def test_a_worker_waits_for_staged_data_a_bounded_time_then_exits_75(tmp_path, bucket, storage,
                                                                       caplog):
-    from skin.config import Runtime
+    from skin.runtime import Runtime
     from skin.tuning import run_worker
 
     exp = _exp(tmp_path, bucket)
@@ -459,7 +459,7 @@ def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, stora
 @pytest.mark.slow
 def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
     """A chief (in a thread) and a worker in this process, two executions per trial."""
-    from skin.config import Runtime
+    from skin.runtime import Runtime
     from skin.tuning import load_result, run_chief, run_worker
     from skin.tuning.tuner import EPOCH_STATE
     from tuning_entry import TinyHyperModel

@@ -182,8 +182,9 @@ def main() -> int:
     from prometheus_client import CollectorRegistry
 
     from skin import metrics, tuning
-    from skin.config import load_experiment, runtime_from_env
+    from skin.config import load_experiment
     from skin.context import RoleContext
+    from skin.runtime import runtime_from_env
     from skin.storage import Storage
 
     runtime = runtime_from_env()

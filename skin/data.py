@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from skin.artifacts import MANIFEST, DataManifest, read_manifest
+from skin.artifacts import MANIFEST
+from skin.documents import DataManifest, read_manifest
 from skin.errors import DataError, RetryableError
 from skin.storage import Storage, join
 

@@ -28,15 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from skin.artifacts import (
-    LATEST,
-    METRICS,
-    MODEL,
-    MODELS,
-    SERVING,
-    SERVING_ARCHIVE_ENTRY,
-    ServingDocument,
-)
+from skin.artifacts import LATEST, METRICS, MODEL, MODELS, SERVING, SERVING_ARCHIVE_ENTRY
+from skin.documents import ServingDocument
 from skin.errors import ConfigError, DataError, DocumentError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ best-so-far line, and the top trials' hyperparameters as a table. The HTML
 page embeds the PNG (base64) and adds the counts by status and every trial,
 so it can be mailed or opened from the bucket without anything beside it.
 
-The result is a :class:`skin.artifacts.SearchResult` (read, and its shape checked, by
+The result is a :class:`skin.documents.SearchResult` (read, and its shape checked, by
 ``skin.tuning.load_result``); the retrain renders the report under a try: a report that
 fails never stops a model from being published.
 """
@@ -32,7 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import transforms
 
-from skin.artifacts import REPORT_HTML, SEARCH_PNG, SearchResult
+from skin.artifacts import REPORT_HTML, SEARCH_PNG
+from skin.documents import SearchResult
 from skin.metrics import TRIAL_END_STATUSES
 
 TOP_TRIALS = 5

@@ -65,7 +65,7 @@ import keras
 import numpy as np
 
 import skin
-from skin import artifacts, clinical, provenance
+from skin import artifacts, clinical, documents, provenance
 from skin.errors import (
     ConfigError,
     DataError,
@@ -715,7 +715,7 @@ def _move_latest(storage, models_uri: str, version: str, seen: tuple[str | None,
             f"instead, write {version!r} into {latest}") from None
 
 
-def _render_report(result: artifacts.SearchResult | None, out_dir: Path,
+def _render_report(result: documents.SearchResult | None, out_dir: Path,
                    metrics: dict | None = None, published: dict | None = None) -> None:
     """``report.html``: the published model's figures and plots (``metrics`` and the PNGs
     in ``out_dir``), then the search (``result``), when there is either."""
@@ -730,9 +730,9 @@ def _render_report(result: artifacts.SearchResult | None, out_dir: Path,
         log.exception("the run report failed; publishing without it")
 
 
-def _load_result(storage, exp) -> artifacts.SearchResult | None:
+def _load_result(storage, exp) -> documents.SearchResult | None:
     try:
-        return artifacts.read_result(storage, exp)
+        return documents.read_result(storage, exp)
     except FileNotFoundError:
         return None
     except ValueError as e:  # not JSON, or a DocumentError: only the report needs it
@@ -740,7 +740,7 @@ def _load_result(storage, exp) -> artifacts.SearchResult | None:
         return None
 
 
-def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | None = None,
+def top_trials(result: documents.SearchResult | None, n: int, *, best: dict | None = None,
                objective: str = "val_auc") -> list[dict]:
     """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
 
@@ -776,7 +776,7 @@ def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | No
     return picked
 
 
-def members_to_retrain(exp, best: dict, result: artifacts.SearchResult | None) -> list[dict]:
+def members_to_retrain(exp, best: dict, result: documents.SearchResult | None) -> list[dict]:
     """The trials to retrain: the best alone, or the top ``retrain.ensemble``."""
     wanted = exp.retrain.ensemble
     if wanted <= 1:
@@ -966,7 +966,7 @@ def retrain(ctx, *, best: dict | None = None) -> Published:
     return Published(version=version, uri=uri, metrics=metrics, local_dir=local_dir)
 
 
-def _published(result: artifacts.SearchResult | None, metrics: dict) -> dict | None:
+def _published(result: documents.SearchResult | None, metrics: dict) -> dict | None:
     """What the run report shows of the published model beside the search: with an
     ensemble or TTA, its members and their validation ROC AUC."""
     ensemble, tta = metrics["ensemble"], metrics["tta"]
@@ -998,7 +998,7 @@ def export_saved_model(model, path: Path, image_size: int) -> None:
 
 
 def _write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, best: dict,
-                   manifest: dict, result: artifacts.SearchResult | None,
+                   manifest: dict, result: documents.SearchResult | None,
                    published: dict | None, *, curves: dict, points: dict) -> None:
     """Every file of a version, in a local folder."""
     keras_file = local_dir / artifacts.MODEL

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from skin import artifacts
+from skin import artifacts, documents
 from skin.config import Experiment
 from skin.emulator import binary_path, ensure_bucket
 from skin.errors import (
@@ -402,7 +402,7 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
              timings: dict[str, float], opts: RunOptions) -> str:
     metrics = json.loads((model_dir / artifacts.METRICS).read_text())
     best_path = out / artifacts.BEST
-    best = (artifacts.BestTrial.from_json(json.loads(best_path.read_text()), str(best_path))
+    best = (documents.BestTrial.from_json(json.loads(best_path.read_text()), str(best_path))
             if best_path.exists() else None)
     lines = ["", "=" * 72, f"skin run: {exp.name} done in {timings['total'] / 60:.1f} min "
              f"(stage {timings['stage']:.0f} s, tune {timings['tune']:.0f} s, "

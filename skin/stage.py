@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from skin import artifacts, provenance
+from skin import artifacts, documents, provenance
 from skin.config import Experiment
 from skin.errors import DataError
 from skin.grouping import CLASSES, SPLITS, fold_groups, near_duplicate_groups, split_images
@@ -714,7 +714,7 @@ def _manifest(usable: list[_Item], splits: list[str], files: dict[str, dict[str,
             entry["source_sha256"] = it.sha256
         images.append(entry)
     manifest = {
-        "version": artifacts.MANIFEST_VERSION,
+        "version": documents.MANIFEST_VERSION,
         "source_fingerprint": report.fingerprint,
         "source": report.source,
         "test_source": report.test_source,

@@ -30,7 +30,7 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from skin import artifacts
+from skin import documents
 from skin.errors import EXIT_OK, EXIT_RETRYABLE, DocumentError
 from skin.metrics import TRIAL_STATUSES
 
@@ -98,7 +98,7 @@ class Status:
     time_left: float | None = None  # seconds
     finished: bool = False
     version: str = ""
-    best_hyperparameters: artifacts.BestTrial | None = None  # from the bucket, when asked for
+    best_hyperparameters: documents.BestTrial | None = None  # from the bucket, when asked for
 
 
 def _url(address: str) -> str:
@@ -180,11 +180,11 @@ def fetch(address: str, timeout: float = 5.0) -> Status:
     return parse(text, address)
 
 
-def read_best_hyperparameters(exp, storage) -> artifacts.BestTrial | None:
+def read_best_hyperparameters(exp, storage) -> documents.BestTrial | None:
     """``<root>/tuner/best_hyperparameters.json`` of an experiment, or None before it exists
     (or, with a warning, when it is not one this version reads)."""
     try:
-        return artifacts.read_best(storage, exp)
+        return documents.read_best(storage, exp)
     except FileNotFoundError:
         return None
     except DocumentError as e:

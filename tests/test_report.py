@@ -8,7 +8,7 @@ import re
 import pytest
 from PIL import Image
 
-from skin.artifacts import SearchResult
+from skin.documents import SearchResult
 from skin.report import render_search_report
 
 

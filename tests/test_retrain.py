@@ -531,7 +531,7 @@ def test_run_report_is_rendered_from_the_search_result(tmp_path):
 
 def _as_written(doc: dict):
     """``doc`` completed into the result.json the chief writes, read as every reader reads it."""
-    from skin.artifacts import SearchResult
+    from skin.documents import SearchResult
 
     return SearchResult.from_json({"outcome": "completed", "reason": "", "tuner": "random",
                                    "best": None, "counts": {}, "trials_by_status": {}, **doc})

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from skin import metrics as m
-from skin.artifacts import SearchResult
 from skin.config import parse_experiment
+from skin.documents import SearchResult
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
 from skin.status import fetch, format_status, main_status
 

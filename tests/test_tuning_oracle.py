@@ -316,7 +316,8 @@ class _FakeJobs:
 @pytest.mark.parametrize("found, code", [(True, 0), (False, 2)])
 def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restarts(
         tmp_path, bucket, storage, monkeypatch, found, code):
-    from skin.artifacts import SearchResult, result_uri
+    from skin.artifacts import result_uri
+    from skin.documents import SearchResult
     from skin.tuning import run_chief
 
     exp = _exp(tmp_path, bucket)

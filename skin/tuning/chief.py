@@ -38,7 +38,8 @@ from concurrent import futures
 
 import grpc
 
-from skin.artifacts import SearchResult, best_uri, lock_uri, oracle_uri, result_uri
+from skin.artifacts import best_uri, lock_uri, oracle_uri, result_uri
+from skin.documents import SearchResult
 from skin.errors import (
     EXIT_OK,
     EXIT_SEARCH_FAILED,

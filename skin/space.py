@@ -307,10 +307,6 @@ def space_of(exp) -> dict[str, dict]:
     return effective_space(exp.search, b.name, pretrained=bool(b.weights.strip()))
 
 
-def fixed_values(space: dict[str, dict]) -> dict[str, Any]:
-    return {n: s["value"] for n, s in space.items() if s["type"] == "fixed"}
-
-
 def declare(hp, name: str, spec: dict):
     """Declare one hyperparameter on a keras-tuner ``HyperParameters``; its value now."""
     kind = spec["type"]

@@ -129,7 +129,7 @@ def _values(best: dict) -> dict:
 
 
 def _hp(values: dict):
-    from skin.model import hyperparameters_from_values
+    from skin.space import hyperparameters_from_values
 
     return hyperparameters_from_values(values)
 

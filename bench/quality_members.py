@@ -36,8 +36,9 @@ def main(argv=None) -> int:
     from skin.config import load_experiment
     from skin.emulator import Emulator
     from skin.evaluate import choose_threshold, classification_metrics
-    from skin.model import SkinHyperModel, hyperparameters_from_values, inference_model
+    from skin.model import SkinHyperModel, inference_model
     from skin.retrain import split_predictions, top_trials
+    from skin.space import hyperparameters_from_values
     from skin.storage import Storage, join
     from skin.tuning.tuner import checkpoint_uri
 

@@ -68,7 +68,6 @@ from typing import Any
 
 import keras
 import keras_tuner
-import numpy as np
 
 from skin import space as skin_space
 
@@ -412,19 +411,6 @@ def _steps(train, counts, batch: int) -> int:
     if counts:
         return max(1, math.ceil(counts[0] / batch))
     return 1
-
-
-def hyperparameters_from_values(values: dict[str, Any]) -> keras_tuner.HyperParameters:
-    """A HyperParameters object holding ``values`` (a best trial's, for retraining it): the one
-    way this project turns recorded values back into keras-tuner's object.
-
-    A registered hyperparameter keeps a value that is already there (keras-tuner's
-    ``_register``), so ``build()`` sees these values, conditional ones included, and declares
-    a name the values lack (recorded before it existed) with its default.
-    """
-    hp = keras_tuner.HyperParameters()
-    hp.values.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()})
-    return hp
 
 
 # ---------------------------------------------------------------------------

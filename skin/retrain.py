@@ -150,7 +150,7 @@ def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = Non
     ``seed``: the random seed of this training (default ``data.seed``).
     """
     keras.utils.set_random_seed(exp.data.seed if seed is None else seed)
-    from skin.model import hyperparameters_from_values
+    from skin.space import hyperparameters_from_values
 
     hp = hyperparameters_from_values(best.get("hyperparameters") or {})
     model = hypermodel.build(hp)

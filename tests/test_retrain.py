@@ -469,7 +469,8 @@ def test_epoch_policy(retrain_epochs, best, expected, tmp_path):
 
 
 def test_best_values_reach_the_real_hypermodel(tmp_path):
-    from skin.model import SkinHyperModel, hyperparameters_from_values
+    from skin.model import SkinHyperModel
+    from skin.space import hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     recorded = {**BEST["hyperparameters"], "stem": 4}   # every value off its default reaches
@@ -480,7 +481,8 @@ def test_best_values_reach_the_real_hypermodel(tmp_path):
 
 def test_a_best_trial_recorded_before_a_new_hyperparameter_gets_its_default(tmp_path):
     # A search finished before `stem` existed: its best trial does not name it.
-    from skin.model import SkinHyperModel, hyperparameters_from_values
+    from skin.model import SkinHyperModel
+    from skin.space import hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     old = {k: v for k, v in BEST["hyperparameters"].items() if k != "stem"}

@@ -24,6 +24,7 @@ from typing import Any
 
 from skin import artifacts, documents
 from skin.errors import DocumentError
+from skin.tuning.journal import OracleStore
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def _read_text(storage, uri: str) -> str | None:
 
 def _oracle_counts(storage, root: str) -> dict[str, int] | None:
     """Trials by status from the chief's journal and trial records (None when absent)."""
-    from skin.tuning.journal import OracleStore
-
     prefix = artifacts.oracle_uri(root)
     if not storage.list(prefix + "/"):
         return None

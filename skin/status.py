@@ -32,7 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skin import documents
 from skin.errors import EXIT_OK, EXIT_RETRYABLE, DocumentError
+from skin.experiments import experiment_state, format_state, list_experiments
 from skin.metrics import TRIAL_STATUSES
+from skin.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -299,11 +301,7 @@ def _from_bucket(bucket: str | None, experiment, storage) -> str:
     """What the bucket says about the experiment(s), as text; '' when there is nothing."""
     if bucket is None and experiment is None:
         return ""
-    from skin.experiments import experiment_state, format_state, list_experiments
-
     if storage is None:
-        from skin.storage import Storage
-
         storage = Storage()
     base = bucket or experiment.root_uri
     try:

@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Callable
 
 from skin.errors import FencedError, LockHeldError, PreconditionFailedError, RetryableError
+from skin.tuning import protocol as wire
 
 log = logging.getLogger("skin.tuning")
 
@@ -262,13 +263,9 @@ class ChiefLock:
     # -- metrics ----------------------------------------------------------------------
 
     def _publish(self, lost: bool = False) -> None:
-        from skin.tuning import protocol as wire
-
         wire.hook(self.metrics, "chief_lock", self.generation is not None and not lost, lost)
 
     def _count_precondition_failure(self, what: str) -> None:
-        from skin.tuning import protocol as wire
-
         wire.hook(self.metrics, "precondition_failed", what)
 
 

@@ -90,7 +90,7 @@ def _status(trial, search_failed: bool) -> str:
 
 def build_result(oracle, exp) -> SearchResult:
     """result.json from the chief's oracle (takes the oracle's lock)."""
-    from skin.tuning.oracle import FAILED
+    from skin.tuning.oracle import FAILED  # keras-tuner and TensorFlow: only the chief
 
     with oracle.lock:
         failed = oracle.state == FAILED

@@ -366,9 +366,10 @@ def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_sy
 
 @pytest.fixture(scope="module")
 def lite0_state():
+    from skin import checkpoint as ckpt
     from skin import weights as W
 
-    return W.read_checkpoint(W.packaged_checkpoint())
+    return ckpt.read_checkpoint(W.packaged_checkpoint())
 
 
 def imported_lite0(storage, bucket, tmp_path) -> str:

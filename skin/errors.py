@@ -130,9 +130,8 @@ _log = logging.getLogger("skin")
 def role_ended(role: str, exc: BaseException) -> int:
     """Say why ``role`` ended on ``exc`` and return its exit code: the only place that does.
 
-    One logged line for what the role raised on purpose (a SkinError names the problem),
-    a warning
-    for a stop on a signal, the traceback for a bug (exit 1)."""
+    One logged line for what the role raised on purpose (a SkinError names the problem), a
+    warning for a stop on a signal, the traceback for a bug (exit 1)."""
     code = exit_code_for(exc)
     if isinstance(exc, KeyboardInterrupt):
         _log.warning("%s interrupted (exit %d)", role, code)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skin import storage as st
 from skin.checkpoint import CheckpointError, read_checkpoint
 from skin.errors import ConfigError
 
@@ -44,7 +45,7 @@ def keras_network(backbone: str, *, include_top: bool = False, image_size: int |
 
 
 def _torch_prefix(backbone: str, layer_name: str) -> str:
-    from skin import lite0
+    from skin import lite0  # Keras layers: loaded by the commands that convert, not on import
 
     return lite0.torch_prefix(layer_name)
 
@@ -164,8 +165,6 @@ def import_weights(source: str | os.PathLike, backbone: str, out: str, *,
     state = read_checkpoint(source)
     net = convert(state, backbone, include_top=include_top, source_eps=source_eps,
                   what=str(source))
-    from skin import storage as st
-
     if st.is_gcs(str(out)):
         storage = storage or st.Storage()
         with tempfile.TemporaryDirectory() as tmp:

@@ -129,7 +129,7 @@ def _values(best: dict) -> dict:
 
 
 def _hp(values: dict):
-    from skin.model import hyperparameters_from_values
+    from skin.space import hyperparameters_from_values
 
     return hyperparameters_from_values(values)
 
@@ -373,7 +373,7 @@ def main(argv=None) -> int:
         print(f"no images at {data} (expected benign/ and malignant/)", file=sys.stderr)
         return 2
 
-    from skin import artifacts
+    from skin import documents
     from skin.config import ENV_OVERRIDES, load_experiment
     from skin.emulator import Emulator
     from skin.storage import Storage
@@ -425,8 +425,8 @@ def main(argv=None) -> int:
             "confusion_matrix", "n", "evaluated_on", "validation", "training", "version")}
         report["published"]["training"] = {k: v for k, v in metrics["training"].items()
                                            if k != "history"}
-        report["best"] = artifacts.read_best(storage, exp).to_json()
-        result = artifacts.read_result(storage, exp).to_json()
+        report["best"] = documents.read_best(storage, exp).to_json()
+        result = documents.read_result(storage, exp).to_json()
         report["search"] = {
             "trials": len(result.get("trials", [])), "counts": result.get("counts"),
             "per_trial": [{k: t.get(k) for k in ("id", "status", "score", "epochs", "duration",

@@ -36,8 +36,9 @@ def main(argv=None) -> int:
     from skin.config import load_experiment
     from skin.emulator import Emulator
     from skin.inference import inference_model
-    from skin.model import SkinHyperModel, hyperparameters_from_values
+    from skin.model import SkinHyperModel
     from skin.scoring import choose_threshold, classification_metrics
+    from skin.space import hyperparameters_from_values
     from skin.storage import Storage, join
     from skin.training import split_predictions, top_trials
     from skin.tuning.checkpoints import checkpoint_uri

@@ -191,7 +191,8 @@ def serve_ours(args) -> int:
     import keras
     import keras_tuner
 
-    from skin.config import Runtime
+    from skin.context import RoleContext
+    from skin.runtime import Runtime
     from skin.storage import Storage
     from skin.tuning import run_chief
 
@@ -210,7 +211,7 @@ def serve_ours(args) -> int:
     exp = _bench_experiment(args.name, args.trials, args.port)
     runtime = Runtime(tuner_id="chief", oracle_port=args.port, work_dir=Path(args.work))
     storage = _disk_storage(os.path.join(args.work, "bucket")) if args.disk else Storage()
-    return run_chief(exp, runtime, storage, hypermodel=Space())
+    return run_chief(RoleContext.with_hypermodel(exp, runtime, storage, Space()))
 
 
 def serve_stock(args) -> int:

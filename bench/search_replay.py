@@ -280,8 +280,8 @@ def record(args) -> int:
     from skin import data as skin_data
     from skin.config import load_experiment
     from skin.emulator import Emulator
-    from skin.model import SEED_KEY, SkinHyperModel, hyperparameters_from_values
-    from skin.space import space_of
+    from skin.model import SEED_KEY, SkinHyperModel
+    from skin.space import hyperparameters_from_values, space_of
     from skin.stage import stage
     from skin.storage import Storage
     from skin.tuning.chief import populate_space

@@ -1,7 +1,8 @@
 """The ``skin`` command: one entrypoint for every role.
 
-It sets up logging, reads the configuration once, dispatches, and maps
-errors to the exit codes documented in :mod:`skin.errors`. The heavy
+It sets up logging, reads the configuration once, dispatches; what a command
+raises becomes its exit code in :func:`skin.errors.role_ended` (the codes are
+documented in :mod:`skin.errors`). The heavy
 modules (TensorFlow, keras-tuner) are imported only by the commands that
 need them, so ``skin --help`` and config errors are instant.
 """
@@ -9,15 +10,24 @@ need them, so ``skin --help`` and config errors are instant.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
-from skin import __version__
-from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, SkinError, exit_code_for
+from skin import __version__, tuning
+from skin.config import load_experiment
+from skin.context import RoleContext
+from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, exits, interrupts
+from skin.experiments import format_table, list_experiments
+from skin.runtime import runtime_from_env
+from skin.space import check_model_space
+from skin.storage import Storage
+
+# Each command imports what pulls in numpy, TensorFlow, keras-tuner, matplotlib or
+# prometheus_client itself, so `skin --help` and a config error stay instant.
 
 log = logging.getLogger("skin")
 
@@ -195,10 +205,8 @@ def _role_metrics(runtime, exp):
     return hooks, servers[0]
 
 
+@exits(lambda args: f"skin {args.command}")
 def _dispatch(args: argparse.Namespace) -> int:
-    from skin.config import load_experiment, runtime_from_env
-    from skin.space import check_model_space
-
     env = dict(os.environ)
     if getattr(args, "tuner_id", None):
         env["KERASTUNER_TUNER_ID"] = args.tuner_id
@@ -211,8 +219,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.verbose:
             _quiet_tensorflow()
     if args.command == "evaluate":
-        import json
-
         from skin.evaluate import evaluate, format_report
         result = evaluate(args.model, args.data, out=args.out, prevalence=args.prevalence)
         print(json.dumps(result, indent=2) if args.format == "json" else format_report(result))
@@ -232,7 +238,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         from skin.status import main_status
         experiment = storage = None
         if args.config:
-            from skin.storage import Storage
             experiment, storage = load_experiment(args.config, env), Storage()
         if args.bucket and not args.bucket.startswith("gs://"):
             raise ConfigError(f"--bucket: {args.bucket!r} is not valid; expected gs://BUCKET[/…]")
@@ -261,32 +266,24 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.config, env)
     check_model_space(exp.search)  # the skin CNN's names and values, before any work
-    from skin.storage import Storage
-    storage = Storage()
+    ctx = RoleContext(exp, runtime, Storage())  # the one context every role is handed
     if args.command == "tune":
-        from skin import tuning
         if runtime.role not in ("chief", "worker"):
             raise ConfigError("KERASTUNER_TUNER_ID: not set; `skin tune` needs 'chief' or "
                               "'tuner<N>' (or --tuner-id)")
-        hooks, server = _role_metrics(runtime, exp)
+        ctx.metrics, server = _role_metrics(runtime, exp)
         role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
         try:
-            return role(exp, runtime, storage, metrics=hooks)
+            return role(ctx)
         finally:
             if server is not None and runtime.metrics_linger_seconds:
                 # Let Prometheus see the final counts before the pod goes away.
                 server.wait_for_scrape(runtime.metrics_linger_seconds)
-    return _batch_role(args.command, exp, runtime, storage)
+    return _batch_role(args.command, ctx)
 
 
 def _experiments(args: argparse.Namespace, env) -> int:
     """``skin experiments``: one line (or JSON object) per experiment below the bucket."""
-    import json
-
-    from skin.config import load_experiment
-    from skin.experiments import format_table, list_experiments
-    from skin.storage import Storage
-
     base = args.bucket
     if base is None:
         exp = load_experiment(args.config, env)
@@ -324,13 +321,14 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED
 
 
-def _batch_role(command: str, exp, runtime, storage) -> int:
+def _batch_role(command: str, ctx: RoleContext) -> int:
     """stage and retrain: batch jobs whose metrics go to a Pushgateway (or the log)."""
     from prometheus_client import CollectorRegistry
 
     from skin.metrics_batch import BatchMetrics
 
-    batch = BatchMetrics(CollectorRegistry(), command, experiment=exp.name)
+    exp, runtime, storage = ctx.exp, ctx.runtime, ctx.storage
+    batch = ctx.metrics = BatchMetrics(CollectorRegistry(), command, experiment=exp.name)
     try:
         with batch.run():
             if command == "stage":
@@ -344,7 +342,7 @@ def _batch_role(command: str, exp, runtime, storage) -> int:
                     batch.set_count(split, counts.get("count", 0))
             elif command == "retrain":
                 from skin.retrain import retrain
-                published = retrain(exp, runtime, storage)
+                published = retrain(ctx)
                 log.info("published %s", published.uri)
                 batch.set_model_metrics(published.metrics)
             else:
@@ -357,36 +355,14 @@ def _batch_role(command: str, exp, runtime, storage) -> int:
     return 0
 
 
-def _sigterm_interrupts() -> None:
-    """SIGTERM (pod deletion, preemption, `skin run` stopping its children) ends a role like
-    Ctrl-C: cleanly, within the grace period, with exit 130. As PID 1 in a container, Python
-    would otherwise ignore it and be SIGKILLed at the end of the grace period."""
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help is 0, a usage error 2 (our config code)
         return int(e.code or 0)
-    _sigterm_interrupts()
-    try:
+    with interrupts(signal.SIGTERM):  # pod deletion, preemption, `skin run` stopping it
         return _dispatch(args)
-    except KeyboardInterrupt:
-        log.warning("interrupted")
-        return exit_code_for(KeyboardInterrupt())
-    except Exception as exc:  # every role ends here: one line naming the problem, a typed code
-        code = exit_code_for(exc)
-        if isinstance(exc, SkinError):  # expected failures: one line that names the problem
-            print(f"skin {args.command}: error: {exc} (exit {code})", file=sys.stderr)
-        else:
-            log.exception("skin %s failed unexpectedly (exit %d)", args.command, code)
-        return code
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-AUC_INTERVAL_METHOD = "DeLong"
 CALIBRATION_BINS = 10
 OPERATING_SENSITIVITIES = (0.85, 0.90, 0.95, 0.98)
 Z_95 = 1.959963984540054  # two-sided 95 %

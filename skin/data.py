@@ -26,13 +26,15 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-from skin.artifacts import MANIFEST, DataManifest, read_manifest
+from skin.artifacts import MANIFEST
+from skin.documents import DataManifest, read_manifest
 from skin.errors import DataError, RetryableError
 from skin.images import CLASSES
 from skin.storage import Storage, join
@@ -91,23 +93,29 @@ def _sha256_file(path: Path) -> str:
 
 
 def wait_for_manifest(storage: Storage, data_uri: str, timeout_s: float,
-                      poll_s: float = 5.0) -> dict:
-    """Poll until ``data_uri/manifest.json`` exists (stage finished); returns it.
+                      poll_s: float = 15.0, *, setting: str | None = None) -> dict:
+    """Wait until ``data_uri/manifest.json`` exists (stage writes it last); returns it.
 
-    Raises :class:`RetryableError` after ``timeout_s`` (the stage may still come).
+    Polls with a jittered backoff from 1 s up to ``poll_s``, says once that it waits, and
+    raises :class:`RetryableError` after ``timeout_s`` (the stage may still come), naming
+    ``setting`` (what bounds the wait) when given.
     """
     uri = join(data_uri, MANIFEST)
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return json.loads(storage.read_bytes(uri))
-        except FileNotFoundError:
-            pass
-        if time.monotonic() >= deadline:
-            raise RetryableError(f"{uri}: no staged data after waiting {timeout_s:.0f} s "
-                                 "(has the stage job run?)")
-        log.info("waiting for staged data at %s", uri)
-        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())) or 0.01)
+    delay, said = 1.0, False
+    while not storage.exists(uri):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            bound = f" ({setting})" if setting else ""
+            raise RetryableError(f"no staged data at {data_uri} after waiting {timeout_s:.0f} s"
+                                 f"{bound}; is the stage job done?")
+        if not said:
+            log.info("waiting for staged data at %s (up to %.0f s; the stage job writes "
+                     "%s last)", data_uri, timeout_s, MANIFEST)
+            said = True
+        time.sleep(min(delay * (1 + 0.2 * random.random()), poll_s, left))
+        delay = min(delay * 2, poll_s)
+    return json.loads(storage.read_bytes(uri))
 
 
 def sync_data(storage: Storage, data_uri: str, local_dir: str | os.PathLike, *,

@@ -32,6 +32,9 @@ import argparse
 import math
 import sys
 
+from skin.config import load_experiment
+from skin.errors import ConfigError
+
 DEFAULT_EPOCH_SECONDS = 300.0
 SLACK = 2.0
 STAGE_SECONDS = 3600
@@ -90,9 +93,6 @@ def kustomize_patches(deadlines: dict[str, int]) -> str:
 
 
 def main(argv=None) -> int:
-    from skin.config import load_experiment
-    from skin.errors import ConfigError
-
     parser = argparse.ArgumentParser(prog="python -m skin.deadlines", description=__doc__
                                      .split("\n\n")[0])
     parser.add_argument("--config", required=True, metavar="FILE", help="experiment file")

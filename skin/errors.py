@@ -8,6 +8,13 @@ step.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
 # 0 and 1 keep their usual meaning (1: an unexpected bug, retried by the Job's backoffLimit).
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -104,11 +111,72 @@ class RetryableError(SkinError):
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The process exit code for an exception that ends a role."""
-    if isinstance(exc, SkinError):
-        return exc.exit_code
+    """The process exit code for an exception that ends a role: the one mapping of exception
+    types to exit codes (an ``exit_code`` attribute: SkinError and the tuning roles'
+    ``Preempted``; Ctrl-C/SIGTERM 130; a lost connection 75; anything else 1)."""
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):
+        return code
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return EXIT_RETRYABLE
     return EXIT_UNEXPECTED
+
+
+_log = logging.getLogger("skin")
+
+
+def role_ended(role: str, exc: BaseException) -> int:
+    """Say why ``role`` ended on ``exc`` and return its exit code: the only place that does.
+
+    One logged line for what the role raised on purpose (a SkinError names the problem), a
+    warning for a stop on a signal, the traceback for a bug (exit 1)."""
+    code = exit_code_for(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        _log.warning("%s interrupted (exit %d)", role, code)
+    elif code == EXIT_RELEASED:
+        _log.warning("%s stopped on SIGTERM at a safe point (exit %d): its work is saved or "
+                     "handed back, and resumes from there", role, code)
+    elif isinstance(exc, SkinError):  # on purpose: one line that names the problem
+        _log.error("%s: error: %s (exit %d)", role, exc, code)
+    else:
+        _log.error("%s failed unexpectedly (exit %d)", role, code, exc_info=exc)
+    return code
+
+
+def exits(role: str | Callable[..., str]):
+    """Decorate a role's entry function: what it raises becomes its exit code (role_ended);
+    what it returns is its exit code. ``role`` names it, or is called with the function's
+    arguments to name it (a worker's tuner id)."""
+    def decorate(fn: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def run(*args, **kwargs) -> int:
+            try:
+                return fn(*args, **kwargs)
+            except (SystemExit, GeneratorExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - every ending gets its code here
+                return role_ended(role(*args, **kwargs) if callable(role) else role, exc)
+        return run
+    return decorate
+
+
+@contextlib.contextmanager
+def interrupts(*signals: signal.Signals) -> Iterator[None]:
+    """Inside, each of ``signals`` raises KeyboardInterrupt like Ctrl-C does (exit 130 where it
+    ends a role), so the role stops cleanly within the grace period; the previous handlers
+    come back on leaving. As PID 1 in a container, Python would otherwise ignore SIGTERM and
+    be SIGKILLed at the end of the grace period. Off the main thread (tests): no change."""
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

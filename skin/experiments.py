@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from skin import artifacts
+from skin import artifacts, documents
 from skin.errors import DocumentError
+from skin.tuning.journal import OracleStore
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def _read_text(storage, uri: str) -> str | None:
 
 def _oracle_counts(storage, root: str) -> dict[str, int] | None:
     """Trials by status from the chief's journal and trial records (None when absent)."""
-    from skin.tuning.journal import OracleStore
-
     prefix = artifacts.oracle_uri(root)
     if not storage.list(prefix + "/"):
         return None
@@ -86,7 +85,7 @@ def experiment_state(storage, root: str) -> dict:
                            "synthetic": None, "trials": {}, "outcome": None, "reason": "",
                            "best": None, "objective": None, "published": None,
                            "test": None}
-    manifest = _read_document(artifacts.read_manifest, storage, artifacts.data_uri(root))
+    manifest = _read_document(documents.read_manifest, storage, artifacts.data_uri(root))
     if manifest is not None:
         out["staged"] = True
         out["images"] = {k: manifest.count(k) for k in manifest.splits}
@@ -96,7 +95,7 @@ def experiment_state(storage, root: str) -> dict:
     if counts is not None:
         out["trials"] = counts
         out["state"] = "searching"
-    result = _read_document(artifacts.read_result, storage, root)
+    result = _read_document(documents.read_result, storage, root)
     if result is not None:
         out["outcome"], out["reason"], out["objective"] = (result.outcome, result.reason,
                                                           result.objective)

@@ -63,7 +63,6 @@ from typing import Any
 
 import keras
 import keras_tuner
-import numpy as np
 
 from skin import space as skin_space
 
@@ -409,11 +408,3 @@ def _steps(train, counts, batch: int) -> int:
     return 1
 
 
-def hyperparameters_from_values(values: dict[str, Any]) -> keras_tuner.HyperParameters:
-    """A HyperParameters object holding exactly ``values`` (for retraining a best trial)."""
-    hp = keras_tuner.HyperParameters()
-    for name, value in values.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        hp.Fixed(name, value)
-    return hp

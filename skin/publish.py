@@ -22,7 +22,7 @@ from pathlib import Path
 
 import keras
 
-from skin import artifacts
+from skin import artifacts, documents
 from skin.errors import PreconditionFailedError, PublishRaceLostError
 from skin.model_card import model_card
 from skin.plots import plot_confusion_matrix, plot_learning_curves, plot_reliability, plot_roc
@@ -74,18 +74,15 @@ def move_latest(storage, models_uri: str, version: str, seen: tuple[str | None, 
             f"instead, write {version!r} into {latest}") from None
 
 
-def render_report(result: artifacts.SearchResult | None, out_dir: Path,
+def render_report(result: documents.SearchResult | None, out_dir: Path,
                    metrics: dict | None = None, published: dict | None = None) -> None:
     """``report.html``: the published model's figures and plots (``metrics`` and the PNGs
     in ``out_dir``), then the search (``result``), when there is either."""
     if result is None and metrics is None:
         log.info("no search result in the bucket: no run report")
         return
-    try:
-        from skin.report import render_search_report
-    except ImportError:
-        log.info("skin.report.render_search_report is not available: no run report")
-        return
+    from skin.report import render_search_report  # matplotlib: loaded when a report is drawn
+
     try:
         render_search_report(result, out_dir, metrics=metrics, published=published)
     except Exception:  # the report is a by-product; the model is published anyway
@@ -110,7 +107,7 @@ def export_saved_model(model, path: Path, image_size: int) -> None:
 
 
 def write_version(local_dir: Path, model, metrics: dict, serving: dict, exp, best: dict,
-                   manifest: dict, result: artifacts.SearchResult | None,
+                   manifest: dict, result: documents.SearchResult | None,
                    published: dict | None, *, curves: dict, points: dict) -> None:
     """Every file of a version, in a local folder."""
     keras_file = local_dir / artifacts.MODEL

@@ -11,7 +11,7 @@ best-so-far line, and the top trials' hyperparameters as a table. The HTML
 page embeds the PNG (base64) and adds the counts by status and every trial,
 so it can be mailed or opened from the bucket without anything beside it.
 
-The result is a :class:`skin.artifacts.SearchResult` (read, and its shape checked, by
+The result is a :class:`skin.documents.SearchResult` (read, and its shape checked, by
 ``skin.tuning.load_result``); the retrain renders the report under a try: a report that
 fails never stops a model from being published.
 """
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skin.artifacts import REPORT_HTML, SEARCH_PNG, SearchResult
+from skin.artifacts import REPORT_HTML, SEARCH_PNG
+from skin.documents import SearchResult
 from skin.formatting import fmt
 from skin.metrics import TRIAL_END_STATUSES
 from skin.plots import pyplot
@@ -70,9 +71,6 @@ def counts_of(result: SearchResult, trials: list[TrialRow]) -> dict[str, int]:
     return counts
 
 
-def top_trials(trials: list[TrialRow], direction: str, n: int = TOP_TRIALS) -> list[TrialRow]:
-    scored = [t for t in trials if t.score is not None and t.status == "completed"]
-    return sorted(scored, key=lambda t: t.score, reverse=direction == "max")[:n]
 
 
 def _draw(trials: list[TrialRow], objective: str, direction: str, top: list[TrialRow]) -> bytes:
@@ -288,7 +286,8 @@ def render_search_report(result: SearchResult | None, out_dir, metrics: dict | N
     png_path = None
     if result is not None:
         trials = trials_of(result)
-        top = top_trials(trials, result.direction)
+        rows = {t.trial_id: t for t in trials}
+        top = [rows[t.id] for t in result.ranked()[:TOP_TRIALS]]
         counts = counts_of(result, trials)
         png = _draw(trials, result.objective, result.direction, top)
         png_path = out / SEARCH_PNG

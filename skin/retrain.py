@@ -1,6 +1,6 @@
 """Retrain the best configuration and publish it.
 
-``retrain(exp, runtime, storage)``: the search's best hyperparameters →
+``retrain(ctx)`` (a skin.context.RoleContext): the search's best hyperparameters →
 a final model trained on the train split, early-stopped on validation →
 the decision threshold chosen on validation (the highest one that keeps
 malignant sensitivity >= ``retrain.target_sensitivity``) → evaluation on the
@@ -58,7 +58,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from skin import artifacts, clinical, provenance, publish, training
+from skin import clinical, documents, provenance, publish, training
 from skin.errors import SearchFailedError
 from skin.formatting import fmt
 from skin.images import CLASSES
@@ -84,14 +84,9 @@ def _split_count(manifest: dict, split: str) -> int:
         return 0
 
 
-def _load_result(storage, exp) -> artifacts.SearchResult | None:
+def _load_result(storage, exp) -> documents.SearchResult | None:
     try:
-        from skin.tuning import load_result
-    except ImportError:
-        log.info("skin.tuning.load_result is not available: no run report")
-        return None
-    try:
-        return load_result(storage, exp)
+        return documents.read_result(storage, exp)
     except FileNotFoundError:
         return None
     except ValueError as e:  # not JSON, or a DocumentError: only the report needs it
@@ -109,18 +104,16 @@ def _load_best(storage, exp) -> dict:
                                 f"finished ({e})") from None
 
 
-def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None) -> Published:
-    """Retrain the best configuration, choose the threshold, evaluate, publish. See module doc."""
+def retrain(ctx, *, best: dict | None = None) -> Published:
+    """Retrain the best configuration, choose the threshold, evaluate, publish. See module doc.
+    ``ctx``: the role's skin.context.RoleContext."""
     from skin import data as skin_data
 
+    exp, runtime, storage = ctx.exp, ctx.runtime, ctx.storage
     latest_seen = publish.read_latest(storage, exp.models_uri)  # LATEST moves only from here
     best = dict(best) if best is not None else _load_best(storage, exp)
     result = _load_result(storage, exp)
-    if hypermodel is None:
-        from skin.model import SkinHyperModel
-
-        hypermodel = SkinHyperModel(exp, storage=storage,
-                                     cache_dir=Path(runtime.work_dir) / "backbone")
+    hypermodel = ctx.hypermodel()
     specs = training.members_to_retrain(exp, best, result)
     # Before any download or training: exit 2 on a mismatch.
     training.check_members(exp, hypermodel, specs)
@@ -246,7 +239,7 @@ def retrain(exp, runtime, storage, *, hypermodel=None, best: dict | None = None)
     return Published(version=version, uri=uri, metrics=metrics, local_dir=local_dir)
 
 
-def _published(result: artifacts.SearchResult | None, metrics: dict) -> dict | None:
+def _published(result: documents.SearchResult | None, metrics: dict) -> dict | None:
     """What the run report shows of the published model beside the search: with an
     ensemble or TTA, its members and their validation ROC AUC."""
     ensemble, tta = metrics["ensemble"], metrics["tta"]

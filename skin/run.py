@@ -36,17 +36,21 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skin import artifacts
+import yaml
+
+from skin import artifacts, documents
 from skin.config import Experiment
+from skin.emulator import binary_path, ensure_bucket
 from skin.errors import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_RELEASED,
     EXIT_RETRYABLE,
     FATAL_EXIT_CODES,
     RetryableError,
+    interrupts,
 )
 from skin.formatting import fmt, interval_text
+from skin.storage import Storage
 
 log = logging.getLogger("skin.run")
 
@@ -186,33 +190,21 @@ def _wait_http(url: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def _install_signal_handlers() -> dict:
-    def interrupt(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread (tests)
-            previous[sig] = signal.signal(sig, interrupt)
-    return previous
-
-
 def run_local(exp: Experiment, opts: RunOptions) -> int:
     out = Path(opts.out or Path("runs") / exp.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(out / "logs", echo=not opts.quiet)
     for old in sup.log_dir.glob("*.log"):
         old.unlink()
-    previous_handlers = _install_signal_handlers()
     started = time.monotonic()
     try:
-        return _run(exp, opts, out, sup, started)
+        with interrupts(signal.SIGINT, signal.SIGTERM):
+            return _run(exp, opts, out, sup, started)
     except KeyboardInterrupt:
         log.warning("interrupted: stopping every process")
-        return EXIT_INTERRUPTED
+        raise  # exit 130 (skin.errors.role_ended)
     finally:
         sup.stop_all()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
 
 
 def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started: float) -> int:
@@ -224,7 +216,6 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
     doc["data"]["source"] = source
     if exp.data.test_source:
         doc["data"]["test_source"] = str(Path(exp.data.test_source).resolve())
-    import yaml
     exp_file.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")
@@ -232,8 +223,6 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
     base_env.update(SKIN_CONFIG=str(exp_file), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                     SKIN_BIND_ADDRESS="127.0.0.1", SKIN_METRICS_HOST="127.0.0.1")
     if "STORAGE_EMULATOR_HOST" not in base_env:
-        from skin.emulator import binary_path
-
         binary_path()  # no fake-gcs-server here: EmulatorUnavailable says what to do instead
         gcs_dir = out / "gcs"
         if gcs_dir.exists() and not opts.resume:
@@ -248,8 +237,6 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
         print(f"storage: embedded fake-gcs-server at {base_env['STORAGE_EMULATOR_HOST']} "
               f"(bucket {exp.storage.bucket}, kept in {gcs_dir}/)", flush=True)
     else:
-        from skin.emulator import ensure_bucket
-
         ensure_bucket(base_env["STORAGE_EMULATOR_HOST"], exp.storage.bucket)
         print(f"storage: {base_env['STORAGE_EMULATOR_HOST']} (STORAGE_EMULATOR_HOST)", flush=True)
     if exp.data.source == "synthetic":
@@ -395,7 +382,6 @@ def _tune(exp: Experiment, opts: RunOptions, sup: Supervisor, role_env) -> int:
 
 
 def _fetch_model(exp: Experiment, out: Path) -> tuple[str, Path]:
-    from skin.storage import Storage
 
     storage = Storage()
     version = storage.read_text(artifacts.latest_uri(exp)).strip()
@@ -412,7 +398,7 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
              timings: dict[str, float], opts: RunOptions) -> str:
     metrics = json.loads((model_dir / artifacts.METRICS).read_text())
     best_path = out / artifacts.BEST
-    best = (artifacts.BestTrial.from_json(json.loads(best_path.read_text()), str(best_path))
+    best = (documents.BestTrial.from_json(json.loads(best_path.read_text()), str(best_path))
             if best_path.exists() else None)
     lines = ["", "=" * 72, f"skin run: {exp.name} done in {timings['total'] / 60:.1f} min "
              f"(stage {timings['stage']:.0f} s, tune {timings['tune']:.0f} s, "

@@ -30,8 +30,8 @@ from skin.artifacts import (
     MODELS,
     SERVING,
     SERVING_ARCHIVE_ENTRY,
-    ServingDocument,
 )
+from skin.documents import ServingDocument
 from skin.errors import ConfigError, DocumentError
 from skin.images import CLASSES
 from skin.scoring import DEFAULT_THRESHOLD

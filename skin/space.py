@@ -307,8 +307,21 @@ def space_of(exp) -> dict[str, dict]:
     return effective_space(exp.search, b.name, pretrained=bool(b.weights.strip()))
 
 
-def fixed_values(space: dict[str, dict]) -> dict[str, Any]:
-    return {n: s["value"] for n, s in space.items() if s["type"] == "fixed"}
+def hyperparameters_from_values(values: dict[str, Any]):
+    """A keras-tuner ``HyperParameters`` holding ``values`` (a best trial's, for retraining it;
+    a probe of which conditions they activate): the one way this project turns recorded
+    values back into keras-tuner's object.
+
+    A registered hyperparameter keeps a value that is already there (keras-tuner's
+    ``_register``), so ``build()`` sees these values, conditional ones included, and declares
+    a name the values lack (recorded before it existed) with its default.
+    """
+    import keras_tuner  # loads TensorFlow: only where a model is built or values are checked
+    import numpy as np
+
+    hp = keras_tuner.HyperParameters()
+    hp.values.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()})
+    return hp
 
 
 def declare(hp, name: str, spec: dict):

@@ -233,7 +233,7 @@ def stage(exp: Experiment, storage: Storage, *, source: str | None = None,
     started = time.monotonic()
     source = source or exp.data.source
     if work_dir is None:
-        from skin.config import runtime_from_env
+        from skin.runtime import runtime_from_env
 
         work_dir = runtime_from_env().work_dir / "stage"
     work_dir = Path(work_dir)

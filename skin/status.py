@@ -30,9 +30,11 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from skin import artifacts
+from skin import documents
 from skin.errors import EXIT_OK, EXIT_RETRYABLE, DocumentError
+from skin.experiments import experiment_state, format_state, list_experiments
 from skin.metrics import TRIAL_STATUSES
+from skin.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class Status:
     time_left: float | None = None  # seconds
     finished: bool = False
     version: str = ""
-    best_hyperparameters: artifacts.BestTrial | None = None  # from the bucket, when asked for
+    best_hyperparameters: documents.BestTrial | None = None  # from the bucket, when asked for
 
 
 def _url(address: str) -> str:
@@ -180,11 +182,11 @@ def fetch(address: str, timeout: float = 5.0) -> Status:
     return parse(text, address)
 
 
-def read_best_hyperparameters(exp, storage) -> artifacts.BestTrial | None:
+def read_best_hyperparameters(exp, storage) -> documents.BestTrial | None:
     """``<root>/tuner/best_hyperparameters.json`` of an experiment, or None before it exists
     (or, with a warning, when it is not one this version reads)."""
     try:
-        return artifacts.read_best(storage, exp)
+        return documents.read_best(storage, exp)
     except FileNotFoundError:
         return None
     except DocumentError as e:
@@ -299,11 +301,7 @@ def _from_bucket(bucket: str | None, experiment, storage) -> str:
     """What the bucket says about the experiment(s), as text; '' when there is nothing."""
     if bucket is None and experiment is None:
         return ""
-    from skin.experiments import experiment_state, format_state, list_experiments
-
     if storage is None:
-        from skin.storage import Storage
-
         storage = Storage()
     base = bucket or experiment.root_uri
     try:

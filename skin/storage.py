@@ -26,8 +26,8 @@ write retried after a lost answer may fail its precondition against its own
 first try: callers treat a failed precondition as "someone else wrote", which
 is the safe reading.
 
-The google library's own retry policy is switched off on every call
-(``retry=None``): its default retries for up to two minutes, which would hide
+The retry and error policy is :mod:`skin.gcs`'s. The google library's own retry
+policy is switched off on every call (``retry=None``): its default retries for up to two minutes, which would hide
 an unreachable bucket far longer than a pod's restart would.
 """
 
@@ -39,22 +39,20 @@ import fcntl
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from skin.errors import ConfigError, PreconditionFailedError, RetryableError
+from skin import gcs
+from skin.errors import PreconditionFailedError
 
 log = logging.getLogger(__name__)
 
 GS = "gs://"
-EMULATOR_ENV = "STORAGE_EMULATOR_HOST"  # google-cloud-storage's own variable
 _T = TypeVar("_T")
 
 # (connect, read) seconds per HTTP request; long enough for a 100 MB shard on a slow link.
@@ -99,32 +97,6 @@ class ObjectInfo:
     version: int
 
 
-def _retryable_exceptions() -> tuple[type[BaseException], ...]:
-    import requests
-    from google.api_core import exceptions as gexc
-    from google.auth import exceptions as auth_exc
-    from google.cloud.storage.exceptions import DataCorruption
-
-    return (
-        DataCorruption,  # checksum mismatch on download: fetch again
-        gexc.InternalServerError, gexc.BadGateway, gexc.ServiceUnavailable,
-        gexc.GatewayTimeout, gexc.TooManyRequests, gexc.Unknown,
-        requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-        requests.exceptions.ChunkedEncodingError,
-        auth_exc.TransportError, ConnectionError, TimeoutError,
-    )
-
-
-def _invalid_response_status(exc: BaseException) -> int | None:
-    """HTTP status of a google-cloud-storage media ``InvalidResponse``, else None."""
-    from google.cloud.storage.exceptions import InvalidResponse
-
-    if isinstance(exc, InvalidResponse):
-        response = getattr(exc, "response", None)
-        return getattr(response, "status_code", None)
-    return None
-
-
 class Storage:
     """Bytes, text, JSON, files and folders on ``gs://`` or local paths.
 
@@ -139,7 +111,6 @@ class Storage:
         self.backoff_s = backoff_s
         self._client = client
         self._lock = threading.Lock()
-        self._retryable: tuple[type[BaseException], ...] | None = None
 
     # -- client and retries -------------------------------------------------
 
@@ -148,62 +119,14 @@ class Storage:
         """The google-cloud-storage client, created on first use."""
         with self._lock:
             if self._client is None:
-                self._client = self._make_client()
+                self._client = gcs.make_client()
             return self._client
-
-    @staticmethod
-    def _make_client():
-        from google.cloud import storage as gcs
-
-        if os.environ.get(EMULATOR_ENV):
-            from google.auth.credentials import AnonymousCredentials
-
-            return gcs.Client(project="local", credentials=AnonymousCredentials())
-        import google.auth.exceptions
-
-        try:
-            return gcs.Client()
-        except google.auth.exceptions.DefaultCredentialsError as e:
-            raise ConfigError(
-                f"gs:// storage: no Google credentials found ({e}); set "
-                "GOOGLE_APPLICATION_CREDENTIALS, run on GKE with workload identity, or set "
-                f"{EMULATOR_ENV} for an emulator") from None
 
     def _call(self, uri: str, what: str, fn: Callable[[], _T],
               generation: int | None = None) -> _T:
-        """Run one bucket operation with retries; map errors to our types."""
-        from google.api_core import exceptions as gexc
-
-        if self._retryable is None:
-            self._retryable = _retryable_exceptions()
-        delay = self.backoff_s
-        for attempt in range(1, self.tries + 1):
-            try:
-                return fn()
-            except gexc.NotFound:
-                raise FileNotFoundError(f"{uri}: not found") from None
-            except gexc.PreconditionFailed:
-                raise PreconditionFailedError(uri, generation) from None
-            except Exception as e:  # classified below, re-raised otherwise
-                status = _invalid_response_status(e)
-                if status == 404:
-                    raise FileNotFoundError(f"{uri}: not found") from None
-                if status == 412:
-                    raise PreconditionFailedError(uri, generation) from None
-                transient = isinstance(e, self._retryable) or (
-                    status is not None and (status == 429 or (status >= 500 and status != 501)))
-                if not transient:
-                    raise
-                if attempt == self.tries:
-                    raise RetryableError(
-                        f"{what} {uri}: storage unavailable after {self.tries} tries "
-                        f"({type(e).__name__}: {_short(e)})") from e
-                sleep = delay * (1 + random.random() * 0.5)
-                log.warning("%s %s failed (%s: %s); retry %d/%d in %.2fs", what, uri,
-                            type(e).__name__, _short(e), attempt, self.tries - 1, sleep)
-                time.sleep(sleep)
-                delay *= 2
-        raise AssertionError("unreachable")
+        """Run one bucket operation under skin.gcs's retry and error policy."""
+        return gcs.call(uri, what, fn, tries=self.tries, backoff_s=self.backoff_s,
+                        generation=generation)
 
     def _blob(self, uri: str):
         bucket, key = split_gcs(uri)
@@ -466,11 +389,6 @@ def _norm(uri: str | os.PathLike) -> str:
     if not uri:
         raise ValueError("empty storage URI")
     return uri
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @contextlib.contextmanager

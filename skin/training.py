@@ -18,10 +18,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from skin import artifacts
+from skin import artifacts, documents
 from skin.errors import ConfigError, DataError
 from skin.scoring import roc_auc
 from skin.serving import malignant_probability
+from skin.space import hyperparameters_from_values
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,6 @@ class Curves(keras.callbacks.Callback):
                  time.monotonic() - self._started, " ".join(shown))
 
 
-def _hyperparameters(values: dict[str, Any]):
-    import keras_tuner
-
-    hp = keras_tuner.HyperParameters()
-    # A registered hyperparameter keeps a value that is already there (keras-tuner's
-    # _register), so build() sees the best trial's values, conditional ones included.
-    hp.values.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()})
-    return hp
-
-
 def _epochs(exp, best: dict) -> int:
     if exp.retrain.epochs:
         return exp.retrain.epochs
@@ -81,7 +72,7 @@ def train(exp, hypermodel, best: dict, data_dir: Path, *, seed: int | None = Non
     ``seed``: the random seed of this training (default ``data.seed``).
     """
     keras.utils.set_random_seed(exp.data.seed if seed is None else seed)
-    hp = _hyperparameters(best.get("hyperparameters") or {})
+    hp = hyperparameters_from_values(best.get("hyperparameters") or {})
     model = hypermodel.build(hp)
     epochs = _epochs(exp, best)
     monitor, mode = exp.search.objective, exp.search.direction
@@ -132,7 +123,7 @@ def split_predictions(model, data_dir: Path, split: str, image_size: int) -> tup
             np.concatenate(probabilities))
 
 
-def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | None = None,
+def top_trials(result: documents.SearchResult | None, n: int, *, best: dict | None = None,
                objective: str = "val_auc") -> list[dict]:
     """The ``n`` best completed trials of a search with distinct hyperparameters, best first.
 
@@ -147,12 +138,10 @@ def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | No
     from skin.tuning.checkpoints import values_hash  # what makes two trials one configuration
 
     if result is not None:
-        objective, direction = result.objective, result.direction
+        objective = result.objective
     else:
-        direction = artifacts.objective_direction(objective)
-    scored = [t for t in (result.trials if result is not None else [])
-              if t.status == "completed" and t.score is not None and math.isfinite(t.score)]
-    scored.sort(key=lambda t: -t.score if direction == "max" else t.score)  # stable
+        artifacts.objective_direction(objective)  # a ValueError for an unknown objective
+    scored = result.ranked() if result is not None else []
     picked: list[dict] = []
     seen: set[str] = set()
     if best is not None and n > 0:
@@ -170,7 +159,7 @@ def top_trials(result: artifacts.SearchResult | None, n: int, *, best: dict | No
     return picked
 
 
-def members_to_retrain(exp, best: dict, result: artifacts.SearchResult | None) -> list[dict]:
+def members_to_retrain(exp, best: dict, result: documents.SearchResult | None) -> list[dict]:
     """The trials to retrain: the best alone, or the top ``retrain.ensemble``."""
     wanted = exp.retrain.ensemble
     if wanted <= 1:

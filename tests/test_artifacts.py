@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from skin import artifacts as a
+from skin import documents as d
 from skin.config import parse_experiment
 from skin.errors import DataError, DocumentError
 
@@ -81,13 +82,13 @@ BEST_DOC = {"trial_id": "0004", "score": 0.83, "objective": "val_auc", "directio
 
 
 def test_the_best_trial_reads_back_what_was_written_key_for_key():
-    best = a.BestTrial.from_json(BEST_DOC)
+    best = d.BestTrial.from_json(BEST_DOC)
     assert (best.trial_id, best.score, best.direction, best.best_epoch) == ("0004", 0.83, "max", 4)
     assert best.to_json() == BEST_DOC and list(best.to_json()) == list(BEST_DOC)
     assert "confirmation" not in best.to_json()  # absent unless confirmation picked it
     confirmed = dict(BEST_DOC, confirmation={"chosen": "0004"})
-    assert a.BestTrial.from_json(confirmed).to_json() == confirmed
-    assert a.BestTrial.from_json(dict(BEST_DOC, newer_key=1)).to_json() == BEST_DOC
+    assert d.BestTrial.from_json(confirmed).to_json() == confirmed
+    assert d.BestTrial.from_json(dict(BEST_DOC, newer_key=1)).to_json() == BEST_DOC
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -102,21 +103,21 @@ def test_the_best_trial_reads_back_what_was_written_key_for_key():
 ])
 def test_a_best_trial_of_another_shape_is_refused_by_name(doc, message):
     with pytest.raises(DocumentError, match=f"^gs://x/best_hyperparameters.json: {message}"):
-        a.BestTrial.from_json(doc, "gs://x/best_hyperparameters.json")
+        d.BestTrial.from_json(doc, "gs://x/best_hyperparameters.json")
     assert issubclass(DocumentError, DataError)  # exit 3: the role cannot read its input
 
 
 def test_the_serving_document_round_trips_and_needs_only_a_threshold():
-    doc = a.ServingDocument(0.42, 224, version="20250101-000000",
+    doc = d.ServingDocument(0.42, 224, version="20250101-000000",
                             data_source={"kind": "synthetic"}).to_json()
     assert doc == {"threshold": 0.42, "image_size": 224, "class_names": ["benign", "malignant"],
                    "positive_class": "malignant", "version": "20250101-000000",
                    "input": "float32 RGB pixels 0..255, shape [batch, 224, 224, 3]",
                    "output": "probability of 'malignant'; predict it when >= threshold",
                    "data_source": {"kind": "synthetic"}}
-    assert a.ServingDocument.from_json(doc).to_json() == doc
-    assert "data_source" not in a.ServingDocument(0.5, 64).to_json()
-    bare = a.ServingDocument.from_json({"threshold": 0.3})
+    assert d.ServingDocument.from_json(doc).to_json() == doc
+    assert "data_source" not in d.ServingDocument(0.5, 64).to_json()
+    bare = d.ServingDocument.from_json({"threshold": 0.3})
     assert (bare.threshold, bare.image_size, bare.class_names, bare.version) == (
         0.3, 0, ("benign", "malignant"), "")
 
@@ -129,7 +130,7 @@ def test_the_serving_document_round_trips_and_needs_only_a_threshold():
 ])
 def test_a_serving_document_of_another_shape_is_refused_by_name(doc, message):
     with pytest.raises(DocumentError, match=f"^m/serving.json: {message}"):
-        a.ServingDocument.from_json(doc, "m/serving.json")
+        d.ServingDocument.from_json(doc, "m/serving.json")
 
 
 def _result_doc(**changes) -> dict:
@@ -146,7 +147,7 @@ def _result_doc(**changes) -> dict:
 
 def test_the_search_result_reads_back_what_was_written_key_for_key():
     doc = _result_doc()
-    result = a.SearchResult.from_json(doc)
+    result = d.SearchResult.from_json(doc)
     assert (result.direction, result.trials[0].id, result.trials[0].score) == ("max", "0001", 0.7)
     assert result.to_json() == doc and list(result.to_json()) == list(doc)
     assert list(result.to_json()["trials"][0]) == list(doc["trials"][0])
@@ -155,7 +156,7 @@ def test_the_search_result_reads_back_what_was_written_key_for_key():
                                                      "attempts_by_status")}
     old["trials"] = [{k: doc["trials"][0][k] for k in ("id", "status", "score",
                                                        "hyperparameters")}]
-    assert a.SearchResult.from_json(old).trials[0].fold is None
+    assert d.SearchResult.from_json(old).trials[0].fold is None
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -168,18 +169,18 @@ def test_the_search_result_reads_back_what_was_written_key_for_key():
 ])
 def test_a_search_result_of_another_shape_is_refused_by_name(doc, message):
     with pytest.raises(DocumentError, match=f"^r.json: {message}"):
-        a.SearchResult.from_json(doc, "r.json")
+        d.SearchResult.from_json(doc, "r.json")
 
 
 def test_the_manifest_view_reads_data_staged_with_and_without_folds():
     doc = {"version": 1, "splits": {"train": {"count": 8, "shards": ["train-0-of-1.tfrecord"]},
                                     "validation": {"count": 2}, "test": {"count": 2}},
            "folds": 3, "fold_counts": [{"count": 2}] * 3, "synthetic": True, "extra": {}}
-    manifest = a.DataManifest.from_json(doc)
+    manifest = d.DataManifest.from_json(doc)
     assert (manifest.folds, manifest.count("train"), manifest.count("nope")) == (3, 8, 0)
     assert manifest.to_json() is doc  # as written: its digest still checks
     before_folds = {k: v for k, v in doc.items() if k not in ("folds", "fold_counts")}
-    assert a.DataManifest.from_json(before_folds).folds == 1
+    assert d.DataManifest.from_json(before_folds).folds == 1
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -190,4 +191,4 @@ def test_the_manifest_view_reads_data_staged_with_and_without_folds():
 ])
 def test_a_manifest_of_another_shape_is_refused_by_name(doc, message):
     with pytest.raises(DocumentError, match=f"^d/manifest.json: {message}"):
-        a.DataManifest.from_json(doc, "d/manifest.json")
+        d.DataManifest.from_json(doc, "d/manifest.json")

@@ -16,8 +16,10 @@ import pytest
 from skin import backbone as B
 from skin import model as M
 from skin import retrain as rt
-from skin.config import API_VERSION, KIND, Runtime, parse_experiment
+from skin.config import API_VERSION, KIND, parse_experiment
+from skin.context import RoleContext
 from skin.errors import ConfigError
+from skin.runtime import Runtime
 from skin.storage import join
 
 SIZE = 32
@@ -313,7 +315,7 @@ def test_the_chief_fails_the_search_at_once_when_the_weights_are_missing(
     missing = f"gs://{bucket}/weights/missing.h5"
     exp = experiment(bucket, name="mobilenetv2", weights=missing)
     runtime = Runtime(tuner_id="chief", oracle_port=free_port(), work_dir=tmp_path / "work")
-    assert run_chief(exp, runtime, storage) == 4
+    assert run_chief(RoleContext(exp, runtime, storage)) == 4
     result = load_result(storage, exp).to_json()
     assert result["outcome"] == "failed"
     assert f"backbone.weights: '{missing}' does not exist" in result["reason"]
@@ -342,7 +344,8 @@ def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_sy
                                 "weight_decay": 0.0, "lr_schedule": "constant",
                                 "label_smoothing": 0.0, "augment": 0.0, "mixup": 0.0,
                                 "class_weight": False, "batch_size": 16}}
-    published = rt.retrain(exp, Runtime(work_dir=tmp_path / "work"), storage, best=best)
+    published = rt.retrain(RoleContext(exp, Runtime(work_dir=tmp_path / "work"), storage),
+                           best=best)
 
     metrics = json.loads(storage.read_text(join(published.uri, "metrics.json")))
     assert metrics["backbone"] == {"name": "mobilenetv2", "weights": uri, "trainable": False}
@@ -363,9 +366,10 @@ def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_sy
 
 @pytest.fixture(scope="module")
 def lite0_state():
+    from skin import checkpoint as ckpt
     from skin import weights as W
 
-    return W.read_checkpoint(W.packaged_checkpoint())
+    return ckpt.read_checkpoint(W.packaged_checkpoint())
 
 
 def imported_lite0(storage, bucket, tmp_path) -> str:
@@ -446,7 +450,8 @@ def test_retrain_publishes_a_lite0_model_on_imported_weights_with_tta(
                                 "weight_decay": 1e-4, "lr_schedule": "cosine",
                                 "label_smoothing": 0.0, "augment": 0.25, "mixup": 0.0,
                                 "class_weight": False, "batch_size": 16}}
-    published = rt.retrain(exp, Runtime(work_dir=tmp_path / "work"), storage, best=best)
+    published = rt.retrain(RoleContext(exp, Runtime(work_dir=tmp_path / "work"), storage),
+                           best=best)
     metrics = json.loads(storage.read_text(join(published.uri, "metrics.json")))
     assert metrics["backbone"] == {"name": "efficientnet_lite0", "weights": uri, "trainable": True}
     model_path = tmp_path / "model.keras"

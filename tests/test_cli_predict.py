@@ -177,7 +177,8 @@ def test_evaluate_json_with_prevalence(model, real_or_synthetic_images, tmp_path
 @pytest.fixture(scope="module")
 def synthetic_model(emulator, tmp_path_factory):
     from skin import retrain as rt
-    from skin.config import Runtime
+    from skin.context import RoleContext
+    from skin.runtime import Runtime
     from skin.stage import stage
     from skin.storage import Storage
     from test_retrain import _stand_in_hypermodel, experiment
@@ -189,8 +190,8 @@ def synthetic_model(emulator, tmp_path_factory):
     storage = Storage()
     work = tmp_path_factory.mktemp("synwork")
     stage(exp, storage, work_dir=work / "stage")
-    published = rt.retrain(exp, Runtime(work_dir=work), storage,
-                           hypermodel=_stand_in_hypermodel(),
+    published = rt.retrain(RoleContext.with_hypermodel(exp, Runtime(work_dir=work), storage,
+                                                       _stand_in_hypermodel()),
                            best={"trial_id": "0001", "score": 0.5, "objective": "val_auc",
                                  "epochs": 1, "hyperparameters": {"units": 4}})
     return published

@@ -16,9 +16,9 @@ from skin.config import (
     Experiment,
     load_experiment,
     parse_experiment,
-    runtime_from_env,
 )
 from skin.errors import ConfigError
+from skin.runtime import runtime_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,9 @@ from skin.config import (
     QUICKSTART_EXPERIMENT_FILE,
     load_experiment,
     parse_experiment,
-    runtime_from_env,
 )
 from skin.errors import EXIT_RETRYABLE, FATAL_EXIT_CODES
+from skin.runtime import runtime_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = ("tuning", "kind")

@@ -341,8 +341,8 @@ def test_tls_with_a_test_made_certificate_and_a_worker_with_the_wrong_ca_is_refu
 
 
 def test_the_token_comes_from_the_environment_or_a_file_and_is_never_shown(tmp_path):
-    from skin.config import runtime_from_env
     from skin.errors import ConfigError
+    from skin.runtime import runtime_from_env
 
     assert runtime_from_env({"SKIN_ORACLE_TOKEN": TOKEN}).oracle_token == TOKEN
     secret = tmp_path / "token"
@@ -365,7 +365,7 @@ def test_the_token_comes_from_the_environment_or_a_file_and_is_never_shown(tmp_p
     ({"SKIN_BIND_ADDRESS": "192.168.1.5"}, ("192.168.1.5",)),
 ])
 def test_the_oracle_and_metrics_bind_loopback_unless_told_or_in_a_pod(env, hosts):
-    from skin.config import runtime_from_env
+    from skin.runtime import runtime_from_env
 
     runtime = runtime_from_env(env)
     assert runtime.bind_hosts == hosts
@@ -374,18 +374,19 @@ def test_the_oracle_and_metrics_bind_loopback_unless_told_or_in_a_pod(env, hosts
 
 def test_a_chief_without_a_token_in_kubernetes_exits_2_naming_the_secret(tmp_path, bucket,
                                                                           caplog):
-    from skin.config import runtime_from_env
+    from skin.context import RoleContext
     from skin.errors import EXIT_CONFIG
+    from skin.runtime import runtime_from_env
     from skin.tuning import run_chief
 
     exp = _tiny_exp(tmp_path, bucket)
     runtime = runtime_from_env({"KERASTUNER_TUNER_ID": "chief", "POD_IP": "10.4.0.7",
                                 "KUBERNETES_SERVICE_HOST": "10.0.0.1"})
-    assert run_chief(exp, runtime, storage=None) == EXIT_CONFIG  # before touching storage
+    assert run_chief(RoleContext(exp, runtime, None)) == EXIT_CONFIG  # before touching storage
     assert "skin-oracle-token" in caplog.text and "SKIN_ORACLE_TOKEN" in caplog.text
     # Outside Kubernetes, on an address others can reach: the same.
     runtime = runtime_from_env({"KERASTUNER_TUNER_ID": "chief", "SKIN_BIND_ADDRESS": "0.0.0.0"})
-    assert run_chief(exp, runtime, storage=None) == EXIT_CONFIG
+    assert run_chief(RoleContext(exp, runtime, None)) == EXIT_CONFIG
 
 
 def test_skin_run_hands_each_tuning_role_a_fresh_token_in_the_environment_only(tmp_path):

@@ -422,7 +422,8 @@ ROLE = """
 import os, sys, time
 from prometheus_client import CollectorRegistry
 from skin import metrics_server as metrics, tuning
-from skin.config import load_experiment, runtime_from_env
+from skin.config import load_experiment
+from skin.runtime import runtime_from_env
 from skin.storage import Storage
 
 exp, runtime = load_experiment(sys.argv[1]), runtime_from_env()

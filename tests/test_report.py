@@ -8,8 +8,8 @@ import re
 import pytest
 from PIL import Image
 
-from skin.artifacts import SearchResult
-from skin.report import render_search_report, top_trials, trials_of
+from skin.documents import SearchResult
+from skin.report import render_search_report
 
 
 def result(objective="val_auc", direction="max", **extra) -> SearchResult:
@@ -60,8 +60,7 @@ def test_png_and_html_show_the_search(tmp_path):
 
 def test_a_minimised_objective_ranks_the_lowest_first(tmp_path):
     res = result(objective="val_loss", direction="min")
-    trials = trials_of(res)
-    assert [t.trial_id for t in top_trials(trials, "min", 3)] == ["00", "03", "01"]
+    assert [t.id for t in res.ranked()[:3]] == ["00", "03", "01"]
     _, html = render_search_report(res, tmp_path)
     assert "best <b>0.6200</b> by trial 00" in html.read_text()
     assert "minimised" in html.read_text()

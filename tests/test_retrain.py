@@ -24,8 +24,10 @@ import pytest
 from skin import artifacts, model_card, provenance, publish, scoring, serving, training
 from skin import evaluate as ev
 from skin import retrain as rt
-from skin.config import Runtime, parse_experiment
+from skin.config import parse_experiment
+from skin.context import RoleContext
 from skin.errors import RetryableError
+from skin.runtime import Runtime
 from skin.storage import Storage, join
 
 VERSION_FILES = {"model.keras", "serving.json", "metrics.json", "model_card.md",
@@ -122,7 +124,7 @@ def run(emulator, real_or_synthetic_images, tmp_path_factory):
     storage.write_json(join(exp.tuner_uri, "result.json"), RESULT)
     storage.written.clear()
     runtime = Runtime(work_dir=tmp_path_factory.mktemp("work"))
-    published = rt.retrain(exp, runtime, storage, best=BEST)
+    published = rt.retrain(RoleContext(exp, runtime, storage), best=BEST)
     return exp, runtime, storage, published
 
 
@@ -423,8 +425,8 @@ def test_without_test_split_evaluates_on_validation(emulator, storage, bucket,
     hypermodel = _stand_in_hypermodel()
     best = {"trial_id": "x", "score": 0.7, "objective": "val_auc", "epochs": 1,
             "hyperparameters": {"units": 8}}
-    published = rt.retrain(exp, Runtime(work_dir=tmp_path), storage, hypermodel=hypermodel,
-                           best=best)
+    published = rt.retrain(RoleContext.with_hypermodel(exp, Runtime(work_dir=tmp_path), storage,
+                                                       hypermodel), best=best)
     assert hypermodel.seen_units == 8  # the best value, not the default
     m = published.metrics
     assert m["evaluated_on"] == "validation"
@@ -444,7 +446,8 @@ def test_a_failed_upload_never_moves_latest(emulator, bucket, real_or_synthetic_
     storage.write_text(join(exp.models_uri, "LATEST"), "20000101-000000\n")  # an older model
     failing = RecordingStorage(fail_on="saved_model/saved_model.pb")
     with pytest.raises(RetryableError, match="injected"):
-        rt.retrain(exp, Runtime(work_dir=tmp_path), failing, hypermodel=_stand_in_hypermodel(),
+        rt.retrain(RoleContext.with_hypermodel(exp, Runtime(work_dir=tmp_path), failing,
+                                               _stand_in_hypermodel()),
                    best={"trial_id": "x", "epochs": 1, "hyperparameters": {"units": 4}})
     assert storage.read_text(join(exp.models_uri, "LATEST")).strip() == "20000101-000000"
     assert join(exp.models_uri, "LATEST") not in failing.written
@@ -467,10 +470,11 @@ def test_epoch_policy(retrain_epochs, best, expected, tmp_path):
 
 def test_best_values_reach_the_real_hypermodel(tmp_path):
     from skin.model import SkinHyperModel
+    from skin.space import hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     recorded = {**BEST["hyperparameters"], "stem": 4}   # every value off its default reaches
-    values = SkinHyperModel(exp).values(training._hyperparameters(recorded))
+    values = SkinHyperModel(exp).values(hyperparameters_from_values(recorded))
     assert {k: values[k] for k in values} == {k: v for k, v in recorded.items()
                                               if not k.startswith("tuner/")}
 
@@ -478,10 +482,11 @@ def test_best_values_reach_the_real_hypermodel(tmp_path):
 def test_a_best_trial_recorded_before_a_new_hyperparameter_gets_its_default(tmp_path):
     # A search finished before `stem` existed: its best trial does not name it.
     from skin.model import SkinHyperModel
+    from skin.space import hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     old = {k: v for k, v in BEST["hyperparameters"].items() if k != "stem"}
-    values = SkinHyperModel(exp).values(training._hyperparameters(old))
+    values = SkinHyperModel(exp).values(hyperparameters_from_values(old))
     assert values["stem"] == 2
     assert {k: values[k] for k in old if not k.startswith("tuner/")} == {
         k: v for k, v in old.items() if not k.startswith("tuner/")}
@@ -528,7 +533,7 @@ def test_run_report_is_rendered_from_the_search_result(tmp_path):
 
 def _as_written(doc: dict):
     """``doc`` completed into the result.json the chief writes, read as every reader reads it."""
-    from skin.artifacts import SearchResult
+    from skin.documents import SearchResult
 
     return SearchResult.from_json({"outcome": "completed", "reason": "", "tuner": "random",
                                    "best": None, "counts": {}, "trials_by_status": {}, **doc})
@@ -598,8 +603,8 @@ def ensemble_run(emulator, real_or_synthetic_images, tmp_path_factory):
     hypermodel = _stand_in_hypermodel()
     best = {"trial_id": "0002", "score": 0.81, "objective": "val_auc", "epochs": 1,
             "hyperparameters": {"units": 8}}
-    published = rt.retrain(exp, Runtime(work_dir=tmp_path_factory.mktemp("work")), storage,
-                           hypermodel=hypermodel, best=best)
+    published = rt.retrain(RoleContext.with_hypermodel(
+        exp, Runtime(work_dir=tmp_path_factory.mktemp("work")), storage, hypermodel), best=best)
     return exp, storage, published, hypermodel
 
 

@@ -164,7 +164,7 @@ def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
 
 def _as_written(doc: dict):
     """``doc`` completed into the result.json the chief writes, read as every reader reads it."""
-    from skin.artifacts import SearchResult
+    from skin.documents import SearchResult
 
     return SearchResult.from_json({
         "outcome": "completed", "reason": "", "tuner": "random", "best": None, "counts": {},

@@ -11,8 +11,8 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry
 
-from skin.artifacts import SearchResult
 from skin.config import parse_experiment
+from skin.documents import SearchResult
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
 from skin.metrics_chief import ChiefMetrics
 from skin.metrics_server import serve

@@ -15,6 +15,7 @@ import yaml
 
 from conftest import free_port
 from skin.config import load_experiment
+from skin.context import RoleContext
 from skin.tuning.journal import Journal, OracleStore
 
 
@@ -245,7 +246,7 @@ class _SpaceOnly:
 
 
 def _runtime(tmp_path, **kw):
-    from skin.config import Runtime
+    from skin.runtime import Runtime
 
     return Runtime(tuner_id="chief", oracle_port=free_port(), work_dir=tmp_path / "work", **kw)
 
@@ -255,16 +256,17 @@ def test_a_space_that_cannot_be_built_fails_the_search_for_everyone(tmp_path, bu
     from skin.tuning.results import read_outcome
 
     exp = _exp(tmp_path, bucket)
-    assert run_chief(exp, _runtime(tmp_path), storage, hypermodel=_SpaceOnly(True).model) == 4
+    assert run_chief(RoleContext.with_hypermodel(exp, _runtime(tmp_path), storage,
+                                            _SpaceOnly(True).model)) == 4
     result = load_result(storage, exp).to_json()
     assert result["outcome"] == "failed"
     assert "the search space cannot be built: ValueError: no model for you" in result["reason"]
     assert read_outcome(storage, exp)["outcome"] == "failed"
     # A worker (re)starting later learns it from the bucket and stops too, without a chief.
-    from skin.config import Runtime
+    from skin.runtime import Runtime
 
     worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0")
-    assert run_worker(exp, worker, storage, hypermodel=_SpaceOnly().model) == 4
+    assert run_worker(RoleContext.with_hypermodel(exp, worker, storage, _SpaceOnly().model)) == 4
 
 
 class _FakeJobs:
@@ -314,7 +316,8 @@ class _FakeJobs:
 @pytest.mark.parametrize("found, code", [(True, 0), (False, 2)])
 def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restarts(
         tmp_path, bucket, storage, monkeypatch, found, code):
-    from skin.artifacts import SearchResult, result_uri
+    from skin.artifacts import result_uri
+    from skin.documents import SearchResult
     from skin.tuning import run_chief
 
     exp = _exp(tmp_path, bucket)
@@ -326,24 +329,27 @@ def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restart
     runtime = _runtime(tmp_path, retrain_job="retrain", namespace="skin")
     # The search had ended (result.json) but the Job never started: a restarted chief only
     # does what is left, without serving or tuning anything.
-    assert run_chief(exp, runtime, storage, hypermodel=_SpaceOnly(True).model) == code
+    assert run_chief(RoleContext.with_hypermodel(exp, runtime, storage,
+                                                 _SpaceOnly(True).model)) == code
     assert api.patches == ([{"spec": {"suspend": False}}] if found else [])
     api.server.shutdown()
 
 
 def test_a_worker_waits_for_staged_data_a_bounded_time_then_exits_75(tmp_path, bucket, storage,
                                                                       caplog):
-    from skin.config import Runtime
+    from skin.runtime import Runtime
     from skin.tuning import run_worker
 
     exp = _exp(tmp_path, bucket)
     worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0", data_wait_seconds=1.5)
     t0 = time.monotonic()
-    with caplog.at_level("INFO", logger="skin.tuning"):
-        assert run_worker(exp, worker, storage, hypermodel=_SpaceOnly().model) == 75
+    with caplog.at_level("INFO", logger="skin"):  # the worker's wait is skin.data's
+        assert run_worker(RoleContext.with_hypermodel(exp, worker, storage,
+                                                      _SpaceOnly().model)) == 75
     assert time.monotonic() - t0 < 30
     assert f"waiting for staged data at {exp.data_uri}" in caplog.text
-    assert "no staged data at" in caplog.text and "SKIN_DATA_WAIT_SECONDS" in caplog.text
+    assert "tuner0: error: no staged data at" in caplog.text  # skin.errors.role_ended
+    assert "SKIN_DATA_WAIT_SECONDS" in caplog.text
 
 
 @pytest.mark.parametrize("tuner", ["hyperband", "bayesian", "random"])
@@ -455,7 +461,7 @@ def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, stora
 def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
     """A chief (in a thread) and a worker in this process, two executions per trial."""
     from skin.artifacts import EPOCH_STATE
-    from skin.config import Runtime
+    from skin.runtime import Runtime
     from skin.tuning import load_result, run_chief, run_worker
     from tuning_entry import TinyHyperModel
 
@@ -463,11 +469,12 @@ def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storag
     port = free_port()
     codes = {}
     chief = threading.Thread(target=lambda: codes.setdefault("chief", run_chief(
-        exp, Runtime(tuner_id="chief", oracle_port=port, work_dir=tmp_path / "c"), storage,
-        hypermodel=TinyHyperModel())))
+        RoleContext.with_hypermodel(
+            exp, Runtime(tuner_id="chief", oracle_port=port, work_dir=tmp_path / "c"), storage,
+            TinyHyperModel()))))
     chief.start()
     worker = Runtime(tuner_id="tuner0", oracle_port=port, work_dir=tmp_path / "w")
-    assert run_worker(exp, worker, storage, hypermodel=TinyHyperModel()) == 0
+    assert run_worker(RoleContext.with_hypermodel(exp, worker, storage, TinyHyperModel())) == 0
     chief.join(60)
     assert codes == {"chief": 0}
     result = load_result(storage, exp).to_json()

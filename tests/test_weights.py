@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import torch_format
+from skin import checkpoint as ckpt
 from skin import lite0
 from skin import weights as W
 from skin.cli import main
@@ -30,7 +31,7 @@ def checkpoint():
 
 @pytest.fixture(scope="module")
 def state(checkpoint):
-    return W.read_checkpoint(checkpoint)
+    return ckpt.read_checkpoint(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_zip_and_legacy_checkpoints_written_here_read_back_the_same(state, tmp_p
     torch_format.save_zip(arrays, tmp_path / "zip.pth")
     torch_format.save_legacy(arrays, tmp_path / "legacy.pth")
     for name in ("zip.pth", "legacy.pth"):
-        back = W.read_checkpoint(tmp_path / name)
+        back = ckpt.read_checkpoint(tmp_path / name)
         assert list(back) == list(arrays)
         for k, v in arrays.items():
             assert back[k].dtype == v.dtype and back[k].shape == v.shape, (name, k)
@@ -103,7 +104,7 @@ def test_zip_and_legacy_checkpoints_written_here_read_back_the_same(state, tmp_p
 def test_the_zip_format_of_the_whole_checkpoint_converts_like_the_legacy_one(
         state, classifier, tmp_path):
     torch_format.save_zip(dict(state), tmp_path / "lite0.pth")
-    net = W.convert(W.read_checkpoint(tmp_path / "lite0.pth"), BACKBONE, include_top=True)
+    net = W.convert(ckpt.read_checkpoint(tmp_path / "lite0.pth"), BACKBONE, include_top=True)
     for a, b in zip(net.get_weights(), classifier.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -116,7 +117,7 @@ def test_a_safetensors_file_converts_like_the_pytorch_checkpoint(state, classifi
 
     save_file({k: np.require(v, requirements="C") for k, v in state.items()},
               str(tmp_path / "lite0.safetensors"))
-    back = W.read_checkpoint(tmp_path / "lite0.safetensors")
+    back = ckpt.read_checkpoint(tmp_path / "lite0.safetensors")
     assert sorted(back) == sorted(state)
     for k, v in state.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
@@ -160,13 +161,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(fmt, tmp_p
             z.writestr("archive/data.pkl", payload)
     elif fmt == "legacy":
         with open(path, "wb") as f:
-            for head in (W.LEGACY_MAGIC, W.LEGACY_PROTOCOL, {"little_endian": True}):
+            for head in (ckpt.LEGACY_MAGIC, ckpt.LEGACY_PROTOCOL, {"little_endian": True}):
                 pickle.dump(head, f, protocol=2)
             f.write(payload)
     else:  # the payload where the magic number should be
         path.write_bytes(payload)
-    with pytest.raises(W.CheckpointError, match=r"refused the global (posix|os)\.system"):
-        W.read_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"refused the global (posix|os)\.system"):
+        ckpt.read_checkpoint(path)
     assert not marker.exists()
 
     code = main(["weights", "import", "--from", str(path), "--backbone", BACKBONE,
@@ -181,14 +182,14 @@ def test_other_globals_and_non_checkpoints_are_refused(tmp_path):
 
     path = tmp_path / "eval.pth"
     path.write_bytes(torch_format.malicious_state(eval, "1 + 1"))
-    with pytest.raises(W.CheckpointError, match=r"refused the global (__builtin__|builtins)\.eval"):
-        W.read_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"refused the global (__builtin__|builtins)\.eval"):
+        ckpt.read_checkpoint(path)
     path.write_bytes(pickle.dumps(collections.OrderedDict(a=1), protocol=2))
-    with pytest.raises(W.CheckpointError, match="magic number is missing"):
-        W.read_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match="magic number is missing"):
+        ckpt.read_checkpoint(path)
     path.write_bytes(b"\x00garbage")
-    with pytest.raises(W.CheckpointError, match="not a readable PyTorch checkpoint"):
-        W.read_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match="not a readable PyTorch checkpoint"):
+        ckpt.read_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------

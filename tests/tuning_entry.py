@@ -183,7 +183,9 @@ def main() -> int:
 
     from skin import metrics_server as metrics
     from skin import tuning
-    from skin.config import load_experiment, runtime_from_env
+    from skin.config import load_experiment
+    from skin.context import RoleContext
+    from skin.runtime import runtime_from_env
     from skin.storage import Storage
 
     runtime = runtime_from_env()
@@ -199,7 +201,7 @@ def main() -> int:
     if runtime.metrics_port:
         metrics.serve(registry, runtime.metrics_hosts[0], runtime.metrics_port)
     role = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
-    return role(exp, runtime, Storage(), metrics=hooks, hypermodel=hypermodel)
+    return role(RoleContext.with_hypermodel(exp, runtime, Storage(), hypermodel, metrics=hooks))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Distributed keras-tuner search that survives faults and scales: chief, workers, results.
 
-    run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> exit code
-    run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> exit code
+    run_chief(ctx: skin.context.RoleContext) -> exit code
+    run_worker(ctx: skin.context.RoleContext) -> exit code
     load_best(storage, exp) -> BestTrial # <root>/tuner/best_hyperparameters.json (skin.artifacts)
     load_result(storage, exp) -> SearchResult  # <root>/tuner/result.json (skin.artifacts)
 
@@ -24,20 +24,20 @@ import gc
 from skin.tuning.results import load_best, load_result
 
 
-def run_chief(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+def run_chief(ctx) -> int:
     """Serve the oracle until the search ends (see skin.tuning.chief)."""
     from skin.tuning.chief import run_chief as _run
 
-    code = _run(exp, runtime, storage, metrics=metrics, hypermodel=hypermodel)
+    code = _run(ctx)
     _about_to_exit()
     return code
 
 
-def run_worker(exp, runtime, storage, metrics=None, hypermodel=None) -> int:
+def run_worker(ctx) -> int:
     """Run the chief's trials until the search ends (see skin.tuning.worker)."""
     from skin.tuning.worker import run_worker as _run
 
-    code = _run(exp, runtime, storage, metrics=metrics, hypermodel=hypermodel)
+    code = _run(ctx)
     _about_to_exit()
     return code
 

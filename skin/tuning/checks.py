@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from skin.space import hyperparameters_from_values
 from skin.tuning.protocol import Refused
 
 # Metrics bounded to [0, 1] (a name contains one of these); losses are >= 0.
@@ -141,10 +142,7 @@ def check_values(space, values: Mapping[str, Any], fixed: Mapping[str, Any]) -> 
             raise ValueError(f"{name}: {value!r} is not valid; the search space has no "
                              f"hyperparameter {name!r}")
     # Which hyperparameters are active follows from the values themselves (conditions).
-    from keras_tuner.src.engine import hyperparameters as hp_module
-
-    probe = hp_module.HyperParameters()
-    probe.values.update(values)
+    probe = hyperparameters_from_values(values)
     for name, hps in known.items():
         active = [hp for hp in hps if probe._conditions_are_active(hp.conditions)]
         if not active:

@@ -33,21 +33,18 @@ import gc
 import logging
 import tempfile
 import time
-from pathlib import Path
 
-from skin.artifacts import SearchResult, best_uri, lock_uri, oracle_uri, result_uri
+from skin.artifacts import best_uri, lock_uri, oracle_uri, result_uri
+from skin.documents import SearchResult
 from skin.errors import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_RELEASED,
-    EXIT_RETRYABLE,
     EXIT_SEARCH_FAILED,
     ConfigError,
     FencedError,
     RetryableError,
     SearchFailedError,
     SkinError,
-    exit_code_for,
+    exits,
 )
 from skin.tuning import auth
 from skin.tuning.hooks import ChiefHooks, Listener
@@ -168,49 +165,39 @@ def start_retrain(runtime) -> int:
     """
     if not runtime.retrain_job:
         return EXIT_OK
-    try:
-        from skin import kube
+    from skin import kube
 
+    try:
         kube.unsuspend_job(runtime.namespace, runtime.retrain_job)
-    except Exception as e:  # noqa: BLE001 - every failure is logged and typed
-        code = exit_code_for(e) if isinstance(e, SkinError) else EXIT_RETRYABLE
-        log.error("could not start the retrain Job %s/%s: %s (exit %d; the search result "
-                  "stays in the bucket)", runtime.namespace, runtime.retrain_job, e, code)
-        return code
+    except Exception as e:  # typed here, its exit code decided where the chief ends
+        log.error("could not start the retrain Job %s/%s: %s (the search result stays in the "
+                  "bucket)", runtime.namespace, runtime.retrain_job, e)
+        if isinstance(e, SkinError):
+            raise
+        raise RetryableError(f"retrain Job {runtime.namespace}/{runtime.retrain_job}: "
+                             f"{type(e).__name__}: {e}") from e
     log.info("started the retrain Job %s/%s", runtime.namespace, runtime.retrain_job)
     return EXIT_OK
 
 
-def run_chief(exp, runtime, storage, metrics: ChiefHooks | None = None, hypermodel=None) -> int:
+@exits("chief")
+def run_chief(ctx) -> int:
     """Serve the oracle until the search ends; the process exit code (skin.errors).
     ``metrics``: None is the no-op hooks.
 
     SIGTERM (preemption, drain, a new chief pod) stops serving at the next tick; the
     journal is flushed and the chief exits EXIT_RELEASED; the next chief resumes.
     """
-    from skin.tuning.preempt import Preempted, Preemption
+    from skin.tuning.preempt import Preemption
 
-    metrics = metrics if metrics is not None else ChiefHooks()
+    metrics = ctx.metrics if ctx.metrics is not None else ChiefHooks()
     preemption = Preemption("chief")
-    try:
-        with preemption, preemption.deferred():
-            return _run_chief(exp, runtime, storage, metrics, hypermodel, preemption)
-    except Preempted:
-        log.warning("chief stopped on SIGTERM with its state saved (exit %d); the next chief "
-                    "resumes", EXIT_RELEASED)
-        return EXIT_RELEASED
-    except KeyboardInterrupt:
-        log.warning("chief interrupted")
-        return EXIT_INTERRUPTED
-    except SkinError as e:
-        log.error("chief: %s (exit %d)", e, exit_code_for(e))
-        return exit_code_for(e)
-    except Exception as e:  # the role's last word: logged, typed exit code
-        log.exception("chief failed unexpectedly")
-        return exit_code_for(e)
+    with preemption, preemption.deferred():
+        return _run_chief(ctx.exp, ctx.runtime, ctx.storage, metrics, ctx.hypermodel,
+                          preemption)
 
 
-def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:
+def _run_chief(exp, runtime, storage, metrics, make_hypermodel, preemption=None) -> int:
     if runtime.role != "chief":
         raise ConfigError(f"KERASTUNER_TUNER_ID: {runtime.tuner_id!r} is not valid for the chief; "
                           "expected 'chief'")
@@ -227,7 +214,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
     metrics.chief_lock(False)
     lock.acquire(wait=should_wait(exp.chief.on_lock_held)).start()
     try:
-        return _serve(exp, runtime, storage, metrics, hypermodel, lock, servers, preemption)
+        return _serve(exp, runtime, storage, metrics, make_hypermodel, lock, servers, preemption)
     except RetryableError as e:
         if lock.lost.is_set():  # the journal stopped on the lost lock: say why
             raise FencedError(f"this chief lost its lock ({lock.reason}); it stopped "
@@ -237,7 +224,7 @@ def _run_chief(exp, runtime, storage, metrics, hypermodel, preemption=None) -> i
         lock.release()
 
 
-def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers: list,
+def _serve(exp, runtime, storage, metrics, make_hypermodel, lock: ChiefLock, servers: list,
            preemption=None) -> int:
     from skin.tuning.fingerprint import fingerprint_matches
     from skin.tuning.oracle import make_oracle
@@ -249,8 +236,7 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
         log.info("the search of %s already ended (%s; %s): nothing to tune. A new search needs "
                  "a new experiment name.", exp.name, outcome["outcome"], result_uri(exp))
         if outcome["outcome"] == "failed":
-            log.error("search failed: %s", outcome["reason"])
-            return EXIT_SEARCH_FAILED
+            raise SearchFailedError(f"the search failed: {outcome['reason']}")
         return start_retrain(runtime)
 
     port = runtime.oracle_port or exp.chief.oracle_port
@@ -274,13 +260,8 @@ def _serve(exp, runtime, storage, metrics, hypermodel, lock: ChiefLock, servers:
         log.info("resuming the search from %s: %d trials %s, %d journal batches replayed",
                  store.prefix, len(oracle.trials), counts or "", loaded.batches)
     else:
-        if hypermodel is None:
-            from skin.model import SkinHyperModel
-
-            hypermodel = SkinHyperModel(exp, storage=storage,
-                                         cache_dir=Path(runtime.work_dir) / "backbone")
         try:
-            populate_space(oracle, hypermodel)
+            populate_space(oracle, make_hypermodel())
         except Exception as e:  # nothing can run: end the search, tell the workers
             reason = f"the search space cannot be built: {type(e).__name__}: {e}"
             log.exception("search failed: %s", reason)

@@ -238,8 +238,3 @@ class Confirmation:
                             f"by {margin:.4f} ± {se:.4f} (mean of {chosen['n']} and "
                             f"{second['n']} trainings{on}): {verdict}")
         return out
-
-    def pick(self, oracle):
-        """The chosen candidate's original trial (its hyperparameters and epochs), or None."""
-        s = self.summary(oracle)
-        return oracle.trials[s["chosen"]] if s else None

@@ -49,6 +49,8 @@ class Preempted(BaseException):
     """SIGTERM: leave the role now (exit EXIT_RELEASED). A BaseException, like
     KeyboardInterrupt, so no ``except Exception`` on the way swallows it."""
 
+    exit_code = EXIT_RELEASED
+
 
 class Preemption:
     """The SIGTERM handler of one role process (see the module docstring)."""
@@ -57,7 +59,6 @@ class Preemption:
         self.role = role
         self.deadline_s = deadline_s
         self.requested = threading.Event()
-        self.signalled_at: float | None = None
         self.on_deadline: Callable[[], None] | None = None
         self._depth = 0
         self._previous = None
@@ -88,7 +89,6 @@ class Preemption:
     def _on_signal(self, signum, _frame) -> None:
         first = not self.requested.is_set()
         if first:
-            self.signalled_at = time.monotonic()
             self.requested.set()
             log.warning("%s: %s received (preemption, drain or deletion): stopping at the next "
                         "safe point (exit %d)", self.role or "role", signal.Signals(signum).name,
@@ -98,12 +98,6 @@ class Preemption:
                                  name="preemption-deadline").start()
         if self._depth == 0:
             raise Preempted(signal.Signals(signum).name)
-
-    def trigger(self) -> None:
-        """Ask for a stop as SIGTERM would, without raising (tests, or a supervisor thread)."""
-        if not self.requested.is_set():
-            self.signalled_at = time.monotonic()
-            self.requested.set()
 
     def _deadline(self) -> None:
         time.sleep(self.deadline_s)

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from pathlib import Path
 
-from skin.artifacts import manifest_uri
+from skin import data as skin_data
 from skin.errors import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_RELEASED,
-    EXIT_SEARCH_FAILED,
     ConfigError,
-    RetryableError,
-    SkinError,
-    exit_code_for,
+    SearchFailedError,
+    exits,
 )
+from skin.tuning.client import ChiefClient, SearchOver
 from skin.tuning.hooks import WorkerHooks
+from skin.tuning.preempt import Preemption
 from skin.tuning.results import read_outcome
+from skin.tuning.watchdog import Watchdog
 
 log = logging.getLogger("skin.tuning")
 
@@ -41,29 +39,10 @@ def chief_patience(exp) -> float:
     return max(MIN_CHIEF_PATIENCE_S, 2 * exp.search.lease_seconds)
 
 
-def wait_for_data(storage, exp, seconds: float) -> None:
-    """Block until the staged manifest exists (bounded); RetryableError when it does not."""
-    manifest = manifest_uri(exp)
-    deadline = time.monotonic() + seconds
-    delay, said = 1.0, False
-    while not storage.exists(manifest):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RetryableError(f"no staged data at {exp.data_uri} after waiting {seconds:.0f} s "
-                                 "(SKIN_DATA_WAIT_SECONDS); is the stage job done?")
-        if not said:
-            log.info("waiting for staged data at %s (up to %.0f s; the stage job writes "
-                     "manifest.json last)", exp.data_uri, seconds)
-            said = True
-        time.sleep(min(delay * (1 + 0.2 * random.random()), left))
-        delay = min(delay * 2, 15.0)
-
-
 def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     """Copy the staged data to local disk once; (local dir, training images per epoch)."""
-    from skin import data as skin_data
-
-    wait_for_data(storage, exp, runtime.data_wait_seconds)
+    skin_data.wait_for_manifest(storage, exp.data_uri, runtime.data_wait_seconds,
+                                setting="SKIN_DATA_WAIT_SECONDS")
     local = Path(runtime.work_dir) / "data"
     t0 = time.monotonic()
     path = Path(skin_data.sync_data(
@@ -79,40 +58,19 @@ def sync(storage, exp, runtime, metrics) -> tuple[Path, int]:
     return path, images
 
 
-def run_worker(exp, runtime, storage, metrics: WorkerHooks | None = None,
-               hypermodel=None) -> int:
-    """Run trials for the chief until the search ends; the process exit code. ``metrics``:
-    None is the no-op hooks."""
-    metrics = metrics if metrics is not None else WorkerHooks()
-    from skin.tuning.preempt import Preempted, Preemption
-
-    preemption = Preemption(runtime.tuner_id)
-    try:
-        with preemption:
-            return _run_worker(exp, runtime, storage, metrics, hypermodel, preemption)
-    except Preempted:
-        log.warning("%s stopped on SIGTERM; no trial left behind (exit %d)", runtime.tuner_id,
-                    EXIT_RELEASED)
-        return EXIT_RELEASED
-    except KeyboardInterrupt:
-        log.warning("%s interrupted", runtime.tuner_id)
-        return EXIT_INTERRUPTED
-    except SkinError as e:
-        code = exit_code_for(e)
-        (log.error if code == EXIT_SEARCH_FAILED else log.warning)(
-            "%s: %s (exit %d)", runtime.tuner_id, e, code)
-        return code
-    except Exception as e:  # the role's last word: logged, typed exit code
-        log.exception("%s failed unexpectedly", runtime.tuner_id)
-        return exit_code_for(e)
+@exits(lambda ctx: ctx.runtime.tuner_id)
+def run_worker(ctx) -> int:
+    """Run trials for the chief until the search ends; the process exit code."""
+    metrics = ctx.metrics if ctx.metrics is not None else WorkerHooks()
+    preemption = Preemption(ctx.runtime.tuner_id)
+    with preemption:
+        return _run_worker(ctx.exp, ctx.runtime, ctx.storage, metrics, ctx.hypermodel,
+                           preemption)
 
 
-def _run_worker(exp, runtime, storage, metrics, hypermodel, preemption=None) -> int:
-    from skin.errors import SearchFailedError
-    from skin.tuning.client import ChiefClient, SearchOver
-    from skin.tuning.oracle import make_oracle
-    from skin.tuning.tuner import WorkerTuner
-    from skin.tuning.watchdog import Watchdog
+def _run_worker(exp, runtime, storage, metrics, make_hypermodel, preemption=None) -> int:
+    from skin.tuning.oracle import make_oracle  # keras-tuner and TensorFlow: loaded here,
+    from skin.tuning.tuner import WorkerTuner  # once the worker knows it has work to do
 
     worker = runtime.tuner_id
     if runtime.role != "worker":
@@ -128,11 +86,7 @@ def _run_worker(exp, runtime, storage, metrics, hypermodel, preemption=None) -> 
             raise SearchFailedError(f"the search failed: {outcome['reason']}")
         log.info("%s: the search of %s already finished; nothing to do", worker, exp.name)
         return EXIT_OK
-    if hypermodel is None:
-        from skin.model import SkinHyperModel
-
-        hypermodel = SkinHyperModel(exp, storage=storage,
-                                     cache_dir=Path(runtime.work_dir) / "backbone")
+    hypermodel = make_hypermodel()
     fit_kwargs: dict = {}
     images = 0
     if getattr(hypermodel, "uses_data", True):

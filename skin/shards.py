@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from skin import artifacts
+from skin import documents
 from skin.config import Experiment
 from skin.data import manifest_digest
 from skin.errors import DataError
@@ -91,7 +91,7 @@ def build_manifest(usable: list, splits: list[str], files: dict[str, dict[str, A
             entry["source_sha256"] = it.sha256
         images.append(entry)
     manifest = {
-        "version": artifacts.MANIFEST_VERSION,
+        "version": documents.MANIFEST_VERSION,
         "source_fingerprint": report.fingerprint,
         "source": report.source,
         "test_source": report.test_source,

@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def one_run(tmp: Path, emulator, args, *, faults: bool) -> dict:
     from churn import drive, epochs_begun
-    from skin.storage import Storage
+    from skin.infra.storage import Storage
     from skin.tuning import load_result
     from test_tuning import Search
 
@@ -92,7 +92,7 @@ def main() -> int:
         parser.error("the tests' harness (tests/test_tuning.py, tests/churn.py) is not "
                      "importable: run from the repository root with PYTHONPATH=tests "
                      "(make bench-churn does)")
-    from skin.emulator import Emulator
+    from skin.infra.emulator import Emulator
 
     with Emulator() as emulator, tempfile.TemporaryDirectory(prefix="bench-churn-") as tmp:
         os.environ.update(emulator.environ())

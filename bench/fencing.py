@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.fencing [--writes 300] [--size 2048]
 
-Starts fake-gcs-server (skin.emulator, memory backend) in this process and
+Starts fake-gcs-server (skin.infra.emulator, memory backend) in this process and
 writes ``--writes`` objects of ``--size`` bytes to a ring of 64 slots (as the
 journal does) three ways: unconditional ``Storage.write_bytes``, with
 ``if_generation_match`` (the generation last written), and through
@@ -25,8 +25,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
 
-    from skin.emulator import Emulator
-    from skin.storage import Storage
+    from skin.infra.emulator import Emulator
+    from skin.infra.storage import Storage
     from skin.tuning.lock import ChiefLock, Fence
 
     data = os.urandom(args.size)

@@ -1,8 +1,8 @@
 """GPU measurement on a lent device machine: a worker's training images/s at 224 px,
 and pretrained EfficientNet-Lite0 fine-tuning epochs (BENCHMARKS.md, "GPU").
 
-Runs the product's own model code (``skin.model.build_model``, ``skin.model.WarmupCosine``,
-``skin.backbone``) under Keras 3. The device machines this project is lent cannot install
+Runs the product's own model code (``skin.model.hypermodel.build_model``, ``skin.model.hypermodel.WarmupCosine``,
+``skin.model.backbone``) under Keras 3. The device machines this project is lent cannot install
 TensorFlow (no network there; the wheel is over the 64 MiB a call may carry), so this runs
 Keras on the JAX backend (``KERAS_BACKEND=jax``, the machine's CUDA JAX) with the images in
 memory instead of the worker's tf.data pipeline over staged shards; the network, the
@@ -65,7 +65,7 @@ class EpochTimes:
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
-    from skin.scoring import roc_auc
+    from skin.serving.scoring import roc_auc
 
     return float(roc_auc(y, p))
 
@@ -74,7 +74,7 @@ def train(name: str, values: dict, parts, *, epochs: int, backbone=None, image_s
           seed: int = 0) -> dict:
     import keras
 
-    from skin import model as M
+    from skin.model import hypermodel as M
 
     keras.utils.set_random_seed(seed)
     x, y = parts["train"]
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
 
     import keras
 
-    from skin.config import load_experiment
-    from skin.model import default_values
+    from skin.infra.config import load_experiment
+    from skin.model.hypermodel import default_values
 
     report: dict = {"backend": keras.backend.backend(), "keras": keras.__version__,
                     "python": platform.python_version()}
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(report, indent=1))
 
     if args.lite0_weights:
-        from skin import backbone as B
+        from skin.model import backbone as B
 
         bb = B.fetch_weights("efficientnet_lite0", args.lite0_weights, True)
         values = default_values(dict(exp.search.fixed), "efficientnet_lite0", pretrained=True)

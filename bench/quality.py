@@ -18,10 +18,10 @@
    20 minutes after the run started, its checkpoint scored on the test split
    at a threshold chosen on validation.
 4. Images per second of the best configuration, in one process: the staged
-   tf.data pipeline (``skin.data.dataset``, what workers and retrain use)
+   tf.data pipeline (``skin.data.dataset.dataset``, what workers and retrain use)
    against the same images already in memory.
 5. Split seeds: the best configuration retrained (the retrain's own code:
-   ``skin.training.train``, early-stopped on validation, threshold on
+   ``skin.publishing.training.train``, early-stopped on validation, threshold on
    validation) on ``--split-seeds`` more grouped splits of the data, each
    scored on its own held-out test part, so a lucky split is visible. The
    search itself ran once, on the experiment's split.
@@ -83,8 +83,8 @@ def machine() -> dict:
 def import_backbone_weights(exp, storage, out: Path) -> dict | None:
     """Step 0: ``skin weights import`` of the packaged checkpoint into backbone.weights, when
     the experiment wants a converted checkpoint and the bucket does not have it yet."""
-    from skin import storage as st
-    from skin import weights as W
+    from skin.infra import storage as st
+    from skin.model import weights as W
 
     b = exp.backbone
     if b.name not in W.BACKBONES or not st.is_gcs(b.weights.strip()):
@@ -129,15 +129,15 @@ def _values(best: dict) -> dict:
 
 
 def _hp(values: dict):
-    from skin.space import hyperparameters_from_values
+    from skin.model.space import hyperparameters_from_values
 
     return hyperparameters_from_values(values)
 
 
 def score_model(model, data_dir: Path, size: int, target: float) -> dict:
     """Threshold on validation, figures on test (the retrain's own functions)."""
-    from skin.scoring import choose_threshold, classification_metrics
-    from skin.training import split_predictions
+    from skin.publishing.training import split_predictions
+    from skin.serving.scoring import choose_threshold, classification_metrics
 
     vy, vp = split_predictions(model, data_dir, "validation", size)
     ty, tp = split_predictions(model, data_dir, "test", size)
@@ -148,8 +148,8 @@ def score_model(model, data_dir: Path, size: int, target: float) -> dict:
 
 def early_model(exp, storage, result: dict, started_at: float, data_dir: Path) -> dict | None:
     """The best trial finished EARLY_MINUTES after the start, scored on test."""
-    from skin import artifacts
-    from skin.model import SkinHyperModel
+    from skin.infra import artifacts
+    from skin.model.hypermodel import SkinHyperModel
 
     deadline = started_at + EARLY_MINUTES * 60
     done = []
@@ -207,7 +207,7 @@ def EpochClock():
 def images_per_second(exp, best: dict, data_dir: Path, rounds: int = 4) -> dict:
     """The best configuration trained from the staged pipeline and from memory, one process.
 
-    Two models, one fed by ``skin.data.dataset`` (what workers and retrain use),
+    Two models, one fed by ``skin.data.dataset.dataset`` (what workers and retrain use),
     one by the same images as arrays in memory; their epochs alternate, so both
     see the same machine load. Round 1 of the pipeline decodes the JPEGs and
     fills its cache; the figures are the medians of the later rounds.
@@ -215,8 +215,8 @@ def images_per_second(exp, best: dict, data_dir: Path, rounds: int = 4) -> dict:
     import keras
     import tensorflow as tf
 
-    from skin import data as skin_data
-    from skin.model import SkinHyperModel, fit_datasets
+    from skin.data import dataset as skin_data
+    from skin.model.hypermodel import SkinHyperModel, fit_datasets
 
     hm = SkinHyperModel(exp)
     hp = _hp(_values(best))
@@ -258,11 +258,11 @@ def split_seed_run(exp, storage, best: dict, seed: int, work: Path,
     """Stage the data with another split seed, retrain what the retrain publishes (the best
     configuration, or the top ``retrain.ensemble`` of the search, with ``retrain.tta``) the
     way it does, and score on that split's test part."""
-    from skin import data as skin_data
-    from skin.inference import inference_model
-    from skin.model import SkinHyperModel
-    from skin.stage import stage
-    from skin.training import members_to_retrain, train
+    from skin.data import dataset as skin_data
+    from skin.model.hypermodel import SkinHyperModel
+    from skin.model.inference import inference_model
+    from skin.publishing.training import members_to_retrain, train
+    from skin.staging.stage import stage
 
     exp_s = dataclasses.replace(exp, name=f"{exp.name}-split{seed}",
                                 data=dataclasses.replace(exp.data, seed=seed))
@@ -373,10 +373,10 @@ def main(argv=None) -> int:
         print(f"no images at {data} (expected benign/ and malignant/)", file=sys.stderr)
         return 2
 
-    from skin import documents
-    from skin.config import ENV_OVERRIDES, load_experiment
-    from skin.emulator import Emulator
-    from skin.storage import Storage
+    from skin.infra import documents
+    from skin.infra.config import ENV_OVERRIDES, load_experiment
+    from skin.infra.emulator import Emulator
+    from skin.infra.storage import Storage
 
     # SKIN_* overrides (e.g. SKIN_BACKBONE) reach `skin run` through the environment, so
     # the split-seed retrains here read them too, and the report names them.
@@ -435,7 +435,7 @@ def main(argv=None) -> int:
         with open(out / "bench-quality.json", "w") as f:
             json.dump(report, f, indent=2, default=str)
 
-        from skin import data as skin_data
+        from skin.data import dataset as skin_data
 
         work = out / "bench-work"
         data_dir = Path(skin_data.sync_data(storage, exp.data_uri, work / "data"))

@@ -38,10 +38,10 @@ def main(argv=None) -> int:
 
     from bench.quality import DEFAULT_DATA, machine, split_seed_run
     from bench.quality_explore import apply_sets
-    from skin.config import load_experiment
-    from skin.emulator import Emulator
-    from skin.model import default_values
-    from skin.storage import Storage
+    from skin.infra.config import load_experiment
+    from skin.infra.emulator import Emulator
+    from skin.infra.storage import Storage
+    from skin.model.hypermodel import default_values
 
     exp = load_experiment(args.config, env={})
     exp = dataclasses.replace(exp, data=dataclasses.replace(exp.data, source=str(DEFAULT_DATA)))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from skin.images import file_number
+from skin.data.images import file_number
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "skin-cancer-isic" / "train"
 CACHE = Path(os.environ.get("SKIN_BENCH_CACHE", "/tmp/skin-quality-cache"))
@@ -58,14 +58,14 @@ def split(paths: list[Path], labels: np.ndarray, seed: int) -> np.ndarray:
 
     The functions ``skin stage`` runs, with the default experiment's ``data`` settings
     (``validation_fraction``, ``test_fraction``, ``near_duplicate_correlation``) and
-    ``seed`` as ``data.seed``: thumbnails from :func:`skin.images.prepare_image`, groups
-    from :func:`skin.grouping.near_duplicate_groups`, whole groups to a split with
-    :func:`skin.grouping.split_images`. (Stage also drops exact duplicates and unusable
+    ``seed`` as ``data.seed``: thumbnails from :func:`skin.data.images.prepare_image`, groups
+    from :func:`skin.data.grouping.near_duplicate_groups`, whole groups to a split with
+    :func:`skin.data.grouping.split_images`. (Stage also drops exact duplicates and unusable
     files first and lists files in path order, so its split of the same folder can differ
     in a few groups.) The thumbnails are cached beside the images.
     """
-    from skin.config import DEFAULT_EXPERIMENT_FILE, load_experiment
-    from skin.grouping import SPLITS, near_duplicate_groups, split_images
+    from skin.data.grouping import SPLITS, near_duplicate_groups, split_images
+    from skin.infra.config import DEFAULT_EXPERIMENT_FILE, load_experiment
 
     d = load_experiment(DEFAULT_EXPERIMENT_FILE, env={}).data
     thumbs = _thumbs(paths)
@@ -80,7 +80,7 @@ def split(paths: list[Path], labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _thumbs(paths: list[Path]) -> np.ndarray:
-    from skin.images import prepare_image
+    from skin.data.images import prepare_image
 
     key = hashlib.sha1("|".join(str(p) for p in paths).encode()).hexdigest()[:10]
     cache = CACHE / f"thumbs-{key}.npy"

@@ -4,10 +4,10 @@
         --set blocks=4 filters=32 --seeds 0 [--split-seed 0] [--threads 1]
 
 Images come from bench/quality_data.py (in memory, reduced size, the product's grouped
-split: train / validation / test = 70 / 15 / 15). The model is skin.model.build_model and
-training is skin.model.fit_datasets: the same code the pipeline runs. The threshold
-is chosen on validation (``skin.scoring.choose_threshold``: highest with malignant
-sensitivity >= --target); test figures are reported at it (``skin.scoring``). Prints one
+split: train / validation / test = 70 / 15 / 15). The model is skin.model.hypermodel.build_model and
+training is skin.model.hypermodel.fit_datasets: the same code the pipeline runs. The threshold
+is chosen on validation (``skin.serving.scoring.choose_threshold``: highest with malignant
+sensitivity >= --target); test figures are reported at it (``skin.serving.scoring``). Prints one
 JSON line per run (and appends it to --log, default /tmp/skin-quality-explore.jsonl).
 """
 
@@ -25,12 +25,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import yaml
 
-from skin.scoring import choose_threshold, classification_metrics, roc_auc, roc_curve
+from skin.serving.scoring import choose_threshold, classification_metrics, roc_auc, roc_curve
 
 
 def scores(y, p, thr):
     """Accuracy, sensitivity, specificity and confusion matrix at ``thr`` (the product's
-    :func:`skin.scoring.classification_metrics`), rounded for the log."""
+    :func:`skin.serving.scoring.classification_metrics`), rounded for the log."""
     m = classification_metrics(y, p, thr, extended=False)
     return dict(acc=_round(m["accuracy"]), sens=_round(m["sensitivity"]),
                 spec=_round(m["specificity"]), cm=m["confusion_matrix"])
@@ -156,18 +156,18 @@ def apply_sets(values: dict, sets: list[str]) -> dict:
 
 def configured_values(sets: list[str], backbone: str = "none") -> dict:
     """The hypermodel's default values with ``name=value`` items applied over them."""
-    from skin.model import default_values
+    from skin.model.hypermodel import default_values
 
     return apply_sets(default_values({}, backbone), sets)
 
 
 def geometric_augmentation(zoom: float, colour: bool):
-    """A replacement for skin.model.augmentation_layers (exploration only): flips and rotation
+    """A replacement for skin.model.hypermodel.augmentation_layers (exploration only): flips and rotation
     as always, zoom in/out by up to ``zoom``, and the colour layers of ``strength`` only when
     ``colour`` (else none), to tell scale jitter and colour jitter apart."""
     import keras
 
-    from skin import model as M
+    from skin.model import hypermodel as M
 
     stock = M.augmentation_layers
 
@@ -268,7 +268,7 @@ def main(argv=None):
     ap.add_argument("--epoch-eval", action="store_true",
                     help="record validation and test ROC AUC after every epoch")
     ap.add_argument("--backbone", default="none",
-                    help="a skin.backbone name, randomly initialised, in place of the CNN body")
+                    help="a skin.model.backbone name, randomly initialised, in place of the CNN body")
     ap.add_argument("--backbone-weights", default="",
                     help="backbone.weights for --backbone: a local file or gs:// URI (e.g. a "
                          "`skin weights import` output); pretrained, batch norm frozen")
@@ -287,7 +287,7 @@ def main(argv=None):
     import keras
 
     from bench import quality_data
-    from skin import model as M
+    from skin.model import hypermodel as M
 
     if args.bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -295,7 +295,7 @@ def main(argv=None):
     values = configured_values(args.set, args.backbone)
     backbone = None
     if args.backbone != "none":
-        from skin.backbone import fetch_weights
+        from skin.model.backbone import fetch_weights
 
         backbone = fetch_weights(args.backbone, args.backbone_weights, not args.frozen)
     if args.zoom is not None:

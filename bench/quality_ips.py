@@ -33,10 +33,10 @@ def main(argv=None) -> int:
 
     import skin
     from bench import quality
-    from skin import data as skin_data
-    from skin.config import load_experiment
-    from skin.emulator import Emulator
-    from skin.storage import Storage, join
+    from skin.data import dataset as skin_data
+    from skin.infra.config import load_experiment
+    from skin.infra.emulator import Emulator
+    from skin.infra.storage import Storage, join
 
     tree = Path(skin.__file__).resolve().parents[1]
     exp = load_experiment(out / "experiment.yaml", env={})

@@ -4,8 +4,8 @@
 
 Reads what a `make bench-quality OUT=dir` run left in ``dir/bucket`` (staged data,
 ``tuner/result.json``, each trial's best checkpoint), with no training: the top
-``--top`` completed trials with distinct hyperparameters (``skin.training.top_trials``)
-are loaded from their checkpoints and combined with ``skin.inference.inference_model``,
+``--top`` completed trials with distinct hyperparameters (``skin.publishing.training.top_trials``)
+are loaded from their checkpoints and combined with ``skin.model.inference.inference_model``,
 the function the retrain publishes with. For k = 1..top members, with and without
 the 8-view TTA, the threshold is chosen on validation (``retrain.target_sensitivity``)
 and the figures are reported on the held-out test split; the run's published model
@@ -33,21 +33,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
 
-    from skin.config import load_experiment
-    from skin.emulator import Emulator
-    from skin.inference import inference_model
-    from skin.model import SkinHyperModel
-    from skin.scoring import choose_threshold, classification_metrics
-    from skin.space import hyperparameters_from_values
-    from skin.storage import Storage, join
-    from skin.training import split_predictions, top_trials
+    from skin.infra.config import load_experiment
+    from skin.infra.emulator import Emulator
+    from skin.infra.storage import Storage, join
+    from skin.model.hypermodel import SkinHyperModel
+    from skin.model.inference import inference_model
+    from skin.model.space import hyperparameters_from_values
+    from skin.publishing.training import split_predictions, top_trials
+    from skin.serving.scoring import choose_threshold, classification_metrics
     from skin.tuning.checkpoints import checkpoint_uri
 
     exp = load_experiment(out / "experiment.yaml", env={})
     with Emulator(bucket=exp.storage.bucket, data_dir=str(out / "bucket")) as emu:
         os.environ.update(emu.environ())
         storage = Storage()
-        from skin import data as skin_data
+        from skin.data import dataset as skin_data
 
         data_dir = Path(skin_data.sync_data(storage, exp.data_uri, out / "bench-work" / "data"))
         result = storage.read_json(join(exp.tuner_uri, "result.json"))
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                               "test_auc": test["roc_auc"], "test_acc": test["accuracy"],
                               "test_sens": test["sensitivity"]}), flush=True)
     # The run's published model (its 60-epoch retrain), as published and with the 8-view TTA.
-    from skin.serving import load_published
+    from skin.serving.contract import load_published
 
     published, _ = load_published(out / "model")
     for tta in (False, True):

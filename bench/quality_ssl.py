@@ -3,11 +3,11 @@
     taskset -c 1 .venv/bin/python -m bench.quality_ssl --size 64 --pretrain-epochs 100 \
         --epochs 60 --set stem=2 filters=16 augment=0.25 --seeds 0 --tta 2 --tag ssl
 
-The encoder of ``skin.model.build_model`` (everything up to the global pooling) is
+The encoder of ``skin.model.hypermodel.build_model`` (everything up to the global pooling) is
 pretrained with the NT-Xent contrastive loss (Chen et al. 2020) on two strongly
 augmented views of each *training* image, labels unused (validation and test images
 are not seen); a projection head (128 -> 64) is discarded afterwards. The encoder's
-weights then start the usual supervised training (``skin.model.fit_datasets``), and
+weights then start the usual supervised training (``skin.model.hypermodel.fit_datasets``), and
 the model is scored like bench/quality_explore.py (same split, threshold on
 validation, 8-view TTA), one JSON line per seed appended to --log. Not in the product.
 """
@@ -51,8 +51,8 @@ def main(argv=None):
     import keras
 
     from bench.quality_explore import configured_values, predict_tta, split_data, summary
-    from skin import model as M
-    from skin.scoring import choose_threshold
+    from skin.model import hypermodel as M
+    from skin.serving.scoring import choose_threshold
 
     xs, ys, _ = split_data(args.size, args.split_seed)
     values = configured_values(args.set)

@@ -87,10 +87,10 @@ def base_env(**extra) -> dict:
 
 
 class Emulator:
-    """The storage emulator as its own process (``python -m skin.emulator``)."""
+    """The storage emulator as its own process (``python -m skin.infra.emulator``)."""
 
     def __init__(self, log: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "skin.emulator", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "skin.infra.emulator", "--port", "0",
                                       "--bucket", BUCKET], stdout=subprocess.PIPE,
                                      stderr=open(log, "w"), env=base_env(), text=True)
         self.endpoint = self.proc.stdout.readline().strip()
@@ -142,7 +142,7 @@ def pct(values: list[float], q: float) -> float:
 # capacity: the server processes
 
 def _bench_experiment(name: str, trials: int, port: int):
-    from skin.config import parse_experiment
+    from skin.infra.config import parse_experiment
 
     return parse_experiment({
         "apiVersion": "skin/v1", "kind": "Experiment", "name": name,
@@ -156,7 +156,7 @@ def _bench_experiment(name: str, trials: int, port: int):
 def _disk_storage(root: str):
     """A Storage whose ``gs://`` URIs land in a local folder (``ours-disk``: the chief's own
     cost without the emulator's; Storage's local paths write atomically with fsync)."""
-    from skin.storage import Storage
+    from skin.infra.storage import Storage
 
     class DiskStorage(Storage):
         def _map(self, uri):
@@ -192,8 +192,8 @@ def serve_ours(args) -> int:
     import keras_tuner
 
     from skin.context import RoleContext
-    from skin.runtime import Runtime
-    from skin.storage import Storage
+    from skin.infra.runtime import Runtime
+    from skin.infra.storage import Storage
     from skin.tuning import run_chief
 
     class Space(keras_tuner.HyperModel):
@@ -477,8 +477,8 @@ def run_scaling(args, work: Path) -> list[dict]:
             wall = time.monotonic() - t0
             busy = machine_busy_s() - busy0
             ours = children_cpu_s() - ours0 + cpu_seconds(emulator.proc.pid) - emu0
-            from skin.config import load_experiment
-            from skin.storage import Storage
+            from skin.infra.config import load_experiment
+            from skin.infra.storage import Storage
             from skin.tuning import load_result
 
             os.environ["STORAGE_EMULATOR_HOST"] = emulator.endpoint

@@ -87,7 +87,7 @@ def true_means(doc: dict) -> dict[str, float]:
 
 def experiment(strategy: str, doc: dict, seed: int, *, max_trials: int, factor: int,
                start_epoch: int, min_trials: int, top: int, seeds: int):
-    from skin.config import parse_experiment
+    from skin.infra.config import parse_experiment
 
     tuner = "hyperband" if strategy.startswith("hyperband") else "random"
     search = {"tuner": tuner, "objective": doc.get("objective", "val_auc"),
@@ -277,13 +277,13 @@ def record(args) -> int:
     import keras
     import keras_tuner  # noqa: F401
 
-    from skin import data as skin_data
-    from skin.config import load_experiment
-    from skin.emulator import Emulator
-    from skin.model import SEED_KEY, SkinHyperModel
-    from skin.space import hyperparameters_from_values, space_of
-    from skin.stage import stage
-    from skin.storage import Storage
+    from skin.data import dataset as skin_data
+    from skin.infra.config import load_experiment
+    from skin.infra.emulator import Emulator
+    from skin.infra.storage import Storage
+    from skin.model.hypermodel import SEED_KEY, SkinHyperModel
+    from skin.model.space import hyperparameters_from_values, space_of
+    from skin.staging.stage import stage
     from skin.tuning.chief import populate_space
     from skin.tuning.oracle import make_oracle
 

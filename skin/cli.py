@@ -18,13 +18,13 @@ import sys
 from collections.abc import Sequence
 
 from skin import __version__, tuning
-from skin.config import load_experiment
 from skin.context import RoleContext
 from skin.errors import EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED, ConfigError, exits, interrupts
 from skin.experiments import format_table, list_experiments
-from skin.runtime import runtime_from_env
-from skin.space import check_model_space
-from skin.storage import Storage
+from skin.infra.config import load_experiment
+from skin.infra.runtime import runtime_from_env
+from skin.infra.storage import Storage
+from skin.model.space import check_model_space
 
 # Each command imports what pulls in numpy, TensorFlow, keras-tuner, matplotlib or
 # prometheus_client itself, so `skin --help` and a config error stay instant.
@@ -187,7 +187,7 @@ def _role_metrics(runtime, exp):
     """Start the role's Prometheus endpoint: (hooks, server), both None when metrics are off."""
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics_server as m
+    from skin.metrics import server as m
 
     if runtime.role == "chief":
         port = exp.chief.metrics_port if runtime.metrics_port is None else runtime.metrics_port
@@ -214,12 +214,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     _setup_logging(runtime.log_level)
 
     if args.command in ("evaluate", "predict"):
-        from skin.serving import check_model
+        from skin.serving.contract import check_model
         check_model(args.model)  # a missing model is named at once, before TensorFlow loads
         if not args.verbose:
             _quiet_tensorflow()
     if args.command == "evaluate":
-        from skin.evaluate import evaluate, format_report
+        from skin.serving.evaluate import evaluate, format_report
         result = evaluate(args.model, args.data, out=args.out, prevalence=args.prevalence)
         print(json.dumps(result, indent=2) if args.format == "json" else format_report(result))
         return EXIT_OK
@@ -228,7 +228,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "experiments":
         return _experiments(args, env)
     if args.command == "weights":
-        from skin.weights import import_weights
+        from skin.model.weights import import_weights
         summary = import_weights(args.source, args.backbone, args.out,
                                  include_top=args.include_top, source_eps=args.source_bn_epsilon)
         print(f"{summary['out']}: {summary['backbone']} weights, {summary['tensors']} tensors "
@@ -303,7 +303,7 @@ def _experiments(args: argparse.Namespace, env) -> int:
 def _predict(args: argparse.Namespace) -> int:
     """``skin predict``: the table on standard output, each image that could not be scored
     named on standard error; exit 0 (all scored), 1 (some not) or 3 (none)."""
-    from skin.evaluate import format_predictions, predict
+    from skin.serving.evaluate import format_predictions, predict
 
     predictions = predict(args.model, _read_image_args(args.images))
     print(format_predictions(predictions, args.format), flush=True)
@@ -325,14 +325,14 @@ def _batch_role(command: str, ctx: RoleContext) -> int:
     """stage and retrain: batch jobs whose metrics go to a Pushgateway (or the log)."""
     from prometheus_client import CollectorRegistry
 
-    from skin.metrics_batch import BatchMetrics
+    from skin.metrics.batch import BatchMetrics
 
     exp, runtime, storage = ctx.exp, ctx.runtime, ctx.storage
     batch = ctx.metrics = BatchMetrics(CollectorRegistry(), command, experiment=exp.name)
     try:
         with batch.run():
             if command == "stage":
-                from skin.stage import stage
+                from skin.staging.stage import stage
                 report = stage(exp, storage, work_dir=runtime.work_dir / "stage")
                 log.info("staged: %s", report.summary())
                 batch.set_count("images", report.usable)
@@ -341,7 +341,7 @@ def _batch_role(command: str, ctx: RoleContext) -> int:
                 for split, counts in report.splits.items():
                     batch.set_count(split, counts.get("count", 0))
             elif command == "retrain":
-                from skin.retrain import retrain
+                from skin.publishing.retrain import retrain
                 published = retrain(ctx)
                 log.info("published %s", published.uri)
                 batch.set_model_metrics(published.metrics)

@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # `skin --help` imports this module: nothing beyond the standard library
-    from skin.config import Experiment
-    from skin.runtime import Runtime
+    from skin.infra.config import Experiment
+    from skin.infra.runtime import Runtime
 
 
 def skin_hypermodel(ctx: RoleContext) -> Any:
     """The skin CNN's search space, its backbone weights cached in the role's work dir: the
     one place a role builds ``SkinHyperModel``."""
-    from skin.model import SkinHyperModel  # keras-tuner and TensorFlow: only roles that train
+    from skin.model.hypermodel import (
+        SkinHyperModel,  # keras-tuner and TensorFlow: only roles that train
+    )
 
     return SkinHyperModel(ctx.exp, storage=ctx.storage,
                           cache_dir=Path(ctx.runtime.work_dir) / "backbone")
@@ -29,14 +31,14 @@ def skin_hypermodel(ctx: RoleContext) -> Any:
 
 @dataclass
 class RoleContext:
-    """One role's world. ``metrics``: the role's hooks (``skin.metrics.role_metrics``; None:
+    """One role's world. ``metrics``: the role's hooks (``skin.metrics.server.role_metrics``; None:
     off). ``hypermodel_factory(ctx)`` builds the hypermodel on the first
     :meth:`hypermodel` call (default :func:`skin_hypermodel`), so a role that does not need
     one (a chief resuming a saved search) never loads TensorFlow for it."""
 
     exp: Experiment
     runtime: Runtime
-    storage: Any  # skin.storage.Storage, or a stand-in with its interface
+    storage: Any  # skin.infra.storage.Storage, or a stand-in with its interface
     metrics: Any = None
     hypermodel_factory: Callable[[RoleContext], Any] = skin_hypermodel
     _hypermodel: Any = field(default=None, init=False, repr=False)

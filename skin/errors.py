@@ -63,7 +63,7 @@ class DataError(SkinError):
 
 
 class DocumentError(DataError, ValueError):
-    """A document in the bucket (skin.artifacts) has a shape this version cannot read: not a
+    """A document in the bucket (skin.infra.artifacts) has a shape this version cannot read: not a
     JSON object, a required key missing or of the wrong type. Fatal where the role needs it."""
 
 

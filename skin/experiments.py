@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from skin import artifacts, documents
 from skin.errors import DocumentError
+from skin.infra import artifacts, documents
 from skin.tuning.journal import OracleStore
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _read_json(storage, uri: str) -> Any | None:
 
 
 def _read_document(read, storage, where: str):
-    """``read(storage, where)`` (skin.artifacts.read_*); None when absent or, said, when of
+    """``read(storage, where)`` (skin.infra.documents.read_*); None when absent or, said, when of
     another shape."""
     try:
         return read(storage, where)

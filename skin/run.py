@@ -2,10 +2,10 @@
 
 The same commands the pods run (``skin stage``, ``skin tune`` as chief and
 as ``tuner<i>``, ``skin retrain``) run here as child processes against one
-bucket, which is an embedded fake-gcs-server (:mod:`skin.emulator`) unless
+bucket, which is an embedded fake-gcs-server (:mod:`skin.infra.emulator`) unless
 ``STORAGE_EMULATOR_HOST`` is already set. The embedded server keeps its
 objects under ``OUT/gcs/<bucket>/`` (its filesystem backend), so the whole
-bucket outlives the run: ``python -m skin.emulator --data-dir OUT/gcs``
+bucket outlives the run: ``python -m skin.infra.emulator --data-dir OUT/gcs``
 serves it again for ``skin status`` or ``skin evaluate``. A new run starts
 from an empty bucket unless ``--resume`` keeps the last one. A crashed chief or worker is
 restarted with the same id and bounded, backed-off retries, as a Job
@@ -38,9 +38,6 @@ from pathlib import Path
 
 import yaml
 
-from skin import artifacts, documents
-from skin.config import Experiment
-from skin.emulator import binary_path, ensure_bucket
 from skin.errors import (
     EXIT_OK,
     EXIT_RELEASED,
@@ -49,8 +46,11 @@ from skin.errors import (
     RetryableError,
     interrupts,
 )
-from skin.formatting import fmt, interval_text
-from skin.storage import Storage
+from skin.infra import artifacts, documents
+from skin.infra.config import Experiment
+from skin.infra.emulator import binary_path, ensure_bucket
+from skin.infra.storage import Storage
+from skin.serving.formatting import fmt, interval_text
 
 log = logging.getLogger("skin.run")
 
@@ -228,7 +228,7 @@ def _run(exp: Experiment, opts: RunOptions, out: Path, sup: Supervisor, started:
         if gcs_dir.exists() and not opts.resume:
             shutil.rmtree(gcs_dir)
         port = _free_port()
-        emu = Child("storage", [sys.executable, "-m", "skin.emulator", "--host", "127.0.0.1",
+        emu = Child("storage", [sys.executable, "-m", "skin.infra.emulator", "--host", "127.0.0.1",
                                 "--port", str(port), "--bucket", exp.storage.bucket,
                                 "--data-dir", str(gcs_dir)], base_env)
         sup.start(emu)
@@ -425,7 +425,7 @@ def _summary(exp: Experiment, out: Path, version: str, model_dir: Path,
               f"  model        {model_dir}  (skin evaluate --model {model_dir} --data DIR)",
               f"  logs         {out / 'logs'}/"]
     if (out / "gcs").is_dir():
-        lines.append(f"  bucket files {out / 'gcs'}/  (serve them again: python -m skin.emulator "
+        lines.append(f"  bucket files {out / 'gcs'}/  (serve them again: python -m skin.infra.emulator "
                      f"--data-dir {out / 'gcs'}, then set STORAGE_EMULATOR_HOST)")
     report = model_dir / artifacts.REPORT_HTML
     if report.exists():

@@ -30,11 +30,11 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from skin import documents
 from skin.errors import EXIT_OK, EXIT_RETRYABLE, DocumentError
 from skin.experiments import experiment_state, format_state, list_experiments
+from skin.infra import documents
+from skin.infra.storage import Storage
 from skin.metrics import TRIAL_STATUSES
-from skin.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin.emulator import Emulator
-from skin.storage import Storage
+from skin.infra.emulator import Emulator
+from skin.infra.storage import Storage
 
 # The real images, when this checkout sits beside ../shared (see docs/TEAM.md).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared/datasets/skin-cancer-isic/train"
@@ -82,7 +82,7 @@ def real_or_synthetic_images(tmp_path_factory) -> Path:
     """A small labelled folder (``benign/``, ``malignant/``, ~40 images each).
 
     Real ISIC images (symlinked, spread evenly over each class's numbering)
-    when ``SHARED_DATA`` exists, otherwise generated with :mod:`skin.synthetic`.
+    when ``SHARED_DATA`` exists, otherwise generated with :mod:`skin.data.synthetic`.
     Treat it as read-only; copy it to change it.
     """
     out = tmp_path_factory.mktemp("images")
@@ -94,7 +94,7 @@ def real_or_synthetic_images(tmp_path_factory) -> Path:
             for src in files[::step][:IMAGES_PER_CLASS]:
                 (out / label / src.name).symlink_to(src)
         return out
-    from skin import synthetic
+    from skin.data import synthetic
 
     return synthetic.generate(out, IMAGES_PER_CLASS, size=96, seed=0)
 

@@ -1,4 +1,4 @@
-"""skin/artifacts.py: the bucket layout of ARCHITECTURE.md, spelled out literally here.
+"""skin/infra/artifacts.py: the bucket layout of ARCHITECTURE.md, spelled out literally here.
 
 The literals are the on-bucket contract: a renamed constant must fail this file."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from skin import artifacts as a
-from skin import documents as d
-from skin.config import parse_experiment
 from skin.errors import DataError, DocumentError
+from skin.infra import artifacts as a
+from skin.infra import documents as d
+from skin.infra.config import parse_experiment
 
 ROOT = "gs://bkt/p/exp"
 
@@ -57,7 +57,7 @@ def test_one_direction_rule_for_every_objective_an_experiment_may_name():
     import keras_tuner  # the rule agrees with keras-tuner's own inference for these names
     from keras_tuner.src.engine.metrics_tracking import infer_metric_direction
 
-    from skin.config import SearchConfig
+    from skin.infra.config import SearchConfig
 
     assert keras_tuner.__version__.startswith("1.4")
     for name in SearchConfig.__dataclass_fields__["objective"].metadata["choices"]:

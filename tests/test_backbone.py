@@ -1,4 +1,4 @@
-"""skin.backbone: a keras.applications network in place of the searched body, its weights
+"""skin.model.backbone: a keras.applications network in place of the searched body, its weights
 from a bucket, a local file or Keras; the search space, the retrain and the chief with it."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import keras_tuner
 import numpy as np
 import pytest
 
-from skin import backbone as B
-from skin import model as M
-from skin import retrain as rt
-from skin.config import API_VERSION, KIND, parse_experiment
 from skin.context import RoleContext
 from skin.errors import ConfigError
-from skin.runtime import Runtime
-from skin.storage import join
+from skin.infra.config import API_VERSION, KIND, parse_experiment
+from skin.infra.runtime import Runtime
+from skin.infra.storage import join
+from skin.model import backbone as B
+from skin.model import hypermodel as M
+from skin.publishing import retrain as rt
 
 SIZE = 32
 
@@ -107,7 +107,7 @@ def test_bad_backbone_settings_name_the_key(backbone, message):
 
 
 def test_the_config_lists_the_same_backbones_as_the_module():
-    from skin import config
+    from skin.infra import config
 
     assert config._BACKBONES == B.NAMES
 
@@ -181,7 +181,7 @@ def test_a_random_backbone_still_tells_images_apart_in_inference_mode():
     model.fit(x, y, epochs=6, batch_size=8, verbose=0)  # 48 steps
     order = rng.permutation(64)
     p = model.predict(x[order], verbose=0)[:, 0]
-    from skin.scoring import roc_auc
+    from skin.serving.scoring import roc_auc
 
     # With 0.9 they are told apart; with 0.999 (MobileNetV2's own) or 0.99 every image got
     # the same score here (standard deviation 6e-8 and 3e-8).
@@ -324,11 +324,11 @@ def test_the_chief_fails_the_search_at_once_when_the_weights_are_missing(
 @pytest.mark.slow
 def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_synthetic_images,
                                                      tmp_path):
-    from skin.stage import stage
+    from skin.staging.stage import stage
 
     bucket = f"bb-{uuid.uuid4().hex[:8]}"
     emulator.ensure_bucket(bucket)
-    from skin.storage import Storage
+    from skin.infra.storage import Storage
 
     storage = Storage()
     local = tmp_path / "donor.weights.h5"
@@ -353,7 +353,7 @@ def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_sy
     assert f"A CNN on a mobilenetv2 backbone (weights from `{uri}`; frozen" in card
     model_path = tmp_path / "model.keras"
     storage.download_file(join(published.uri, "model.keras"), model_path)
-    import skin.inference  # noqa: F401 -- registers the layers the published model uses
+    import skin.model.inference  # noqa: F401 -- registers the layers the published model uses
 
     model = keras.models.load_model(model_path, safe_mode=True)
     # The frozen backbone is published with the weights it was given.
@@ -366,16 +366,16 @@ def test_retrain_publishes_a_model_on_bucket_weights(donor, emulator, real_or_sy
 
 @pytest.fixture(scope="module")
 def lite0_state():
-    from skin import checkpoint as ckpt
-    from skin import weights as W
+    from skin.model import checkpoint as ckpt
+    from skin.model import weights as W
 
     return ckpt.read_checkpoint(W.packaged_checkpoint())
 
 
 def imported_lite0(storage, bucket, tmp_path) -> str:
     """`skin weights import` of the shipped checkpoint into the bucket; its gs:// URI."""
-    from skin import weights as W
     from skin.cli import main
+    from skin.model import weights as W
 
     uri = f"gs://{bucket}/weights/efficientnet_lite0.weights.h5"
     assert main(["weights", "import", "--from", str(W.packaged_checkpoint()), "--backbone",
@@ -385,7 +385,7 @@ def imported_lite0(storage, bucket, tmp_path) -> str:
 
 
 def test_lite0_gets_0_to_255_pixels_and_scales_them_as_its_checkpoint_expects():
-    """The product feeds backbones float 0..255 (skin.data); Lite0's first layer maps them to
+    """The product feeds backbones float 0..255 (skin.data.dataset); Lite0's first layer maps them to
     (x - 127) / 128, what its ImageNet checkpoint was trained on; no other layer rescales."""
     model = M.SkinHyperModel(experiment(name="efficientnet_lite0")).build(
         keras_tuner.HyperParameters())
@@ -402,7 +402,7 @@ def test_lite0_gets_0_to_255_pixels_and_scales_them_as_its_checkpoint_expects():
 def test_imported_lite0_weights_classify_a_photograph_through_the_product_model(
         lite0_state, emulator, storage, bucket, tmp_path):
     """The weights imported into a bucket, the product's model built at 224 px on them, the
-    photograph read by the product's own image path (skin.data.load_images): the pooled
+    photograph read by the product's own image path (skin.data.dataset.load_images): the pooled
     features, with the checkpoint's ImageNet classifier, give the cat its class."""
     from PIL import Image
     from skimage import data
@@ -420,7 +420,7 @@ def test_imported_lite0_weights_classify_a_photograph_through_the_product_model(
     assert net.trainable and len(net.trainable_weights) > 0
 
     Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
-    from skin.data import load_images
+    from skin.data.dataset import load_images
 
     x = load_images([tmp_path / "chelsea.png"], 224)
     assert x.dtype == np.float32 and 100 < x.max() <= 255
@@ -432,9 +432,9 @@ def test_imported_lite0_weights_classify_a_photograph_through_the_product_model(
 @pytest.mark.slow
 def test_retrain_publishes_a_lite0_model_on_imported_weights_with_tta(
         lite0_state, emulator, real_or_synthetic_images, tmp_path):
-    from skin import weights as W
-    from skin.stage import stage
-    from skin.storage import Storage
+    from skin.infra.storage import Storage
+    from skin.model import weights as W
+    from skin.staging.stage import stage
 
     bucket = f"lite-{uuid.uuid4().hex[:8]}"
     emulator.ensure_bucket(bucket)
@@ -456,7 +456,7 @@ def test_retrain_publishes_a_lite0_model_on_imported_weights_with_tta(
     assert metrics["backbone"] == {"name": "efficientnet_lite0", "weights": uri, "trainable": True}
     model_path = tmp_path / "model.keras"
     storage.download_file(join(published.uri, "model.keras"), model_path)
-    import skin.inference  # noqa: F401 -- registers the TTA layers
+    import skin.model.inference  # noqa: F401 -- registers the TTA layers
 
     model = keras.models.load_model(model_path, safe_mode=True)
     assert model.get_layer("tta_views") is not None

@@ -78,7 +78,7 @@ def test_a_write_that_finds_its_object_changed_fences_the_chief(storage, lock_ur
     """Even with the lock fresh on our clock, a generation we never saw stops us."""
     from prometheus_client import CollectorRegistry
 
-    from skin.metrics_chief import ChiefMetrics
+    from skin.metrics.chief import ChiefMetrics
 
     registry = CollectorRegistry()
     lock = ChiefLock(storage, lock_uri, 30, holder="a",

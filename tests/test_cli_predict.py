@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from skin import evaluate as ev
 from skin.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_SOME_FAILED
+from skin.serving import evaluate as ev
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_evaluate import publish_tiny
@@ -156,7 +156,7 @@ def test_evaluate_json_with_prevalence(model, real_or_synthetic_images, tmp_path
     assert doc["calibration"]["bins"] == 10
     pv = doc["at_prevalence"]
     assert pv["prevalence"] == 0.05
-    from skin.clinical import predictive_values
+    from skin.serving.clinical import predictive_values
 
     assert pv["ppv"] == pytest.approx(predictive_values(doc, 0.05)["ppv"])
     text = skin("evaluate", "--model", model, "--data", real_or_synthetic_images,
@@ -176,11 +176,11 @@ def test_evaluate_json_with_prevalence(model, real_or_synthetic_images, tmp_path
 
 @pytest.fixture(scope="module")
 def synthetic_model(emulator, tmp_path_factory):
-    from skin import retrain as rt
     from skin.context import RoleContext
-    from skin.runtime import Runtime
-    from skin.stage import stage
-    from skin.storage import Storage
+    from skin.infra.runtime import Runtime
+    from skin.infra.storage import Storage
+    from skin.publishing import retrain as rt
+    from skin.staging.stage import stage
     from test_retrain import _stand_in_hypermodel, experiment
 
     bucket = f"syn-{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""skin.clinical: the AUC interval (DeLong), Brier score, calibration bins and ECE,
+"""skin.serving.clinical: the AUC interval (DeLong), Brier score, calibration bins and ECE,
 PPV/NPV at a prevalence and operating points; checked against scikit-learn on random
 scores and, for the interval, by its coverage over many simulated test sets."""
 
@@ -12,8 +12,8 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from skin import clinical, scoring
 from skin.errors import ConfigError
+from skin.serving import clinical, scoring
 
 
 def _random_case(seed: int, n: int = 400, ties: bool = False):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skin.config import (
+from skin.errors import ConfigError
+from skin.infra.config import (
     DEFAULT_EXPERIMENT_FILE,
     ENV_OVERRIDES,
     QUICKSTART_EXPERIMENT_FILE,
@@ -17,8 +18,7 @@ from skin.config import (
     load_experiment,
     parse_experiment,
 )
-from skin.errors import ConfigError
-from skin.runtime import runtime_from_env
+from skin.infra.runtime import runtime_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 

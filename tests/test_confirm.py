@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from skin.config import parse_experiment
-from skin.data import staged_folds
-from skin.stage import stage
+from skin.data.dataset import staged_folds
+from skin.infra.config import parse_experiment
+from skin.staging.stage import stage
 from skin.tuning.confirm import FOLD_KEY, fold_of_seed
 
 SCORES = {0.1: 0.70, 0.5: 0.90, 0.9: 0.80}  # x -> val_auc of the search's trials
@@ -28,7 +28,7 @@ def staged(real_or_synthetic_images, emulator, tmp_path_factory):
     """A real stage into the emulator; train 0.55 / validation 0.25: 3 folds."""
     import uuid
 
-    from skin.storage import Storage
+    from skin.infra.storage import Storage
 
     bucket = f"t-{uuid.uuid4().hex[:8]}"
     emulator.ensure_bucket(bucket)
@@ -42,7 +42,7 @@ def run_search(exp, folds_source):
     from keras_tuner.src.engine import metrics_tracking
     from prometheus_client import CollectorRegistry
 
-    from skin.metrics_chief import ChiefMetrics
+    from skin.metrics.chief import ChiefMetrics
     from skin.tuning.chief import ChiefListener
     from skin.tuning.oracle import make_oracle
 

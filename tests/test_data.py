@@ -1,4 +1,4 @@
-"""skin.data: sync the staged shards once, the tf.data pipeline, and train/serve parity."""
+"""skin.data.dataset: sync the staged shards once, the tf.data pipeline, and train/serve parity."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skin import synthetic
-from skin.config import API_VERSION, KIND, parse_experiment
-from skin.data import (
+from skin.data import synthetic
+from skin.data.dataset import (
     class_counts,
     dataset,
     decode_and_resize,
@@ -25,8 +24,9 @@ from skin.data import (
     wait_for_manifest,
 )
 from skin.errors import DataError, RetryableError
-from skin.stage import stage
-from skin.storage import Storage, join
+from skin.infra.config import API_VERSION, KIND, parse_experiment
+from skin.infra.storage import Storage, join
+from skin.staging.stage import stage
 
 IMAGE_SIZE = 48
 

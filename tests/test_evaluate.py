@@ -1,6 +1,6 @@
-"""skin.scoring's metric functions (exact, against hand-computed values), skin.serving's
+"""skin.serving.scoring's metric functions (exact, against hand-computed values), skin.serving.contract's
 model resolution and loading in safe mode (local and through the storage emulator), and
-skin.evaluate's `evaluate`/`predict` on folders of real images with broken files mixed in."""
+skin.serving.evaluate's `evaluate`/`predict` on folders of real images with broken files mixed in."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin import artifacts, images, scoring, serving
-from skin import evaluate as ev
+from skin.data import images
 from skin.errors import ConfigError, DataError, DocumentError
+from skin.infra import artifacts
+from skin.serving import contract as serving
+from skin.serving import evaluate as ev
+from skin.serving import scoring
 
 # ---------------------------------------------------------------------------
 # Metric functions
@@ -430,7 +433,7 @@ def test_load_published_bucket_errors(storage, bucket, suffix, message):
 
 
 # ---------------------------------------------------------------------------
-# evaluate / predict on folders of real images (skin.data.load_images decodes them)
+# evaluate / predict on folders of real images (skin.data.dataset.load_images decodes them)
 
 
 def _write_broken_and_odd_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -459,7 +462,7 @@ def _one_by_one(model_dir: Path, folder: Path, skip: set[str]):
     """Labels and P(malignant) image by image: the reference for the batched evaluate."""
     from PIL import Image
 
-    from skin.data import load_images
+    from skin.data.dataset import load_images
 
     model, info = serving.load_published(model_dir)
     labels, probs = [], []
@@ -523,7 +526,7 @@ def test_predict_one_per_image_in_order(real_or_synthetic_images, tmp_path):
         if p.error is None:
             assert 0.0 <= p.probability <= 1.0
             assert p.label == ("malignant" if p.probability >= 0.5 else "benign")
-    from skin.data import load_images
+    from skin.data.dataset import load_images
 
     model, _ = serving.load_published(model_dir)
     direct = serving.malignant_probability(model, load_images([str(images[0])], SIZE))[0]

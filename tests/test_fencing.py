@@ -25,7 +25,7 @@ import yaml
 
 from conftest import free_port
 from skin.errors import EXIT_FENCED, EXIT_PUBLISH_RACE
-from skin.storage import join
+from skin.infra.storage import join
 from skin.tuning import load_result
 from test_tuning import ENTRY, ROOT, Search, assert_each_trial_ended_once
 

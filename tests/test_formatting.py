@@ -1,4 +1,4 @@
-"""skin.formatting.fmt: the one way every report writes a value (skin evaluate, the model
+"""skin.serving.formatting.fmt: the one way every report writes a value (skin evaluate, the model
 card, report.html, the summary of skin run)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skin.formatting import figure_rows, fmt, interval_text
+from skin.serving.formatting import figure_rows, fmt, interval_text
 
 
 @pytest.mark.parametrize("value, digits, style, expected", [

@@ -199,7 +199,7 @@ def test_the_roles_as_containers_publish_a_model(pod):
     started = time.monotonic()
     timings = {}
 
-    pod.start("emulator", "python", "-m", "skin.emulator", "--host", "0.0.0.0",
+    pod.start("emulator", "python", "-m", "skin.infra.emulator", "--host", "0.0.0.0",
               "--port", str(EMULATOR_PORT), "--bucket", BUCKET,
               "--external-url", f"http://emulator:{EMULATOR_PORT}", env={}, image=EMULATOR_IMAGE)
     deadline = time.monotonic() + 60
@@ -248,7 +248,7 @@ def test_the_roles_as_containers_publish_a_model(pod):
     root = f"gs://{BUCKET}/experiments/image-test"
     check = pod.start("check", "python", "-c", (
         "import json\n"
-        "from skin.storage import Storage\n"
+        "from skin.infra.storage import Storage\n"
         "s = Storage()\n"
         f"root = {root!r}\n"
         "version = s.read_text(root + '/models/LATEST').strip()\n"

@@ -251,7 +251,7 @@ def test_the_simulator_maps_images_and_finds_the_experiment_and_its_bucket(kind_
     doc, storage, env = sim._experiment()
     # k8s/kind/experiment.yaml through the ConfigMap, with the name and the worker count the
     # overlay gives every pod (its skin/experiment label, its `workers=`)
-    from skin.config import parse_experiment
+    from skin.infra.config import parse_experiment
     exp = parse_experiment(doc, env=env)
     assert (exp.name, exp.workers, exp.data.source) == ("quickstart", 2, "synthetic")
     assert storage == f"http://{sim.cluster.slots['fake-gcs-server-quickstart'].ip}:4443"

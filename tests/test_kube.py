@@ -1,4 +1,4 @@
-"""skin.kube against a loopback HTTP server that speaks just enough of the Kubernetes API.
+"""skin.infra.kube against a loopback HTTP server that speaks just enough of the Kubernetes API.
 
 The real kubernetes client sends real requests; the server answers GET and
 PATCH of one Job, or a status the test chooses, and records what it got.
@@ -16,7 +16,7 @@ import yaml
 from kubernetes import client
 
 from skin.errors import EXIT_CONFIG, EXIT_RETRYABLE, ConfigError, RetryableError, exit_code_for
-from skin.kube import api_client, unsuspend_job, unsuspend_patch
+from skin.infra.kube import api_client, unsuspend_job, unsuspend_patch
 
 NAMESPACE, NAME = "skin", "skin-retrain"
 JOB_PATH = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{NAME}"

@@ -15,14 +15,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from skin.config import (
+from skin.errors import EXIT_RETRYABLE, FATAL_EXIT_CODES
+from skin.infra.config import (
     DEFAULT_EXPERIMENT_FILE,
     QUICKSTART_EXPERIMENT_FILE,
     load_experiment,
     parse_experiment,
 )
-from skin.errors import EXIT_RETRYABLE, FATAL_EXIT_CODES
-from skin.runtime import runtime_from_env
+from skin.infra.runtime import runtime_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = ("tuning", "kind")
@@ -696,7 +696,7 @@ def test_the_grace_period_fits_a_release(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_job_has_a_deadline_from_the_budget_and_a_ttl(overlay):
-    from skin.deadlines import job_deadlines
+    from skin.infra.deadlines import job_deadlines
 
     derived = job_deadlines(experiment(overlay))
     jobs = skin_jobs(overlay)
@@ -710,7 +710,7 @@ def test_every_job_has_a_deadline_from_the_budget_and_a_ttl(overlay):
 
 
 def test_the_deadlines_follow_keras_tuners_hyperband_and_print_a_patch(capsys):
-    from skin.deadlines import hyperband_epochs, main
+    from skin.infra.deadlines import hyperband_epochs, main
 
     assert hyperband_epochs(3, 3) == 11  # 3 trials of 1 epoch, 1 continued to 3, 2 of 3
     assert hyperband_epochs(12, 4) == 72  # k8s/tuning/experiment.yaml's comment
@@ -890,7 +890,7 @@ def test_the_docs_say_how_to_run_a_second_experiment():
 
 def test_the_deadlines_take_the_overlays_worker_count(capsys):
     """The overlays' experiment files no longer say `workers`: the derivation takes it."""
-    from skin.deadlines import main
+    from skin.infra.deadlines import main
 
     config = str(REPO / "k8s/tuning/experiment.yaml")
     for workers, search_epochs in ((2, 36), (4, 18)):  # 72 hyperband epochs over the workers

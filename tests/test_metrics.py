@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from skin.metrics import ORACLE_METHODS, TRIAL_END_STATUSES
-from skin.metrics_batch import BatchMetrics
-from skin.metrics_chief import ChiefMetrics
-from skin.metrics_server import role_metrics, serve
-from skin.metrics_worker import WorkerMetrics
+from skin.metrics.batch import BatchMetrics
+from skin.metrics.chief import ChiefMetrics
+from skin.metrics.server import role_metrics, serve
+from skin.metrics.worker import WorkerMetrics
 
 FORBIDDEN_LABELS = {"trial", "trial_id", "id", "hp", "hyperparameter", "value", "image"}
 ALLOWED_LABELS = {"role", "status", "worker", "method", "split", "le", "kind", "metric", "phase",
@@ -371,7 +371,7 @@ def test_wait_for_scrape_ignores_a_scrape_that_read_the_values_before_the_wait()
 
 
 def test_role_metrics_configures_the_hooks_from_the_experiment():
-    from skin.config import parse_experiment
+    from skin.infra.config import parse_experiment
 
     exp = parse_experiment({"apiVersion": "skin/v1", "kind": "Experiment", "name": "exp1",
                             "workers": 3, "search": {"objective": "val_loss", "tuner": "random",

@@ -1,5 +1,5 @@
 """k8s/monitoring: the kustomization renders, its objects have the right shape, and the
-dashboard and the alerts only use metrics that skin.metrics_chief and metrics_worker export."""
+dashboard and the alerts only use metrics that skin.metrics.chief and metrics_worker export."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from skin.metrics_chief import ChiefMetrics
-from skin.metrics_worker import WorkerMetrics
+from skin.metrics.chief import ChiefMetrics
+from skin.metrics.worker import WorkerMetrics
 
 MONITORING = Path(__file__).resolve().parents[1] / "k8s/monitoring"
 DASHBOARD = MONITORING / "dashboards/skin-search.json"

@@ -1,4 +1,4 @@
-"""skin.model: the search space builds valid, compiled, loadable models that train; skin.inference:
+"""skin.model.hypermodel: the search space builds valid, compiled, loadable models that train; skin.model.inference:
 the published model over members and views."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from skin import inference
-from skin import model as M
-from skin.config import API_VERSION, KIND, parse_experiment
 from skin.errors import ConfigError
+from skin.infra.config import API_VERSION, KIND, parse_experiment
+from skin.model import hypermodel as M
+from skin.model import inference
 
 SIZE = 32
 
@@ -170,9 +170,9 @@ def test_fit_datasets_trains_and_reports_validation_auc():
 @pytest.fixture(scope="module")
 def staged_dir(real_or_synthetic_images, emulator, tmp_path_factory):
     """The small real (or synthetic) folder, staged and synced like a worker does."""
-    from skin.data import sync_data
-    from skin.stage import stage
-    from skin.storage import Storage
+    from skin.data.dataset import sync_data
+    from skin.infra.storage import Storage
+    from skin.staging.stage import stage
 
     src = tmp_path_factory.mktemp("model-src") / "source"
     shutil.copytree(real_or_synthetic_images, src, symlinks=True)
@@ -205,7 +205,7 @@ def test_hypermodel_fit_on_staged_data(staged_dir):
 
 @pytest.mark.slow
 def test_a_confirmation_trials_fold_moves_validation_for_both_datasets(staged_dir, monkeypatch):
-    from skin import data as skin_data
+    from skin.data import dataset as skin_data
 
     exp, data_dir = staged_dir
     calls, real = [], skin_data.dataset
@@ -237,7 +237,7 @@ def test_a_confirmation_trials_fold_moves_validation_for_both_datasets(staged_di
 
 
 def test_shipped_experiments_pin_only_real_hyperparameters():
-    from skin.config import DEFAULT_EXPERIMENT_FILE, PACKAGE_EXPERIMENTS, load_experiment
+    from skin.infra.config import DEFAULT_EXPERIMENT_FILE, PACKAGE_EXPERIMENTS, load_experiment
 
     for path in sorted(PACKAGE_EXPERIMENTS.glob("*.yaml")):
         exp = load_experiment(path, env={})
@@ -327,7 +327,7 @@ def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
     import subprocess
     import sys
 
-    from skin.publish import export_saved_model
+    from skin.publishing.publish import export_saved_model
 
     model = inference.inference_model(members, tta=True)
     x = images(3, seed=7)
@@ -341,9 +341,9 @@ def test_tta_ensemble_saves_loads_in_safe_mode_and_exports(members, tmp_path):
     export_saved_model(loaded, tmp_path / "saved_model", SIZE)
     exported = tf.saved_model.load(str(tmp_path / "saved_model"))
     np.testing.assert_allclose(np.asarray(exported.serve(x)), expected, rtol=1e-5, atol=1e-5)
-    # A fresh process that only knows skin.serving loads it (the layers register themselves).
+    # A fresh process that only knows skin.serving.contract loads it (the layers register themselves).
     np.save(tmp_path / "x.npy", x)
-    code = ("import sys, numpy as np; from skin.serving import load_published\n"
+    code = ("import sys, numpy as np; from skin.serving.contract import load_published\n"
             "m, _ = load_published(sys.argv[1]); x = np.load(sys.argv[2])\n"
             "np.save(sys.argv[3], m.predict_on_batch(x))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),

@@ -278,7 +278,7 @@ def _certificates(folder, *, ca_name: str = "skin test CA"):
 def _tiny_exp(tmp_path, bucket):
     import yaml
 
-    from skin.config import load_experiment
+    from skin.infra.config import load_experiment
 
     doc = {"apiVersion": "skin/v1", "kind": "Experiment", "name": "trust", "workers": 2,
            "storage": {"bucket": bucket, "prefix": "unit"},
@@ -293,8 +293,8 @@ def test_tls_with_a_test_made_certificate_and_a_worker_with_the_wrong_ca_is_refu
         tmp_path, bucket):
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics_server as metrics
     from skin.errors import ConfigError, RetryableError
+    from skin.metrics import server as metrics
     from skin.tuning.client import ChiefClient
     from skin.tuning.oracle import make_oracle
     from skin.tuning.servicer import make_servicer, serve
@@ -342,7 +342,7 @@ def test_tls_with_a_test_made_certificate_and_a_worker_with_the_wrong_ca_is_refu
 
 def test_the_token_comes_from_the_environment_or_a_file_and_is_never_shown(tmp_path):
     from skin.errors import ConfigError
-    from skin.runtime import runtime_from_env
+    from skin.infra.runtime import runtime_from_env
 
     assert runtime_from_env({"SKIN_ORACLE_TOKEN": TOKEN}).oracle_token == TOKEN
     secret = tmp_path / "token"
@@ -365,7 +365,7 @@ def test_the_token_comes_from_the_environment_or_a_file_and_is_never_shown(tmp_p
     ({"SKIN_BIND_ADDRESS": "192.168.1.5"}, ("192.168.1.5",)),
 ])
 def test_the_oracle_and_metrics_bind_loopback_unless_told_or_in_a_pod(env, hosts):
-    from skin.runtime import runtime_from_env
+    from skin.infra.runtime import runtime_from_env
 
     runtime = runtime_from_env(env)
     assert runtime.bind_hosts == hosts
@@ -376,7 +376,7 @@ def test_a_chief_without_a_token_in_kubernetes_exits_2_naming_the_secret(tmp_pat
                                                                           caplog):
     from skin.context import RoleContext
     from skin.errors import EXIT_CONFIG
-    from skin.runtime import runtime_from_env
+    from skin.infra.runtime import runtime_from_env
     from skin.tuning import run_chief
 
     exp = _tiny_exp(tmp_path, bucket)
@@ -391,7 +391,7 @@ def test_a_chief_without_a_token_in_kubernetes_exits_2_naming_the_secret(tmp_pat
 
 def test_skin_run_hands_each_tuning_role_a_fresh_token_in_the_environment_only(tmp_path):
     from skin import run as skin_run
-    from skin.config import parse_experiment
+    from skin.infra.config import parse_experiment
     from skin.run import Child, RunOptions
 
     class Recorder(skin_run.Supervisor):
@@ -426,7 +426,7 @@ def test_skin_run_hands_each_tuning_role_a_fresh_token_in_the_environment_only(t
 
 
 def _retrain_exp(bucket: str, **search):
-    from skin.config import parse_experiment
+    from skin.infra.config import parse_experiment
 
     return parse_experiment({
         "apiVersion": "skin/v1", "kind": "Experiment", "name": "tampered",
@@ -452,9 +452,9 @@ def _spec(**changes):
                                              r"to 16"),
 ])
 def test_retrain_refuses_values_outside_the_space_or_fixed(changes, fixed, message):
-    from skin import training
     from skin.errors import ConfigError
-    from skin.model import SkinHyperModel
+    from skin.model.hypermodel import SkinHyperModel
+    from skin.publishing import training
 
     exp = _retrain_exp("b-b", fixed=fixed)
     training.check_members(exp, SkinHyperModel(exp), [_spec(batch_size=16) if fixed else _spec()])
@@ -471,8 +471,8 @@ def test_skin_retrain_on_a_tampered_best_exits_2_and_publishes_nothing(tmp_path,
 
     import yaml
 
-    from skin.artifacts import best_uri
-    from skin.storage import join
+    from skin.infra.artifacts import best_uri
+    from skin.infra.storage import join
 
     exp = _retrain_exp(bucket)
     config = tmp_path / "experiment.yaml"

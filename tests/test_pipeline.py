@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skin.config import load_experiment
-from skin.emulator import Emulator
-from skin.storage import Storage, join
+from skin.infra.config import load_experiment
+from skin.infra.emulator import Emulator
+from skin.infra.storage import Storage, join
 
 pytestmark = pytest.mark.slow
 

@@ -138,7 +138,7 @@ def test_skin_run_restarts_a_preempted_worker_at_once_without_spending_a_restart
     import subprocess
     import sys
 
-    from skin.config import load_experiment
+    from skin.infra.config import load_experiment
     from test_pipeline import _experiment, _skin_env
 
     # --max-restarts 0: a crash would not be restarted; a release is, and is not counted.

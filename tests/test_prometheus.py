@@ -29,9 +29,9 @@ from prometheus_client import CollectorRegistry
 
 from conftest import free_port
 from skin.metrics import TRIAL_END_STATUSES
-from skin.metrics_chief import ChiefMetrics
-from skin.metrics_server import serve
-from skin.metrics_worker import WorkerMetrics
+from skin.metrics.chief import ChiefMetrics
+from skin.metrics.server import serve
+from skin.metrics.worker import WorkerMetrics
 from skin.status import fetch, format_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,10 +421,11 @@ def test_skin_status_reads_the_running_chief(live):
 ROLE = """
 import os, sys, time
 from prometheus_client import CollectorRegistry
-from skin import metrics_server as metrics, tuning
-from skin.config import load_experiment
-from skin.runtime import runtime_from_env
-from skin.storage import Storage
+from skin.metrics import server as metrics
+from skin import tuning
+from skin.infra.config import load_experiment
+from skin.infra.runtime import runtime_from_env
+from skin.infra.storage import Storage
 
 exp, runtime = load_experiment(sys.argv[1]), runtime_from_env()
 registry = CollectorRegistry()
@@ -455,7 +456,7 @@ def test_prometheus_scrapes_a_local_distributed_run(tmp_path, emulator, storage,
                                                      real_or_synthetic_images):
     import sys
 
-    from skin.config import load_experiment
+    from skin.infra.config import load_experiment
 
     pytest.importorskip("skin.tuning.worker", reason="skin.tuning has not landed")
     from skin.tuning import load_result

@@ -1,4 +1,4 @@
-"""skin.provenance: the kind of a source and its licence as found, never assumed; and
+"""skin.data.provenance: the kind of a source and its licence as found, never assumed; and
 `skin stage` writing it into the manifest the retrain reads."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from skin import provenance as pv
+from skin.data import provenance as pv
 
 SHARED_README = Path(__file__).resolve().parents[2] / "shared/datasets/skin-cancer-isic/README.md"
 
@@ -68,7 +68,7 @@ def test_stage_writes_the_provenance_into_the_manifest(emulator, storage,
                                                        real_or_synthetic_images, tmp_path):
     import shutil
 
-    from skin.stage import stage
+    from skin.staging.stage import stage
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_retrain import experiment

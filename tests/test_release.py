@@ -68,7 +68,7 @@ def test_a_release_reaches_the_chief_over_grpc_and_is_logged_as_such(tmp_path, b
     from prometheus_client import CollectorRegistry
 
     from conftest import free_port
-    from skin.metrics_chief import ChiefMetrics
+    from skin.metrics.chief import ChiefMetrics
     from skin.tuning.chief import ChiefListener
     from skin.tuning.client import ChiefClient
     from skin.tuning.oracle import make_oracle
@@ -183,7 +183,7 @@ def test_the_workers_span_sets_where_an_attempt_began_when_epoch_reports_were_lo
 def test_a_replacement_process_of_the_same_attempt_keeps_where_the_attempt_began(tmp_path,
                                                                                  bucket,
                                                                                  storage):
-    from skin.artifacts import EPOCH_STATE
+    from skin.infra.artifacts import EPOCH_STATE
     from skin.tuning.checkpoints import TrialFiles
 
     # Attempt 1 began at epoch 0 and saved epoch 3; its process died before the chief heard of

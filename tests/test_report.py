@@ -1,4 +1,4 @@
-"""skin.report: the search picture (PNG) and the self-contained HTML page."""
+"""skin.publishing.report: the search picture (PNG) and the self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import pytest
 from PIL import Image
 
-from skin.documents import SearchResult
-from skin.report import render_search_report
+from skin.infra.documents import SearchResult
+from skin.publishing.report import render_search_report
 
 
 def result(objective="val_auc", direction="max", **extra) -> SearchResult:

@@ -1,4 +1,4 @@
-"""skin.retrain: retrain → threshold on validation → evaluate → publish, against the
+"""skin.publishing.retrain: retrain → threshold on validation → evaluate → publish, against the
 storage emulator with a tiny staged set of real images (32 px, 2 epochs).
 
 One module-scoped retrain with the real SkinHyperModel feeds most assertions; a
@@ -21,14 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skin import artifacts, model_card, provenance, publish, scoring, serving, training
-from skin import evaluate as ev
-from skin import retrain as rt
-from skin.config import parse_experiment
 from skin.context import RoleContext
+from skin.data import provenance
 from skin.errors import RetryableError
-from skin.runtime import Runtime
-from skin.storage import Storage, join
+from skin.infra import artifacts
+from skin.infra.config import parse_experiment
+from skin.infra.runtime import Runtime
+from skin.infra.storage import Storage, join
+from skin.publishing import model_card, publish, training
+from skin.publishing import retrain as rt
+from skin.serving import contract as serving
+from skin.serving import evaluate as ev
+from skin.serving import scoring
 
 VERSION_FILES = {"model.keras", "serving.json", "metrics.json", "model_card.md",
                  "learning_curves.png", "roc.png", "confusion_matrix.png", "reliability.png",
@@ -108,7 +112,7 @@ class RecordingStorage(Storage):
 
 
 def stage(exp, storage):
-    from skin.stage import stage as run_stage
+    from skin.staging.stage import stage as run_stage
 
     run_stage(exp, storage)
 
@@ -269,7 +273,7 @@ def test_card_names_the_isic_licence_only_for_the_isic_images(run, tmp_path):
     """The same published metrics, carded for three sources: the ISIC folder (recognised by
     the dataset's README next to it, or by data.licence: isic), synthetic images and
     another folder."""
-    from skin import provenance
+    from skin.data import provenance
 
     exp, _, _, published = run
     isic = tmp_path / "skin-cancer-isic"
@@ -324,7 +328,7 @@ def test_restore_best_publishes_the_best_or_the_last_epochs_weights(run, restore
     snapshots taken at the end of each epoch."""
     import keras
 
-    from skin.model import SkinHyperModel
+    from skin.model.hypermodel import SkinHyperModel
 
     exp, runtime = run[0], run[1]
     exp = replace(exp, retrain=replace(exp.retrain, epochs=3, patience=0,
@@ -388,7 +392,7 @@ def _stand_in_hypermodel():
     import keras
     import keras_tuner
 
-    from skin import data as skin_data
+    from skin.data import dataset as skin_data
 
     class TinyHyperModel(keras_tuner.HyperModel):
         built: list = []  # every model build() made, in order (per instance once assigned)
@@ -469,8 +473,8 @@ def test_epoch_policy(retrain_epochs, best, expected, tmp_path):
 
 
 def test_best_values_reach_the_real_hypermodel(tmp_path):
-    from skin.model import SkinHyperModel
-    from skin.space import hyperparameters_from_values
+    from skin.model.hypermodel import SkinHyperModel
+    from skin.model.space import hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     recorded = {**BEST["hyperparameters"], "stem": 4}   # every value off its default reaches
@@ -481,8 +485,8 @@ def test_best_values_reach_the_real_hypermodel(tmp_path):
 
 def test_a_best_trial_recorded_before_a_new_hyperparameter_gets_its_default(tmp_path):
     # A search finished before `stem` existed: its best trial does not name it.
-    from skin.model import SkinHyperModel
-    from skin.space import hyperparameters_from_values
+    from skin.model.hypermodel import SkinHyperModel
+    from skin.model.space import hyperparameters_from_values
 
     exp = experiment("b-b", tmp_path)
     old = {k: v for k, v in BEST["hyperparameters"].items() if k != "stem"}
@@ -517,7 +521,7 @@ def test_plots_with_a_read_only_matplotlib_config_dir(tmp_path):
 def test_code_version_names_the_commit():
     version = provenance.code_version()
     assert version.startswith("0.")
-    if (Path(provenance.__file__).parents[1] / ".git").exists():
+    if (Path(provenance.__file__).parents[2] / ".git").exists():
         assert re.search(r"\+git\.[0-9a-f]{12}", version)
 
 
@@ -533,7 +537,7 @@ def test_run_report_is_rendered_from_the_search_result(tmp_path):
 
 def _as_written(doc: dict):
     """``doc`` completed into the result.json the chief writes, read as every reader reads it."""
-    from skin.documents import SearchResult
+    from skin.infra.documents import SearchResult
 
     return SearchResult.from_json({"outcome": "completed", "reason": "", "tuner": "random",
                                    "best": None, "counts": {}, "trials_by_status": {}, **doc})

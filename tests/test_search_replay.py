@@ -115,8 +115,8 @@ def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
     from keras_tuner.src.engine import metrics_tracking
     from prometheus_client import CollectorRegistry
 
-    from skin.config import parse_experiment
-    from skin.metrics_chief import ChiefMetrics
+    from skin.infra.config import parse_experiment
+    from skin.metrics.chief import ChiefMetrics
     from skin.tuning.chief import ChiefListener
     from skin.tuning.oracle import make_oracle
     from skin.tuning.results import build_result
@@ -164,7 +164,7 @@ def test_a_stopped_trial_is_completed_with_its_partial_score_and_counted():
 
 def _as_written(doc: dict):
     """``doc`` completed into the result.json the chief writes, read as every reader reads it."""
-    from skin.documents import SearchResult
+    from skin.infra.documents import SearchResult
 
     return SearchResult.from_json({
         "outcome": "completed", "reason": "", "tuner": "random", "best": None, "counts": {},
@@ -173,7 +173,7 @@ def _as_written(doc: dict):
 
 
 def test_the_run_report_shows_stopped_trials_and_the_confirmation(tmp_path):
-    from skin.report import render_search_report
+    from skin.publishing.report import render_search_report
 
     result = {"objective": "val_auc", "direction": "max", "trials": [
         {"id": "00", "status": "completed", "score": 0.93, "stopped_at": None},
@@ -193,7 +193,7 @@ def test_the_run_report_shows_stopped_trials_and_the_confirmation(tmp_path):
 
 
 def test_the_run_report_names_the_validation_fold_of_each_confirmation_score(tmp_path):
-    from skin.report import render_search_report
+    from skin.publishing.report import render_search_report
 
     result = {"objective": "val_auc", "direction": "max", "trials": [
         {"id": "00", "status": "completed", "score": 0.93, "stopped_at": None}],

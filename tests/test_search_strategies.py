@@ -56,7 +56,7 @@ def test_median_stopping_stops_a_learning_rate_that_cannot_learn_and_never_a_goo
 
 def test_confirmation_trials_run_on_both_workers_and_the_best_mean_wins(
         search, storage, image_folder, tmp_path):  # noqa: F811
-    from skin.stage import stage
+    from skin.staging.stage import stage
 
     # units 1 scores 0.95 once but 0.70/0.72 with other seeds; units 2 scores 0.90/0.89/0.91.
     s = search(max_trials=4, max_epochs=2, confirm={"top": 2, "seeds": 2},

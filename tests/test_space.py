@@ -1,4 +1,4 @@
-"""The search space in the experiment file (skin.space), its fingerprint, and the shipped space."""
+"""The search space in the experiment file (skin.model.space), its fingerprint, and the shipped space."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from skin import space as S
-from skin.config import (
+from skin.errors import ConfigError
+from skin.infra.config import (
     DEFAULT_EXPERIMENT_FILE,
     QUICKSTART_EXPERIMENT_FILE,
     load_experiment,
     parse_experiment,
 )
-from skin.errors import ConfigError
+from skin.model import space as S
 
 
 def doc(space=None, **search):
@@ -175,7 +175,7 @@ def test_a_yaml_space_samples_the_same_trials_as_the_default_space():
     """The same seed draws the same hyperparameters from the stated space as from the model's
     default space (what the search sampled before the space moved into the file)."""
 
-    from skin import model as M
+    from skin.model import hypermodel as M
     from skin.tuning.oracle import make_oracle
 
     stated = load_experiment(QUICKSTART_EXPERIMENT_FILE, env={"SKIN_TUNER": "random"})
@@ -195,7 +195,7 @@ def test_the_hypermodel_declares_every_kind_from_a_yaml_space():
     import keras_tuner
     import yaml
 
-    from skin import model as M
+    from skin.model import hypermodel as M
 
     text = """
     stem: {type: fixed, value: 2}

@@ -1,4 +1,4 @@
-"""skin.stage against the real emulator, on real images (or synthetic ones) plus crafted bad files."""
+"""skin.staging.stage against the real emulator, on real images (or synthetic ones) plus crafted bad files."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skin import synthetic
-from skin.config import API_VERSION, KIND, Experiment, parse_experiment
+from skin.data import synthetic
+from skin.data.grouping import fold_groups, near_duplicate_groups, split_groups, split_images
+from skin.data.images import CLASSES
 from skin.errors import DataError
-from skin.grouping import fold_groups, near_duplicate_groups, split_groups, split_images
-from skin.images import CLASSES
-from skin.stage import stage
-from skin.storage import Storage, join
+from skin.infra.config import API_VERSION, KIND, Experiment, parse_experiment
+from skin.infra.storage import Storage, join
+from skin.staging.stage import stage
 
 
 def make_exp(bucket: str, source: str | Path, name: str = "exp", **data) -> Experiment:
@@ -446,13 +446,13 @@ def test_folds_keep_groups_whole_and_fold_0_is_the_validation_split(staged, tmp_
 
 def test_data_staged_before_folds_is_kept_as_it_is(image_folder, storage, bucket, tmp_path,
                                                    monkeypatch, caplog):
-    from skin import stage as stage_module
+    from skin.staging import stage as stage_module
 
     exp = make_exp(bucket, image_folder, name="older")
     monkeypatch.setattr(stage_module, "STAGE_ALGORITHM", 1)  # the fingerprint an older stage wrote
     first = stage(exp, storage, work_dir=tmp_path / "w1")
     monkeypatch.undo()
-    caplog.set_level("WARNING", logger="skin.stage")
+    caplog.set_level("WARNING", logger="skin.staging.stage")
     before = storage.list_info(exp.data_uri)
     again = stage(exp, storage, work_dir=tmp_path / "w2")
     assert again.already_staged and again.fingerprint == first.fingerprint
@@ -494,7 +494,7 @@ def test_fold_groups_are_stratified_and_deterministic():
 
 
 def test_folds_are_fewer_when_a_class_could_not_fill_them(tmp_path):
-    from skin.stage import StageReport, _assign_folds, _Item
+    from skin.staging.stage import StageReport, _assign_folds, _Item
 
     # train 0.8 / validation 0.1 -> 8 parts would be asked for, but the train split holds
     # 3 malignant images: 3 parts, each with both classes

@@ -11,12 +11,12 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry
 
-from skin.config import parse_experiment
-from skin.documents import SearchResult
 from skin.errors import EXIT_OK, EXIT_RETRYABLE
-from skin.metrics_chief import ChiefMetrics
-from skin.metrics_server import serve
-from skin.metrics_worker import WorkerMetrics
+from skin.infra.config import parse_experiment
+from skin.infra.documents import SearchResult
+from skin.metrics.chief import ChiefMetrics
+from skin.metrics.server import serve
+from skin.metrics.worker import WorkerMetrics
 from skin.status import fetch, format_status, main_status
 
 
@@ -265,7 +265,7 @@ def test_unreachable_chief_says_how_to_reach_it_and_falls_back_to_the_bucket(
     assert main_status("127.0.0.1:1", out=io.StringIO()) == EXIT_RETRYABLE
     assert "port-forward" in capsys.readouterr().err
     # With the experiment (--config): its own chief's Service, and its state in the bucket.
-    from skin.config import parse_experiment
+    from skin.infra.config import parse_experiment
 
     exp = parse_experiment({"apiVersion": "skin/v1", "kind": "Experiment", "name": "running",
                             "storage": {"bucket": bucket, "prefix": "experiments"}}, env={})

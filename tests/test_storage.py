@@ -1,4 +1,4 @@
-"""skin.storage.Storage against the real emulator (gs://) and the local disk."""
+"""skin.infra.storage.Storage against the real emulator (gs://) and the local disk."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import urllib.request
 import pytest
 
 from conftest import free_port
-from skin.emulator import Emulator
 from skin.errors import PreconditionFailedError, RetryableError
-from skin.storage import Storage, is_gcs, join
+from skin.infra.emulator import Emulator
+from skin.infra.storage import Storage, is_gcs, join
 
 
 @pytest.fixture(params=["gs", "local"])
@@ -263,7 +263,7 @@ def test_emulator_refuses_a_busy_port():
 
 def test_emulator_as_a_process(monkeypatch):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "skin.emulator", "--port", "0", "--bucket", "proc-bucket"],
+        [sys.executable, "-m", "skin.infra.emulator", "--port", "0", "--bucket", "proc-bucket"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         endpoint = proc.stdout.readline().strip()

@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from conftest import free_port
-from skin.artifacts import best_uri
-from skin.config import load_experiment
-from skin.storage import join
+from skin.infra.artifacts import best_uri
+from skin.infra.config import load_experiment
+from skin.infra.storage import join
 from skin.tuning import load_best, load_result
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import free_port
-from skin.config import load_experiment
 from skin.context import RoleContext
+from skin.infra.config import load_experiment
 from skin.tuning.journal import Journal, OracleStore
 
 
@@ -31,7 +31,7 @@ def _exp(tmp_path, bucket, **search):
 
 
 def _oracle(exp, storage, *, journal=True, slots=16, compact_interval_s=0.5):
-    from skin.artifacts import oracle_uri
+    from skin.infra.artifacts import oracle_uri
     from skin.tuning.oracle import make_oracle
 
     oracle = make_oracle(exp)
@@ -246,7 +246,7 @@ class _SpaceOnly:
 
 
 def _runtime(tmp_path, **kw):
-    from skin.runtime import Runtime
+    from skin.infra.runtime import Runtime
 
     return Runtime(tuner_id="chief", oracle_port=free_port(), work_dir=tmp_path / "work", **kw)
 
@@ -263,7 +263,7 @@ def test_a_space_that_cannot_be_built_fails_the_search_for_everyone(tmp_path, bu
     assert "the search space cannot be built: ValueError: no model for you" in result["reason"]
     assert read_outcome(storage, exp)["outcome"] == "failed"
     # A worker (re)starting later learns it from the bucket and stops too, without a chief.
-    from skin.runtime import Runtime
+    from skin.infra.runtime import Runtime
 
     worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0")
     assert run_worker(RoleContext.with_hypermodel(exp, worker, storage, _SpaceOnly().model)) == 4
@@ -316,8 +316,8 @@ class _FakeJobs:
 @pytest.mark.parametrize("found, code", [(True, 0), (False, 2)])
 def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restarts(
         tmp_path, bucket, storage, monkeypatch, found, code):
-    from skin.artifacts import result_uri
-    from skin.documents import SearchResult
+    from skin.infra.artifacts import result_uri
+    from skin.infra.documents import SearchResult
     from skin.tuning import run_chief
 
     exp = _exp(tmp_path, bucket)
@@ -337,13 +337,13 @@ def test_an_ended_search_starts_the_retrain_job_once_more_when_the_chief_restart
 
 def test_a_worker_waits_for_staged_data_a_bounded_time_then_exits_75(tmp_path, bucket, storage,
                                                                       caplog):
-    from skin.runtime import Runtime
+    from skin.infra.runtime import Runtime
     from skin.tuning import run_worker
 
     exp = _exp(tmp_path, bucket)
     worker = Runtime(tuner_id="tuner0", work_dir=tmp_path / "w0", data_wait_seconds=1.5)
     t0 = time.monotonic()
-    with caplog.at_level("INFO", logger="skin"):  # the worker's wait is skin.data's
+    with caplog.at_level("INFO", logger="skin"):  # the worker's wait is skin.data.dataset's
         assert run_worker(RoleContext.with_hypermodel(exp, worker, storage,
                                                       _SpaceOnly().model)) == 75
     assert time.monotonic() - t0 < 30
@@ -460,8 +460,8 @@ def test_a_compaction_cut_short_by_a_crash_loses_nothing(tmp_path, bucket, stora
 @pytest.mark.slow
 def test_executions_per_trial_average_their_best_epochs(tmp_path, bucket, storage):
     """A chief (in a thread) and a worker in this process, two executions per trial."""
-    from skin.artifacts import EPOCH_STATE
-    from skin.runtime import Runtime
+    from skin.infra.artifacts import EPOCH_STATE
+    from skin.infra.runtime import Runtime
     from skin.tuning import load_result, run_chief, run_worker
     from tuning_entry import TinyHyperModel
 

@@ -1,4 +1,4 @@
-"""skin.weights / `skin weights import`: PyTorch checkpoints read without PyTorch (and
+"""skin.model.weights / `skin weights import`: PyTorch checkpoints read without PyTorch (and
 without running code from them), converted to Keras, and proof that the conversion is right:
 the shipped EfficientNet-Lite0 checkpoint classifies real photographs into plausible ImageNet
 classes, and its batch-norm statistics match the activations of natural images; a wrong
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import torch_format
-from skin import checkpoint as ckpt
-from skin import lite0
-from skin import weights as W
 from skin.cli import main
+from skin.model import checkpoint as ckpt
+from skin.model import lite0
+from skin.model import weights as W
 
 BACKBONE = "efficientnet_lite0"
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -385,7 +385,7 @@ def test_the_network_is_lite0(state):
 
 
 def test_the_network_and_the_import_are_pure_keras():
-    """No TensorFlow import in skin.lite0, skin.weights, skin.backbone: they run on Keras's
+    """No TensorFlow import in skin.model.lite0, skin.model.weights, skin.model.backbone: they run on Keras's
     JAX backend too (the GPU machines have no TensorFlow)."""
     import ast
     from pathlib import Path
@@ -393,7 +393,7 @@ def test_the_network_and_the_import_are_pure_keras():
     import skin
 
     for name in ("lite0.py", "weights.py", "backbone.py"):
-        tree = ast.parse((Path(skin.__file__).parent / name).read_text())
+        tree = ast.parse((Path(skin.__file__).parent / "model" / name).read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
         imported |= {node.module or "" for node in ast.walk(tree)

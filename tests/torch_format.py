@@ -1,4 +1,4 @@
-"""Writes PyTorch checkpoints without PyTorch (tests of skin.weights).
+"""Writes PyTorch checkpoints without PyTorch (tests of skin.model.weights).
 
 ``save_zip`` writes ``torch.save``'s zip layout (``archive/data.pkl``, ``archive/data/<key>``,
 ``archive/version``, ``archive/byteorder``; persistent ids ``('storage', torch.FloatStorage,

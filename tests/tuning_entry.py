@@ -181,12 +181,12 @@ def main() -> int:
         _freeze_before_saving_epoch(args.freeze_before_saving_epoch)
     from prometheus_client import CollectorRegistry
 
-    from skin import metrics_server as metrics
     from skin import tuning
-    from skin.config import load_experiment
     from skin.context import RoleContext
-    from skin.runtime import runtime_from_env
-    from skin.storage import Storage
+    from skin.infra.config import load_experiment
+    from skin.infra.runtime import runtime_from_env
+    from skin.infra.storage import Storage
+    from skin.metrics import server as metrics
 
     runtime = runtime_from_env()
     logging.basicConfig(level=runtime.log_level, stream=sys.stderr, force=True,

@@ -1,6 +1,6 @@
 """Just enough of the Kubernetes API for the chief: GET and PATCH of a Job.
 
-The chief un-suspends the retrain Job when the search ends (:mod:`skin.kube`):
+The chief un-suspends the retrain Job when the search ends (:mod:`skin.infra.kube`):
 a GET of ``/apis/batch/v1/namespaces/NS/jobs/NAME``, then a PATCH
 ``{"spec": {"suspend": false}}``. This server answers those two calls for the
 Jobs it holds, authenticates the bearer token (the service account token the

@@ -558,7 +558,7 @@ class Simulator:
     def _publish_summary(self) -> int:
         """Read the published model back from the bucket and summarise it as skin run does."""
         from skin import run as skin_run
-        from skin.config import parse_experiment
+        from skin.infra.config import parse_experiment
 
         found = self._experiment()
         if found is None:

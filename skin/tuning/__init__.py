@@ -2,8 +2,8 @@
 
     run_chief(ctx: skin.context.RoleContext) -> exit code
     run_worker(ctx: skin.context.RoleContext) -> exit code
-    load_best(storage, exp) -> BestTrial # <root>/tuner/best_hyperparameters.json (skin.artifacts)
-    load_result(storage, exp) -> SearchResult  # <root>/tuner/result.json (skin.artifacts)
+    load_best(storage, exp) -> BestTrial # <root>/tuner/best_hyperparameters.json (skin.infra.artifacts)
+    load_result(storage, exp) -> SearchResult  # <root>/tuner/result.json (skin.infra.artifacts)
 
 Modules: ``oracle`` (keras-tuner's oracles with leases), ``oracle_state`` (their per-trial state),
 ``journal`` (that state in the bucket), ``chief`` (the chief's life),

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import keras
 from keras_tuner.src import errors as kt_errors
 
-from skin.artifacts import (
+from skin.errors import RetryableError
+from skin.infra.artifacts import (
     BEST_WEIGHTS,
     BUILD_CONFIG,
     EPOCH_STATE,
@@ -28,8 +29,7 @@ from skin.artifacts import (
     attempt_of,
     trial_uri,
 )
-from skin.errors import RetryableError
-from skin.storage import join
+from skin.infra.storage import join
 from skin.tuning import checks
 from skin.tuning.client import LeaseLostError
 

@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from skin.space import hyperparameters_from_values
+from skin.model.space import hyperparameters_from_values
 from skin.tuning.protocol import Refused
 
 # Metrics bounded to [0, 1] (a name contains one of these); losses are >= 0.

@@ -34,8 +34,6 @@ import logging
 import tempfile
 import time
 
-from skin.artifacts import best_uri, lock_uri, oracle_uri, result_uri
-from skin.documents import SearchResult
 from skin.errors import (
     EXIT_OK,
     EXIT_SEARCH_FAILED,
@@ -46,6 +44,8 @@ from skin.errors import (
     SkinError,
     exits,
 )
+from skin.infra.artifacts import best_uri, lock_uri, oracle_uri, result_uri
+from skin.infra.documents import SearchResult
 from skin.tuning import auth
 from skin.tuning.hooks import ChiefHooks, Listener
 from skin.tuning.journal import Journal, OracleStore
@@ -160,12 +160,12 @@ def start_retrain(runtime) -> int:
     """Un-suspend the retrain Job when one is configured; the exit code that follows.
 
     A failure that a retry may cure exits 75, so the Job restarts the chief, which finds
-    the search ended and tries again; a misconfiguration skin.kube reports as such (no
+    the search ended and tries again; a misconfiguration skin.infra.kube reports as such (no
     such Job, no permission: ConfigError) exits 2. The search result stays either way.
     """
     if not runtime.retrain_job:
         return EXIT_OK
-    from skin import kube
+    from skin.infra import kube
 
     try:
         kube.unsuspend_job(runtime.namespace, runtime.retrain_job)
@@ -242,7 +242,7 @@ def _serve(exp, runtime, storage, metrics, make_hypermodel, lock: ChiefLock, ser
     port = runtime.oracle_port or exp.chief.oracle_port
     oracle = make_oracle(exp)
     if oracle.confirm is not None and exp.search.confirm.folds:  # read once, when it starts
-        from skin.data import staged_folds
+        from skin.data.dataset import staged_folds
 
         oracle.confirm.folds_source = lambda: staged_folds(storage, exp.data_uri)
     store = OracleStore(storage, oracle_uri(exp), fence=fence)

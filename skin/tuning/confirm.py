@@ -8,15 +8,15 @@ trials of each, as ordinary trials any worker runs. A confirmation trial carries
 configuration plus two bookkeeping values (keras-tuner's ``tuner/`` prefix, which the
 results and the retrain leave out): ``tuner/confirms`` (the trial it repeats) and
 ``tuner/seed`` (1..S: the hypermodel seeds its initial weights, augmentation and data
-order with it, ``skin.model.trial_seed``); under Hyperband also ``tuner/epochs`` = the
+order with it, ``skin.model.hypermodel.trial_seed``); under Hyperband also ``tuner/epochs`` = the
 trial length, from scratch.
 
 **Folds** (``confirm.folds``, on by default): a seed alone removes training noise but not the
 luck of a few hundred validation images. When the staged data hold F > 1 validation folds
-of the training part (skin.stage: fold 0 is the validation split the search scored on,
+of the training part (skin.staging.stage: fold 0 is the validation split the search scored on,
 1..F-1 parts of the train split, grouped by lesion), confirmation seed ``s`` of every
 candidate also carries ``tuner/fold`` = 1 + (s-1) % (F-1): the hypermodel then trains on
-the rest of the training part and validates on that fold (``skin.data.dataset(fold=...)``).
+the rest of the training part and validates on that fold (``skin.data.dataset.dataset(fold=...)``).
 Every candidate is scored on the same folds, so their means compare. The chief reads F from
 the staged manifest once, when confirmation starts (``folds_source``); data staged without
 folds, or too few images, leave seeds only (logged). A restarted chief keeps what its
@@ -48,8 +48,8 @@ from skin.tuning.stopping import CONFIRMS_KEY
 
 log = logging.getLogger("skin.tuning")
 
-SEED_KEY = "tuner/seed"  # skin.model.SEED_KEY
-FOLD_KEY = "tuner/fold"  # skin.model.FOLD_KEY
+SEED_KEY = "tuner/seed"  # skin.model.hypermodel.SEED_KEY
+FOLD_KEY = "tuner/fold"  # skin.model.hypermodel.FOLD_KEY
 
 
 def public_values(values: dict) -> dict:
@@ -78,7 +78,7 @@ class Confirmation:
                  folds_source=None):
         self.top, self.seeds = int(top), int(seeds)
         self.max_epochs, self.hyperband = int(max_epochs), bool(hyperband)
-        # () -> validation folds staged (skin.data.staged_folds); None: seeds only
+        # () -> validation folds staged (skin.data.dataset.staged_folds); None: seeds only
         self.folds_source = folds_source
         self._folds: int | None = None
 

@@ -1,7 +1,7 @@
 """Which search a saved state belongs to: a restarted chief must not resume another one.
 
 The fingerprint covers what changes the search: the tuner, the objective, the trial
-length, the seed, the effective space (``skin.space.effective_space``: every
+length, the seed, the effective space (``skin.model.space.effective_space``: every
 hyperparameter's type and range, stated or default), the tuner's own budget settings
 (``max_trials`` for random and Bayesian, the factor and iterations for Hyperband: a key a
 tuner ignores does not count), early stopping and confirmation when they are on, and the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from skin import space as skin_space
+from skin.model import space as skin_space
 
 
 def _hash(doc: dict) -> str:

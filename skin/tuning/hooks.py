@@ -2,9 +2,9 @@
 
 :class:`ChiefHooks` and :class:`WorkerHooks` name every event the chief and a
 worker report; their methods do nothing, so an instance of either is the "metrics
-off" implementation and the roles never check for None. ``skin.metrics_chief``
-(:class:`~skin.metrics_chief.ChiefMetrics`) and ``skin.metrics_worker``
-(:class:`~skin.metrics_worker.WorkerMetrics`) implement them with Prometheus series.
+off" implementation and the roles never check for None. ``skin.metrics.chief``
+(:class:`~skin.metrics.chief.ChiefMetrics`) and ``skin.metrics.worker``
+(:class:`~skin.metrics.worker.WorkerMetrics`) implement them with Prometheus series.
 
 A hook never ends a trial or the search: in every subclass, each hook method that
 overrides one of the interface's is wrapped so that an exception is logged once (per

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skin.errors import RetryableError
-from skin.storage import join
+from skin.infra.storage import join
 
 log = logging.getLogger(__name__)
 

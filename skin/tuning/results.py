@@ -1,6 +1,6 @@
 """What a search leaves in the bucket: ``tuner/result.json`` and ``tuner/best_hyperparameters.json``.
 
-``best_hyperparameters.json`` (the retrain reads it; ``skin.documents.BestTrial``)::
+``best_hyperparameters.json`` (the retrain reads it; ``skin.infra.documents.BestTrial``)::
 
     {"trial_id", "score", "objective", "direction", "hyperparameters": {name: value},
      "epochs", "best_epoch", "confirmation"?}
@@ -9,7 +9,7 @@
 ``epochs`` is how many epochs the best trial trained in all (Hyperband counts
 the epochs of the trials it continued), ``best_epoch`` the epoch of its score.
 
-``result.json`` (the run report reads it; ``skin.documents.SearchResult``)::
+``result.json`` (the run report reads it; ``skin.infra.documents.SearchResult``)::
 
     {"outcome": "completed" | "failed", "reason", "tuner", "objective", "direction",
      "started_at", "finished_at", "best": {"trial_id", "score"} | null,
@@ -46,20 +46,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from skin.documents import BestTrial, SearchResult, TrialSummary, read_best, read_result
+from skin.infra.documents import BestTrial, SearchResult, TrialSummary, read_best, read_result
 
 COMPLETED, FAILED_STATUS, CANCELLED = "completed", "failed", "cancelled"
 ATTEMPT_STATUSES = ("completed", "released", "reclaimed", "failed")
 
 
 def load_best(storage, exp) -> BestTrial:
-    """The best trial (skin.documents.BestTrial); FileNotFoundError until a search completed,
+    """The best trial (skin.infra.documents.BestTrial); FileNotFoundError until a search completed,
     DocumentError when the file is not one this version reads."""
     return read_best(storage, exp)
 
 
 def load_result(storage, exp) -> SearchResult:
-    """The search summary (skin.documents.SearchResult); FileNotFoundError until a search
+    """The search summary (skin.infra.documents.SearchResult); FileNotFoundError until a search
     ended, DocumentError when the file is not one this version reads."""
     return read_result(storage, exp)
 

@@ -42,12 +42,12 @@ import keras_tuner
 from keras_tuner.src import errors as kt_errors
 from keras_tuner.src.engine import tuner_utils
 
-from skin.artifacts import (
+from skin.errors import RetryableError
+from skin.infra.artifacts import (
     BEST_WEIGHTS,
     BUILD_CONFIG,
     EPOCH_WEIGHTS,
 )
-from skin.errors import RetryableError
 from skin.tuning.checkpoints import (
     Abandon,
     EpochReporter,

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from skin import data as skin_data
+from skin.data import dataset as skin_data
 from skin.errors import (
     EXIT_OK,
     ConfigError,

@@ -1,5 +1,5 @@
 """k8s/monitoring: the kustomization renders, its objects have the right shape, and the
-dashboard and the alerts only use metrics that skin.metrics.chief and metrics_worker export."""
+dashboard and the alerts only use metrics that skin.metrics.chief and skin.metrics.worker export."""
 
 from __future__ import annotations
 

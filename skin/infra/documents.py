@@ -97,15 +97,21 @@ class BestTrial:
                    confirmation=doc.get("confirmation"))
 
 
-def read_best(storage, root) -> BestTrial:
-    """``tuner/best_hyperparameters.json``; FileNotFoundError until a search completed,
-    DocumentError when it is not one this version can read."""
-    uri = best_uri(root)
+def _read(storage, uri: str, document):
+    """``document.from_json`` of the JSON at ``uri``: FileNotFoundError when absent,
+    DocumentError when it is not JSON or not a shape this version can read."""
     try:
         doc = storage.read_json(uri)
     except ValueError as e:  # not JSON (the message names the URI)
         raise DocumentError(str(e)) from None
-    return BestTrial.from_json(doc, uri)
+    return document.from_json(doc, uri)
+
+
+def read_best(storage, root) -> BestTrial:
+    """``tuner/best_hyperparameters.json``; FileNotFoundError until a search completed,
+    DocumentError when it is not one this version can read."""
+    uri = best_uri(root)
+    return _read(storage, uri, BestTrial)
 
 
 @dataclass(frozen=True)
@@ -271,11 +277,7 @@ def read_result(storage, root) -> SearchResult:
     """``tuner/result.json``; FileNotFoundError until the search ended, DocumentError when it
     is not one this version can read."""
     uri = result_uri(root)
-    try:
-        doc = storage.read_json(uri)
-    except ValueError as e:  # not JSON (the message names the URI)
-        raise DocumentError(str(e)) from None
-    return SearchResult.from_json(doc, uri)
+    return _read(storage, uri, SearchResult)
 
 
 MANIFEST_VERSION = 1  # keys added since (folds, fold_counts, an image's fold) are optional
@@ -332,8 +334,4 @@ def read_manifest(storage, data: str) -> DataManifest:
     """``<data>/manifest.json`` (``data`` is the data folder, ``Experiment.data_uri``);
     FileNotFoundError before staging finished, DocumentError for another shape."""
     uri = join(data, MANIFEST)
-    try:
-        doc = storage.read_json(uri)
-    except ValueError as e:  # not JSON (the message names the URI)
-        raise DocumentError(str(e)) from None
-    return DataManifest.from_json(doc, uri)
+    return _read(storage, uri, DataManifest)

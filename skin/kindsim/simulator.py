@@ -36,20 +36,18 @@ import queue
 import random
 import secrets
 import shutil
-import ssl
 import string
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from skin.errors import ConfigError
 from skin.kindsim import jobs as jobctl
-from skin.kindsim.apiserver import FakeKubeAPI, Rbac
+from skin.kindsim.apiserver import FakeKubeAPI
+from skin.kindsim.network import NetworkSetup, podman
+from skin.kindsim.outcome import Outcome
 from skin.kindsim.pods import BuiltPod, Cluster, PodConfigError, Slot, play_yaml
 
 log = logging.getLogger("skin.kindsim")
@@ -110,13 +108,10 @@ class JobState:
         return self.obj["kind"]
 
 
-def podman(*args: str, timeout: float = 120, check: bool = False, env=None) \
-        -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
-                          check=check, env=env)
+class Simulator(NetworkSetup, Outcome):
+    """The cluster of one rendered overlay, run by podman (setup and teardown:
+    :class:`skin.kindsim.network.NetworkSetup`; the run's end: :class:`skin.kindsim.outcome.Outcome`)."""
 
-
-class Simulator:
     def __init__(self, yaml_text: str, opts: SimOptions):
         self.cluster = Cluster(yaml_text)
         self.opts = opts
@@ -171,100 +166,6 @@ class Simulator:
             return self._loop()
         finally:
             self._teardown()
-
-    # --- setup and teardown ---------------------------------------------------------------
-
-    def _setup(self) -> None:
-        for w in self.cluster.workloads:
-            for c in w["spec"]["template"]["spec"].get("containers", []):
-                if c.get("image") and not podman("image", "exists", self._image(c["image"]),
-                                                 env=self.env).returncode == 0:
-                    raise RuntimeError(
-                        f"{w['kind']} {w['metadata']['name']}: image {self._image(c['image'])} "
-                        "is not in podman's store (make images, or --image FROM=TO)")
-        out = podman("network", "create", self.network, env=self.env)
-        if out.returncode != 0:
-            raise RuntimeError(f"podman network create: {out.stderr.strip()}")
-        info = json.loads(podman("network", "inspect", self.network, env=self.env).stdout)[0]
-        subnet = info["subnets"][0]
-        gateway = subnet["gateway"]
-        self.cluster.assign_addresses(subnet["subnet"].split("/")[0].rsplit(".", 1)[0])
-        for warning in self.cluster.check_services():
-            self.say(f"WARNING {warning}")
-        self._start_api(gateway)
-        self.say(f"network {self.network} ({subnet['subnet']}); Kubernetes API at "
-                 f"https://{gateway}:{self.cluster.kube_api[1]}; pods: " + ", ".join(
-                     f"{s.key}={s.ip}" for s in self.cluster.slots.values()))
-        for name, (svc, slot) in self.cluster.service_targets().items():
-            for port in svc["spec"].get("ports") or []:
-                if slot is not None and port.get("name") == "metrics":
-                    self.say(f"Service {name} metrics: http://{slot.ip}:{port['port']}/metrics "
-                             f"(skin status --address {slot.ip}:{port['port']} --watch)")
-
-    def _start_api(self, gateway: str) -> None:
-        """The fake API over TLS, and a service account token folder per ServiceAccount."""
-        tls = self.opts.out / "apiserver"
-        shutil.rmtree(tls, ignore_errors=True)
-        tls.mkdir()
-        key, cert = tls / "tls.key", tls / "ca.crt"
-        made = subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", "/CN=kubernetes", "-keyout", str(key), "-out", str(cert),
-             "-addext", f"subjectAltName=IP:{gateway},DNS:kubernetes.default.svc"],
-            capture_output=True, text=True, timeout=60)
-        if made.returncode != 0:
-            raise RuntimeError(f"openssl: cannot make the API server's certificate: "
-                               f"{made.stderr.strip()}")
-        tokens = {}
-        accounts = {(Cluster.namespace(sa), sa["metadata"]["name"])
-                    for sa in self.cluster.by_kind.get("ServiceAccount", {}).values()}
-        # Every namespace has its ServiceAccount "default".
-        accounts |= {(Cluster.namespace(w), "default") for w in self.cluster.workloads}
-        for ns, name in sorted(accounts):
-            token = secrets.token_urlsafe(32)
-            tokens[token] = (ns, name)
-            folder = tls / f"sa-{name}"
-            folder.mkdir()
-            (folder / "token").write_text(token)
-            (folder / "namespace").write_text(ns)
-            shutil.copy(cert, folder / "ca.crt")
-            for f in folder.iterdir():
-                f.chmod(0o644)
-            folder.chmod(0o755)
-            self.cluster.sa_dirs[name] = str(folder)
-        tls.chmod(0o755)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        api_log = self._api_log = open(self.opts.out / "apiserver.log", "w")
-        jobs = [w for w in self.cluster.workloads if w["kind"] == "Job"]
-        self.api = FakeKubeAPI(
-            jobs, tokens=tokens, rbac=Rbac(self.cluster.objects),
-            on_unsuspend=lambda ns, name: self.events.put(("unsuspend", name)),
-            log=lambda line: (api_log.write(line + "\n"), api_log.flush(),
-                              self.say(f"API {line[:160]}")))
-        # On every address: the bridge's gateway appears only with the first container.
-        port = self.api.serve("0.0.0.0", 0, context)
-        self.cluster.kube_api = (gateway, port)
-
-    def _teardown(self) -> None:
-        if self.api is not None:
-            self.api.close()
-            self._api_log.close()
-        if self.opts.keep:
-            self.say(f"--keep: pods and network {self.network} left in place "
-                     f"(podman pod ps; podman network rm -f {self.network})")
-            return
-        with self.lock:
-            names = [p.name for p in self.pods.values()]
-        for name in names:
-            self._save_logs(name)
-            self._remove_pod(name)
-        podman("network", "rm", "-f", self.network, env=self.env)
-
-    def _remove_pod(self, name: str) -> None:
-        """The pod, and its volumes with it (an emptyDir lives as long as its pod)."""
-        podman("pod", "rm", "-f", "-t", "0", name, env=self.env)
-        shutil.rmtree(self.opts.out / "volumes" / name, ignore_errors=True)
 
     # --- pods -----------------------------------------------------------------------------
 
@@ -537,89 +438,3 @@ class Simulator:
     def _print_pods(self) -> None:
         for pod, key, code, action in self.ended_pods:
             self.say(f"  ended: {pod} ({key}) exit {code}: {action}")
-
-    def _succeed(self) -> int:
-        self.say("every Job complete: " + ", ".join(
-            f"{j.name} {j.finished - j.started:.0f} s" for j in self.jobs.values()
-            if j.kind == "Job"))
-        code = 0
-        if self.opts.fetch_model:
-            code = self._publish_summary()
-        counted = [(pod, key, exit_code) for pod, key, exit_code, action in self.ended_pods
-                   if action in (jobctl.COUNT, jobctl.FAIL_INDEX, jobctl.FAIL_JOB)]
-        if counted:
-            print("kind-sim: the run completed, but pods failed in a way the Jobs count against "
-                  "their back-off limits: " + ", ".join(f"{p} ({k}, exit {c})"
-                                                        for p, k, c in counted),
-                  file=sys.stderr, flush=True)
-            return 1
-        return code
-
-    def _publish_summary(self) -> int:
-        """Read the published model back from the bucket and summarise it as skin run does."""
-        from skin import run as skin_run
-        from skin.infra.config import parse_experiment
-
-        found = self._experiment()
-        if found is None:
-            self.say("no experiment file (SKIN_CONFIG) or no STORAGE_EMULATOR_HOST in the "
-                     "pods: not reading the model back")
-            return 0
-        exp_doc, storage_host, pod_env = found
-        exp = parse_experiment(exp_doc, env=pod_env)  # SKIN_EXPERIMENT_NAME, SKIN_WORKERS
-        os.environ["STORAGE_EMULATOR_HOST"] = storage_host
-        try:
-            version, model_dir = skin_run._fetch_model(exp, self.opts.out)
-        except (FileNotFoundError, OSError) as e:
-            print(f"kind-sim: every Job completed but no published model was found in "
-                  f"{exp.models_uri}: {e}", file=sys.stderr, flush=True)
-            return 1
-        timings = {"total": time.monotonic() - self.started, "stage": 0.0, "tune": 0.0,
-                   "retrain": 0.0}
-        for job in self.jobs.values():
-            component = (self.cluster.template_labels(job.obj)
-                         .get("app.kubernetes.io/component", ""))
-            key = {"stage": "stage", "chief": "tune", "retrain": "retrain"}.get(component)
-            if key and job.started and job.finished:
-                timings[key] = job.finished - job.started
-        summary = skin_run._summary(exp, self.opts.out, version, model_dir, timings, None)
-        print(summary.replace("skin run:", "skin kind-sim:", 1)
-              .replace(f"{self.opts.out / 'logs'}/", f"{self.opts.out / 'logs'}/  (one per pod)"),
-              flush=True)
-        (self.opts.out / "published.json").write_text(json.dumps(
-            {"version": version, "model_dir": str(model_dir),
-             "metrics": json.loads((model_dir / "metrics.json").read_text())}, indent=2))
-        return 0
-
-    def _experiment(self) -> tuple[dict, str, dict[str, str]] | None:
-        """The experiment document the pods mount, the storage URL as the host reaches it, and
-        a pod's environment as the kubelet resolves it (the experiment's overrides)."""
-        for job in self.jobs.values():
-            template = job.obj["spec"]["template"]
-            spec = template["spec"]
-            ns = self.cluster.namespace(job.obj)
-            pod = {"metadata": {"name": job.name, "namespace": ns,
-                                "labels": dict(template.get("metadata", {}).get("labels") or {}),
-                                "annotations": {}}, "spec": spec}
-            for c in spec.get("containers", []):
-                try:
-                    env = self.cluster.container_env(c, pod, ns, "")
-                except PodConfigError:
-                    continue
-                config, storage = env.get("SKIN_CONFIG"), env.get("STORAGE_EMULATOR_HOST")
-                if not config or not storage:
-                    continue
-                for mount in c.get("volumeMounts") or []:
-                    if not config.startswith(mount["mountPath"].rstrip("/") + "/"):
-                        continue
-                    vol = next(v for v in spec.get("volumes", []) if v["name"] == mount["name"])
-                    cm = self.cluster.get("ConfigMap", (vol.get("configMap") or {}).get("name", ""))
-                    if cm is None:
-                        continue
-                    key = config[len(mount["mountPath"].rstrip("/")) + 1:]
-                    host = storage.split("://", 1)[-1].split(":")[0].split("/")[0]
-                    for alias in self.cluster.host_aliases():
-                        if host in alias["hostnames"]:
-                            storage = storage.replace(host, alias["ip"], 1)
-                    return yaml.safe_load(cm["data"][key]), storage, env
-        return None

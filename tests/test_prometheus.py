@@ -423,6 +423,7 @@ import os, sys, time
 from prometheus_client import CollectorRegistry
 from skin.metrics import server as metrics
 from skin import tuning
+from skin.context import RoleContext
 from skin.infra.config import load_experiment
 from skin.infra.runtime import runtime_from_env
 from skin.infra.storage import Storage
@@ -432,7 +433,7 @@ registry = CollectorRegistry()
 hooks = metrics.role_metrics(registry, exp, runtime.tuner_id)
 server = metrics.serve(registry, "127.0.0.1", runtime.metrics_port)
 run = tuning.run_chief if runtime.role == "chief" else tuning.run_worker
-code = run(exp, runtime, Storage(), metrics=hooks)
+code = run(RoleContext(exp, runtime, Storage(), metrics=hooks))
 server.wait_for_scrape(20)
 if runtime.role == "chief":
     deadline = time.monotonic() + 60

@@ -506,7 +506,7 @@ def test_new_version_skips_a_taken_second(storage, bucket):
 @pytest.mark.slow
 def test_plots_with_a_read_only_matplotlib_config_dir(tmp_path):
     code = (
-        "import os, sys; from pathlib import Path; from skin import plots\n"
+        "import os, sys; from pathlib import Path; from skin.publishing import plots\n"
         "plots.plot_confusion_matrix([[3, 1], [2, 4]], 'test', 0.42, Path(sys.argv[1]))\n"
         "print(os.environ['MPLCONFIGDIR'])\n")
     out = tmp_path / "cm.png"

@@ -183,7 +183,7 @@ def start_retrain(runtime) -> int:
 @exits("chief")
 def run_chief(ctx) -> int:
     """Serve the oracle until the search ends; the process exit code (skin.errors).
-    ``metrics``: None is the no-op hooks.
+    ``ctx.metrics``: the chief's hooks; None means the no-op ChiefHooks.
 
     SIGTERM (preemption, drain, a new chief pod) stops serving at the next tick; the
     journal is flushed and the chief exits EXIT_RELEASED; the next chief resumes.
